@@ -1,0 +1,204 @@
+"""One market's order book: price levels in sorted order, orders in time order within a level.
+
+Theory of operation
+-------------------
+Each side is a plain ascending ``SortedDict`` from price (ticks) to a ``Level``; the best
+ask is ``peekitem(0)`` and the best bid ``peekitem(-1)``, so neither needs a scan (an
+ascending dict for both sides avoids the ~20 % a ``key=`` function costs). A level keeps
+its orders in an ``OrderedDict`` keyed by order id, which gives FIFO priority, removal of
+any order without scanning, and a front that stays cheap to pop however deep the queue is
+(a plain dict drained from the front slows down as it grows). The level's total quantity
+is kept up to date at every change so level-2 views and deltas never sum a queue.
+
+The engine finds an order by id in its own index and reaches its level through the
+order's price; the book itself makes no trading decisions.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from sortedcontainers import SortedDict
+
+from exchange.types import OrderStatus, OrderType, Side, STPMode, TimeInForce
+
+
+class Order:
+    """A live order. Quantities in lots, prices in ticks, ``locked`` in the lock asset's units.
+
+    ``cost`` is the sum of ``price x lots`` over its fills (for the average price);
+    ``fee_basis`` the sum of ``notional x bps`` (fees are charged on it, rounded up once);
+    ``lock`` is the ``Balance`` its reservation sits in (quote for buys, base for sells);
+    ``priority`` increases every time an order joins the back of a level, so FIFO within a
+    level can be checked even after an amend sends an old order id to the back.
+    """
+
+    __slots__ = (
+        "id", "account", "market", "side", "order_type", "tif", "price", "qty", "filled",
+        "remaining", "cost", "locked", "fee_basis", "fee_paid", "stp", "post_only",
+        "client_order_id", "status", "ts", "lock", "base_bal", "quote_bal", "priority",
+    )
+
+    def __init__(
+        self,
+        order_id: int,
+        account: str,
+        market: str,
+        side: Side,
+        order_type: OrderType,
+        tif: TimeInForce,
+        price: int | None,
+        qty: int,
+        stp: STPMode,
+        post_only: bool,
+        client_order_id: str | None,
+        ts: int,
+    ) -> None:
+        self.id = order_id
+        self.account = account
+        self.market = market
+        self.side = side
+        self.order_type = order_type
+        self.tif = tif
+        self.price = price
+        self.qty = qty
+        self.filled = 0
+        self.remaining = qty
+        self.cost = 0
+        self.locked = 0
+        self.fee_basis = 0
+        self.fee_paid = 0
+        self.stp = stp
+        self.post_only = post_only
+        self.client_order_id = client_order_id
+        self.status = OrderStatus.NEW
+        self.ts = ts
+        self.lock: Any = None
+        self.base_bal: Any = None
+        self.quote_bal: Any = None
+        self.priority = 0  # set by the engine each time the order joins the back of a level
+
+    def __repr__(self) -> str:
+        return (
+            f"Order(id={self.id}, {self.account}, {self.market}, {self.side}, {self.price}, "
+            f"rem={self.remaining}/{self.qty}, {self.status})"
+        )
+
+
+class Level:
+    __slots__ = ("orders", "total")
+
+    def __init__(self) -> None:
+        self.orders: OrderedDict[int, Order] = OrderedDict()
+        self.total = 0
+
+
+class OrderBook:
+    __slots__ = ("symbol", "bids", "asks", "seq")
+
+    def __init__(self, symbol: str) -> None:
+        self.symbol = symbol
+        self.bids: SortedDict = SortedDict()
+        self.asks: SortedDict = SortedDict()
+        self.seq = 0  # per-market sequence of book deltas
+
+    def side(self, side: Side) -> SortedDict:
+        return self.bids if side is Side.BUY else self.asks
+
+    def best_bid(self) -> int | None:
+        return self.bids.peekitem(-1)[0] if self.bids else None
+
+    def best_ask(self) -> int | None:
+        return self.asks.peekitem(0)[0] if self.asks else None
+
+    def add(self, order: Order) -> int:
+        """Append ``order`` at the back of its level; returns the level's new total."""
+        levels = self.bids if order.side is Side.BUY else self.asks
+        level = levels.get(order.price)
+        if level is None:
+            level = levels[order.price] = Level()
+        level.orders[order.id] = order
+        level.total += order.remaining
+        return level.total
+
+    def remove(self, order: Order) -> int:
+        """Take ``order`` out of its level; returns the level's new total (0: level gone)."""
+        levels = self.bids if order.side is Side.BUY else self.asks
+        level = levels[order.price]
+        del level.orders[order.id]
+        level.total -= order.remaining
+        if not level.orders:
+            del levels[order.price]
+            return 0
+        return level.total
+
+    def levels(self, side: Side) -> list[tuple[int, Level]]:
+        """Levels best first."""
+        levels = self.side(side)
+        items = list(levels.items())
+        if side is Side.BUY:
+            items.reverse()
+        return items
+
+    def level2(self, depth: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+        """Top ``depth`` levels per side, best first: (price, total quantity, order count)."""
+        return self._l2(self.bids, depth, True), self._l2(self.asks, depth, False)
+
+    @staticmethod
+    def _l2(levels: SortedDict, depth: int, reverse: bool) -> list[tuple[int, int, int]]:
+        n = len(levels)
+        if reverse:
+            idx = range(n - 1, max(n - 1 - depth, -1), -1)
+        else:
+            idx = range(min(depth, n))
+        out = []
+        for i in idx:
+            price, level = levels.peekitem(i)
+            out.append((price, level.total, len(level.orders)))
+        return out
+
+    def level3(self, depth: int | None = None) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+        """Every order of the top ``depth`` levels in priority order: (order id, price, remaining).
+
+        Never the owner: the level-3 view is public.
+        """
+        def side_view(side: Side) -> list[tuple[int, int, int]]:
+            out = []
+            for n, (price, level) in enumerate(self.levels(side)):
+                if depth is not None and n >= depth:
+                    break
+                out.extend((o.id, price, o.remaining) for o in level.orders.values())
+            return out
+
+        return side_view(Side.BUY), side_view(Side.SELL)
+
+    def queue_ahead(self, order: Order) -> int:
+        """Quantity resting ahead of ``order`` at its price level (time priority)."""
+        level = self.side(order.side)[order.price]
+        ahead = 0
+        for other in level.orders.values():
+            if other is order:
+                return ahead
+            ahead += other.remaining
+        raise KeyError(order.id)  # pragma: no cover - callers pass resting orders only
+
+    def check_invariants(self, index: dict[int, Order]) -> None:
+        """Assert the book's internal consistency; tests call it after every command."""
+        for side, levels in ((Side.BUY, self.bids), (Side.SELL, self.asks)):
+            for price, level in levels.items():
+                assert level.orders, f"{self.symbol}: empty level {side} {price}"
+                assert level.total == sum(o.remaining for o in level.orders.values()), (
+                    f"{self.symbol}: level {side} {price} total drifted"
+                )
+                last_priority = -1
+                for oid, order in level.orders.items():
+                    assert index.get(oid) is order, f"order {oid} missing from the index"
+                    assert order.side is side and order.price == price
+                    assert order.remaining > 0
+                    assert order.status in (OrderStatus.NEW, OrderStatus.PARTIALLY_FILLED)
+                    assert order.order_type is OrderType.LIMIT and order.tif is TimeInForce.GTC
+                    assert order.priority > last_priority, f"{self.symbol}: FIFO broken at {price}"
+                    last_priority = order.priority
+        bid, ask = self.best_bid(), self.best_ask()
+        assert bid is None or ask is None or bid < ask, f"{self.symbol}: crossed book {bid}/{ask}"

@@ -1,0 +1,675 @@
+"""The matching engine: ``Exchange.handle(command) -> list[Event]``, sans-I/O and deterministic.
+
+Theory of operation
+-------------------
+One ``Exchange`` owns every market's book, every balance and the id counters. A command
+carries its own timestamp and account; ``handle`` validates it completely before it
+changes anything, so a rejected command leaves the state exactly as it was and produces a
+single rejection event. An accepted order then goes through, in this order:
+
+1. reservation: the funds it can spend are moved from available to locked
+   (``exchange/accounts.py`` explains the amounts);
+2. matching: price-time priority against the opposite side, best price first, oldest
+   order first within a price, each fill at the resting (maker) order's price; every fill
+   settles both sides at once and emits a report to each owner and a public trade;
+3. the remainder rests at the back of its level (GTC limit) or expires (IOC, FOK, market),
+   releasing exactly what is still locked for it.
+
+Book changes are published as level deltas (new total quantity, 0 when the level is gone),
+one per level a command touched, numbered per market by ``seq`` (+1 each).
+
+No clock, no randomness, no files, no asyncio: the gateway, the embedded simulation,
+journal replay, the tests and the benchmarks all drive this same code, and the same
+commands always produce the same events and the same state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from exchange.accounts import FEE_ACCOUNT, Accounts, Balance
+from exchange.book import Order, OrderBook
+from exchange.markets import BPS, Market, MarketConfig, default_config
+from exchange.types import (
+    REJECT_MESSAGES,
+    BalanceChanged,
+    BookDelta,
+    CancelOrder,
+    Command,
+    CommandRejected,
+    Deposit,
+    Event,
+    ExecReport,
+    ExecType,
+    Liquidity,
+    ModifyOrder,
+    OrderStatus,
+    OrderType,
+    PlaceOrder,
+    RejectReason,
+    Side,
+    STPMode,
+    TimeInForce,
+    Trade,
+    Withdraw,
+)
+
+NO_LIMIT = 1 << 62  # an upper price bound no real price reaches
+
+_BUY = Side.BUY
+_SELL = Side.SELL
+_NEW = OrderStatus.NEW
+_PARTIAL = OrderStatus.PARTIALLY_FILLED
+_FILLED = OrderStatus.FILLED
+_TRADE = ExecType.TRADE
+_MAKER = Liquidity.MAKER
+_TAKER = Liquidity.TAKER
+_STP_NONE = STPMode.NONE
+
+
+class MarketState:
+    """A market's definition plus its live state (book, band reference) and cached factors."""
+
+    __slots__ = (
+        "spec", "symbol", "book", "base", "quote", "qptl", "bpl", "maker_bps", "taker_bps",
+        "max_bps", "band", "reference", "fee_bal", "min_qty",
+    )
+
+    def __init__(self, spec: Market, fee_bal: Balance) -> None:
+        self.spec = spec
+        self.symbol = spec.symbol
+        self.book = OrderBook(spec.symbol)
+        self.base = spec.base.name
+        self.quote = spec.quote.name
+        self.qptl = spec.quote_per_tick_lot
+        self.bpl = spec.base_per_lot
+        self.maker_bps = spec.maker_fee_bps
+        self.taker_bps = spec.taker_fee_bps
+        self.max_bps = max(spec.maker_fee_bps, spec.taker_fee_bps)
+        self.band = bool(spec.band_num)
+        # Band reference: the last trade price, or the configured reference before any trade.
+        self.reference: int | None = spec.reference_ticks
+        self.fee_bal = fee_bal
+        self.min_qty = spec.min_qty_lots
+
+    def band_limits(self) -> tuple[int, int] | None:
+        return self.spec.band_limits(self.reference) if self.band else None
+
+
+class Exchange:
+    """The whole exchange state and its rules. ``handle`` is the only way to change it."""
+
+    def __init__(
+        self,
+        config: MarketConfig | None = None,
+        default_stp: STPMode = STPMode.CANCEL_RESTING,
+    ) -> None:
+        self.config = config or default_config()
+        self.default_stp = default_stp
+        self.accounts = Accounts(list(self.config.assets))
+        self.markets: dict[str, MarketState] = {
+            symbol: MarketState(spec, self.accounts.balance(FEE_ACCOUNT, spec.quote.name))
+            for symbol, spec in self.config.markets.items()
+        }
+        # Resting orders only: by id, and by account for "my open orders" queries.
+        self.orders: dict[int, Order] = {}
+        self.open_by_account: dict[str, dict[int, Order]] = {}
+        self.next_order_id = 1
+        self.next_trade_id = 1
+        self.next_priority = 1
+        self._handlers: dict[type, Callable[[Any], list[Event]]] = {
+            PlaceOrder: self._place,
+            CancelOrder: self._cancel,
+            ModifyOrder: self._modify,
+            Deposit: self._deposit,
+            Withdraw: self._withdraw,
+        }
+
+    # ------------------------------------------------------------------ entry point
+
+    def handle(self, command: Command) -> list[Event]:
+        """Apply one command; return every event it caused, in order."""
+        try:
+            handler = self._handlers[command.__class__]
+        except KeyError:
+            raise TypeError(f"not an engine command: {command!r}") from None
+        return handler(command)
+
+    # ------------------------------------------------------------------ rejections
+
+    @staticmethod
+    def _reject_order(cmd: PlaceOrder, reason: RejectReason, message: str | None = None) -> list[Event]:
+        report = ExecReport(
+            ExecType.REJECTED, None, cmd.account, cmd.market, cmd.side, cmd.order_type, cmd.tif,
+            cmd.client_order_id, cmd.price, cmd.qty if isinstance(cmd.qty, int) else 0, 0, 0, 0,
+            OrderStatus.REJECTED, cmd.ts, reason=reason,
+        )
+        return [report]
+
+    @staticmethod
+    def _reject_command(cmd: Command, order_id: int | None, reason: RejectReason) -> list[Event]:
+        name = type(cmd).__name__
+        return [CommandRejected(cmd.account, name, order_id, reason, REJECT_MESSAGES[reason], cmd.ts)]
+
+    # ------------------------------------------------------------------ place
+
+    def _place(self, cmd: PlaceOrder) -> list[Event]:
+        ms = self.markets.get(cmd.market)
+        if ms is None:
+            return self._reject_order(cmd, RejectReason.UNKNOWN_MARKET)
+        side, otype, tif, qty, price = cmd.side, cmd.order_type, cmd.tif, cmd.qty, cmd.price
+        if side is not _BUY and side is not _SELL:
+            return self._reject_order(cmd, RejectReason.INVALID_ORDER)
+        if type(qty) is not int or qty <= 0:
+            return self._reject_order(cmd, RejectReason.INVALID_QUANTITY)
+        if qty < ms.min_qty:
+            return self._reject_order(cmd, RejectReason.BELOW_MIN_QUANTITY)
+        if tif is not TimeInForce.GTC and tif is not TimeInForce.IOC and tif is not TimeInForce.FOK:
+            return self._reject_order(cmd, RejectReason.INVALID_ORDER)
+        stp = cmd.stp or self.default_stp
+        if stp not in _STP_MODES:
+            return self._reject_order(cmd, RejectReason.INVALID_ORDER)
+        band = ms.band_limits() if ms.band else None
+        if otype is OrderType.LIMIT:
+            if type(price) is not int or price <= 0:
+                return self._reject_order(cmd, RejectReason.INVALID_PRICE)
+            if band is not None and not band[0] <= price <= band[1]:
+                return self._reject_order(cmd, RejectReason.PRICE_OUT_OF_BAND)
+            if cmd.post_only:
+                if tif is not TimeInForce.GTC:
+                    return self._reject_order(cmd, RejectReason.INVALID_ORDER)
+                # Post-only: reject rather than take liquidity.
+                if side is _BUY:
+                    if ms.book.asks and ms.book.asks.peekitem(0)[0] <= price:
+                        return self._reject_order(cmd, RejectReason.WOULD_TAKE_LIQUIDITY)
+                elif ms.book.bids and ms.book.bids.peekitem(-1)[0] >= price:
+                    return self._reject_order(cmd, RejectReason.WOULD_TAKE_LIQUIDITY)
+            lo, hi = (0, price) if side is _BUY else (price, NO_LIMIT)
+        elif otype is OrderType.MARKET:
+            if price is not None or cmd.post_only:
+                return self._reject_order(cmd, RejectReason.INVALID_ORDER)
+            if tif is TimeInForce.GTC:
+                tif = TimeInForce.IOC  # a market order never rests
+            # A market order never trades outside the band set at its arrival.
+            lo, hi = band if band is not None else (0, NO_LIMIT)
+        else:
+            return self._reject_order(cmd, RejectReason.INVALID_ORDER)
+
+        # Reservation: check without creating anything, so a reject changes nothing.
+        account = cmd.account
+        per_asset = self.accounts.balances.get(account)
+        if side is _BUY:
+            bal = per_asset.get(ms.quote) if per_asset else None
+            if otype is OrderType.LIMIT:
+                notional = price * qty * ms.qptl
+                reserve = notional - ((-notional * ms.max_bps) // BPS)
+            else:
+                _, notional = self._walk(ms, side, account, stp, lo, hi, qty)
+                reserve = notional - ((-notional * ms.taker_bps) // BPS)
+        else:
+            bal = per_asset.get(ms.base) if per_asset else None
+            reserve = qty * ms.bpl
+        if reserve and (bal is None or bal.available < reserve):
+            return self._reject_order(cmd, RejectReason.INSUFFICIENT_FUNDS)
+
+        # Accepted: from here on the command changes state.
+        accounts = self.accounts
+        order = Order(
+            self.next_order_id, account, ms.symbol, side, otype, tif, price, qty, stp,
+            cmd.post_only, cmd.client_order_id, cmd.ts,
+        )
+        self.next_order_id += 1
+        base_bal = order.base_bal = accounts.balance(account, ms.base)
+        quote_bal = order.quote_bal = accounts.balance(account, ms.quote)
+        lock = order.lock = quote_bal if side is _BUY else base_bal
+        lock.available -= reserve
+        lock.locked += reserve
+        order.locked = reserve
+        ts = cmd.ts
+        events: list[Event] = [
+            ExecReport(
+                ExecType.NEW, order.id, account, ms.symbol, side, otype, tif,
+                order.client_order_id, price, qty, 0, qty, 0, _NEW, ts,
+            )
+        ]
+        if tif is TimeInForce.FOK:
+            # FOK: all or nothing, dry-run first; on failure no trade and no book change.
+            fillable, _ = self._walk(ms, side, account, stp, lo, hi, qty)
+            if fillable < qty:
+                self._finish(order, ExecType.EXPIRED, OrderStatus.EXPIRED, events, ts)
+                return events
+        self._match(order, ms, lo, hi, events, ts)
+        if order.remaining:
+            if order.status is OrderStatus.CANCELED:  # STP cancelled the incoming order
+                return events
+            if tif is TimeInForce.GTC:
+                self._rest(order, ms, events, ts)
+            else:
+                self._finish(order, ExecType.EXPIRED, OrderStatus.EXPIRED, events, ts)
+        elif order.locked:  # filled: a market buy may have reserved more than it spent
+            self._release(order)
+        return events
+
+    def _walk(
+        self, ms: MarketState, side: Side, account: str, stp: STPMode, lo: int, hi: int, qty: int,
+    ) -> tuple[int, int]:
+        """Dry-run a sweep: (quantity that would fill, its notional), touching nothing.
+
+        Follows exactly the path ``_match`` will take: own orders are skipped where STP
+        would cancel them (cancel_resting) and end the sweep where it would stop the
+        incoming order (cancel_incoming, cancel_both).
+        """
+        levels = ms.book.asks if side is _BUY else ms.book.bids
+        if not levels:
+            return 0, 0
+        items = levels.items() if side is _BUY else reversed(levels.items())
+        need = qty
+        notional_ticks = 0
+        for price, level in items:
+            if price > hi or price < lo:
+                break
+            for maker in level.orders.values():
+                if maker.account == account and stp is not _STP_NONE:
+                    if stp is STPMode.CANCEL_RESTING:
+                        continue
+                    return qty - need, notional_ticks * ms.qptl
+                take = maker.remaining if maker.remaining < need else need
+                need -= take
+                notional_ticks += take * price
+                if not need:
+                    return qty, notional_ticks * ms.qptl
+        return qty - need, notional_ticks * ms.qptl
+
+    # ------------------------------------------------------------------ matching
+
+    def _match(
+        self, taker: Order, ms: MarketState, lo: int, hi: int, events: list[Event], ts: int,
+    ) -> None:
+        """Sweep the opposite side within [lo, hi] until ``taker`` is filled or stopped."""
+        book = ms.book
+        buy = taker.side is _BUY
+        levels = book.asks if buy else book.bids
+        if not levels:
+            return
+        peek = levels.peekitem
+        best = 0 if buy else -1
+        stp = taker.stp
+        account = taker.account
+        market_buy = buy and taker.order_type is OrderType.MARKET
+        qptl, bpl = ms.qptl, ms.bpl
+        maker_bps, taker_bps = ms.maker_bps, ms.taker_bps
+        fee_bal = ms.fee_bal
+        symbol = ms.symbol
+        append = events.append
+        orders = self.orders
+        maker_side = _SELL if buy else _BUY
+        stopped = False
+        while taker.remaining and levels:
+            price, level = peek(best)
+            if price > hi or price < lo:
+                break
+            queue = level.orders
+            start_total = level.total
+            while queue:
+                maker = queue[next(iter(queue))]
+                if maker.account == account and stp is not _STP_NONE:
+                    # Self-trade prevention.
+                    if stp is not STPMode.CANCEL_INCOMING:  # cancel_resting, cancel_both
+                        queue.popitem(last=False)
+                        level.total -= maker.remaining
+                        self._unindex(maker)
+                        self._finish(maker, ExecType.SELF_TRADE_PREVENTED, OrderStatus.CANCELED, events, ts)
+                    if stp is not STPMode.CANCEL_RESTING:  # cancel_incoming, cancel_both
+                        self._finish(taker, ExecType.SELF_TRADE_PREVENTED, OrderStatus.CANCELED, events, ts)
+                        stopped = True
+                        break
+                    continue
+                qty = taker.remaining if taker.remaining < maker.remaining else maker.remaining
+                if market_buy:
+                    qty = self._affordable(taker, price, qty, qptl, taker_bps)
+                    if not qty:
+                        stopped = True
+                        break
+                notional = price * qty * qptl
+                # Fees: cumulative basis per order, rounded up once on the cumulative figure.
+                basis = taker.fee_basis + notional * taker_bps
+                t_fee = -(-basis // BPS) - taker.fee_paid
+                taker.fee_basis = basis
+                taker.fee_paid += t_fee
+                basis = maker.fee_basis + notional * maker_bps
+                m_fee = -(-basis // BPS) - maker.fee_paid
+                maker.fee_basis = basis
+                maker.fee_paid += m_fee
+                taker.filled += qty
+                taker.remaining -= qty
+                taker.cost += price * qty
+                maker.filled += qty
+                maker.remaining -= qty
+                maker.cost += price * qty
+                level.total -= qty
+                base_units = qty * bpl
+                if buy:
+                    self._settle_buy(taker, notional, t_fee, base_units, qptl, ms.max_bps)
+                    self._settle_sell(maker, notional, m_fee, base_units)
+                    buyer, seller = taker, maker
+                else:
+                    self._settle_buy(maker, notional, m_fee, base_units, qptl, ms.max_bps)
+                    self._settle_sell(taker, notional, t_fee, base_units)
+                    buyer, seller = maker, taker
+                fee_bal.available += t_fee + m_fee
+                trade_id = self.next_trade_id
+                self.next_trade_id = trade_id + 1
+                taker.status = _FILLED if not taker.remaining else _PARTIAL
+                if maker.remaining:
+                    maker.status = _PARTIAL
+                else:
+                    maker.status = _FILLED
+                    queue.popitem(last=False)
+                    del orders[maker.id]
+                    del self.open_by_account[maker.account][maker.id]
+                append(ExecReport(
+                    _TRADE, taker.id, account, symbol, taker.side, taker.order_type, taker.tif,
+                    taker.client_order_id, taker.price, taker.qty, taker.filled, taker.remaining,
+                    taker.cost, taker.status, ts, trade_id, price, qty, _TAKER, t_fee,
+                ))
+                append(ExecReport(
+                    _TRADE, maker.id, maker.account, symbol, maker.side, maker.order_type,
+                    maker.tif, maker.client_order_id, maker.price, maker.qty, maker.filled,
+                    maker.remaining, maker.cost, maker.status, ts, trade_id, price, qty, _MAKER,
+                    m_fee,
+                ))
+                append(Trade(
+                    symbol, trade_id, price, qty, taker.side, buyer.id, seller.id,
+                    buyer.account, seller.account, m_fee, t_fee, ts,
+                ))
+                ms.reference = price
+                if not taker.remaining:
+                    break
+            # One delta per level this sweep changed.
+            if not queue:
+                del levels[price]
+                book.seq += 1
+                append(BookDelta(symbol, book.seq, maker_side, price, 0, ts))
+            elif level.total != start_total:
+                book.seq += 1
+                append(BookDelta(symbol, book.seq, maker_side, price, level.total, ts))
+            if stopped:
+                break
+
+    @staticmethod
+    def _affordable(taker: Order, price: int, qty: int, qptl: int, bps: int) -> int:
+        """Largest quantity up to ``qty`` a market buy can still pay for from its reservation."""
+        def cost(q: int) -> int:
+            n = price * q * qptl
+            return n - (-(taker.fee_basis + n * bps) // BPS) - taker.fee_paid
+
+        if cost(qty) <= taker.locked:
+            return qty
+        lo, hi = 0, qty  # cost(lo) affordable, cost(hi) not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if cost(mid) <= taker.locked:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    @staticmethod
+    def _settle_buy(
+        order: Order, notional: int, fee: int, base_units: int, qptl: int, max_bps: int,
+    ) -> None:
+        """The buyer pays notional + fee from its reservation, receives base, frees the surplus."""
+        quote = order.quote_bal
+        paid = notional + fee
+        quote.locked -= paid
+        quote.sold += notional
+        quote.fees += fee
+        locked = order.locked - paid
+        if order.order_type is OrderType.LIMIT:
+            # Keep exactly what the remainder can still cost at its limit, release the rest.
+            rest = order.price * order.remaining * qptl
+            need = rest - (-(order.fee_basis + rest * max_bps) // BPS) - order.fee_paid
+            if locked != need:
+                quote.locked -= locked - need
+                quote.available += locked - need
+                locked = need
+        order.locked = locked
+        base = order.base_bal
+        base.available += base_units
+        base.bought += base_units
+
+    @staticmethod
+    def _settle_sell(order: Order, notional: int, fee: int, base_units: int) -> None:
+        """The seller delivers locked base and receives the notional less its fee."""
+        base = order.base_bal
+        base.locked -= base_units
+        base.sold += base_units
+        order.locked -= base_units
+        quote = order.quote_bal
+        quote.available += notional - fee
+        quote.bought += notional
+        quote.fees += fee
+
+    # ------------------------------------------------------------------ order exits
+
+    def _rest(self, order: Order, ms: MarketState, events: list[Event], ts: int) -> None:
+        order.priority = self.next_priority
+        self.next_priority += 1
+        total = ms.book.add(order)
+        self.orders[order.id] = order
+        by_account = self.open_by_account.get(order.account)
+        if by_account is None:
+            by_account = self.open_by_account[order.account] = {}
+        by_account[order.id] = order
+        ms.book.seq += 1
+        events.append(BookDelta(ms.symbol, ms.book.seq, order.side, order.price, total, ts))
+
+    def _unindex(self, order: Order) -> None:
+        del self.orders[order.id]
+        del self.open_by_account[order.account][order.id]
+
+    @staticmethod
+    def _release(order: Order) -> None:
+        lock = order.lock
+        lock.locked -= order.locked
+        lock.available += order.locked
+        order.locked = 0
+
+    def _finish(
+        self, order: Order, exec_type: ExecType, status: OrderStatus, events: list[Event], ts: int,
+    ) -> None:
+        """End an order that is out of the book: release its reservation and report it."""
+        self._release(order)
+        order.status = status
+        events.append(self._report(exec_type, order, ts))
+
+    @staticmethod
+    def _report(exec_type: ExecType, order: Order, ts: int) -> ExecReport:
+        return ExecReport(
+            exec_type, order.id, order.account, order.market, order.side, order.order_type,
+            order.tif, order.client_order_id, order.price, order.qty, order.filled,
+            order.remaining, order.cost, order.status, ts,
+        )
+
+    # ------------------------------------------------------------------ cancel
+
+    def _own_open_order(self, account: str, order_id: Any) -> Order | None:
+        """The account's open order, or None; another account's order looks exactly unknown."""
+        order = self.orders.get(order_id) if type(order_id) is int else None
+        if order is None or order.account != account:
+            return None
+        return order
+
+    def _cancel(self, cmd: CancelOrder) -> list[Event]:
+        order = self._own_open_order(cmd.account, cmd.order_id)
+        if order is None:
+            return self._reject_command(cmd, cmd.order_id, RejectReason.UNKNOWN_ORDER)
+        ms = self.markets[order.market]
+        total = ms.book.remove(order)
+        self._unindex(order)
+        events: list[Event] = []
+        self._finish(order, ExecType.CANCELED, OrderStatus.CANCELED, events, cmd.ts)
+        ms.book.seq += 1
+        events.append(BookDelta(ms.symbol, ms.book.seq, order.side, order.price, total, cmd.ts))
+        return events
+
+    # ------------------------------------------------------------------ modify
+
+    def _modify(self, cmd: ModifyOrder) -> list[Event]:
+        order = self._own_open_order(cmd.account, cmd.order_id)
+        if order is None:
+            return self._reject_command(cmd, cmd.order_id, RejectReason.UNKNOWN_ORDER)
+        ms = self.markets[order.market]
+        if cmd.price is None and cmd.qty is None:
+            return self._reject_command(cmd, order.id, RejectReason.INVALID_ORDER)
+        price = order.price if cmd.price is None else cmd.price
+        qty = order.qty if cmd.qty is None else cmd.qty
+        if type(qty) is not int or qty <= order.filled:
+            return self._reject_command(cmd, order.id, RejectReason.INVALID_QUANTITY)
+        if qty < ms.min_qty:
+            return self._reject_command(cmd, order.id, RejectReason.BELOW_MIN_QUANTITY)
+        if type(price) is not int or price <= 0:
+            return self._reject_command(cmd, order.id, RejectReason.INVALID_PRICE)
+        buy = order.side is _BUY
+        if price != order.price:
+            band = ms.band_limits()
+            if band is not None and not band[0] <= price <= band[1]:
+                return self._reject_command(cmd, order.id, RejectReason.PRICE_OUT_OF_BAND)
+            if order.post_only:
+                opposite = ms.book.asks if buy else ms.book.bids
+                if opposite:
+                    best = opposite.peekitem(0 if buy else -1)[0]
+                    if (buy and best <= price) or (not buy and best >= price):
+                        return self._reject_command(cmd, order.id, RejectReason.WOULD_TAKE_LIQUIDITY)
+        remaining = qty - order.filled
+        if buy:
+            rest = price * remaining * ms.qptl
+            need = rest - (-(order.fee_basis + rest * ms.max_bps) // BPS) - order.fee_paid
+        else:
+            need = remaining * ms.bpl
+        extra = need - order.locked
+        if extra > 0 and order.lock.available < extra:
+            return self._reject_command(cmd, order.id, RejectReason.INSUFFICIENT_FUNDS)
+
+        # Accepted. Reducing quantity at the same price keeps time priority; anything else
+        # is a cancel/replace: the order leaves its level and arrives again.
+        ts = cmd.ts
+        keeps_priority = price == order.price and qty <= order.qty
+        events: list[Event] = []
+        book = ms.book
+        if keeps_priority:
+            level = book.side(order.side)[price]
+            level.total += remaining - order.remaining
+            total = level.total
+        else:
+            total = book.remove(order)
+            self._unindex(order)
+        old_price, old_remaining = order.price, order.remaining
+        order.price, order.qty, order.remaining = price, qty, remaining
+        lock = order.lock
+        lock.available -= extra
+        lock.locked += extra
+        order.locked = need
+        events.append(self._report(ExecType.REPLACED, order, ts))
+        if not keeps_priority or remaining != old_remaining:
+            book.seq += 1
+            events.append(BookDelta(ms.symbol, book.seq, order.side, old_price, total, ts))
+        if keeps_priority:
+            return events
+        lo, hi = (0, price) if buy else (price, NO_LIMIT)
+        self._match(order, ms, lo, hi, events, ts)
+        if order.remaining and order.status is not OrderStatus.CANCELED:
+            self._rest(order, ms, events, ts)
+        return events
+
+    # ------------------------------------------------------------------ funding
+
+    def _deposit(self, cmd: Deposit) -> list[Event]:
+        if cmd.asset not in self.accounts.deposits:
+            return self._reject_command(cmd, None, RejectReason.UNKNOWN_ASSET)
+        if type(cmd.amount) is not int or cmd.amount <= 0:
+            return self._reject_command(cmd, None, RejectReason.INVALID_AMOUNT)
+        bal = self.accounts.deposit(cmd.account, cmd.asset, cmd.amount)
+        return [BalanceChanged(cmd.account, cmd.asset, bal.available, bal.locked, cmd.ts)]
+
+    def _withdraw(self, cmd: Withdraw) -> list[Event]:
+        if cmd.asset not in self.accounts.deposits:
+            return self._reject_command(cmd, None, RejectReason.UNKNOWN_ASSET)
+        if type(cmd.amount) is not int or cmd.amount <= 0:
+            return self._reject_command(cmd, None, RejectReason.INVALID_AMOUNT)
+        if not self.accounts.can_withdraw(cmd.account, cmd.asset, cmd.amount):
+            return self._reject_command(cmd, None, RejectReason.INSUFFICIENT_FUNDS)
+        bal = self.accounts.withdraw(cmd.account, cmd.asset, cmd.amount)
+        return [BalanceChanged(cmd.account, cmd.asset, bal.available, bal.locked, cmd.ts)]
+
+    # ------------------------------------------------------------------ queries
+
+    def market(self, symbol: str) -> Market | None:
+        ms = self.markets.get(symbol)
+        return ms.spec if ms else None
+
+    def balances(self, account: str) -> dict[str, Balance]:
+        """Every asset's balance for ``account`` (zeros for assets it never held)."""
+        return self.accounts.view(account)
+
+    def open_orders(self, account: str, market: str | None = None) -> list[Order]:
+        """The account's resting orders, oldest id first. Read-only views: do not mutate."""
+        orders = self.open_by_account.get(account, {}).values()
+        return sorted(
+            (o for o in orders if market is None or o.market == market), key=lambda o: o.id
+        )
+
+    def order(self, account: str, order_id: int) -> Order | None:
+        """One of the account's resting orders, or None (also for another account's order)."""
+        return self._own_open_order(account, order_id)
+
+    def queue_position(self, account: str, order_id: int) -> int | None:
+        """Quantity (lots) resting ahead of the order at its price level, or None if not open."""
+        order = self._own_open_order(account, order_id)
+        if order is None:
+            return None
+        return self.markets[order.market].book.queue_ahead(order)
+
+    def book_l2(self, market: str, depth: int = 20) -> tuple[int, list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+        """(seq, bids, asks): levels best first as (price, total quantity, order count)."""
+        book = self.markets[market].book
+        bids, asks = book.level2(depth)
+        return book.seq, bids, asks
+
+    def book_l3(self, market: str, depth: int | None = None) -> tuple[int, list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+        """(seq, bids, asks): every order in priority order as (order id, price, remaining)."""
+        book = self.markets[market].book
+        bids, asks = book.level3(depth)
+        return book.seq, bids, asks
+
+    def band(self, market: str) -> tuple[int, int] | None:
+        return self.markets[market].band_limits()
+
+    # ------------------------------------------------------------------ invariants
+
+    def check_invariants(self) -> None:
+        """Assert every invariant the engine promises; tests call it after every command."""
+        locked: dict[tuple[str, str], int] = {}
+        for ms in self.markets.values():
+            ms.book.check_invariants(self.orders)
+        count = sum(len(lvl.orders) for ms in self.markets.values()
+                    for side in (ms.book.bids, ms.book.asks) for lvl in side.values())
+        assert count == len(self.orders), "order index and books disagree"
+        assert sum(len(v) for v in self.open_by_account.values()) == len(self.orders)
+        for order in self.orders.values():
+            ms = self.markets[order.market]
+            assert self.open_by_account[order.account][order.id] is order
+            asset = ms.quote if order.side is _BUY else ms.base
+            if order.side is _BUY:
+                rest = order.price * order.remaining * ms.qptl
+                need = rest - (-(order.fee_basis + rest * ms.max_bps) // BPS) - order.fee_paid
+            else:
+                need = order.remaining * ms.bpl
+            assert order.locked == need, f"order {order.id} reserves {order.locked}, needs {need}"
+            assert order.filled + order.remaining == order.qty
+            key = (order.account, asset)
+            locked[key] = locked.get(key, 0) + order.locked
+        self.accounts.check_invariants(locked)
+
+
+_STP_MODES = frozenset(STPMode)
