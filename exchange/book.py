@@ -23,6 +23,10 @@ from sortedcontainers import SortedDict
 
 from exchange.types import OrderStatus, OrderType, Side, STPMode, TimeInForce
 
+# Bound once: an enum class attribute lookup costs ~100 ns on CPython 3.11, a global ~7 ns.
+_BUY = Side.BUY
+_NEW = OrderStatus.NEW
+
 
 class Order:
     """A live order. Quantities in lots, prices in ticks, ``locked`` in the lock asset's units.
@@ -72,7 +76,7 @@ class Order:
         self.stp = stp
         self.post_only = post_only
         self.client_order_id = client_order_id
-        self.status = OrderStatus.NEW
+        self.status = _NEW
         self.ts = ts
         self.lock: Any = None
         self.base_bal: Any = None
@@ -114,7 +118,7 @@ class OrderBook:
 
     def add(self, order: Order) -> int:
         """Append ``order`` at the back of its level; returns the level's new total."""
-        levels = self.bids if order.side is Side.BUY else self.asks
+        levels = self.bids if order.side is _BUY else self.asks
         level = levels.get(order.price)
         if level is None:
             level = levels[order.price] = Level()
@@ -124,7 +128,7 @@ class OrderBook:
 
     def remove(self, order: Order) -> int:
         """Take ``order`` out of its level; returns the level's new total (0: level gone)."""
-        levels = self.bids if order.side is Side.BUY else self.asks
+        levels = self.bids if order.side is _BUY else self.asks
         level = levels[order.price]
         del level.orders[order.id]
         level.total -= order.remaining

@@ -112,6 +112,15 @@ def format_scaled(units: int, decimals: int) -> str:
     return f"{sign}{whole}.{frac:0{decimals}d}"
 
 
+def decimal_text(value: Any, what: str) -> str:
+    """A config value (string or JSON number) as its canonical plain decimal string."""
+    try:
+        digits, scale = split_decimal(value)
+    except ValueError as exc:
+        raise ConfigError(f"{what} {value!r} is not a plain non-negative decimal") from exc
+    return format_scaled(digits, scale)
+
+
 def _unit_parts(text: str, what: str) -> tuple[int, int]:
     """A grid unit such as ``"0.05"`` as ``(mantissa, decimals)``: 0.05 == 5 / 10**2."""
     try:
@@ -259,11 +268,9 @@ class Market:
         extra = 8
         scaled = (cost * self.tick_mantissa * 10**extra) // filled
         text = format_scaled(scaled, self.tick_decimals + extra)
-        if "." in text:
-            text = text.rstrip("0")
-            whole, _, frac = text.partition(".")
-            text = f"{whole}.{frac.ljust(self.tick_decimals, '0')}" if self.tick_decimals else whole
-        return text
+        whole, _, frac = text.partition(".")
+        frac = frac.rstrip("0").ljust(self.tick_decimals, "0")
+        return f"{whole}.{frac}" if frac else whole
 
     def notional(self, price_ticks: int, qty_lots: int) -> int:
         """Quote minor units for ``qty_lots`` at ``price_ticks``: exact by construction."""
@@ -336,6 +343,8 @@ def build_config(data: dict[str, Any]) -> MarketConfig:
             raise ConfigError(f"asset {name}: decimals must be an integer from 0 to 18")
         assets[name] = Asset(name, decimals)
     fees = data.get("fees") or {}
+    if not isinstance(fees, dict):
+        raise ConfigError("'fees' must be an object with maker_fee_bps and taker_fee_bps")
     raw_markets = data.get("markets")
     if not isinstance(raw_markets, list) or not raw_markets:
         raise ConfigError("'markets' must be a non-empty list")
@@ -348,20 +357,28 @@ def build_config(data: dict[str, Any]) -> MarketConfig:
             raise ConfigError("each market needs a 'symbol'")
         if symbol in markets:
             raise ConfigError(f"market {symbol} is defined twice")
+        base_name, quote_name = raw.get("base"), raw.get("quote")
+        if not isinstance(base_name, str) or not isinstance(quote_name, str):
+            raise ConfigError(f"{symbol}: 'base' and 'quote' must be asset names")
         try:
-            base, quote = assets[raw["base"]], assets[raw["quote"]]
+            base, quote = assets[base_name], assets[quote_name]
         except KeyError as exc:
-            raise ConfigError(f"{symbol}: unknown or missing asset {exc}") from None
+            raise ConfigError(f"{symbol}: unknown asset {exc}") from None
         if base is quote:
             raise ConfigError(f"{symbol}: base and quote must differ")
         try:
             markets[symbol] = Market(
                 symbol=symbol, base=base, quote=quote,
-                tick_size=str(raw["tick_size"]), lot_size=str(raw["lot_size"]),
-                min_qty=str(raw.get("min_qty", raw["lot_size"])),
-                price_band=None if raw.get("price_band") is None else str(raw["price_band"]),
+                tick_size=decimal_text(raw["tick_size"], f"{symbol}: tick_size"),
+                lot_size=decimal_text(raw["lot_size"], f"{symbol}: lot_size"),
+                min_qty=decimal_text(raw.get("min_qty", raw["lot_size"]), f"{symbol}: min_qty"),
+                price_band=(
+                    None if raw.get("price_band") is None
+                    else decimal_text(raw["price_band"], f"{symbol}: price_band")
+                ),
                 reference_price=(
-                    None if raw.get("reference_price") is None else str(raw["reference_price"])
+                    None if raw.get("reference_price") is None
+                    else decimal_text(raw["reference_price"], f"{symbol}: reference_price")
                 ),
                 maker_fee_bps=raw.get("maker_fee_bps", fees.get("maker_fee_bps", 1)),
                 taker_fee_bps=raw.get("taker_fee_bps", fees.get("taker_fee_bps", 2)),
@@ -388,6 +405,8 @@ def load_config(path: str | Path) -> MarketConfig:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read markets file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"markets file {path} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"markets file {path} is not valid JSON: {exc}") from None
     try:

@@ -1,0 +1,152 @@
+"""Engine throughput: a seeded order flow through ``Exchange.handle`` with every risk check on.
+
+The stream (default 1,000,000 operations on BTC-USD between 100 funded accounts):
+about 60 % resting limits around a drifting mid, 10 % crossing limits, 25 % cancels of
+live orders and 5 % market orders. The commands are built by a first, untimed run (which
+learns the order ids the engine hands out, so cancels name live orders); a fresh engine
+then replays the identical list under the clock. Figures are per operation, events and
+balance settlement included.
+
+    python bench/bench_engine.py                    # 10k, 100k, 1M ops, shallow and deep book
+    python bench/bench_engine.py --ops 200000 --runs 5 --book shallow
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from exchange.engine import Exchange  # noqa: E402
+from exchange.types import (  # noqa: E402
+    CancelOrder, Command, Deposit, ExecReport, ExecType, OrderType, PlaceOrder, Side, Trade,
+)
+
+MARKET = "BTC-USD"
+ACCOUNTS = [f"acct{i:03d}" for i in range(100)]
+MID_TICKS = 10_000_00  # 10,000.00 USD
+
+
+def funded_exchange() -> Exchange:
+    ex = Exchange()
+    for name in ACCOUNTS:
+        ex.handle(Deposit(0, name, "USD", 10**18))
+        ex.handle(Deposit(0, name, "BTC", 10**16))
+    return ex
+
+
+def deep_book_commands(rng: random.Random, orders: int = 10_000, levels: int = 2_000) -> list[Command]:
+    """Resting orders spread over ``levels`` price levels on each side, far from the mid."""
+    cmds: list[Command] = []
+    for i in range(orders):
+        side = Side.BUY if i % 2 == 0 else Side.SELL
+        offset = 200 + rng.randrange(levels // 2)
+        price = MID_TICKS - offset if side is Side.BUY else MID_TICKS + offset
+        cmds.append(PlaceOrder(i, rng.choice(ACCOUNTS), MARKET, side, OrderType.LIMIT,
+                               rng.randint(1, 100), price))
+    return cmds
+
+
+def build_stream(n: int, seed: int, deep: bool) -> list[Command]:
+    """Build the command list by running it once, untimed, to learn live order ids."""
+    rng = random.Random(seed)
+    ex = funded_exchange()
+    prefix = deep_book_commands(rng) if deep else []
+    for cmd in prefix:
+        ex.handle(cmd)
+    live: list[int] = []
+    forget_at = 4096
+    cmds: list[Command] = list(prefix)
+    mid = MID_TICKS
+    rand, choice, randint = rng.random, rng.choice, rng.randint
+    for i in range(n):
+        ts = i + 1
+        account = choice(ACCOUNTS)
+        r = rand()
+        if r < 0.002:
+            mid += choice((-1, 1))
+        if r < 0.60:  # resting limit around the mid
+            side = Side.BUY if rand() < 0.5 else Side.SELL
+            off = randint(1, 50)
+            price = mid - off if side is Side.BUY else mid + off
+            cmd: Command = PlaceOrder(ts, account, MARKET, side, OrderType.LIMIT, randint(1, 100), price)
+        elif r < 0.70:  # crossing limit
+            side = Side.BUY if rand() < 0.5 else Side.SELL
+            off = randint(0, 20)
+            price = mid + off if side is Side.BUY else mid - off
+            cmd = PlaceOrder(ts, account, MARKET, side, OrderType.LIMIT, randint(1, 100), price)
+        elif r < 0.95 and live:  # cancel a live order (by its owner)
+            idx = randint(0, len(live) - 1)
+            live[idx], live[-1] = live[-1], live[idx]
+            oid = live.pop()
+            cmd = CancelOrder(ts, ex.orders[oid].account if oid in ex.orders else account, oid)
+        else:  # market order
+            side = Side.BUY if rand() < 0.5 else Side.SELL
+            cmd = PlaceOrder(ts, account, MARKET, side, OrderType.MARKET, randint(1, 100))
+        events = ex.handle(cmd)
+        for ev in events:
+            if ev.__class__ is ExecReport and ev.exec_type is ExecType.NEW and ev.remaining:
+                if cmd.__class__ is PlaceOrder and cmd.order_type is OrderType.LIMIT:
+                    live.append(ev.order_id)
+        if len(live) > forget_at:  # forget ids that are long gone, keep the list small
+            live = [o for o in live if o in ex.orders]
+            forget_at = 2 * len(live) + 4096
+        cmds.append(cmd)
+    return cmds
+
+
+def timed_run(cmds: list[Command], skip: int) -> tuple[float, int, int, Exchange]:
+    ex = funded_exchange()
+    handle = ex.handle
+    for cmd in cmds[:skip]:
+        handle(cmd)
+    body = cmds[skip:]
+    gc.collect()
+    trades = events = 0
+    t0 = time.perf_counter()
+    for cmd in body:
+        out = handle(cmd)
+        events += len(out)
+    elapsed = time.perf_counter() - t0
+    trades = ex.next_trade_id - 1
+    return elapsed, trades, events, ex
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ops", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per case; the median is reported")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--book", choices=["shallow", "deep", "both"], default="both")
+    ap.add_argument("--check", action="store_true", help="check every invariant at the end")
+    args = ap.parse_args()
+    books = ["shallow", "deep"] if args.book == "both" else [args.book]
+    print(f"python {sys.version.split()[0]}, {args.runs} runs per case, median reported")
+    print(f"{'book':8} {'ops':>9} {'ops/s':>10} {'us/op':>7} {'trades':>9} {'events/op':>9} {'resting':>8} {'peak RSS MB':>11}")
+    for book in books:
+        for n in args.ops:
+            cmds = build_stream(n, args.seed, book == "deep")
+            skip = 10_000 if book == "deep" else 0
+            rates = []
+            for _ in range(args.runs):
+                elapsed, trades, events, ex = timed_run(cmds, skip)
+                rates.append(n / elapsed)
+                if args.check:
+                    ex.check_invariants()
+            rate = statistics.median(rates)
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            print(f"{book:8} {n:>9,} {rate:>10,.0f} {1e6 / rate:>7.2f} {trades:>9,} {events / n:>9.2f} "
+                  f"{len(ex.orders):>8,} {peak:>11.0f}")
+            del cmds, ex
+            gc.collect()
+
+
+if __name__ == "__main__":
+    main()

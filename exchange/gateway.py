@@ -1,0 +1,539 @@
+"""The asyncio shell around the engine: connections, sessions, auth, routing, backpressure.
+
+Theory of operation
+-------------------
+Each TCP connection is an ``asyncio.Protocol`` (``Session``); there is no task per message.
+``data_received`` splits the chunk into lines (at most ``MAX_LINE`` bytes each), and each
+line is decoded by ``exchange/protocol.py``, stamped with the time and the session's user,
+and handed to the one ``Exchange``. The events that come back are routed at once: private
+execution reports to *every* session of the order's owner, public trades and book deltas
+to the subscribers of that market. Outgoing messages are queued per session and written
+with one ``transport.write`` per session after the whole chunk has been handled, which is
+where most of a line protocol's speed comes from.
+
+The gateway decides nothing a trader would call a rule: funds, matching and priority are
+the engine's. It protects itself instead:
+
+* a line over 64 KiB gets ``line_too_long`` and the connection is closed;
+* a client that stops reading its replies has its reading paused (``pause_writing``), so it
+  cannot make us buffer without bound;
+* a session whose outgoing buffer still grows past ``max_buffer`` (a subscriber that never
+  reads) is disconnected with a logged reason, without slowing the engine or anyone else.
+
+Every state-changing command goes through ``execute``, the single door to the engine, so
+a journal can be put in front of it and acknowledgements held until it is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from exchange.engine import Exchange
+from exchange.protocol import (
+    MAX_LINE,
+    PUBLIC_OPS,
+    ErrorCode,
+    Formatter,
+    OrderRejected,
+    ProtocolError,
+    book_request,
+    cancel_command,
+    decode_request,
+    encode,
+    error_message,
+    funding_command,
+    modify_command,
+    order_command,
+    order_id_of,
+    subscription,
+    user_name,
+)
+from exchange.types import (
+    BalanceChanged,
+    BookDelta,
+    Command,
+    CommandRejected,
+    Deposit,
+    Event,
+    ExecReport,
+    Trade,
+)
+
+log = logging.getLogger("exchange.gateway")
+
+DEFAULT_MAX_BUFFER = 8 * 1024 * 1024
+DEFAULT_DEMO_BALANCES = {"USD": "100000", "BTC": "10", "ACME": "1000"}
+
+
+def hash_token(token: str) -> str:
+    """How tokens are stored in an accounts file: ``sha256:<hex>`` of the UTF-8 token."""
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass
+class UserEntry:
+    token_hash: str
+    admin: bool = False
+
+
+@dataclass
+class GatewayOptions:
+    auth: str = "open"  # "open" or "keys"
+    users: dict[str, UserEntry] = field(default_factory=dict)
+    demo_balances: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_DEMO_BALANCES))
+    max_buffer: int = DEFAULT_MAX_BUFFER
+
+
+class Session(asyncio.Protocol):
+    """One client connection."""
+
+    __slots__ = (
+        "gateway", "transport", "peer", "user", "admin", "buf", "out", "queued", "paused",
+        "closed", "subscriptions", "reading_paused",
+    )
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.transport: asyncio.Transport | None = None
+        self.peer: Any = None
+        self.user: str | None = None
+        self.admin = False
+        self.buf = b""
+        self.out: list[bytes] = []
+        self.queued = False
+        self.paused = False
+        self.reading_paused = False
+        self.closed = False
+        self.subscriptions: set[tuple[str, str]] = set()
+
+    # -- asyncio callbacks ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.peer = transport.get_extra_info("peername")
+        self.gateway.connected(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.gateway.disconnected(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        buf = self.buf + data if self.buf else data
+        lines = buf.split(b"\n")
+        rest = lines.pop()
+        gateway = self.gateway
+        for line in lines:
+            if len(line) > MAX_LINE:
+                self.fatal(ErrorCode.LINE_TOO_LONG, f"a line may be at most {MAX_LINE} bytes")
+                break
+            if line.strip():
+                gateway.handle_line(self, line)
+            if self.closed:
+                break
+        else:
+            if len(rest) > MAX_LINE:
+                self.fatal(ErrorCode.LINE_TOO_LONG, f"a line may be at most {MAX_LINE} bytes")
+            self.buf = rest
+        gateway.flush()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def pause_writing(self) -> None:
+        # The client is not reading its replies: stop reading its requests until it does.
+        self.paused = True
+        if self.transport is not None and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.transport is not None and self.reading_paused and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    # -- output -----------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.out.append(data)
+        if not self.queued:
+            self.queued = True
+            self.gateway.pending.append(self)
+
+    def send_msg(self, message: dict[str, Any]) -> None:
+        self.send(encode(message))
+
+    def fatal(self, code: str, message: str) -> None:
+        """Tell the client why, then close the connection after what is queued."""
+        self.send_msg(error_message(code, message))
+        self.gateway.flush()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Gateway:
+    """Routes between sessions and the engine. Owns no trading state."""
+
+    def __init__(
+        self,
+        engine: Exchange,
+        options: GatewayOptions | None = None,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.engine = engine
+        self.options = options or GatewayOptions()
+        self.config = engine.config
+        self.fmt = Formatter(engine.config)
+        self.clock = clock
+        self.last_ts = 0
+        self.sessions: set[Session] = set()
+        self.by_user: dict[str, list[Session]] = {}
+        self.subscribers: dict[tuple[str, str], list[Session]] = {}
+        self.pending: list[Session] = []
+        self.accepting = True
+        # Observers of every event (ledger, audit...): called after the engine, in order.
+        self.listeners: list[Callable[[list[Event]], None]] = []
+        self.stats = {
+            "orders": 0, "trades": 0, "messages_in": 0, "messages_out": 0,
+            "connections_total": 0, "slow_consumers": 0,
+        }
+        self.started = time.monotonic()
+        self._rate_mark = (time.monotonic(), 0, 0, 0)
+        self.rates = {"orders_per_sec": 0.0, "trades_per_sec": 0.0, "messages_per_sec": 0.0}
+        self._ops: dict[str, Callable[[Session, dict[str, Any], Any], None]] = {
+            "login": self.op_login,
+            "markets": self.op_markets,
+            "order": self.op_order,
+            "cancel": self.op_cancel,
+            "modify": self.op_modify,
+            "balances": self.op_balances,
+            "orders": self.op_orders,
+            "book": self.op_book,
+            "subscribe": self.op_subscribe,
+            "unsubscribe": self.op_unsubscribe,
+            "deposit": self.op_funding,
+            "withdraw": self.op_funding,
+            "ping": self.op_ping,
+            "stats": self.op_stats,
+            "queue_position": self.op_queue_position,
+        }
+
+    # -- connection bookkeeping -------------------------------------------------------
+
+    def connected(self, session: Session) -> None:
+        self.sessions.add(session)
+        self.stats["connections_total"] += 1
+        if not self.accepting:
+            session.fatal(ErrorCode.SHUTTING_DOWN, "the exchange is shutting down")
+
+    def disconnected(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if session.user is not None:
+            others = self.by_user.get(session.user)
+            if others and session in others:
+                others.remove(session)
+                if not others:
+                    del self.by_user[session.user]
+        for key in session.subscriptions:
+            subs = self.subscribers.get(key)
+            if subs and session in subs:
+                subs.remove(session)
+        session.subscriptions.clear()
+
+    def flush(self) -> None:
+        """Write everything queued, one write per session; drop sessions that fell too far behind."""
+        pending = self.pending
+        if not pending:
+            return
+        self.pending = []
+        limit = self.options.max_buffer
+        for session in pending:
+            session.queued = False
+            out = session.out
+            if not out or session.closed:
+                out.clear()
+                continue
+            session.out = []
+            transport = session.transport
+            if transport is None or transport.is_closing():
+                continue
+            self.stats["messages_out"] += len(out)
+            transport.write(b"".join(out) if len(out) > 1 else out[0])
+            if transport.get_write_buffer_size() > limit:
+                self.stats["slow_consumers"] += 1
+                log.warning(
+                    "disconnecting %s (user %s): slow consumer, %d bytes unsent",
+                    session.peer, session.user, transport.get_write_buffer_size(),
+                )
+                session.closed = True
+                transport.abort()
+
+    # -- the door to the engine -------------------------------------------------------
+
+    def now(self) -> int:
+        ts = self.clock()
+        if ts <= self.last_ts:
+            ts = self.last_ts + 1
+        self.last_ts = ts
+        return ts
+
+    def execute(self, command: Command) -> list[Event]:
+        """Run one command through the engine and tell every listener about its events."""
+        events = self.engine.handle(command)
+        for listener in self.listeners:
+            listener(events)
+        return events
+
+    def route(self, events: list[Event], requester: Session | None, rid: Any) -> None:
+        """Send each event where it belongs; the requester's first report echoes ``rid``."""
+        fmt = self.fmt
+        first = requester is not None
+        for ev in events:
+            cls = ev.__class__
+            if cls is ExecReport:
+                sessions = self.by_user.get(ev.account)  # type: ignore[attr-defined]
+                if not sessions:
+                    continue
+                msg = fmt.exec_report(ev)  # type: ignore[arg-type]
+                plain = None
+                for session in sessions:
+                    if first and session is requester:
+                        first = False
+                        msg["id"] = rid
+                        session.send(encode(msg))
+                        del msg["id"]
+                    else:
+                        if plain is None:
+                            plain = encode(msg)
+                        session.send(plain)
+            elif cls is BookDelta:
+                subs = self.subscribers.get(("book", ev.market))  # type: ignore[attr-defined]
+                if subs:
+                    data = encode(fmt.book_update(ev))  # type: ignore[arg-type]
+                    for session in subs:
+                        session.send(data)
+            elif cls is Trade:
+                self.stats["trades"] += 1
+                subs = self.subscribers.get(("trades", ev.market))  # type: ignore[attr-defined]
+                if subs:
+                    data = encode(fmt.trade(ev))  # type: ignore[arg-type]
+                    for session in subs:
+                        session.send(data)
+            elif cls is CommandRejected and requester is not None:
+                requester.send_msg(fmt.command_rejected(ev, rid))  # type: ignore[arg-type]
+
+    # -- requests -------------------------------------------------------------------
+
+    def handle_line(self, session: Session, line: bytes) -> None:
+        self.stats["messages_in"] += 1
+        rid = None
+        try:
+            msg = decode_request(line)
+            rid = msg.get("id")
+            op = msg["op"]
+            if session.user is None and op not in PUBLIC_OPS:
+                raise ProtocolError(ErrorCode.NOT_LOGGED_IN, f"log in before '{op}'")
+            self._ops[op](session, msg, rid)
+        except ProtocolError as exc:
+            extra = {"field": exc.field} if exc.field else {}
+            session.send_msg(error_message(exc.code, exc.message, rid, **extra))
+        except Exception:  # a bug must not take the exchange down; the client gets told
+            log.exception("internal error handling a request from %s", session.peer)
+            session.send_msg(error_message("internal_error", "the server failed on this request", rid))
+
+    def op_ping(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
+        reply: dict[str, Any] = {"type": "pong", "ts": self.now()}
+        if rid is not None:
+            reply["id"] = rid
+        session.send_msg(reply)
+
+    def op_markets(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
+        reply: dict[str, Any] = {
+            "type": "markets", "markets": [m.describe() for m in self.config.markets.values()],
+        }
+        if rid is not None:
+            reply["id"] = rid
+        session.send_msg(reply)
+
+    def op_login(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
+        user = user_name(msg)
+        if session.user is not None:
+            if session.user == user:
+                self._reply(session, rid, {"type": "logged_in", "user": user, "funded": False})
+                return
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"this session is already logged in as {session.user}")
+        admin = False
+        if self.options.auth == "keys":
+            token = msg.get("token")
+            entry = self.options.users.get(user)
+            expected = entry.token_hash if entry else hash_token("\x00no such user")
+            given = hash_token(token) if isinstance(token, str) else ""
+            if not hmac.compare_digest(given.encode(), expected.encode()) or entry is None:
+                raise ProtocolError(ErrorCode.AUTH_FAILED, "unknown user or wrong token")
+            admin = entry.admin
+        funded = False
+        if self.options.auth == "open" and not self.engine.accounts.known(user):
+            funded = self._fund_new_user(user)
+        session.user = user
+        session.admin = admin
+        self.by_user.setdefault(user, []).append(session)
+        self._reply(session, rid, {"type": "logged_in", "user": user, "funded": funded, "admin": admin})
+
+    def _fund_new_user(self, user: str) -> bool:
+        """Open mode: a user's first login credits the demo balances, once."""
+        funded = False
+        for asset_name, amount in self.options.demo_balances.items():
+            asset = self.config.assets.get(asset_name)
+            if asset is None:
+                continue
+            self.execute(Deposit(self.now(), user, asset_name, asset.to_units(amount)))
+            funded = True
+        return funded
+
+    def op_order(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
+        ts = self.now()
+        try:
+            cmd = order_command(self.config, msg, session.user, ts)  # type: ignore[arg-type]
+        except OrderRejected as exc:
+            reply = self.fmt.rejected(msg, session.user, exc.reason, exc.message, ts)  # type: ignore[arg-type]
+            if rid is not None:
+                reply["id"] = rid
+            session.send_msg(reply)
+            return
+        self.stats["orders"] += 1
+        self.route(self.execute(cmd), session, rid)
+
+    def op_cancel(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
+        cmd = cancel_command(msg, session.user, self.now())  # type: ignore[arg-type]
+        self.route(self.execute(cmd), session, rid)
+
+    def op_modify(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
+        cmd = modify_command(msg, session.user, self.now(), self.engine.order, self.config)  # type: ignore[arg-type]
+        self.route(self.execute(cmd), session, rid)
+
+    def op_funding(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
+        withdraw = msg["op"] == "withdraw"
+        target = session.user
+        if msg.get("user") is not None:
+            target = user_name(msg)
+        if target != session.user and not session.admin:
+            raise ProtocolError(ErrorCode.FORBIDDEN, "only an admin session may fund another user")
+        if not withdraw and self.options.auth == "keys" and not session.admin:
+            raise ProtocolError(ErrorCode.FORBIDDEN, "deposits need an admin session in keys mode")
+        cmd = funding_command(self.config, msg, target, self.now(), withdraw)  # type: ignore[arg-type]
+        events = self.execute(cmd)
+        for ev in events:
+            if ev.__class__ is CommandRejected:
+                session.send_msg(self.fmt.command_rejected(ev, rid))  # type: ignore[arg-type]
+                return
+        assert events and events[0].__class__ is BalanceChanged
+        self._reply(session, rid, {
+            "type": "balances", "user": target,
+            "balances": self.fmt.balances(self.engine.balances(target)),  # type: ignore[arg-type]
+        })
+
+    def op_balances(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
+        self._reply(session, rid, {
+            "type": "balances", "user": session.user,
+            "balances": self.fmt.balances(self.engine.balances(session.user)),  # type: ignore[arg-type]
+        })
+
+    def op_orders(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
+        market = msg.get("market")
+        if market is not None and market not in self.config.markets:
+            raise ProtocolError(ErrorCode.UNKNOWN_MARKET, f"no market {str(market)[:40]!r}", "market")
+        orders = self.engine.open_orders(session.user, market)  # type: ignore[arg-type]
+        self._reply(session, rid, {"type": "orders", "orders": [self.fmt.order(o) for o in orders]})
+
+    def op_queue_position(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
+        oid = order_id_of(msg)
+        order = self.engine.order(session.user, oid)  # type: ignore[arg-type]
+        ahead = self.engine.queue_position(session.user, oid)  # type: ignore[arg-type]
+        if order is None or ahead is None:
+            raise ProtocolError("unknown_order", "no such open order for this account")
+        self._reply(session, rid, {
+            "type": "queue_position", "order_id": oid, "market": order.market,
+            "price": self.fmt.price(order.market, order.price),  # type: ignore[arg-type]
+            "ahead_qty": self.fmt.qty(order.market, ahead),
+            "remaining_qty": self.fmt.qty(order.market, order.remaining),
+        })
+
+    def op_book(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
+        market, depth, level = book_request(self.config, msg)
+        self._reply(session, rid, self._book(market.symbol, depth, level))
+
+    def _book(self, market: str, depth: int | None, level: int) -> dict[str, Any]:
+        if level == 2:
+            seq, bids, asks = self.engine.book_l2(market, depth or 1 << 30)
+        else:
+            seq, bids, asks = self.engine.book_l3(market, depth)
+        return self.fmt.book(market, seq, bids, asks, level)
+
+    def op_subscribe(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
+        channel, market = subscription(self.config, msg)
+        key = (channel, market.symbol)
+        if key not in session.subscriptions:
+            session.subscriptions.add(key)
+            self.subscribers.setdefault(key, []).append(session)
+        self._reply(session, rid, {"type": "subscribed", "channel": channel, "market": market.symbol})
+        if channel == "book":
+            # The full book, so that deltas (which cover every level) rebuild it exactly.
+            session.send_msg(self._book(market.symbol, None, 2))
+
+    def op_unsubscribe(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
+        channel, market = subscription(self.config, msg)
+        key = (channel, market.symbol)
+        if key in session.subscriptions:
+            session.subscriptions.discard(key)
+            subs = self.subscribers.get(key)
+            if subs and session in subs:
+                subs.remove(session)
+        self._reply(session, rid, {"type": "unsubscribed", "channel": channel, "market": market.symbol})
+
+    def op_stats(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
+        self.update_rates()
+        reply = {
+            "type": "stats", **self.stats, **self.rates,
+            "connections": len(self.sessions), "users_online": len(self.by_user),
+            "open_orders": len(self.engine.orders),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+        }
+        self._reply(session, rid, reply)
+
+    def update_rates(self) -> dict[str, float]:
+        now = time.monotonic()
+        t0, orders0, trades0, msgs0 = self._rate_mark
+        dt = now - t0
+        if dt >= 0.5:
+            self.rates = {
+                "orders_per_sec": round((self.stats["orders"] - orders0) / dt, 1),
+                "trades_per_sec": round((self.stats["trades"] - trades0) / dt, 1),
+                "messages_per_sec": round((self.stats["messages_in"] - msgs0) / dt, 1),
+            }
+            self._rate_mark = (now, self.stats["orders"], self.stats["trades"], self.stats["messages_in"])
+        return self.rates
+
+    @staticmethod
+    def _reply(session: Session, rid: Any, message: dict[str, Any]) -> None:
+        if rid is not None:
+            message["id"] = rid
+        session.send_msg(message)
+
+    # -- shutdown ---------------------------------------------------------------------
+
+    def close_all(self, reason: str = "the exchange is shutting down") -> None:
+        self.accepting = False
+        for session in list(self.sessions):
+            if not session.closed:
+                session.fatal(ErrorCode.SHUTTING_DOWN, reason)

@@ -1,0 +1,483 @@
+"""The wire format, in one place: JSON lines in, commands out; engine events in, JSON lines out.
+
+Theory of operation
+-------------------
+Every message is one JSON object on one line (UTF-8, ``\\n``-terminated). A request has
+``op`` and may carry ``id`` (a string or an integer the client chose), which the direct
+answer echoes. Every server message has ``type``. Prices, quantities and amounts travel as
+plain decimal strings; requests may also give JSON numbers. Timestamps are integer
+nanoseconds since the epoch (``ts``).
+
+The gateway and the client library both import this module, so they cannot drift apart.
+Decoding raises ``ProtocolError`` (shape problems: the ``error`` message) or
+``OrderRejected`` (an order the exchange refuses before the engine sees it, such as a price
+off the tick grid: the ``exec`` rejected report). Conversion to engine integers goes
+through ``exchange/markets.py``, never through floats.
+
+docs/protocol.md documents every op, message and error code; keep the two together.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import orjson
+
+from exchange.book import Order
+from exchange.markets import InvalidValue, Market, MarketConfig
+from exchange.types import (
+    REJECT_MESSAGES,
+    BookDelta,
+    CancelOrder,
+    CommandRejected,
+    Deposit,
+    ExecReport,
+    ModifyOrder,
+    OrderType,
+    PlaceOrder,
+    RejectReason,
+    Side,
+    STPMode,
+    TimeInForce,
+    Trade,
+    Withdraw,
+)
+
+MAX_LINE = 64 * 1024
+DEFAULT_PORT = 7001
+DEFAULT_DEPTH = 20
+MAX_DEPTH = 10_000
+MAX_USER_LENGTH = 64
+MAX_CLIENT_ORDER_ID = 64
+
+OPS = frozenset({
+    "login", "markets", "order", "cancel", "modify", "balances", "orders", "book",
+    "subscribe", "unsubscribe", "deposit", "withdraw", "ping", "stats", "queue_position",
+})
+PUBLIC_OPS = frozenset({"login", "ping", "markets", "book", "subscribe", "unsubscribe", "stats"})
+CHANNELS = ("trades", "book")
+
+
+class ErrorCode:
+    """Codes of the ``error`` message (besides the engine's reject reasons)."""
+
+    BAD_JSON = "bad_json"
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_OP = "unknown_op"
+    LINE_TOO_LONG = "line_too_long"
+    NOT_LOGGED_IN = "not_logged_in"
+    AUTH_FAILED = "auth_failed"
+    FORBIDDEN = "forbidden"
+    UNKNOWN_MARKET = "unknown_market"
+    UNKNOWN_ORDER = "unknown_order"
+    SLOW_CONSUMER = "slow_consumer"
+    SHUTTING_DOWN = "shutting_down"
+
+
+class ProtocolError(Exception):
+    """A request the server answers with ``error``; nothing changed."""
+
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+class OrderRejected(Exception):
+    """An order refused before it reached the engine; answered with an ``exec`` rejected."""
+
+    def __init__(self, reason: RejectReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+# ---------------------------------------------------------------------------- framing
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """One message as one line."""
+    return orjson.dumps(message) + b"\n"
+
+
+def decode_request(line: bytes) -> dict[str, Any]:
+    """Parse one request line; raises ``ProtocolError`` for bad JSON, shape, op or id."""
+    try:
+        msg = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        raise ProtocolError(ErrorCode.BAD_JSON, "the line is not valid JSON") from None
+    if type(msg) is not dict:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "a request must be a JSON object", "op")
+    rid = msg.get("id")
+    if rid is not None and (type(rid) is not int and type(rid) is not str):
+        msg.pop("id")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'id' must be a string or an integer", "id")
+    op = msg.get("op")
+    if type(op) is not str:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'op' is missing or not a string", "op")
+    if op not in OPS:
+        raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {op[:40]!r}")
+    return msg
+
+
+def error_message(code: str, message: str, rid: Any = None, **extra: Any) -> dict[str, Any]:
+    msg: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if rid is not None:
+        msg["id"] = rid
+    msg.update(extra)
+    return msg
+
+
+# ---------------------------------------------------------------------------- fields
+
+
+def _field(msg: dict[str, Any], name: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
+    value = msg.get(name)
+    if value is None:
+        if required:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{name}' is required", name)
+        return None
+    if type(value) is bool and kind is not bool:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{name}' has the wrong type", name)
+    if not isinstance(value, kind):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{name}' has the wrong type", name)
+    return value
+
+
+def _enum(msg: dict[str, Any], name: str, enum: Any, default: Any = None) -> Any:
+    value = msg.get(name)
+    if value is None:
+        if default is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{name}' is required", name)
+        return default
+    try:
+        return enum(value)
+    except (ValueError, TypeError):
+        allowed = "|".join(m.value for m in enum)
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{name}' must be one of {allowed}", name) from None
+
+
+_NUMBER = (str, int, float)
+
+
+def _number(msg: dict[str, Any], name: str, required: bool = True) -> Any:
+    return _field(msg, name, _NUMBER, required)
+
+
+def user_name(msg: dict[str, Any], name: str = "user") -> str:
+    user = _field(msg, name, str)
+    if not 0 < len(user) <= MAX_USER_LENGTH or user.startswith("__") or not user.isprintable():
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"'{name}' must be 1-{MAX_USER_LENGTH} printable characters "
+            "and may not start with '__'", name,
+        )
+    if any(c in user for c in "/\\") or user in (".", ".."):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{name}' may not contain '/' or '\\'", name)
+    return user
+
+
+def market_of(config: MarketConfig, msg: dict[str, Any]) -> Market:
+    symbol = _field(msg, "market", str)
+    market = config.markets.get(symbol)
+    if market is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_MARKET, f"no market {symbol[:40]!r}", "market")
+    return market
+
+
+_BUY, _SELL = Side.BUY, Side.SELL
+_LIMIT, _MARKET = OrderType.LIMIT, OrderType.MARKET
+_GTC, _IOC = TimeInForce.GTC, TimeInForce.IOC
+_SIDES = {"buy": _BUY, "sell": _SELL}
+_TYPES = {"limit": _LIMIT, "market": _MARKET}
+_TIFS = {t.value: t for t in TimeInForce}
+_STPS = {s.value: s for s in STPMode}
+
+
+def order_command(config: MarketConfig, msg: dict[str, Any], account: str, ts: int) -> PlaceOrder:
+    """An ``order`` request as a ``PlaceOrder``.
+
+    Shape errors raise ``ProtocolError``; a market the exchange does not list or a price or
+    quantity it cannot take exactly raises ``OrderRejected`` with the engine's reason.
+    """
+    symbol = msg.get("market")
+    if type(symbol) is not str:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'market' is required", "market")
+    side = _SIDES.get(msg.get("side"))  # type: ignore[arg-type]
+    if side is None:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'side' must be buy|sell", "side")
+    raw_type = msg.get("type", "limit")
+    otype = _TYPES.get(raw_type) if type(raw_type) is str else None
+    if otype is None:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'type' must be limit|market", "type")
+    raw_tif = msg.get("tif")
+    if raw_tif is None:
+        tif = _GTC if otype is _LIMIT else _IOC
+    else:
+        tif = _TIFS.get(raw_tif) if type(raw_tif) is str else None
+        if tif is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "'tif' must be gtc|ioc|fok", "tif")
+    post_only = msg.get("post_only", False)
+    if type(post_only) is not bool:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'post_only' must be true or false", "post_only")
+    raw_stp = msg.get("stp")
+    stp = None
+    if raw_stp is not None:
+        stp = _STPS.get(raw_stp) if type(raw_stp) is str else None
+        if stp is None:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST,
+                "'stp' must be cancel_resting|cancel_incoming|cancel_both|none", "stp",
+            )
+    coid = msg.get("client_order_id")
+    if coid is not None and (type(coid) is not str or len(coid) > MAX_CLIENT_ORDER_ID):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"'client_order_id' must be a string of at most "
+            f"{MAX_CLIENT_ORDER_ID} characters", "client_order_id",
+        )
+    raw_qty = msg.get("qty")
+    if raw_qty is None or type(raw_qty) not in _NUMBER_TYPES:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'qty' is required (a decimal string)", "qty")
+    raw_price = msg.get("price")
+    if raw_price is not None and type(raw_price) not in _NUMBER_TYPES:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'price' must be a decimal string", "price")
+    if otype is _LIMIT and raw_price is None:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'price' is required for a limit order", "price")
+    if otype is _MARKET and raw_price is not None:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "a market order takes no 'price'", "price")
+    market = config.markets.get(symbol)
+    if market is None:
+        raise OrderRejected(RejectReason.UNKNOWN_MARKET, f"no market {symbol[:40]!r}")
+    try:
+        qty = market.qty_lots(raw_qty)
+        price = market.price_ticks(raw_price) if raw_price is not None else None
+    except InvalidValue as exc:
+        raise OrderRejected(exc.reason, exc.message) from None
+    return PlaceOrder(ts, account, symbol, side, otype, qty, price, tif, post_only, stp, coid)
+
+
+_NUMBER_TYPES = frozenset({str, int, float})
+
+
+def order_id_of(msg: dict[str, Any]) -> int:
+    oid = msg.get("order_id")
+    if type(oid) is str and oid.isascii() and oid.isdigit() and len(oid) < 19:
+        oid = int(oid)
+    if type(oid) is not int:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'order_id' must be an integer", "order_id")
+    return oid
+
+
+def cancel_command(msg: dict[str, Any], account: str, ts: int) -> CancelOrder:
+    return CancelOrder(ts, account, order_id_of(msg))
+
+
+def modify_command(
+    msg: dict[str, Any], account: str, ts: int, lookup: Callable[[str, int], Order | None],
+    config: MarketConfig,
+) -> ModifyOrder:
+    """A ``modify`` request; its price and qty are read with the order's own market."""
+    oid = order_id_of(msg)
+    raw_price, raw_qty = msg.get("price"), msg.get("qty")
+    for name, value in (("price", raw_price), ("qty", raw_qty)):
+        if value is not None and type(value) not in _NUMBER_TYPES:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{name}' must be a decimal string", name)
+    if raw_price is None and raw_qty is None:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "give 'price', 'qty' or both", "qty")
+    order = lookup(account, oid)
+    if order is None:
+        raise ProtocolError(RejectReason.UNKNOWN_ORDER.value, REJECT_MESSAGES[RejectReason.UNKNOWN_ORDER])
+    market = config.markets[order.market]
+    try:
+        price = market.price_ticks(raw_price) if raw_price is not None else None
+        qty = market.qty_lots(raw_qty) if raw_qty is not None else None
+    except InvalidValue as exc:
+        raise ProtocolError(exc.reason.value, exc.message) from None
+    return ModifyOrder(ts, account, oid, price, qty)
+
+
+def funding_command(
+    config: MarketConfig, msg: dict[str, Any], account: str, ts: int, withdraw: bool,
+) -> Deposit | Withdraw:
+    asset_name = _field(msg, "asset", str)
+    asset = config.assets.get(asset_name)
+    if asset is None:
+        raise ProtocolError(RejectReason.UNKNOWN_ASSET.value, f"no asset {asset_name[:40]!r}", "asset")
+    raw = _number(msg, "amount")
+    try:
+        amount = asset.to_units(raw)
+    except InvalidValue as exc:
+        raise ProtocolError(exc.reason.value, exc.message, "amount") from None
+    return (Withdraw if withdraw else Deposit)(ts, account, asset_name, amount)
+
+
+def book_request(config: MarketConfig, msg: dict[str, Any]) -> tuple[Market, int, int]:
+    market = market_of(config, msg)
+    depth = msg.get("depth", DEFAULT_DEPTH)
+    if type(depth) is not int or not 1 <= depth <= MAX_DEPTH:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'depth' must be an integer from 1 to {MAX_DEPTH}", "depth")
+    level = msg.get("level", 2)
+    if level not in (2, 3) or type(level) is not int:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'level' must be 2 or 3", "level")
+    return market, depth, level
+
+
+def subscription(config: MarketConfig, msg: dict[str, Any]) -> tuple[str, Market]:
+    channel = msg.get("channel")
+    if channel not in CHANNELS:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'channel' must be trades|book", "channel")
+    return channel, market_of(config, msg)
+
+
+# ---------------------------------------------------------------------------- outgoing
+
+
+class Formatter:
+    """Turns engine integers back into decimal strings, per market, with small caches.
+
+    Prices and quantities repeat constantly (a few hundred levels, a few sizes), so a
+    bounded dict per market saves the integer-to-string work on the hot path.
+    """
+
+    CACHE_LIMIT = 100_000
+
+    def __init__(self, config: MarketConfig) -> None:
+        self.config = config
+        self.markets = config.markets
+        self._price: dict[str, dict[int, str]] = {m: {} for m in config.markets}
+        self._qty: dict[str, dict[int, str]] = {m: {} for m in config.markets}
+
+    def price(self, market: str, ticks: int) -> str:
+        cache = self._price[market]
+        text = cache.get(ticks)
+        if text is None:
+            if len(cache) > self.CACHE_LIMIT:
+                cache.clear()
+            text = cache[ticks] = self.markets[market].format_price(ticks)
+        return text
+
+    def qty(self, market: str, lots: int) -> str:
+        cache = self._qty[market]
+        text = cache.get(lots)
+        if text is None:
+            if len(cache) > self.CACHE_LIMIT:
+                cache.clear()
+            text = cache[lots] = self.markets[market].format_qty(lots)
+        return text
+
+    def amount(self, asset: str, units: int) -> str:
+        return self.config.assets[asset].format(units)
+
+    # -- messages --------------------------------------------------------------------
+
+    def exec_report(self, ev: ExecReport) -> dict[str, Any]:
+        market = ev.market
+        spec = self.markets.get(market)
+        if spec is None:  # rejected for an unknown market: echo what we can
+            msg: dict[str, Any] = {
+                "type": "exec", "exec_type": ev.exec_type, "order_id": None, "market": market,
+                "side": ev.side, "order_type": ev.order_type, "tif": ev.tif, "price": None,
+                "qty": None, "filled_qty": "0", "remaining_qty": "0", "avg_price": None,
+                "status": ev.status, "ts": ev.ts,
+            }
+        else:
+            price = ev.price
+            msg = {
+                "type": "exec", "exec_type": ev.exec_type, "order_id": ev.order_id,
+                "market": market, "side": ev.side, "order_type": ev.order_type, "tif": ev.tif,
+                "price": None if price is None else self.price(market, price),
+                "qty": self.qty(market, ev.qty), "filled_qty": self.qty(market, ev.filled),
+                "remaining_qty": self.qty(market, ev.remaining),
+                "avg_price": spec.format_avg_price(ev.cost, ev.filled) if ev.filled else None,
+                "status": ev.status, "ts": ev.ts,
+            }
+        if ev.client_order_id is not None:
+            msg["client_order_id"] = ev.client_order_id
+        if ev.trade_id is not None:
+            msg["trade_id"] = ev.trade_id
+            msg["last_price"] = self.price(market, ev.last_price)  # type: ignore[arg-type]
+            msg["last_qty"] = self.qty(market, ev.last_qty)  # type: ignore[arg-type]
+            msg["liquidity"] = ev.liquidity
+            msg["fee"] = spec.quote.format(ev.fee)  # type: ignore[union-attr,arg-type]
+            msg["fee_asset"] = spec.quote.name  # type: ignore[union-attr]
+        if ev.reason is not None:
+            msg["reason"] = ev.reason
+            msg["message"] = REJECT_MESSAGES[ev.reason]
+        return msg
+
+    def rejected(self, msg: dict[str, Any], account: str, reason: RejectReason, text: str, ts: int) -> dict[str, Any]:
+        """An ``exec`` rejected for an order refused before the engine (off-grid price...)."""
+        out: dict[str, Any] = {
+            "type": "exec", "exec_type": "rejected", "order_id": None,
+            "market": msg.get("market"), "side": msg.get("side"),
+            "order_type": msg.get("type", "limit"), "tif": msg.get("tif"),
+            "price": None, "qty": None, "filled_qty": "0", "remaining_qty": "0",
+            "avg_price": None, "status": "rejected", "ts": ts, "reason": reason.value,
+            "message": text,
+        }
+        for name in ("price", "qty", "client_order_id"):
+            value = msg.get(name)
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                out[name] = str(value)[:64]
+        return out
+
+    def trade(self, ev: Trade) -> dict[str, Any]:
+        market = ev.market
+        return {
+            "type": "trade", "market": market, "trade_id": ev.trade_id,
+            "price": self.price(market, ev.price), "qty": self.qty(market, ev.qty),
+            "taker_side": ev.taker_side, "ts": ev.ts,
+        }
+
+    def book_update(self, ev: BookDelta) -> dict[str, Any]:
+        market = ev.market
+        return {
+            "type": "book_update", "market": market, "seq": ev.seq, "side": ev.side,
+            "price": self.price(market, ev.price), "qty": self.qty(market, ev.qty),
+            "ts": ev.ts,
+        }
+
+    def command_rejected(self, ev: CommandRejected, rid: Any) -> dict[str, Any]:
+        msg = error_message(ev.reason.value, ev.message, rid)
+        if ev.order_id is not None:
+            msg["order_id"] = ev.order_id
+        return msg
+
+    def order(self, order: Order) -> dict[str, Any]:
+        market = order.market
+        spec = self.markets[market]
+        msg: dict[str, Any] = {
+            "order_id": order.id, "market": market, "side": order.side,
+            "order_type": order.order_type, "tif": order.tif,
+            "price": None if order.price is None else self.price(market, order.price),
+            "qty": self.qty(market, order.qty), "filled_qty": self.qty(market, order.filled),
+            "remaining_qty": self.qty(market, order.remaining),
+            "avg_price": spec.format_avg_price(order.cost, order.filled) if order.filled else None,
+            "status": order.status, "post_only": order.post_only, "ts": order.ts,
+        }
+        if order.client_order_id is not None:
+            msg["client_order_id"] = order.client_order_id
+        return msg
+
+    def book(self, market: str, seq: int, bids: list[tuple[int, int, int]],
+             asks: list[tuple[int, int, int]], level: int) -> dict[str, Any]:
+        if level == 2:
+            def rows(levels: list[tuple[int, int, int]]) -> list[list[Any]]:
+                return [[self.price(market, p), self.qty(market, q), n] for p, q, n in levels]
+        else:
+            def rows(levels: list[tuple[int, int, int]]) -> list[list[Any]]:
+                return [[oid, self.price(market, p), self.qty(market, q)] for oid, p, q in levels]
+        return {"type": "book", "market": market, "seq": seq, "level": level,
+                "bids": rows(bids), "asks": rows(asks)}
+
+    def balances(self, balances: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for asset, bal in balances.items():
+            fmt = self.config.assets[asset].format
+            out[asset] = {
+                "available": fmt(bal.available), "locked": fmt(bal.locked),
+                "deposited": fmt(bal.deposited), "withdrawn": fmt(bal.withdrawn),
+                "bought": fmt(bal.bought), "sold": fmt(bal.sold), "fees": fmt(bal.fees),
+                "spent": fmt(bal.spent),
+            }
+        return out

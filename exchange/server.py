@@ -1,0 +1,273 @@
+"""Wires the parts together: markets, engine, gateway, storage; starts and stops cleanly.
+
+``run/start_engine.py`` calls ``main``; tests and the embedded simulation build an
+``ExchangeServer`` directly. Shutdown (Ctrl-C, SIGTERM) stops accepting, tells connected
+clients, flushes what is buffered, closes the storage writers, then returns exit code 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import ctypes.util
+import json
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from exchange.engine import Exchange
+from exchange.gateway import (
+    DEFAULT_DEMO_BALANCES,
+    DEFAULT_MAX_BUFFER,
+    Gateway,
+    GatewayOptions,
+    Session,
+    UserEntry,
+    hash_token,
+)
+from exchange.markets import ConfigError, MarketConfig, default_config, load_config
+from exchange.protocol import DEFAULT_PORT
+from exchange.types import STPMode
+from storage.audit import AuditLog
+
+log = logging.getLogger("exchange.server")
+
+
+class StartupError(Exception):
+    """A configuration or data problem that stops start-up with a clear message."""
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    data_dir: Path = Path("data")
+    markets_file: Path | None = None
+    auth: str = "open"
+    accounts_file: Path | None = None
+    demo_balances: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_DEMO_BALANCES))
+    default_stp: STPMode = STPMode.CANCEL_RESTING
+    max_buffer: int = DEFAULT_MAX_BUFFER
+    stats_interval: float = 10.0
+
+
+def load_users(path: Path) -> dict[str, UserEntry]:
+    """An accounts file: ``{"users": {"alice": {"token_hash": "sha256:...", "admin": false}}}``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise StartupError(f"cannot read accounts file {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise StartupError(f"accounts file {path} is not valid JSON: {exc}") from None
+    users = data.get("users") if isinstance(data, dict) else None
+    if not isinstance(users, dict) or not users:
+        raise StartupError(f"accounts file {path}: 'users' must map user names to entries")
+    out = {}
+    for name, entry in users.items():
+        if not isinstance(entry, dict) or not str(entry.get("token_hash", "")).startswith("sha256:"):
+            raise StartupError(
+                f"accounts file {path}: user {name!r} needs a 'token_hash' (sha256:...; "
+                "make one with: run/start_engine.py --hash-token TOKEN)"
+            )
+        out[name] = UserEntry(entry["token_hash"], bool(entry.get("admin", False)))
+    return out
+
+
+class ExchangeServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        try:
+            markets: MarketConfig = (
+                load_config(config.markets_file) if config.markets_file else default_config()
+            )
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from None
+        users = {}
+        if config.auth == "keys":
+            if config.accounts_file is None:
+                raise StartupError("--auth keys needs --accounts FILE")
+            users = load_users(config.accounts_file)
+        elif config.auth != "open":
+            raise StartupError(f"unknown auth mode {config.auth!r} (open or keys)")
+        self.engine = Exchange(markets, default_stp=config.default_stp)
+        self.gateway = Gateway(self.engine, GatewayOptions(
+            auth=config.auth, users=users, demo_balances=dict(config.demo_balances),
+            max_buffer=config.max_buffer,
+        ))
+        self.audit = AuditLog(Path(config.data_dir) / "logs", markets)
+        self.gateway.listeners.append(self.audit)
+        self._server: asyncio.base_events.Server | None = None
+        self._stats_task: asyncio.Task[None] | None = None
+        self.address: tuple[str, int] | None = None
+
+    async def start(self) -> tuple[str, int]:
+        Path(self.config.data_dir).mkdir(parents=True, exist_ok=True)
+        self.audit.start()
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_server(
+                lambda: Session(self.gateway), self.config.host, self.config.port,
+                reuse_address=True,
+            )
+        except OSError as exc:
+            await self.audit.close()
+            raise StartupError(
+                f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror or exc}"
+            ) from None
+        sock = self._server.sockets[0]
+        host, port = sock.getsockname()[:2]
+        self.address = (host, port)
+        if self.config.stats_interval > 0:
+            self._stats_task = loop.create_task(self._log_stats(), name="stats")
+        return self.address
+
+    async def _log_stats(self) -> None:
+        last = None
+        while True:
+            await asyncio.sleep(self.config.stats_interval)
+            rates = self.gateway.update_rates()
+            stats = self.gateway.stats
+            snapshot = (stats["orders"], stats["trades"], len(self.gateway.sessions))
+            if snapshot != last:
+                log.info(
+                    "%d connections, %d orders (%.0f/s), %d trades (%.0f/s), %.0f msgs/s in",
+                    len(self.gateway.sessions), stats["orders"], rates["orders_per_sec"],
+                    stats["trades"], rates["trades_per_sec"], rates["messages_per_sec"],
+                )
+                last = snapshot
+
+    async def stop(self) -> None:
+        """Stop accepting, tell the clients, drain, close the writers."""
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            self._stats_task = None
+        if self._server is not None:
+            self._server.close()
+        self.gateway.close_all()
+        self.gateway.flush()
+        await asyncio.sleep(0.05)  # let the transports write their goodbyes
+        if self._server is not None:
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            except asyncio.TimeoutError:
+                log.warning("some connections did not close in time")
+            self._server = None
+        await self.audit.close()
+
+
+def tune_malloc() -> bool:
+    """Stop glibc from trimming and re-faulting the heap around the receive buffers.
+
+    On these virtual machines a minor page fault costs microseconds; glibc's default trim
+    threshold made the heap shrink and grow again around every large read. Returns whether
+    the settings were applied (not on non-glibc systems).
+    """
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(libc_name)
+        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+        ok = libc.mallopt(m_trim_threshold, 256 * 1024 * 1024)
+        ok &= libc.mallopt(m_top_pad, 64 * 1024 * 1024)
+        ok &= libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
+        return bool(ok)
+    except (OSError, AttributeError):
+        return False
+
+
+def install_event_loop_policy() -> str:
+    """uvloop where it is available, the standard loop otherwise; returns which."""
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+def parse_balances(text: str) -> dict[str, str]:
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        asset, _, amount = part.partition("=")
+        if not asset or not amount:
+            raise argparse.ArgumentTypeError(f"expected ASSET=AMOUNT, got {part!r}")
+        out[asset.strip()] = amount.strip()
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="start_engine.py", description="Run the exchange: matching engine and TCP gateway.",
+    )
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
+    ap.add_argument("--data-dir", type=Path, default=Path("data"), help="where data and logs go (default ./data)")
+    ap.add_argument("--markets", type=Path, default=None, help="JSON file overriding the built-in markets")
+    ap.add_argument("--auth", choices=["open", "keys"], default="open",
+                    help="open: any user name logs in and is funded once; keys: tokens from --accounts")
+    ap.add_argument("--accounts", type=Path, default=None, help="accounts file for --auth keys")
+    ap.add_argument("--demo-balances", type=parse_balances,
+                    default=dict(DEFAULT_DEMO_BALANCES),
+                    help="open mode: what a new user is credited, e.g. USD=100000,BTC=10,ACME=1000")
+    ap.add_argument("--stp", choices=[m.value for m in STPMode], default=STPMode.CANCEL_RESTING.value,
+                    help="default self-trade prevention (default cancel_resting)")
+    ap.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    ap.add_argument("--hash-token", metavar="TOKEN", help="print the token_hash for an accounts file and exit")
+    return ap
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        host=args.host, port=args.port, data_dir=args.data_dir, markets_file=args.markets,
+        auth=args.auth, accounts_file=args.accounts, demo_balances=args.demo_balances,
+        default_stp=STPMode(args.stp),
+    )
+
+
+async def serve(config: ServerConfig, ready: Any = None) -> int:
+    server = ExchangeServer(config)
+    host, port = await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - not on this platform
+            pass
+    log.info("exchange listening on %s:%d (auth %s, data in %s)", host, port, config.auth, config.data_dir)
+    print(f"Exchange listening on {host}:{port} (auth {config.auth}, data in {config.data_dir}); "
+          "Ctrl-C to stop", flush=True)
+    if ready is not None:
+        ready(host, port)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop()
+    print("Exchange stopped cleanly.", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.hash_token is not None:
+        print(hash_token(args.hash_token))
+        return 0
+    level = getattr(logging, str(args.log_level).upper(), None)
+    if not isinstance(level, int):
+        print(f"error: unknown log level {args.log_level!r}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tune_malloc()
+    loop_kind = install_event_loop_policy()
+    log.debug("event loop: %s", loop_kind)
+    try:
+        return asyncio.run(serve(config_from_args(args)))
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # pragma: no cover - signal handlers normally catch it
+        return 0
