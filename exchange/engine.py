@@ -525,17 +525,40 @@ class Exchange:
         return order
 
     def _cancel(self, cmd: CancelOrder) -> list[Event]:
-        order = self._own_open_order(cmd.account, cmd.order_id)
-        if order is None:
+        # Written out inline: cancels are a quarter of a typical order flow.
+        order = self.orders.get(cmd.order_id) if type(cmd.order_id) is int else None
+        if order is None or order.account != cmd.account:
             return self._reject_command(cmd, cmd.order_id, RejectReason.UNKNOWN_ORDER)
         ms = self.markets[order.market]
-        total = ms.book.remove(order)
-        self._unindex(order)
-        events: list[Event] = []
-        self._finish(order, _X_CANCELED, _CANCELED, events, cmd.ts)
-        ms.book.seq += 1
-        events.append(BookDelta(ms.symbol, ms.book.seq, order.side, order.price, total, cmd.ts))
-        return events
+        book = ms.book
+        price = order.price
+        levels = book.bids if order.side is _BUY else book.asks
+        level = levels[price]
+        oid = order.id
+        del level.orders[oid]
+        if level.orders:
+            level.total -= order.remaining
+            total = level.total
+        else:
+            del levels[price]
+            total = 0
+        del self.orders[oid]
+        del self.open_by_account[order.account][oid]
+        lock = order.lock
+        lock.locked -= order.locked
+        lock.available += order.locked
+        order.locked = 0
+        order.status = _CANCELED
+        ts = cmd.ts
+        book.seq += 1
+        return [
+            ExecReport(
+                _X_CANCELED, oid, order.account, order.market, order.side, order.order_type,
+                order.tif, order.client_order_id, price, order.qty, order.filled,
+                order.remaining, order.cost, _CANCELED, ts,
+            ),
+            BookDelta(ms.symbol, book.seq, order.side, price, total, ts),
+        ]
 
     # ------------------------------------------------------------------ modify
 

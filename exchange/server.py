@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
-import ctypes.util
 import json
 import logging
 import signal
@@ -29,8 +27,9 @@ from exchange.gateway import (
     UserEntry,
     hash_token,
 )
-from exchange.markets import ConfigError, MarketConfig, default_config, load_config
+from exchange.markets import ConfigError, InvalidValue, MarketConfig, default_config, load_config
 from exchange.protocol import DEFAULT_PORT
+from exchange.runtime import install_event_loop_policy, tune_gc, tune_malloc
 from exchange.types import STPMode
 from storage.audit import AuditLog
 
@@ -93,12 +92,20 @@ class ExchangeServer:
             users = load_users(config.accounts_file)
         elif config.auth != "open":
             raise StartupError(f"unknown auth mode {config.auth!r} (open or keys)")
+        for asset_name, amount in config.demo_balances.items():
+            asset = markets.assets.get(asset_name)
+            if asset is None:
+                raise StartupError(f"demo balance for unknown asset {asset_name!r}")
+            try:
+                asset.to_units(amount)
+            except InvalidValue as exc:
+                raise StartupError(f"demo balance for {asset_name}: {exc.message}") from None
         self.engine = Exchange(markets, default_stp=config.default_stp)
         self.gateway = Gateway(self.engine, GatewayOptions(
             auth=config.auth, users=users, demo_balances=dict(config.demo_balances),
             max_buffer=config.max_buffer,
         ))
-        self.audit = AuditLog(Path(config.data_dir) / "logs", markets)
+        self.audit = AuditLog(Path(config.data_dir) / "logs", markets, formatter=self.gateway.fmt)
         self.gateway.listeners.append(self.audit)
         self._server: asyncio.base_events.Server | None = None
         self._stats_task: asyncio.Task[None] | None = None
@@ -157,37 +164,6 @@ class ExchangeServer:
                 log.warning("some connections did not close in time")
             self._server = None
         await self.audit.close()
-
-
-def tune_malloc() -> bool:
-    """Stop glibc from trimming and re-faulting the heap around the receive buffers.
-
-    On these virtual machines a minor page fault costs microseconds; glibc's default trim
-    threshold made the heap shrink and grow again around every large read. Returns whether
-    the settings were applied (not on non-glibc systems).
-    """
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(libc_name)
-        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-        ok = libc.mallopt(m_trim_threshold, 256 * 1024 * 1024)
-        ok &= libc.mallopt(m_top_pad, 64 * 1024 * 1024)
-        ok &= libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
-        return bool(ok)
-    except (OSError, AttributeError):
-        return False
-
-
-def install_event_loop_policy() -> str:
-    """uvloop where it is available, the standard loop otherwise; returns which."""
-    try:
-        import uvloop
-    except ImportError:
-        return "asyncio"
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return "uvloop"
 
 
 def parse_balances(text: str) -> dict[str, str]:
@@ -262,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tune_malloc()
+    tune_gc()
     loop_kind = install_event_loop_policy()
     log.debug("event loop: %s", loop_kind)
     try:

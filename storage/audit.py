@@ -15,22 +15,46 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from exchange.markets import MarketConfig
+from exchange.protocol import Formatter
 from exchange.types import CommandRejected, Event, ExecReport, ExecType
 
 log = logging.getLogger("storage.audit")
 
 
-def _stamp(ts: int) -> str:
-    dt = datetime.fromtimestamp(ts / 1e9, tz=timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{(ts // 1000) % 1_000_000:06d}Z"
+class _Clock:
+    """ISO-8601 UTC stamps; the date-and-second part is formatted once per second."""
+
+    __slots__ = ("second", "prefix")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+
+    def __call__(self, ts: int) -> str:
+        second, ns = divmod(ts, 1_000_000_000)
+        if second != self.second:
+            self.second = second
+            self.prefix = datetime.fromtimestamp(second, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.")
+        return f"{self.prefix}{ns // 1000:06d}Z"
+
+
+_LABELS = {
+    ExecType.NEW: "PLACED", ExecType.CANCELED: "CANCELED", ExecType.EXPIRED: "EXPIRED",
+    ExecType.REPLACED: "MODIFIED", ExecType.SELF_TRADE_PREVENTED: "SELF-TRADE-PREVENTED",
+}
 
 
 class AuditLog:
     """Buffers events in memory and appends their lines to per-user files in the background."""
 
-    def __init__(self, directory: str | Path, config: MarketConfig, interval: float = 0.2) -> None:
+    def __init__(
+        self, directory: str | Path, config: MarketConfig, interval: float = 0.2,
+        formatter: Formatter | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.config = config
+        self.fmt = formatter or Formatter(config)
+        self.stamp = _Clock()
         self.interval = interval
         self._pending: list[list[Event]] = []
         self._task: asyncio.Task[None] | None = None
@@ -88,32 +112,30 @@ class AuditLog:
         return by_user
 
     def line(self, ev: Event) -> str | None:
+        stamp = self.stamp
         if isinstance(ev, ExecReport):
-            market = self.config.markets.get(ev.market)
+            symbol = ev.market
+            market = self.config.markets.get(symbol)
             if market is None:
-                return f"{_stamp(ev.ts)} REJECTED order on unknown market {ev.market}: {ev.reason}"
-            price = "market" if ev.price is None else market.format_price(ev.price)
-            what = (f"{ev.side.upper()} {market.format_qty(ev.qty)} {ev.market} @ {price} "
-                    f"{ev.order_type} {ev.tif}")
+                return f"{stamp(ev.ts)} REJECTED order on unknown market {symbol}: {ev.reason}"
+            price, qty = self.fmt.price, self.fmt.qty
             oid = f"order {ev.order_id}" if ev.order_id is not None else "order"
             et = ev.exec_type
             if et is ExecType.TRADE:
                 assert ev.last_price is not None and ev.last_qty is not None and ev.fee is not None
-                return (f"{_stamp(ev.ts)} FILL {oid} {ev.side} {market.format_qty(ev.last_qty)} "
-                        f"@ {market.format_price(ev.last_price)} ({ev.liquidity}, fee "
+                return (f"{stamp(ev.ts)} FILL {oid} {ev.side} {qty(symbol, ev.last_qty)} {symbol} "
+                        f"@ {price(symbol, ev.last_price)} ({ev.liquidity}, fee "
                         f"{market.quote.format(ev.fee)} {market.quote.name}, trade {ev.trade_id}); "
-                        f"filled {market.format_qty(ev.filled)}/{market.format_qty(ev.qty)}, {ev.status}")
+                        f"filled {qty(symbol, ev.filled)}/{qty(symbol, ev.qty)}, {ev.status}")
+            at = "market" if ev.price is None else price(symbol, ev.price)
+            what = f"{ev.side.upper()} {qty(symbol, ev.qty)} {symbol} @ {at} {ev.order_type} {ev.tif}"
             if et is ExecType.REJECTED:
-                return f"{_stamp(ev.ts)} REJECTED {what}: {ev.reason}"
-            label = {
-                ExecType.NEW: "PLACED", ExecType.CANCELED: "CANCELED", ExecType.EXPIRED: "EXPIRED",
-                ExecType.REPLACED: "MODIFIED", ExecType.SELF_TRADE_PREVENTED: "SELF-TRADE-PREVENTED",
-            }[et]
-            return (f"{_stamp(ev.ts)} {label} {oid} {what}; filled "
-                    f"{market.format_qty(ev.filled)}, remaining {market.format_qty(ev.remaining)}, {ev.status}")
+                return f"{stamp(ev.ts)} REJECTED {what}: {ev.reason}"
+            return (f"{stamp(ev.ts)} {_LABELS[et]} {oid} {what}; filled {qty(symbol, ev.filled)}, "
+                    f"remaining {qty(symbol, ev.remaining)}, {ev.status}")
         if isinstance(ev, CommandRejected):
             target = f" order {ev.order_id}" if ev.order_id is not None else ""
-            return f"{_stamp(ev.ts)} REJECTED {ev.command}{target}: {ev.reason}"
+            return f"{stamp(ev.ts)} REJECTED {ev.command}{target}: {ev.reason}"
         return None
 
     def _append(self, lines: dict[str, list[str]]) -> None:

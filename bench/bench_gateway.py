@@ -1,0 +1,255 @@
+"""Gateway load generator: throughput with pipelining, and open-loop latency.
+
+Starts the exchange as a subprocess (``run/start_engine.py`` on a free port, temporary data
+dir) unless ``--port`` names a running one, then drives it from this process over real
+TCP. The generator stays light so that it measures the server, not itself: requests are
+pre-encoded, and replies are never JSON-decoded; acknowledgements are found by the ``"id":``
+that only the direct answer to a request carries.
+
+    python bench/bench_gateway.py                         # all three cases, 3 runs each
+    python bench/bench_gateway.py --case pipelined --connections 8 --window 100
+    python bench/bench_gateway.py --case latency --rate 10000 --duration 5
+
+Cases:
+  pipelined  C connections each keeping W orders in flight; acknowledged orders per second.
+  lockstep   C connections each sending one order at a time (W = 1).
+  latency    open loop at a fixed rate: round trip from the scheduled send to the first
+             report, p50 / p99 / p99.9 / max (sends are scheduled, so a stall counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from exchange.runtime import install_event_loop_policy  # noqa: E402
+
+ID_RE = re.compile(rb'"id":(\d+)')
+MARKET = "BTC-USD"
+MID = 10_000_00  # ticks of 0.01
+
+
+def order_lines(user_index: int, count: int, seed: int, start_id: int = 1) -> list[bytes]:
+    """Limit orders around a mid, both sides, about a fifth of them crossing."""
+    rng = random.Random(seed * 1000 + user_index)
+    lines = []
+    for i in range(count):
+        side = "buy" if rng.random() < 0.5 else "sell"
+        off = rng.randint(-10, 50)
+        ticks = MID - off if side == "buy" else MID + off
+        price = f"{ticks // 100}.{ticks % 100:02d}"
+        qty = f"0.{rng.randint(1, 100):04d}"
+        lines.append(
+            b'{"op":"order","id":%d,"market":"%s","side":"%s","type":"limit","price":"%s","qty":"%s"}\n'
+            % (start_id + i, MARKET.encode(), side.encode(), price.encode(), qty.encode())
+        )
+    return lines
+
+
+class LoadConnection(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.acked = 0
+        self.on_data = None
+        self.buf = b""
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        # Count complete lines' ids only; keep a partial last line for the next chunk.
+        buf = self.buf + data if self.buf else data
+        cut = buf.rfind(b"\n") + 1
+        self.buf = buf[cut:]
+        whole = buf[:cut]
+        if self.on_data is not None:
+            self.on_data(whole)
+        else:
+            self.acked += whole.count(b',"id":')
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+async def open_connections(host: str, port: int, n: int, tag: str) -> list[LoadConnection]:
+    loop = asyncio.get_running_loop()
+    conns = []
+    for i in range(n):
+        _, proto = await loop.create_connection(LoadConnection, host, port)
+        proto.transport.write(b'{"op":"login","user":"%s%d"}\n' % (tag.encode(), i))
+        conns.append(proto)
+    await asyncio.sleep(0.2)
+    for c in conns:
+        c.acked = 0
+    return conns
+
+
+async def close_connections(conns: list[LoadConnection]) -> None:
+    for c in conns:
+        if c.transport is not None:
+            c.transport.close()
+    await asyncio.sleep(0.05)
+
+
+async def run_window(host: str, port: int, conns_n: int, window: int, duration: float, seed: int, tag: str) -> float:
+    """Each connection keeps ``window`` orders in flight for ``duration`` seconds."""
+    conns = await open_connections(host, port, conns_n, tag)
+    per_conn = max(int(200_000 * duration / conns_n) + window, 2000)
+    lines = [order_lines(i, per_conn, seed) for i in range(conns_n)]
+    sent = [0] * conns_n
+    done = asyncio.Event()
+
+    def refill(i: int) -> None:
+        c = conns[i]
+        want = c.acked + window - sent[i]
+        if want > 0 and sent[i] < per_conn:
+            chunk = lines[i][sent[i]:sent[i] + want]
+            sent[i] += len(chunk)
+            c.transport.write(b"".join(chunk))
+
+    for i, c in enumerate(conns):
+        def on_data(data: bytes, i: int = i, c: LoadConnection = c) -> None:
+            c.acked += data.count(b',"id":')
+            if not done.is_set():
+                refill(i)
+        c.on_data = on_data
+    t0 = time.perf_counter()
+    for i in range(conns_n):
+        refill(i)
+    await asyncio.sleep(duration)
+    done.set()
+    elapsed = time.perf_counter() - t0
+    acked = sum(c.acked for c in conns)
+    await close_connections(conns)
+    return acked / elapsed
+
+
+async def run_latency(host: str, port: int, rate: int, duration: float, seed: int, tag: str, conns_n: int = 8) -> list[float]:
+    """Open loop: sends on a schedule; latency = first report time - scheduled time."""
+    conns = await open_connections(host, port, conns_n, tag)
+    total = int(rate * duration)
+    lines = order_lines(0, total, seed)
+    scheduled = [0.0] * (total + 1)
+    latencies: list[float] = []
+    now = time.perf_counter
+
+    def make_handler() -> object:
+        def on_data(data: bytes) -> None:
+            t = now()
+            for m in ID_RE.finditer(data):
+                latencies.append(t - scheduled[int(m.group(1))])
+        return on_data
+
+    for c in conns:
+        c.on_data = make_handler()
+    t0 = now()
+    interval = 0.0005
+    i = 0
+    while i < total:
+        target = t0 + i / rate
+        delay = target - now()
+        if delay > 0:
+            await asyncio.sleep(min(delay, interval))
+            continue
+        # Send everything whose time has come, each at its scheduled time.
+        due = min(total, int((now() - t0) * rate) + 1)
+        while i < due:
+            scheduled[i + 1] = t0 + i / rate
+            conns[i % conns_n].transport.write(lines[i])
+            i += 1
+    deadline = now() + 5
+    while len(latencies) < total and now() < deadline:
+        await asyncio.sleep(0.01)
+    await close_connections(conns)
+    return latencies
+
+
+def percentile(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))]
+
+
+def start_engine(extra: list[str]) -> tuple[subprocess.Popen[str], int, str]:
+    data = tempfile.mkdtemp(prefix="bench-gw-")
+    cmd = [sys.executable, str(ROOT / "run" / "start_engine.py"), "--port", "0", "--data-dir", data,
+           "--log-level", "WARNING", "--demo-balances", "USD=100000000000,BTC=100000000,ACME=1000000", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    m = re.search(r"listening on [^:]+:(\d+)", line)
+    if not m:
+        proc.kill()
+        raise SystemExit(f"engine did not start: {line!r}")
+    return proc, int(m.group(1)), data
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", choices=["pipelined", "lockstep", "latency", "all"], default="all")
+    ap.add_argument("--connections", type=int, default=None)
+    ap.add_argument("--window", type=int, default=100)
+    ap.add_argument("--rate", type=int, default=10_000)
+    ap.add_argument("--duration", type=float, default=3.0)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=None, help="use a running exchange instead of starting one")
+    ap.add_argument("--engine-arg", action="append", default=[], help="extra argument for start_engine.py")
+    args = ap.parse_args()
+    install_event_loop_policy()
+    proc = None
+    port = args.port
+    if port is None:
+        proc, port, _ = start_engine(args.engine_arg)
+    cases = ["pipelined", "lockstep", "latency"] if args.case == "all" else [args.case]
+    try:
+        for case in cases:
+            results = []
+            for run in range(args.runs):
+                tag = f"{case[:3]}{run}u"
+                if case == "pipelined":
+                    c = args.connections or 8
+                    results.append(asyncio.run(run_window(args.host, port, c, args.window, args.duration, args.seed + run, tag)))
+                elif case == "lockstep":
+                    c = args.connections or 64
+                    results.append(asyncio.run(run_window(args.host, port, c, 1, args.duration, args.seed + run, tag)))
+                else:
+                    lat = asyncio.run(run_latency(args.host, port, args.rate, args.duration, args.seed + run, tag))
+                    results.append(lat)
+            if case == "latency":
+                stats = [(percentile(r, 50), percentile(r, 99), percentile(r, 99.9), max(r), len(r)) for r in results]
+                med = [statistics.median(s[k] for s in stats) for k in range(4)]
+                print(f"latency   rate {args.rate}/s x {args.duration}s, {args.runs} runs (median of runs): "
+                      f"p50 {med[0]*1e3:.3f} ms  p99 {med[1]*1e3:.3f} ms  p99.9 {med[2]*1e3:.3f} ms  "
+                      f"max {med[3]*1e3:.3f} ms  (acks per run: {[s[4] for s in stats]})")
+            else:
+                c = args.connections or (8 if case == "pipelined" else 64)
+                w = args.window if case == "pipelined" else 1
+                print(f"{case:9} {c} connections x window {w}: median {statistics.median(results):,.0f} "
+                      f"orders/s acknowledged (runs: {', '.join(f'{r:,.0f}' for r in results)})")
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    main()

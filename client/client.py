@@ -1,0 +1,296 @@
+"""``ExchangeClient``: the asyncio client library every tool here uses (UI, simulation, tests).
+
+One TCP connection; requests carry an ``id`` and their reply is matched to it, so many
+requests may be in flight at once. Everything the server pushes (execution reports, trades,
+book updates) is available from ``events()``; execution reports that answer a request are
+delivered there as well, so a consumer tracking orders sees every report exactly once.
+
+Exceptions (all ``ExchangeError``):
+
+    ExchangeError               an ``error`` reply: .code, .message, .field
+     +-- OrderRejectedError     an order refused: .reason, .report (the ``exec`` rejected)
+     +-- ExchangeConnectionError  cannot connect, connection lost, or no reply in time
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from typing import Any, AsyncIterator
+
+import orjson
+
+from exchange.protocol import DEFAULT_PORT
+
+READ_LIMIT = 16 * 1024 * 1024
+
+
+class ExchangeError(Exception):
+    def __init__(self, code: str, message: str, field: str | None = None, reply: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.field = field
+        self.reply = reply or {}
+
+
+class OrderRejectedError(ExchangeError):
+    def __init__(self, report: dict[str, Any]) -> None:
+        super().__init__(report.get("reason", "rejected"), report.get("message", "order rejected"), reply=report)
+        self.reason = report.get("reason")
+        self.report = report
+
+
+class ExchangeConnectionError(ExchangeError):
+    def __init__(self, message: str) -> None:
+        super().__init__("connection", message)
+
+
+_CLOSED = object()
+
+
+class ExchangeClient:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, timeout: float = 10.0,
+        max_events: int = 100_000,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.user: str | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._pending: dict[Any, asyncio.Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self._events: deque[Any] = deque()
+        self._max_events = max_events
+        self.dropped_events = 0
+        self._event_ready = asyncio.Event()
+        self._reader_task: asyncio.Task[None] | None = None
+        self.closed_reason: str | None = None
+
+    # -- connection -------------------------------------------------------------------
+
+    async def connect(self) -> ExchangeClient:
+        try:
+            self._reader, self._writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port, limit=READ_LIMIT), self.timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise ExchangeConnectionError(
+                f"cannot connect to the exchange at {self.host}:{self.port} "
+                f"({getattr(exc, 'strerror', None) or type(exc).__name__}); is it running?"
+            ) from None
+        self.closed_reason = None
+        self._reader_task = asyncio.get_running_loop().create_task(self._read_loop(), name="client-reader")
+        return self
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            try:
+                await asyncio.wait_for(self._writer.wait_closed(), 1.0)
+            except (OSError, asyncio.TimeoutError):
+                pass
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            try:
+                await self._reader_task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._reader_task = None
+        self._fail_pending("the connection was closed")
+
+    async def __aenter__(self) -> ExchangeClient:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None and self.closed_reason is None
+
+    async def _read_loop(self) -> None:
+        assert self._reader is not None
+        reader = self._reader
+        reason = "the exchange closed the connection"
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                try:
+                    msg = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                self._dispatch(msg)
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            reason = f"connection lost: {exc}"
+        finally:
+            self.closed_reason = reason
+            self._fail_pending(reason)
+            self._push(_CLOSED)
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        rid = msg.get("id")
+        fut = self._pending.pop(rid, None) if rid is not None else None
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+        if fut is None or msg.get("type") == "exec":
+            self._push(msg)
+
+    def _push(self, item: Any) -> None:
+        if len(self._events) >= self._max_events and item is not _CLOSED:
+            self._events.popleft()
+            self.dropped_events += 1
+        self._events.append(item)
+        self._event_ready.set()
+
+    def _fail_pending(self, reason: str) -> None:
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(ExchangeConnectionError(reason))
+
+    # -- requests ---------------------------------------------------------------------
+
+    def send(self, op: str, **fields: Any) -> asyncio.Future[dict[str, Any]]:
+        """Send a request now and return the future of its reply (for pipelining)."""
+        if self._writer is None or self.closed_reason is not None:
+            raise ExchangeConnectionError(self.closed_reason or "not connected")
+        rid = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        payload = {"op": op, "id": rid}
+        payload.update((k, v) for k, v in fields.items() if v is not None)
+        self._writer.write(orjson.dumps(payload) + b"\n")
+        return fut
+
+    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send a request and wait for its reply; an ``error`` reply raises ``ExchangeError``."""
+        fut = self.send(op, **fields)
+        assert self._writer is not None
+        try:
+            await self._writer.drain()
+            reply = await asyncio.wait_for(fut, self.timeout)
+        except asyncio.TimeoutError:
+            raise ExchangeConnectionError(f"no reply to '{op}' within {self.timeout} s") from None
+        except (ConnectionError, OSError) as exc:
+            raise ExchangeConnectionError(f"connection lost: {exc}") from None
+        if reply.get("type") == "error":
+            raise ExchangeError(reply.get("code", "error"), reply.get("message", ""), reply.get("field"), reply)
+        return reply
+
+    # -- the operations -----------------------------------------------------------------
+
+    async def login(self, user: str, token: str | None = None) -> dict[str, Any]:
+        reply = await self.request("login", user=user, token=token)
+        self.user = user
+        return reply
+
+    async def ping(self) -> dict[str, Any]:
+        return await self.request("ping")
+
+    async def markets(self) -> list[dict[str, Any]]:
+        return (await self.request("markets"))["markets"]
+
+    async def place(
+        self, market: str, side: str, qty: Any, price: Any = None, type: str | None = None,
+        tif: str | None = None, post_only: bool | None = None, stp: str | None = None,
+        client_order_id: str | None = None, raise_on_reject: bool = True,
+    ) -> dict[str, Any]:
+        """Place an order; returns its first report (``new``). Rejections raise by default."""
+        if type is None:
+            type = "limit" if price is not None else "market"
+        report = await self.request(
+            "order", market=market, side=side, type=type, qty=_text(qty), price=_text(price),
+            tif=tif, post_only=post_only, stp=stp, client_order_id=client_order_id,
+        )
+        if raise_on_reject and report.get("exec_type") == "rejected":
+            raise OrderRejectedError(report)
+        return report
+
+    async def buy(self, market: str, qty: Any, price: Any = None, **kw: Any) -> dict[str, Any]:
+        return await self.place(market, "buy", qty, price, **kw)
+
+    async def sell(self, market: str, qty: Any, price: Any = None, **kw: Any) -> dict[str, Any]:
+        return await self.place(market, "sell", qty, price, **kw)
+
+    async def cancel(self, order_id: int) -> dict[str, Any]:
+        return await self.request("cancel", order_id=order_id)
+
+    async def modify(self, order_id: int, price: Any = None, qty: Any = None) -> dict[str, Any]:
+        return await self.request("modify", order_id=order_id, price=_text(price), qty=_text(qty))
+
+    async def balances(self) -> dict[str, dict[str, str]]:
+        return (await self.request("balances"))["balances"]
+
+    async def orders(self, market: str | None = None) -> list[dict[str, Any]]:
+        return (await self.request("orders", market=market))["orders"]
+
+    async def book(self, market: str, depth: int | None = None, level: int | None = None) -> dict[str, Any]:
+        return await self.request("book", market=market, depth=depth, level=level)
+
+    async def queue_position(self, order_id: int) -> dict[str, Any]:
+        return await self.request("queue_position", order_id=order_id)
+
+    async def subscribe(self, channel: str, market: str) -> dict[str, Any]:
+        return await self.request("subscribe", channel=channel, market=market)
+
+    async def unsubscribe(self, channel: str, market: str) -> dict[str, Any]:
+        return await self.request("unsubscribe", channel=channel, market=market)
+
+    async def deposit(self, asset: str, amount: Any, user: str | None = None) -> dict[str, Any]:
+        return await self.request("deposit", asset=asset, amount=_text(amount), user=user)
+
+    async def withdraw(self, asset: str, amount: Any, user: str | None = None) -> dict[str, Any]:
+        return await self.request("withdraw", asset=asset, amount=_text(amount), user=user)
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.request("stats")
+
+    # -- pushed events ------------------------------------------------------------------
+
+    def pending_events(self) -> list[dict[str, Any]]:
+        """Every event received so far and not yet taken, without waiting."""
+        out = []
+        while self._events and self._events[0] is not _CLOSED:
+            out.append(self._events.popleft())
+        if not self._events:
+            self._event_ready.clear()
+        return out
+
+    async def next_event(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The next pushed message, or None when the connection has closed."""
+        while not self._events:
+            self._event_ready.clear()
+            if timeout is None:
+                await self._event_ready.wait()
+            else:
+                await asyncio.wait_for(self._event_ready.wait(), timeout)
+        item = self._events[0]
+        if item is _CLOSED:
+            return None
+        self._events.popleft()
+        return item  # type: ignore[no-any-return]
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Async iterator over pushed messages; ends when the connection closes."""
+        while True:
+            event = await self.next_event()
+            if event is None:
+                return
+            yield event
+
+
+def _text(value: Any) -> Any:
+    """Numbers go out as decimal strings; a float is written by its shortest repr."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        raise TypeError("a boolean is not a number")
+    if isinstance(value, (int, float)):
+        return repr(value) if isinstance(value, float) else str(value)
+    return str(value)  # Decimal and friends
