@@ -1,18 +1,46 @@
 # Two commands do all the set-up on a fresh machine: `make run` and `make test`.
+# The engine's core modules are compiled with mypyc when possible (NATIVE=0 to skip);
+# if compiling fails the same code runs as plain Python and a warning says so.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+NATIVE ?= 1
+NATIVE_SRC := exchange/types.py exchange/book.py exchange/accounts.py exchange/engine.py
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench native pure clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,native]'
 	touch $(STAMP)
 
+# Compile when a core module has no compiled twin or its source is newer than it.
 setup: $(STAMP)
+	@if [ "$(NATIVE)" = "0" ]; then \
+		rm -f exchange/*.so *__mypyc*.so; echo "engine: plain Python (NATIVE=0)"; \
+	else \
+		need=0; \
+		for f in $(NATIVE_SRC); do \
+			so=$$(ls $${f%.py}.*.so 2>/dev/null | head -n 1); \
+			if [ -z "$$so" ] || [ "$$f" -nt "$$so" ]; then need=1; fi; \
+		done; \
+		if [ $$need = 1 ]; then \
+			mkdir -p build; \
+			if $(VENV)/bin/mypyc $(NATIVE_SRC) > build/native.log 2>&1; then \
+				touch exchange/*.so; echo "engine: compiled with mypyc"; \
+			else \
+				rm -f exchange/*.so *__mypyc*.so; \
+				echo "warning: compiling the engine with mypyc failed (see build/native.log); using plain Python"; \
+			fi; \
+		fi; \
+	fi
+
+native: setup
+
+pure:
+	$(MAKE) NATIVE=0 setup
 
 run: setup
 	$(PY) run/start_engine.py $(ARGS)
@@ -24,4 +52,4 @@ bench: setup
 	$(PY) bench/bench_engine.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) build .pytest_cache .hypothesis exchange/*.so *__mypyc*.so

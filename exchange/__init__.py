@@ -1,0 +1,51 @@
+"""The exchange: engine core (sans-I/O), wire protocol, gateway and server.
+
+The core modules may be compiled with mypyc (``make``); a compiled module older than its
+source is stale, and the compiled modules are then removed here before anything imports
+them, so an edited engine always runs as the code on disk says (as plain Python until
+``make`` compiles it again).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _drop_stale_native_modules() -> list[str]:
+    """If any compiled core module is older than its source, remove them all.
+
+    All of them, not just the stale one: a mix of compiled and plain modules works but is
+    slower than either. ``make`` compiles them again.
+    """
+    here = Path(__file__).resolve().parent
+    compiled = list(here.glob("*.so"))
+    stale = []
+    for path in compiled:
+        source = here / (path.name.split(".", 1)[0] + ".py")
+        try:
+            if source.exists() and source.stat().st_mtime > path.stat().st_mtime:
+                stale.append(source.name)
+        except OSError:
+            pass
+    if stale:
+        for path in compiled:
+            try:
+                path.unlink()
+            except OSError:
+                pass
+    return stale
+
+
+STALE_NATIVE_DROPPED = _drop_stale_native_modules()
+
+
+def native_modules() -> list[str]:
+    """Which core modules are running compiled (for logs and benchmarks)."""
+    import importlib
+
+    names = []
+    for name in ("types", "book", "accounts", "engine"):
+        module = importlib.import_module(f"exchange.{name}")
+        if not str(module.__file__).endswith(".py"):
+            names.append(name)
+    return names

@@ -119,7 +119,7 @@ class OrderBook:
     def add(self, order: Order) -> int:
         """Append ``order`` at the back of its level; returns the level's new total."""
         levels = self.bids if order.side is _BUY else self.asks
-        level = levels.get(order.price)
+        level: Level | None = levels.get(order.price)
         if level is None:
             level = levels[order.price] = Level()
         level.orders[order.id] = order
@@ -129,7 +129,7 @@ class OrderBook:
     def remove(self, order: Order) -> int:
         """Take ``order`` out of its level; returns the level's new total (0: level gone)."""
         levels = self.bids if order.side is _BUY else self.asks
-        level = levels[order.price]
+        level: Level = levels[order.price]
         del level.orders[order.id]
         level.total -= order.remaining
         if not level.orders:
@@ -168,7 +168,7 @@ class OrderBook:
         Never the owner: the level-3 view is public.
         """
         def side_view(side: Side) -> list[tuple[int, int, int]]:
-            out = []
+            out: list[tuple[int, int, int]] = []
             for n, (price, level) in enumerate(self.levels(side)):
                 if depth is not None and n >= depth:
                     break
@@ -190,19 +190,20 @@ class OrderBook:
     def check_invariants(self, index: dict[int, Order]) -> None:
         """Assert the book's internal consistency; tests call it after every command."""
         for side, levels in ((Side.BUY, self.bids), (Side.SELL, self.asks)):
+            level: Level
             for price, level in levels.items():
                 assert level.orders, f"{self.symbol}: empty level {side} {price}"
                 assert level.total == sum(o.remaining for o in level.orders.values()), (
                     f"{self.symbol}: level {side} {price} total drifted"
                 )
                 last_priority = -1
-                for oid, order in level.orders.items():
-                    assert index.get(oid) is order, f"order {oid} missing from the index"
-                    assert order.side is side and order.price == price
-                    assert order.remaining > 0
-                    assert order.status in (OrderStatus.NEW, OrderStatus.PARTIALLY_FILLED)
-                    assert order.order_type is OrderType.LIMIT and order.tif is TimeInForce.GTC
-                    assert order.priority > last_priority, f"{self.symbol}: FIFO broken at {price}"
-                    last_priority = order.priority
+                for oid, queued in level.orders.items():
+                    assert index.get(oid) is queued, f"order {oid} missing from the index"
+                    assert queued.side is side and queued.price == price
+                    assert queued.remaining > 0
+                    assert queued.status in (OrderStatus.NEW, OrderStatus.PARTIALLY_FILLED)
+                    assert queued.order_type is OrderType.LIMIT and queued.tif is TimeInForce.GTC
+                    assert queued.priority > last_priority, f"{self.symbol}: FIFO broken at {price}"
+                    last_priority = queued.priority
         bid, ask = self.best_bid(), self.best_ask()
         assert bid is None or ask is None or bid < ask, f"{self.symbol}: crossed book {bid}/{ask}"

@@ -154,7 +154,7 @@ class Exchange:
         return [report]
 
     @staticmethod
-    def _reject_command(cmd: Command, order_id: int | None, reason: RejectReason) -> list[Event]:
+    def _reject_command(cmd: Command, order_id: Any, reason: RejectReason) -> list[Event]:
         name = type(cmd).__name__
         return [CommandRejected(cmd.account, name, order_id, reason, REJECT_MESSAGES[reason], cmd.ts)]
 
@@ -210,6 +210,7 @@ class Exchange:
         if side is _BUY:
             bal = per_asset.get(ms.quote) if per_asset else None
             if otype is _LIMIT:
+                assert price is not None
                 notional = price * qty * ms.qptl
                 reserve = notional - ((-notional * ms.max_bps) // BPS)
             else:
@@ -318,6 +319,8 @@ class Exchange:
         symbol = ms.symbol
         append = events.append
         orders = self.orders
+        by_account = self.open_by_account
+        max_bps = ms.max_bps
         maker_side = _SELL if buy else _BUY
         stopped = False
         while taker.remaining and levels:
@@ -365,13 +368,38 @@ class Exchange:
                 level.total -= qty
                 base_units = qty * bpl
                 if buy:
-                    self._settle_buy(taker, notional, t_fee, base_units, qptl, ms.max_bps)
-                    self._settle_sell(maker, notional, m_fee, base_units)
-                    buyer, seller = taker, maker
+                    buyer, seller, b_fee, s_fee = taker, maker, t_fee, m_fee
                 else:
-                    self._settle_buy(maker, notional, m_fee, base_units, qptl, ms.max_bps)
-                    self._settle_sell(taker, notional, t_fee, base_units)
-                    buyer, seller = maker, taker
+                    buyer, seller, b_fee, s_fee = maker, taker, m_fee, t_fee
+                # Settlement (written out: it runs for every fill). The buyer pays notional
+                # and fee from its reservation and keeps exactly what its remainder can still
+                # cost at its limit; the surplus (better price, smaller fee) is released.
+                bal = buyer.quote_bal
+                paid = notional + b_fee
+                bal.sold += notional
+                bal.fees += b_fee
+                locked = buyer.locked - paid
+                if buyer.order_type is _LIMIT:
+                    rest = buyer.price * buyer.remaining * qptl  # type: ignore[operator]
+                    need = rest - (-(buyer.fee_basis + rest * max_bps) // BPS) - buyer.fee_paid
+                    bal.available += locked - need
+                    bal.locked -= paid + locked - need
+                    locked = need
+                else:
+                    bal.locked -= paid
+                buyer.locked = locked
+                bal = buyer.base_bal
+                bal.available += base_units
+                bal.bought += base_units
+                # The seller delivers its reserved base and receives the notional less its fee.
+                bal = seller.base_bal
+                bal.locked -= base_units
+                bal.sold += base_units
+                seller.locked -= base_units
+                bal = seller.quote_bal
+                bal.available += notional - s_fee
+                bal.bought += notional
+                bal.fees += s_fee
                 fee_bal.available += t_fee + m_fee
                 trade_id = self.next_trade_id
                 self.next_trade_id = trade_id + 1
@@ -382,7 +410,7 @@ class Exchange:
                     maker.status = _FILLED
                     queue.popitem(last=False)
                     del orders[maker.id]
-                    del self.open_by_account[maker.account][maker.id]
+                    del by_account[maker.account][maker.id]
                 append(ExecReport(
                     _X_TRADE, taker.id, account, symbol, taker.side, taker.order_type, taker.tif,
                     taker.client_order_id, taker.price, taker.qty, taker.filled, taker.remaining,
@@ -430,42 +458,6 @@ class Exchange:
                 hi = mid
         return lo
 
-    @staticmethod
-    def _settle_buy(
-        order: Order, notional: int, fee: int, base_units: int, qptl: int, max_bps: int,
-    ) -> None:
-        """The buyer pays notional + fee from its reservation, receives base, frees the surplus."""
-        quote = order.quote_bal
-        paid = notional + fee
-        quote.locked -= paid
-        quote.sold += notional
-        quote.fees += fee
-        locked = order.locked - paid
-        if order.order_type is _LIMIT:
-            # Keep exactly what the remainder can still cost at its limit, release the rest.
-            rest = order.price * order.remaining * qptl
-            need = rest - (-(order.fee_basis + rest * max_bps) // BPS) - order.fee_paid
-            if locked != need:
-                quote.locked -= locked - need
-                quote.available += locked - need
-                locked = need
-        order.locked = locked
-        base = order.base_bal
-        base.available += base_units
-        base.bought += base_units
-
-    @staticmethod
-    def _settle_sell(order: Order, notional: int, fee: int, base_units: int) -> None:
-        """The seller delivers locked base and receives the notional less its fee."""
-        base = order.base_bal
-        base.locked -= base_units
-        base.sold += base_units
-        order.locked -= base_units
-        quote = order.quote_bal
-        quote.available += notional - fee
-        quote.bought += notional
-        quote.fees += fee
-
     # ------------------------------------------------------------------ order exits
 
     def _rest(self, order: Order, ms: MarketState, events: list[Event], ts: int) -> None:
@@ -486,7 +478,7 @@ class Exchange:
             by_account = self.open_by_account[order.account] = {}
         by_account[oid] = order
         book.seq += 1
-        events.append(BookDelta(ms.symbol, book.seq, order.side, price, level.total, ts))
+        events.append(BookDelta(ms.symbol, book.seq, order.side, price, level.total, ts))  # type: ignore[arg-type]  # resting: has a price
 
     def _unindex(self, order: Order) -> None:
         del self.orders[order.id]
@@ -557,7 +549,7 @@ class Exchange:
                 order.tif, order.client_order_id, price, order.qty, order.filled,
                 order.remaining, order.cost, _CANCELED, ts,
             ),
-            BookDelta(ms.symbol, book.seq, order.side, price, total, ts),
+            BookDelta(ms.symbol, book.seq, order.side, price, total, ts),  # type: ignore[arg-type]
         ]
 
     # ------------------------------------------------------------------ modify
@@ -619,9 +611,11 @@ class Exchange:
         lock.locked += extra
         order.locked = need
         events.append(self._report(_X_REPLACED, order, ts))
-        if not keeps_priority or remaining != old_remaining:
+        # A larger quantity at the same price goes to the back of the same level: the
+        # resting delta below reports that level once, with its final total.
+        if (not keeps_priority and price != old_price) or (keeps_priority and remaining != old_remaining):
             book.seq += 1
-            events.append(BookDelta(ms.symbol, book.seq, order.side, old_price, total, ts))
+            events.append(BookDelta(ms.symbol, book.seq, order.side, old_price, total, ts))  # type: ignore[arg-type]
         if keeps_priority:
             return events
         lo, hi = (0, price) if buy else (price, NO_LIMIT)
@@ -709,6 +703,7 @@ class Exchange:
             assert self.open_by_account[order.account][order.id] is order
             asset = ms.quote if order.side is _BUY else ms.base
             if order.side is _BUY:
+                assert order.price is not None
                 rest = order.price * order.remaining * ms.qptl
                 need = rest - (-(order.fee_basis + rest * ms.max_bps) // BPS) - order.fee_paid
             else:

@@ -347,6 +347,8 @@ class Gateway:
             self._ops[op](session, msg, rid)
         except ProtocolError as exc:
             extra = {"field": exc.field} if exc.field else {}
+            if rid is None:
+                rid = exc.rid
             session.send_msg(error_message(exc.code, exc.message, rid, **extra))
         except Exception:  # a bug must not take the exchange down; the client gets told
             log.exception("internal error handling a request from %s", session.peer)
@@ -370,7 +372,9 @@ class Gateway:
         user = user_name(msg)
         if session.user is not None:
             if session.user == user:
-                self._reply(session, rid, {"type": "logged_in", "user": user, "funded": False})
+                self._reply(session, rid, {
+                    "type": "logged_in", "user": user, "funded": False, "admin": session.admin,
+                })
                 return
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"this session is already logged in as {session.user}")
         admin = False
@@ -451,6 +455,8 @@ class Gateway:
 
     def op_orders(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
         market = msg.get("market")
+        if market is not None and type(market) is not str:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "'market' must be a string", "market")
         if market is not None and market not in self.config.markets:
             raise ProtocolError(ErrorCode.UNKNOWN_MARKET, f"no market {str(market)[:40]!r}", "market")
         orders = self.engine.open_orders(session.user, market)  # type: ignore[arg-type]

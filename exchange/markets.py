@@ -36,6 +36,7 @@ from exchange.types import RejectReason
 MAX_WHOLE_UNITS = 10**12
 MAX_TEXT_LENGTH = 40
 BPS = 10_000
+_POW10 = [10**i for i in range(64)]  # powers of ten as ints (``10**n`` is typed as Any)
 MAX_FEE_BPS = 1_000
 
 
@@ -146,7 +147,7 @@ class Asset:
             digits, scale = split_decimal(value)
         except ValueError as exc:
             raise InvalidValue(RejectReason.INVALID_AMOUNT, f"amount {value!r}: {exc}") from None
-        units, rest = divmod(digits * 10**self.decimals, 10**scale)
+        units, rest = divmod(digits * _POW10[self.decimals], _POW10[scale])
         if rest or units <= 0:
             raise InvalidValue(
                 RejectReason.INVALID_AMOUNT,
@@ -234,7 +235,7 @@ class Market:
             digits, scale = split_decimal(value)
         except ValueError as exc:
             raise InvalidValue(RejectReason.INVALID_PRICE, f"price {value!r}: {exc}") from None
-        ticks, rest = divmod(digits * 10**self.tick_decimals, 10**scale * self.tick_mantissa)
+        ticks, rest = divmod(digits * _POW10[self.tick_decimals], _POW10[scale] * self.tick_mantissa)
         if rest or ticks <= 0:
             raise InvalidValue(
                 RejectReason.INVALID_PRICE,
@@ -247,7 +248,7 @@ class Market:
             digits, scale = split_decimal(value)
         except ValueError as exc:
             raise InvalidValue(RejectReason.INVALID_QUANTITY, f"quantity {value!r}: {exc}") from None
-        lots, rest = divmod(digits * 10**self.lot_decimals, 10**scale * self.lot_mantissa)
+        lots, rest = divmod(digits * _POW10[self.lot_decimals], _POW10[scale] * self.lot_mantissa)
         if rest or lots <= 0:
             raise InvalidValue(
                 RejectReason.INVALID_QUANTITY,
@@ -328,6 +329,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
+def _bps(value: Any) -> int:
+    """Fee rates are whole basis points; anything else is refused when the market is built."""
+    return value  # type: ignore[no-any-return]
+
+
 def build_config(data: dict[str, Any]) -> MarketConfig:
     """Validate a markets definition (the shape of ``DEFAULT_CONFIG``) and build it."""
     if not isinstance(data, dict):
@@ -380,8 +386,8 @@ def build_config(data: dict[str, Any]) -> MarketConfig:
                     None if raw.get("reference_price") is None
                     else decimal_text(raw["reference_price"], f"{symbol}: reference_price")
                 ),
-                maker_fee_bps=raw.get("maker_fee_bps", fees.get("maker_fee_bps", 1)),
-                taker_fee_bps=raw.get("taker_fee_bps", fees.get("taker_fee_bps", 2)),
+                maker_fee_bps=_bps(raw.get("maker_fee_bps", fees.get("maker_fee_bps", 1))),
+                taker_fee_bps=_bps(raw.get("taker_fee_bps", fees.get("taker_fee_bps", 2))),
             )
         except KeyError as exc:
             raise ConfigError(f"{symbol}: missing field {exc}") from None

@@ -77,11 +77,12 @@ class ErrorCode:
 class ProtocolError(Exception):
     """A request the server answers with ``error``; nothing changed."""
 
-    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+    def __init__(self, code: str, message: str, field: str | None = None, rid: Any = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.field = field
+        self.rid = rid  # the request's id, when the error is raised before the caller has it
 
 
 class OrderRejected(Exception):
@@ -115,9 +116,9 @@ def decode_request(line: bytes) -> dict[str, Any]:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'id' must be a string or an integer", "id")
     op = msg.get("op")
     if type(op) is not str:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "'op' is missing or not a string", "op")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'op' is missing or not a string", "op", rid)
     if op not in OPS:
-        raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {op[:40]!r}")
+        raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {op[:40]!r}", "op", rid)
     return msg
 
 
@@ -203,7 +204,8 @@ def order_command(config: MarketConfig, msg: dict[str, Any], account: str, ts: i
     symbol = msg.get("market")
     if type(symbol) is not str:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'market' is required", "market")
-    side = _SIDES.get(msg.get("side"))  # type: ignore[arg-type]
+    raw_side = msg.get("side")
+    side = _SIDES.get(raw_side) if type(raw_side) is str else None
     if side is None:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'side' must be buy|sell", "side")
     raw_type = msg.get("type", "limit")
@@ -407,10 +409,12 @@ class Formatter:
 
     def rejected(self, msg: dict[str, Any], account: str, reason: RejectReason, text: str, ts: int) -> dict[str, Any]:
         """An ``exec`` rejected for an order refused before the engine (off-grid price...)."""
+        order_type = msg.get("type", "limit")
         out: dict[str, Any] = {
             "type": "exec", "exec_type": "rejected", "order_id": None,
-            "market": msg.get("market"), "side": msg.get("side"),
-            "order_type": msg.get("type", "limit"), "tif": msg.get("tif"),
+            "market": msg.get("market"), "side": msg.get("side"), "order_type": order_type,
+            # the request's tif, or the default it would have had (as the engine reports it)
+            "tif": msg.get("tif") or ("ioc" if order_type == "market" else "gtc"),
             "price": None, "qty": None, "filled_qty": "0", "remaining_qty": "0",
             "avg_price": None, "status": "rejected", "ts": ts, "reason": reason.value,
             "message": text,

@@ -13,7 +13,7 @@ times as much to construct.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 
 class Side(StrEnum):
@@ -100,22 +100,24 @@ REJECT_MESSAGES: dict[RejectReason, str] = {
 
 # --------------------------------------------------------------------------- commands
 
+# Fields the engine validates itself are typed loosely on purpose: a float quantity or an
+# unknown side must reach the engine and be *rejected* (a typed reason, state unchanged),
+# whether the engine runs as plain Python or compiled, where a declared ``int`` would make
+# the constructor raise instead.
+Unchecked = Any
+
 
 class Command:
     """Base of every command. ``ts`` is integer nanoseconds given by the caller."""
 
     __slots__ = ("ts", "account")
+    FIELDS: ClassVar[tuple[str, ...]] = ('ts', 'account')
+    ts: int
+    account: str
 
     def to_dict(self) -> dict[str, Any]:
         """Plain fields for journals and tests (enums stay as their string values)."""
-        return {"cmd": type(self).__name__, **{k: getattr(self, k) for k in _all_slots(type(self))}}
-
-
-def _all_slots(cls: type) -> list[str]:
-    names: list[str] = []
-    for klass in reversed(cls.__mro__):
-        names.extend(getattr(klass, "__slots__", ()))
-    return names
+        return {"cmd": type(self).__name__, **{k: getattr(self, k) for k in self.FIELDS}}
 
 
 class PlaceOrder(Command):
@@ -123,20 +125,24 @@ class PlaceOrder(Command):
         "market", "side", "order_type", "tif", "price", "qty",
         "post_only", "stp", "client_order_id",
     )
+    FIELDS: ClassVar[tuple[str, ...]] = (
+        'ts', 'account', 'market', 'side', 'order_type', 'tif', 'price', 'qty', 'post_only', 'stp',
+        'client_order_id',
+    )
 
     def __init__(
         self,
         ts: int,
         account: str,
-        market: str,
-        side: Side,
-        order_type: OrderType,
-        qty: int,
-        price: int | None = None,
-        tif: TimeInForce = TimeInForce.GTC,
-        post_only: bool = False,
-        stp: STPMode | None = None,
-        client_order_id: str | None = None,
+        market: Unchecked,  # str
+        side: Unchecked,  # Side
+        order_type: Unchecked,  # OrderType
+        qty: Unchecked,  # int, lots
+        price: Unchecked = None,  # int ticks, None for a market order
+        tif: Unchecked = TimeInForce.GTC,
+        post_only: Unchecked = False,  # bool
+        stp: Unchecked = None,  # STPMode, None for the exchange default
+        client_order_id: Unchecked = None,  # str or None
     ) -> None:
         self.ts = ts
         self.account = account
@@ -153,8 +159,9 @@ class PlaceOrder(Command):
 
 class CancelOrder(Command):
     __slots__ = ("order_id",)
+    FIELDS: ClassVar[tuple[str, ...]] = ('ts', 'account', 'order_id')
 
-    def __init__(self, ts: int, account: str, order_id: int) -> None:
+    def __init__(self, ts: int, account: str, order_id: Unchecked) -> None:
         self.ts = ts
         self.account = account
         self.order_id = order_id
@@ -164,10 +171,11 @@ class ModifyOrder(Command):
     """Amend: ``qty`` is the order's new *total* quantity (as FIX OrderQty), not the remainder."""
 
     __slots__ = ("order_id", "price", "qty")
+    FIELDS: ClassVar[tuple[str, ...]] = ('ts', 'account', 'order_id', 'price', 'qty')
 
     def __init__(
-        self, ts: int, account: str, order_id: int, price: int | None = None,
-        qty: int | None = None,
+        self, ts: int, account: str, order_id: Unchecked, price: Unchecked = None,
+        qty: Unchecked = None,
     ) -> None:
         self.ts = ts
         self.account = account
@@ -178,8 +186,9 @@ class ModifyOrder(Command):
 
 class Deposit(Command):
     __slots__ = ("asset", "amount")
+    FIELDS: ClassVar[tuple[str, ...]] = ('ts', 'account', 'asset', 'amount')
 
-    def __init__(self, ts: int, account: str, asset: str, amount: int) -> None:
+    def __init__(self, ts: int, account: str, asset: Unchecked, amount: Unchecked) -> None:
         self.ts = ts
         self.account = account
         self.asset = asset
@@ -188,8 +197,9 @@ class Deposit(Command):
 
 class Withdraw(Command):
     __slots__ = ("asset", "amount")
+    FIELDS: ClassVar[tuple[str, ...]] = ('ts', 'account', 'asset', 'amount')
 
-    def __init__(self, ts: int, account: str, asset: str, amount: int) -> None:
+    def __init__(self, ts: int, account: str, asset: Unchecked, amount: Unchecked) -> None:
         self.ts = ts
         self.account = account
         self.asset = asset
@@ -201,16 +211,17 @@ class Withdraw(Command):
 
 class Event:
     __slots__ = ()
+    FIELDS: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"event": type(self).__name__, **{k: getattr(self, k) for k in _all_slots(type(self))}}
+        return {"event": type(self).__name__, **{k: getattr(self, k) for k in self.FIELDS}}
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in _all_slots(type(self)))
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.FIELDS)
         return f"{type(self).__name__}({fields})"
 
     def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self.to_dict() == other.to_dict()  # type: ignore[union-attr]
+        return isinstance(other, Event) and type(self) is type(other) and self.to_dict() == other.to_dict()
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -229,19 +240,24 @@ class ExecReport(Event):
         "client_order_id", "price", "qty", "filled", "remaining", "cost", "status", "ts",
         "trade_id", "last_price", "last_qty", "liquidity", "fee", "reason",
     )
+    FIELDS: ClassVar[tuple[str, ...]] = (
+        'exec_type', 'order_id', 'account', 'market', 'side', 'order_type', 'tif',
+        'client_order_id', 'price', 'qty', 'filled', 'remaining', 'cost', 'status', 'ts',
+        'trade_id', 'last_price', 'last_qty', 'liquidity', 'fee', 'reason',
+    )
 
     def __init__(
         self,
         exec_type: ExecType,
         order_id: int | None,
         account: str,
-        market: str,
-        side: Side,
-        order_type: OrderType,
-        tif: TimeInForce,
-        client_order_id: str | None,
-        price: int | None,
-        qty: int,
+        market: Unchecked,  # str; the fields to ``qty`` echo the command as given when it
+        side: Unchecked,  # is rejected before validation (an unknown side, a float price)
+        order_type: Unchecked,
+        tif: Unchecked,
+        client_order_id: Unchecked,
+        price: Unchecked,
+        qty: Unchecked,
         filled: int,
         remaining: int,
         cost: int,
@@ -284,6 +300,10 @@ class Trade(Event):
         "market", "trade_id", "price", "qty", "taker_side", "buy_order_id", "sell_order_id",
         "buyer", "seller", "maker_fee", "taker_fee", "ts",
     )
+    FIELDS: ClassVar[tuple[str, ...]] = (
+        'market', 'trade_id', 'price', 'qty', 'taker_side', 'buy_order_id', 'sell_order_id',
+        'buyer', 'seller', 'maker_fee', 'taker_fee', 'ts',
+    )
 
     def __init__(
         self, market: str, trade_id: int, price: int, qty: int, taker_side: Side,
@@ -308,6 +328,7 @@ class BookDelta(Event):
     """A price level's new total quantity (0: the level is gone); ``seq`` is per market, +1 each."""
 
     __slots__ = ("market", "seq", "side", "price", "qty", "ts")
+    FIELDS: ClassVar[tuple[str, ...]] = ('market', 'seq', 'side', 'price', 'qty', 'ts')
 
     def __init__(self, market: str, seq: int, side: Side, price: int, qty: int, ts: int) -> None:
         self.market = market
@@ -322,6 +343,7 @@ class BalanceChanged(Event):
     """Sent after a deposit or withdrawal; trades are reported through ``ExecReport``."""
 
     __slots__ = ("account", "asset", "available", "locked", "ts")
+    FIELDS: ClassVar[tuple[str, ...]] = ('account', 'asset', 'available', 'locked', 'ts')
 
     def __init__(self, account: str, asset: str, available: int, locked: int, ts: int) -> None:
         self.account = account
@@ -335,9 +357,12 @@ class CommandRejected(Event):
     """A cancel, modify, deposit or withdraw that was refused; nothing changed."""
 
     __slots__ = ("account", "command", "order_id", "reason", "message", "ts")
+    FIELDS: ClassVar[tuple[str, ...]] = (
+        'account', 'command', 'order_id', 'reason', 'message', 'ts',
+    )
 
     def __init__(
-        self, account: str, command: str, order_id: int | None, reason: RejectReason,
+        self, account: str, command: str, order_id: Unchecked, reason: RejectReason,
         message: str, ts: int,
     ) -> None:
         self.account = account
