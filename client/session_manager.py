@@ -1,0 +1,382 @@
+"""The user's own order history: ``<data-dir>/sessions/orders_<user>.json``.
+
+Theory of operation
+-------------------
+The exchange is the truth; this file is a diary of what it told us. Every execution report
+the client receives (the ``exec`` dicts of ``ExchangeClient.events()``) goes to ``apply``,
+which creates the order's record on its first report (normally ``new``, status NEW) and
+afterwards copies the cumulative state each report carries (filled, remaining, average
+price, status). Nothing here computes a fill or guesses a status: a report carries the
+order's whole state after the change, so the record is simply the last word the exchange
+said, plus the list of fills it reported.
+
+Statuses are stored in upper case (NEW, PARTIALLY_FILLED, FILLED, CANCELED, EXPIRED,
+REJECTED). Two rules keep a late or repeated report from rewriting history: a report
+older than the record's last one is ignored, and a final status (FILLED, CANCELED,
+EXPIRED, REJECTED) is never replaced by an open one. A fill is recorded once per
+``trade_id``.
+
+The file is rewritten atomically after each change (a temporary file in the same
+directory, flush, fsync, ``os.replace``, then fsync of the directory), so a crash leaves
+either the old file or the new one, never half of one. A file that cannot be read as
+history is renamed aside (``orders_<user>.json.corrupt-<time>``) with a warning and a
+fresh history is started; it is never deleted.
+
+File layout::
+
+    {"version": 1, "user": "alice", "orders": [{order_id, client_order_id, market, side,
+     type, tif, price, qty, filled, remaining, avg_price, status, last_exec_type,
+     created_ts, updated_ts, created_at, updated_at, fills: [...], reason?, message?}, ...]}
+
+Quantities and prices are the exchange's decimal strings; ``*_ts`` are the exchange's
+integer nanosecond timestamps and ``*_at`` the same instants in ISO 8601 (UTC) for people.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+log = logging.getLogger("client.session")
+
+FORMAT_VERSION = 1
+
+# Wire status -> stored status.
+STATUSES = {
+    "new": "NEW",
+    "partially_filled": "PARTIALLY_FILLED",
+    "filled": "FILLED",
+    "canceled": "CANCELED",
+    "expired": "EXPIRED",
+    "rejected": "REJECTED",
+}
+FINAL = frozenset({"FILLED", "CANCELED", "EXPIRED", "REJECTED"})
+OPEN = frozenset({"NEW", "PARTIALLY_FILLED"})
+
+
+class SessionError(Exception):
+    """The history file cannot be used at all (unsafe user name, unwritable directory)."""
+
+
+def history_path(data_dir: str | os.PathLike[str], user: str) -> Path:
+    """Where ``user``'s history lives under ``data_dir``."""
+    if not user or any(c in user for c in "/\\\x00") or user in (".", ".."):
+        raise SessionError(f"user name {user!r} cannot be used in a file name")
+    return Path(data_dir) / "sessions" / f"orders_{user}.json"
+
+
+def _iso(ts: Any) -> str | None:
+    if type(ts) is not int:
+        return None
+    return datetime.fromtimestamp(ts / 1e9, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+class SessionManager:
+    """One user's order history, loaded on construction and saved after every change.
+
+    ``warnings`` lists what went wrong while loading (a corrupt file set aside), for the
+    UI to show; the same text is logged.
+    """
+
+    def __init__(self, user: str, data_dir: str | os.PathLike[str] = "data", autosave: bool = True) -> None:
+        self.user = user
+        self.path = history_path(data_dir, user)
+        self.autosave = autosave
+        self.warnings: list[str] = []
+        self.orders: list[dict[str, Any]] = []
+        self._by_id: dict[int, dict[str, Any]] = {}
+        self._by_coid: dict[str, dict[str, Any]] = {}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SessionError(f"cannot create {self.path.parent}: {exc.strerror or exc}") from None
+        self._remove_stale_temp_files()
+        self.load()
+
+    # -- loading and saving -------------------------------------------------------------
+
+    def load(self) -> None:
+        """Read the file (creating it if missing); set a corrupt one aside."""
+        self.orders, self._by_id, self._by_coid = [], {}, {}
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            self.save()
+            return
+        except OSError as exc:
+            raise SessionError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        try:
+            orders = self._parse(raw)
+        except ValueError as exc:
+            self._set_aside(str(exc))
+            self.save()
+            return
+        for record in orders:
+            self._index(record)
+            self.orders.append(record)
+
+    def _parse(self, raw: bytes) -> list[dict[str, Any]]:
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("orders"), list):
+            raise ValueError("not an order history (no 'orders' list)")
+        orders = data["orders"]
+        if not all(isinstance(r, dict) for r in orders):
+            raise ValueError("an entry of 'orders' is not an object")
+        return orders
+
+    def _set_aside(self, why: str) -> None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+        try:
+            os.replace(self.path, target)
+        except OSError as exc:
+            raise SessionError(f"{self.path} is unreadable ({why}) and cannot be moved aside: "
+                               f"{exc.strerror or exc}") from None
+        message = f"order history {self.path} was unreadable ({why}); kept it as {target.name} and started a new one"
+        log.warning("%s", message)
+        self.warnings.append(message)
+
+    def _remove_stale_temp_files(self) -> None:
+        # A temporary file left behind is a write that never reached os.replace: the
+        # real file still holds the previous complete version, so the leftover is junk.
+        for leftover in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            try:
+                leftover.unlink()
+            except OSError:
+                pass
+
+    def save(self) -> None:
+        """Write the whole history atomically: temp file, flush, fsync, rename, fsync dir."""
+        data = orjson.dumps(
+            {"version": FORMAT_VERSION, "user": self.user, "orders": self.orders},
+            option=orjson.OPT_INDENT_2,
+        ) + b"\n"
+        directory = self.path.parent
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        try:  # make the rename itself durable
+            dir_fd = os.open(directory, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(dir_fd)
+        except OSError:
+            pass
+        finally:
+            os.close(dir_fd)
+
+    # -- recording reports ----------------------------------------------------------------
+
+    def apply(self, report: dict[str, Any]) -> dict[str, Any] | None:
+        """Record one execution report; returns the order's record, or None if ignored.
+
+        Anything that is not an ``exec`` report with a known status is ignored, as is a
+        report older than the last one recorded for the order or one that would reopen a
+        finished order.
+        """
+        if report.get("type", "exec") != "exec":
+            return None
+        status = STATUSES.get(report.get("status"))  # type: ignore[arg-type]
+        if status is None:
+            return None
+        record = self._find(report)
+        ts = report.get("ts")
+        if record is None:
+            record = self._new_record(report, status)
+            self.orders.append(record)
+        else:
+            last = record.get("updated_ts")
+            if type(ts) is int and type(last) is int and ts < last:
+                return None
+            if record.get("status") in FINAL and status not in FINAL:
+                return None
+            if report.get("exec_type") == "trade" and self._has_fill(record, report.get("trade_id")):
+                return None
+            self._update(record, report, status)
+        self._index(record)
+        if self.autosave:
+            self.save()
+        return record
+
+    def _find(self, report: dict[str, Any]) -> dict[str, Any] | None:
+        oid = report.get("order_id")
+        coid = report.get("client_order_id")
+        if oid is not None:
+            record = self._by_id.get(oid)
+            if record is not None and not self._reused_id(record, report):
+                return record
+        if coid is not None:
+            record = self._by_coid.get(coid)
+            # The same client id on an order the exchange numbered differently is
+            # another order (client ids are the client's, and may repeat).
+            if record is not None and (oid is None or record.get("order_id") in (None, oid)):
+                return record
+        return None
+
+    @staticmethod
+    def _reused_id(record: dict[str, Any], report: dict[str, Any]) -> bool:
+        """Whether a report names a recorded order id but is about another order.
+
+        An exchange restarted without its snapshot numbers orders from 1 again, so an id
+        alone does not identify an order across runs: a ``new`` report starts an order (a
+        different arrival time means a different order), and two different client order
+        ids are two different orders.
+        """
+        coid, known = report.get("client_order_id"), record.get("client_order_id")
+        if coid is not None and known is not None and coid != known:
+            return True
+        ts, created = report.get("ts"), record.get("created_ts")
+        return (report.get("exec_type") == "new" and type(ts) is int and type(created) is int
+                and ts != created)
+
+    def _new_record(self, report: dict[str, Any], status: str) -> dict[str, Any]:
+        ts = report.get("ts")
+        record: dict[str, Any] = {
+            "order_id": report.get("order_id"),
+            "client_order_id": report.get("client_order_id"),
+            "market": report.get("market"),
+            "side": report.get("side"),
+            "type": report.get("order_type"),
+            "tif": report.get("tif"),
+            "price": report.get("price"),
+            "qty": report.get("qty"),
+            "filled": report.get("filled_qty"),
+            "remaining": report.get("remaining_qty"),
+            "avg_price": report.get("avg_price"),
+            "status": status,
+            "last_exec_type": report.get("exec_type"),
+            "created_ts": ts,
+            "updated_ts": ts,
+            "created_at": _iso(ts),
+            "updated_at": _iso(ts),
+            "fills": [],
+        }
+        self._note_extras(record, report)
+        return record
+
+    def _update(self, record: dict[str, Any], report: dict[str, Any], status: str) -> None:
+        if record.get("order_id") is None and report.get("order_id") is not None:
+            record["order_id"] = report["order_id"]
+        for key, field in (("price", "price"), ("qty", "qty"), ("filled", "filled_qty"),
+                           ("remaining", "remaining_qty"), ("avg_price", "avg_price"),
+                           ("tif", "tif"), ("type", "order_type")):
+            if field in report and (report[field] is not None or key in ("price", "avg_price")):
+                record[key] = report[field]
+        record["status"] = status
+        record["last_exec_type"] = report.get("exec_type")
+        ts = report.get("ts")
+        if type(ts) is int:
+            record["updated_ts"] = ts
+            record["updated_at"] = _iso(ts)
+        self._note_extras(record, report)
+
+    @staticmethod
+    def _note_extras(record: dict[str, Any], report: dict[str, Any]) -> None:
+        if report.get("exec_type") == "trade" and report.get("trade_id") is not None:
+            record.setdefault("fills", []).append({
+                "trade_id": report.get("trade_id"),
+                "price": report.get("last_price"),
+                "qty": report.get("last_qty"),
+                "liquidity": report.get("liquidity"),
+                "fee": report.get("fee"),
+                "fee_asset": report.get("fee_asset"),
+                "ts": report.get("ts"),
+            })
+        if report.get("reason") is not None:
+            record["reason"] = report.get("reason")
+            record["message"] = report.get("message")
+
+    @staticmethod
+    def _has_fill(record: dict[str, Any], trade_id: Any) -> bool:
+        return trade_id is not None and any(f.get("trade_id") == trade_id for f in record.get("fills", ()))
+
+    def _index(self, record: dict[str, Any]) -> None:
+        oid = record.get("order_id")
+        if type(oid) is int:
+            self._by_id[oid] = record
+        coid = record.get("client_order_id")
+        if isinstance(coid, str):
+            self._by_coid[coid] = record
+
+    # -- reconciliation with the exchange's open orders ---------------------------------
+
+    def sync_open_orders(self, open_orders: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Take in the exchange's list of this user's open orders (the ``orders`` op).
+
+        Open orders missing from the history (placed elsewhere, or before the file
+        existed) are added and known ones refreshed, from what the exchange says. Returns
+        the records the history still calls open but the exchange no longer lists: their
+        end was never reported to this client, so their status is left alone for the
+        caller to mention rather than guessed.
+        """
+        listed = set()
+        changed = False
+        for order in open_orders:
+            oid = order.get("order_id")
+            if type(oid) is not int:
+                continue
+            listed.add(oid)
+            status = STATUSES.get(order.get("status"))  # type: ignore[arg-type]
+            if status is None:
+                continue
+            record = self._by_id.get(oid)
+            if record is not None and self._reused_id(record, {**order, "exec_type": "new"}):
+                record = None  # an id reused by a restarted exchange: another order
+            if record is None:
+                record = self._new_record({**order, "exec_type": None}, status)
+                self.orders.append(record)
+                self._index(record)
+                changed = True
+            elif record.get("status") not in FINAL and (
+                record.get("filled") != order.get("filled_qty") or record.get("status") != status
+                or record.get("price") != order.get("price") or record.get("qty") != order.get("qty")
+            ):
+                # The list's ts is the order's arrival, not the time of this change: keep
+                # the record's own times and last report type.
+                kept = {k: record.get(k) for k in ("updated_ts", "updated_at", "last_exec_type")}
+                self._update(record, {**order, "ts": None}, status)
+                record.update(kept)
+                changed = True
+        if changed and self.autosave:
+            self.save()
+        return [r for r in self.orders if r.get("status") in OPEN and r.get("order_id") not in listed]
+
+    # -- queries --------------------------------------------------------------------------
+
+    def get(self, order_id: int) -> dict[str, Any] | None:
+        return self._by_id.get(order_id)
+
+    def open_orders(self) -> list[dict[str, Any]]:
+        return [r for r in self.orders if r.get("status") in OPEN]
+
+    def recent(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """The last ``limit`` orders, oldest first."""
+        return list(self.orders if limit is None else self.orders[-limit:])
+
+    def __len__(self) -> int:
+        return len(self.orders)

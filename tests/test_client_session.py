@@ -1,0 +1,277 @@
+"""The order history file: created, updated report by report, reloaded, written atomically.
+
+The reports in the sequence tests are produced the way the client receives them: the real
+engine handles the commands and ``protocol.Formatter`` renders its execution reports as
+wire dicts (through a JSON round trip), so the session manager is tested on the exchange's
+own words rather than on hand-made approximations of them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from client.session_manager import SessionError, SessionManager, history_path
+from exchange.engine import Exchange
+from exchange.markets import default_config
+from exchange.protocol import Formatter
+from exchange.types import (
+    CancelOrder,
+    Deposit,
+    ExecReport,
+    ModifyOrder,
+    OrderType,
+    PlaceOrder,
+    Side,
+    TimeInForce,
+)
+
+BTC = "BTC-USD"
+
+
+class WireDesk:
+    """An engine whose execution reports come out as the dicts a client reads off the wire."""
+
+    def __init__(self) -> None:
+        self.ex = Exchange(default_config())
+        self.fmt = Formatter(self.ex.config)
+        self.clock = itertools.count(1_700_000_000_000_000_000, 1_000_000)
+        for user in ("alice", "bob"):
+            for asset, amount in (("USD", "100000"), ("BTC", "10")):
+                units = self.ex.config.assets[asset].to_units(amount)
+                self.ex.handle(Deposit(next(self.clock), user, asset, units))
+
+    def _run(self, cmd: Any, user: str) -> list[dict[str, Any]]:
+        out = []
+        for ev in self.ex.handle(cmd):
+            if isinstance(ev, ExecReport) and ev.account == user:
+                out.append(orjson.loads(orjson.dumps(self.fmt.exec_report(ev))))
+        return out
+
+    def order(self, user: str, side: str, qty: str, price: str | None, tif: str = "gtc",
+              coid: str | None = None, report_to: str | None = None) -> list[dict[str, Any]]:
+        m = self.ex.market(BTC)
+        assert m is not None
+        cmd = PlaceOrder(
+            next(self.clock), user, BTC, Side(side),
+            OrderType.LIMIT if price is not None else OrderType.MARKET, m.qty_lots(qty),
+            m.price_ticks(price) if price is not None else None,
+            TimeInForce(tif) if price is not None else TimeInForce.IOC, client_order_id=coid,
+        )
+        return self._run(cmd, report_to or user)
+
+    def cancel(self, user: str, order_id: int) -> list[dict[str, Any]]:
+        return self._run(CancelOrder(next(self.clock), user, order_id), user)
+
+    def modify(self, user: str, order_id: int, qty: str) -> list[dict[str, Any]]:
+        m = self.ex.market(BTC)
+        assert m is not None
+        return self._run(ModifyOrder(next(self.clock), user, order_id, None, m.qty_lots(qty)), user)
+
+
+def stored(path: Path) -> dict[str, Any]:
+    return orjson.loads(path.read_bytes())
+
+
+def files_in(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+# ---------------------------------------------------------------------------- creation
+
+
+def test_creates_the_file_when_missing(tmp_path: Path) -> None:
+    history = SessionManager("alice", tmp_path / "data")
+    path = tmp_path / "data" / "sessions" / "orders_alice.json"
+    assert history.path == path == history_path(tmp_path / "data", "alice")
+    assert stored(path) == {"version": 1, "user": "alice", "orders": []}
+    assert len(history) == 0 and history.warnings == []
+
+
+def test_unsafe_user_names_are_refused(tmp_path: Path) -> None:
+    for bad in ("../evil", "a/b", "a\\b", "..", ""):
+        with pytest.raises(SessionError):
+            SessionManager(bad, tmp_path)
+
+
+# ---------------------------------------------------------------------------- updates
+
+
+def test_new_partial_fill_and_fill_then_reload(tmp_path: Path) -> None:
+    desk = WireDesk()
+    history = SessionManager("alice", tmp_path)
+    [new] = desk.order("alice", "sell", "1", "100.00", coid="c-1")
+    rec = history.apply(new)
+    assert rec is not None and rec["status"] == "NEW"
+    oid = new["order_id"]
+    on_disk = stored(history.path)["orders"]
+    assert len(on_disk) == 1
+    assert {k: on_disk[0][k] for k in ("order_id", "client_order_id", "market", "side", "type", "price",
+                                       "qty", "filled", "avg_price", "status")} == {
+        "order_id": oid, "client_order_id": "c-1", "market": BTC, "side": "sell", "type": "limit",
+        "price": "100.00", "qty": "1.0000", "filled": "0.0000", "avg_price": None, "status": "NEW",
+    }
+    assert on_disk[0]["created_ts"] == new["ts"] and on_disk[0]["created_at"].startswith("2023-")
+
+    # Bob buys 0.4 then 0.6: alice's order is reported partially filled, then filled.
+    [partial] = [r for r in desk.order("bob", "buy", "0.4", "100.00", report_to="alice") if r["exec_type"] == "trade"]
+    history.apply(partial)
+    assert stored(history.path)["orders"][0]["status"] == "PARTIALLY_FILLED"
+    assert stored(history.path)["orders"][0]["filled"] == "0.4000"
+    [full] = [r for r in desk.order("bob", "buy", "0.6", "100.00", report_to="alice") if r["exec_type"] == "trade"]
+    history.apply(full)
+
+    reloaded = SessionManager("alice", tmp_path)
+    rec = reloaded.get(oid)
+    assert rec is not None
+    assert rec["status"] == "FILLED" and rec["filled"] == "1.0000" and rec["avg_price"] == "100.00"
+    assert rec["remaining"] == "0.0000" and rec["updated_ts"] == full["ts"] > rec["created_ts"]
+    assert [(f["qty"], f["price"], f["liquidity"]) for f in rec["fills"]] == [
+        ("0.4000", "100.00", "maker"), ("0.6000", "100.00", "maker"),
+    ]
+    assert reloaded.open_orders() == []
+
+
+def test_cancel_expire_reject_and_modify(tmp_path: Path) -> None:
+    desk = WireDesk()
+    history = SessionManager("alice", tmp_path)
+    [new] = desk.order("alice", "buy", "2", "90.00")
+    history.apply(new)
+    [replaced] = desk.modify("alice", new["order_id"], "1")
+    history.apply(replaced)
+    assert history.get(new["order_id"])["qty"] == "1.0000"  # type: ignore[index]
+    assert history.get(new["order_id"])["status"] == "NEW"  # type: ignore[index]
+    [canceled] = desk.cancel("alice", new["order_id"])
+    history.apply(canceled)
+
+    ioc = desk.order("alice", "buy", "1", "80.00", tif="ioc")  # nothing to buy: new, then expired
+    assert [r["exec_type"] for r in ioc] == ["new", "expired"]
+    for report in ioc:
+        history.apply(report)
+
+    [rejected] = desk.order("alice", "buy", "100000", "100.00", coid="too-big")
+    assert rejected["order_id"] is None
+    history.apply(rejected)
+
+    statuses = {(r["order_id"], r["client_order_id"]): r["status"] for r in stored(history.path)["orders"]}
+    assert statuses == {
+        (new["order_id"], None): "CANCELED",
+        (ioc[0]["order_id"], None): "EXPIRED",
+        (None, "too-big"): "REJECTED",
+    }
+    rejected_rec = SessionManager("alice", tmp_path).recent()[-1]
+    assert rejected_rec["reason"] == "insufficient_funds" and rejected_rec["message"]
+
+
+def test_late_duplicate_and_reopening_reports_change_nothing(tmp_path: Path) -> None:
+    desk = WireDesk()
+    history = SessionManager("alice", tmp_path)
+    [new] = desk.order("alice", "sell", "1", "100.00")
+    trades = [r for r in desk.order("bob", "buy", "1", "100.00", report_to="alice")]
+    [fill] = trades
+    history.apply(new)
+    history.apply(fill)
+    before = history.path.read_bytes()
+    assert history.apply(fill) is None  # the same trade twice
+    assert history.apply(new) is None  # an old report after a newer one
+    reopen = {**new, "exec_type": "replaced", "ts": fill["ts"] + 1}
+    assert history.apply(reopen) is None  # would reopen a FILLED order
+    assert history.apply({"type": "trade", "market": BTC, "trade_id": 1}) is None  # public data
+    assert history.apply({"type": "exec", "status": "mystery", "order_id": 99}) is None
+    assert history.path.read_bytes() == before
+
+
+def test_an_order_id_reused_by_a_restarted_exchange_is_another_order(tmp_path: Path) -> None:
+    first, second = WireDesk(), WireDesk()  # two exchange runs: both number from 1
+    history = SessionManager("alice", tmp_path)
+    [old] = first.order("alice", "buy", "1", "50.00")
+    history.apply(old)
+    next(second.clock)
+    [new] = second.order("alice", "buy", "2", "60.00")
+    assert new["order_id"] == old["order_id"] and new["ts"] != old["ts"]
+    history.apply(new)
+    assert [(r["order_id"], r["qty"]) for r in history.recent()] == [(1, "1.0000"), (1, "2.0000")]
+    assert history.get(1)["qty"] == "2.0000"  # type: ignore[index]
+
+
+def test_sync_open_orders_adds_unknown_and_reports_stale(tmp_path: Path) -> None:
+    desk = WireDesk()
+    history = SessionManager("alice", tmp_path)
+    [gone] = desk.order("alice", "buy", "1", "50.00")
+    history.apply(gone)
+    desk.cancel("alice", gone["order_id"])  # its cancel never reached this history
+    desk.order("alice", "buy", "3", "40.00")  # placed from elsewhere
+    listed = [orjson.loads(orjson.dumps(desk.fmt.order(o))) for o in desk.ex.open_orders("alice")]
+    stale = history.sync_open_orders(listed)
+    assert [r["order_id"] for r in stale] == [gone["order_id"]]
+    assert history.get(gone["order_id"])["status"] == "NEW"  # type: ignore[index]  # not guessed
+    added = SessionManager("alice", tmp_path).get(listed[0]["order_id"])
+    assert added is not None and added["status"] == "NEW" and added["qty"] == "3.0000"
+
+
+# ---------------------------------------------------------------------------- atomicity
+
+
+def test_writes_leave_no_temporary_files(tmp_path: Path) -> None:
+    desk = WireDesk()
+    history = SessionManager("alice", tmp_path)
+    for i in range(20):
+        for report in desk.order("alice", "buy", "0.1", f"{50 + i}.00"):
+            history.apply(report)
+    sessions = tmp_path / "sessions"
+    assert files_in(sessions) == ["orders_alice.json"]
+    assert len(stored(history.path)["orders"]) == 20
+
+
+def test_a_failed_write_keeps_the_previous_file_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    desk = WireDesk()
+    history = SessionManager("alice", tmp_path)
+    [first] = desk.order("alice", "buy", "1", "50.00")
+    history.apply(first)
+    before = history.path.read_bytes()
+
+    def crash(*args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", crash)
+    [second] = desk.order("alice", "buy", "1", "51.00")
+    with pytest.raises(OSError):
+        history.apply(second)
+    monkeypatch.undo()
+    assert history.path.read_bytes() == before
+    assert files_in(tmp_path / "sessions") == ["orders_alice.json"]
+
+
+def test_a_leftover_temporary_file_is_cleaned_up_and_ignored(tmp_path: Path) -> None:
+    history = SessionManager("alice", tmp_path)
+    leftover = history.path.parent / f".{history.path.name}.abc123.tmp"
+    leftover.write_bytes(b'{"version": 1, "orde')  # a write cut short by a crash
+    again = SessionManager("alice", tmp_path)
+    assert again.warnings == [] and len(again) == 0
+    assert files_in(tmp_path / "sessions") == ["orders_alice.json"]
+
+
+# ---------------------------------------------------------------------------- corruption
+
+
+@pytest.mark.parametrize("content", [b'{"version": 1, "orders": [{"order_id": 1,', b"[1, 2, 3]",
+                                     b'{"orders": [1]}', b"\xff\xfe garbage"])
+def test_a_corrupt_file_is_set_aside_with_a_warning(tmp_path: Path, content: bytes) -> None:
+    path = history_path(tmp_path, "alice")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    history = SessionManager("alice", tmp_path)
+    assert len(history) == 0
+    assert len(history.warnings) == 1 and "unreadable" in history.warnings[0]
+    aside = [p for p in path.parent.iterdir() if p.name.startswith("orders_alice.json.corrupt-")]
+    assert len(aside) == 1 and aside[0].read_bytes() == content  # kept, never deleted
+    assert stored(path)["orders"] == []  # a fresh, valid history
+    desk = WireDesk()
+    [new] = desk.order("alice", "buy", "1", "50.00")
+    history.apply(new)
+    assert SessionManager("alice", tmp_path).get(new["order_id"]) is not None
