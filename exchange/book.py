@@ -21,6 +21,7 @@ from typing import Any
 
 from sortedcontainers import SortedDict
 
+from exchange.accounts import Balance
 from exchange.types import OrderStatus, OrderType, Side, STPMode, TimeInForce
 
 # Bound once: an enum class attribute lookup costs ~100 ns on CPython 3.11, a global ~7 ns.
@@ -31,6 +32,7 @@ _NEW = OrderStatus.NEW
 class Order:
     """A live order. Quantities in lots, prices in ticks, ``locked`` in the lock asset's units.
 
+    ``price`` is the limit in ticks, 0 for a market order (reports show it as None);
     ``cost`` is the sum of ``price x lots`` over its fills (for the average price);
     ``fee_basis`` the sum of ``notional x bps`` (fees are charged on it, rounded up once);
     ``lock`` is the ``Balance`` its reservation sits in (quote for buys, base for sells);
@@ -52,12 +54,14 @@ class Order:
         side: Side,
         order_type: OrderType,
         tif: TimeInForce,
-        price: int | None,
+        price: int,
         qty: int,
         stp: STPMode,
         post_only: bool,
         client_order_id: str | None,
         ts: int,
+        base_bal: Balance,
+        quote_bal: Balance,
     ) -> None:
         self.id = order_id
         self.account = account
@@ -78,9 +82,9 @@ class Order:
         self.client_order_id = client_order_id
         self.status = _NEW
         self.ts = ts
-        self.lock: Any = None
-        self.base_bal: Any = None
-        self.quote_bal: Any = None
+        self.base_bal = base_bal
+        self.quote_bal = quote_bal
+        self.lock = quote_bal if side is _BUY else base_bal
         self.priority = 0  # set by the engine each time the order joins the back of a level
 
     def __repr__(self) -> str:
@@ -99,22 +103,41 @@ class Level:
 
 
 class OrderBook:
-    __slots__ = ("symbol", "bids", "asks", "seq")
+    __slots__ = ("symbol", "bids", "asks", "seq", "top_bid", "top_ask")
 
     def __init__(self, symbol: str) -> None:
         self.symbol = symbol
         self.bids: SortedDict = SortedDict()
         self.asks: SortedDict = SortedDict()
         self.seq = 0  # per-market sequence of book deltas
+        # Best prices, 0 when the side is empty, kept current whenever a level is created or
+        # removed: every order asks for the best opposite price, and a plain attribute is
+        # far cheaper than ``peekitem`` through the sorted container's Python layers.
+        self.top_bid = 0
+        self.top_ask = 0
+
+    def level_added(self, bid: bool, price: int) -> None:
+        if bid:
+            if price > self.top_bid:
+                self.top_bid = price
+        elif not self.top_ask or price < self.top_ask:
+            self.top_ask = price
+
+    def level_removed(self, bid: bool, price: int) -> None:
+        if bid:
+            if price == self.top_bid:
+                self.top_bid = self.bids.peekitem(-1)[0] if self.bids else 0
+        elif price == self.top_ask:
+            self.top_ask = self.asks.peekitem(0)[0] if self.asks else 0
 
     def side(self, side: Side) -> SortedDict:
         return self.bids if side is Side.BUY else self.asks
 
     def best_bid(self) -> int | None:
-        return self.bids.peekitem(-1)[0] if self.bids else None
+        return self.top_bid or None
 
     def best_ask(self) -> int | None:
-        return self.asks.peekitem(0)[0] if self.asks else None
+        return self.top_ask or None
 
     def add(self, order: Order) -> int:
         """Append ``order`` at the back of its level; returns the level's new total."""
@@ -122,6 +145,7 @@ class OrderBook:
         level: Level | None = levels.get(order.price)
         if level is None:
             level = levels[order.price] = Level()
+            self.level_added(order.side is _BUY, order.price)
         level.orders[order.id] = order
         level.total += order.remaining
         return level.total
@@ -134,6 +158,7 @@ class OrderBook:
         level.total -= order.remaining
         if not level.orders:
             del levels[order.price]
+            self.level_removed(order.side is _BUY, order.price)
             return 0
         return level.total
 
@@ -205,5 +230,7 @@ class OrderBook:
                     assert queued.order_type is OrderType.LIMIT and queued.tif is TimeInForce.GTC
                     assert queued.priority > last_priority, f"{self.symbol}: FIFO broken at {price}"
                     last_priority = queued.priority
-        bid, ask = self.best_bid(), self.best_ask()
-        assert bid is None or ask is None or bid < ask, f"{self.symbol}: crossed book {bid}/{ask}"
+        bid = self.bids.peekitem(-1)[0] if self.bids else 0
+        ask = self.asks.peekitem(0)[0] if self.asks else 0
+        assert (self.top_bid, self.top_ask) == (bid, ask), f"{self.symbol}: stale best prices"
+        assert not bid or not ask or bid < ask, f"{self.symbol}: crossed book {bid}/{ask}"

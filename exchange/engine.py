@@ -189,9 +189,9 @@ class Exchange:
                     return self._reject_order(cmd, RejectReason.INVALID_ORDER)
                 # Post-only: reject rather than take liquidity.
                 if side is _BUY:
-                    if ms.book.asks and ms.book.asks.peekitem(0)[0] <= price:
+                    if ms.book.top_ask and ms.book.top_ask <= price:
                         return self._reject_order(cmd, RejectReason.WOULD_TAKE_LIQUIDITY)
-                elif ms.book.bids and ms.book.bids.peekitem(-1)[0] >= price:
+                elif ms.book.top_bid and ms.book.top_bid >= price:
                     return self._reject_order(cmd, RejectReason.WOULD_TAKE_LIQUIDITY)
             lo, hi = (0, price) if side is _BUY else (price, NO_LIMIT)
         elif otype is _MARKET:
@@ -224,16 +224,16 @@ class Exchange:
 
         # Accepted: from here on the command changes state.
         accounts = self.accounts
-        order = Order(
-            self.next_order_id, account, ms.symbol, side, otype, tif, price, qty, stp,
-            cmd.post_only, cmd.client_order_id, cmd.ts,
-        )
-        self.next_order_id += 1
         if per_asset is None:
             per_asset = accounts.balances[account] = {}
-        base_bal = order.base_bal = per_asset.get(ms.base) or accounts.balance(account, ms.base)
-        quote_bal = order.quote_bal = per_asset.get(ms.quote) or accounts.balance(account, ms.quote)
-        lock = order.lock = quote_bal if side is _BUY else base_bal
+        order = Order(
+            self.next_order_id, account, ms.symbol, side, otype, tif, price or 0, qty, stp,
+            cmd.post_only, cmd.client_order_id, cmd.ts,
+            per_asset.get(ms.base) or accounts.balance(account, ms.base),
+            per_asset.get(ms.quote) or accounts.balance(account, ms.quote),
+        )
+        self.next_order_id += 1
+        lock = order.lock
         lock.available -= reserve
         lock.locked += reserve
         order.locked = reserve
@@ -251,11 +251,9 @@ class Exchange:
                 self._finish(order, _X_EXPIRED, _EXPIRED, events, ts)
                 return events
         # Sweep only if the best opposite price is acceptable (most resting limits are not).
-        opposite = ms.book.asks if side is _BUY else ms.book.bids
-        if opposite:
-            best = opposite.peekitem(0 if side is _BUY else -1)[0]
-            if lo <= best <= hi:
-                self._match(order, ms, lo, hi, events, ts)
+        best = ms.book.top_ask if side is _BUY else ms.book.top_bid
+        if best and lo <= best <= hi:
+            self._match(order, ms, lo, hi, events, ts)
         if order.remaining:
             if order.status is _CANCELED:  # STP cancelled the incoming order
                 return events
@@ -308,8 +306,6 @@ class Exchange:
         levels = book.asks if buy else book.bids
         if not levels:
             return
-        peek = levels.peekitem
-        best = 0 if buy else -1
         stp = taker.stp
         account = taker.account
         market_buy = buy and taker.order_type is _MARKET
@@ -323,10 +319,11 @@ class Exchange:
         max_bps = ms.max_bps
         maker_side = _SELL if buy else _BUY
         stopped = False
-        while taker.remaining and levels:
-            price, level = peek(best)
-            if price > hi or price < lo:
+        while taker.remaining:
+            price = book.top_ask if buy else book.top_bid
+            if not price or price > hi or price < lo:
                 break
+            level: Level = levels[price]
             queue = level.orders
             start_total = level.total
             while queue:
@@ -380,7 +377,7 @@ class Exchange:
                 bal.fees += b_fee
                 locked = buyer.locked - paid
                 if buyer.order_type is _LIMIT:
-                    rest = buyer.price * buyer.remaining * qptl  # type: ignore[operator]
+                    rest = buyer.price * buyer.remaining * qptl
                     need = rest - (-(buyer.fee_basis + rest * max_bps) // BPS) - buyer.fee_paid
                     bal.available += locked - need
                     bal.locked -= paid + locked - need
@@ -413,7 +410,7 @@ class Exchange:
                     del by_account[maker.account][maker.id]
                 append(ExecReport(
                     _X_TRADE, taker.id, account, symbol, taker.side, taker.order_type, taker.tif,
-                    taker.client_order_id, taker.price, taker.qty, taker.filled, taker.remaining,
+                    taker.client_order_id, taker.price or None, taker.qty, taker.filled, taker.remaining,
                     taker.cost, taker.status, ts, trade_id, price, qty, _TAKER, t_fee,
                 ))
                 append(ExecReport(
@@ -432,6 +429,7 @@ class Exchange:
             # One delta per level this sweep changed.
             if not queue:
                 del levels[price]
+                book.level_removed(not buy, price)
                 book.seq += 1
                 append(BookDelta(symbol, book.seq, maker_side, price, 0, ts))
             elif level.total != start_total:
@@ -469,6 +467,7 @@ class Exchange:
         level = levels.get(price)
         if level is None:
             level = levels[price] = Level()
+            book.level_added(order.side is _BUY, price)
         oid = order.id
         level.orders[oid] = order
         level.total += order.remaining
@@ -478,7 +477,7 @@ class Exchange:
             by_account = self.open_by_account[order.account] = {}
         by_account[oid] = order
         book.seq += 1
-        events.append(BookDelta(ms.symbol, book.seq, order.side, price, level.total, ts))  # type: ignore[arg-type]  # resting: has a price
+        events.append(BookDelta(ms.symbol, book.seq, order.side, price, level.total, ts))
 
     def _unindex(self, order: Order) -> None:
         del self.orders[order.id]
@@ -503,7 +502,7 @@ class Exchange:
     def _report(exec_type: ExecType, order: Order, ts: int) -> ExecReport:
         return ExecReport(
             exec_type, order.id, order.account, order.market, order.side, order.order_type,
-            order.tif, order.client_order_id, order.price, order.qty, order.filled,
+            order.tif, order.client_order_id, order.price or None, order.qty, order.filled,
             order.remaining, order.cost, order.status, ts,
         )
 
@@ -533,6 +532,7 @@ class Exchange:
             total = level.total
         else:
             del levels[price]
+            book.level_removed(order.side is _BUY, price)
             total = 0
         del self.orders[oid]
         del self.open_by_account[order.account][oid]
@@ -549,7 +549,7 @@ class Exchange:
                 order.tif, order.client_order_id, price, order.qty, order.filled,
                 order.remaining, order.cost, _CANCELED, ts,
             ),
-            BookDelta(ms.symbol, book.seq, order.side, price, total, ts),  # type: ignore[arg-type]
+            BookDelta(ms.symbol, book.seq, order.side, price, total, ts),
         ]
 
     # ------------------------------------------------------------------ modify
@@ -576,11 +576,9 @@ class Exchange:
             if band is not None and not band[0] <= price <= band[1]:
                 return self._reject_command(cmd, order.id, RejectReason.PRICE_OUT_OF_BAND)
             if order.post_only and price != order.price:
-                opposite = ms.book.asks if buy else ms.book.bids
-                if opposite:
-                    best = opposite.peekitem(0 if buy else -1)[0]
-                    if (buy and best <= price) or (not buy and best >= price):
-                        return self._reject_command(cmd, order.id, RejectReason.WOULD_TAKE_LIQUIDITY)
+                best = ms.book.top_ask if buy else ms.book.top_bid
+                if best and ((buy and best <= price) or (not buy and best >= price)):
+                    return self._reject_command(cmd, order.id, RejectReason.WOULD_TAKE_LIQUIDITY)
         remaining = qty - order.filled
         if buy:
             rest = price * remaining * ms.qptl
@@ -615,7 +613,7 @@ class Exchange:
         # resting delta below reports that level once, with its final total.
         if (not keeps_priority and price != old_price) or (keeps_priority and remaining != old_remaining):
             book.seq += 1
-            events.append(BookDelta(ms.symbol, book.seq, order.side, old_price, total, ts))  # type: ignore[arg-type]
+            events.append(BookDelta(ms.symbol, book.seq, order.side, old_price, total, ts))
         if keeps_priority:
             return events
         lo, hi = (0, price) if buy else (price, NO_LIMIT)
@@ -703,7 +701,6 @@ class Exchange:
             assert self.open_by_account[order.account][order.id] is order
             asset = ms.quote if order.side is _BUY else ms.base
             if order.side is _BUY:
-                assert order.price is not None
                 rest = order.price * order.remaining * ms.qptl
                 need = rest - (-(order.fee_basis + rest * ms.max_bps) // BPS) - order.fee_paid
             else:

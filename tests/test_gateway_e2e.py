@@ -1,0 +1,1239 @@
+"""End to end: real sockets against a real ``ExchangeServer`` (ephemeral port, temp data dir).
+
+Every await is bounded (``w`` below wraps ``asyncio.wait_for``), so a broken server fails a
+test instead of hanging it. Two kinds of connection are used: ``ExchangeClient`` (the library
+every tool uses) and ``Raw``, a bare line socket for what the library never sends (bad JSON,
+garbage bytes, a 1 MB line, a reader that never reads).
+
+Synchronisation without sleeps: the server writes a connection's messages in order, so once a
+client has the reply to a ``ping`` it holds every message pushed to it before that ping was
+handled; ``settle(client)`` returns them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import pytest
+
+from client import ExchangeClient, ExchangeError, OrderRejectedError
+from exchange.gateway import hash_token
+from exchange.protocol import MAX_LINE
+from exchange.server import ExchangeServer, ServerConfig
+
+T = 5.0  # seconds any single await may take
+R = TypeVar("R")
+BTC, ACME = "BTC-USD", "ACME-USD"
+
+
+async def w(aw: Awaitable[R], timeout: float = T) -> R:
+    return await asyncio.wait_for(aw, timeout)
+
+
+def D(text: str) -> Decimal:
+    return Decimal(text)
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+class Raw:
+    """A bare JSON-lines connection: send anything, read what comes back."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.backlog: list[dict[str, Any]] = []  # messages read while waiting for another
+        self._ids = 0
+
+    @classmethod
+    async def open(cls, server: ExchangeServer) -> Raw:
+        assert server.address is not None
+        reader, writer = await w(asyncio.open_connection(*server.address, limit=1 << 24))
+        return cls(reader, writer)
+
+    async def send(self, msg: dict[str, Any] | bytes) -> None:
+        self.writer.write(msg if isinstance(msg, bytes) else orjson.dumps(msg) + b"\n")
+        await w(self.writer.drain())
+
+    async def recv(self, timeout: float = T) -> dict[str, Any]:
+        line = await w(self.reader.readline(), timeout)
+        assert line, "the server closed the connection"
+        msg = orjson.loads(line)
+        assert isinstance(msg, dict) and "type" in msg, msg
+        return msg
+
+    async def request(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Send with a fresh id (unless given) and return the reply carrying that id."""
+        if "id" not in msg:
+            self._ids += 1
+            msg = {**msg, "id": f"r{self._ids}"}
+        await self.send(msg)
+        return await self.reply_to(msg["id"])
+
+    async def reply_to(self, rid: Any) -> dict[str, Any]:
+        while True:
+            reply = await self.recv()
+            if reply.get("id") == rid:
+                return reply
+            self.backlog.append(reply)
+
+    async def until_closed(self, timeout: float = T) -> list[dict[str, Any]]:
+        """Read to the end; the connection must close (EOF or reset) within ``timeout``."""
+        seen: list[dict[str, Any]] = []
+
+        async def drain() -> None:
+            while True:
+                try:
+                    line = await self.reader.readline()
+                except (ConnectionError, OSError):
+                    return
+                if not line:
+                    return
+                seen.append(orjson.loads(line))
+
+        await w(drain(), timeout)
+        return seen
+
+    def close(self) -> None:
+        self.writer.transport.abort()
+
+
+async def settle(client: ExchangeClient) -> list[dict[str, Any]]:
+    """Every message pushed to ``client`` so far (see the module docstring)."""
+    await w(client.ping())
+    return client.pending_events()
+
+
+async def next_exec(
+    client: ExchangeClient, exec_type: str, order_id: int | None = None
+) -> dict[str, Any]:
+    """The next ``exec`` of this type (and order), skipping everything before it."""
+    while True:
+        ev = await w(client.next_event(T))
+        assert ev is not None, "connection closed"
+        if (
+            ev.get("type") == "exec"
+            and ev["exec_type"] == exec_type
+            and (order_id is None or ev["order_id"] == order_id)
+        ):
+            return ev
+
+
+def execs(events: list[dict[str, Any]], exec_type: str | None = None) -> list[dict[str, Any]]:
+    return [e for e in events if e.get("type") == "exec" and exec_type in (None, e["exec_type"])]
+
+
+def without_id(msg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in msg.items() if k != "id"}
+
+
+@pytest.fixture
+async def make_server(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ExchangeServer]]]:
+    """``await make_server(max_buffer=...)``: a server with its own config, stopped afterwards."""
+    servers: list[ExchangeServer] = []
+
+    async def _make(**overrides: Any) -> ExchangeServer:
+        cfg = ServerConfig(
+            port=0,
+            data_dir=tmp_path / f"data{len(servers)}",
+            stats_interval=0,
+            **overrides,
+        )
+        srv = ExchangeServer(cfg)
+        await w(srv.start())
+        servers.append(srv)
+        return srv
+
+    yield _make
+    for srv in servers:
+        await w(srv.stop(), 10)
+
+
+@pytest.fixture
+async def dial() -> AsyncIterator[Callable[..., Awaitable[ExchangeClient]]]:
+    """``await dial(server, "alice", token)``: a client of any server, closed afterwards."""
+    clients: list[ExchangeClient] = []
+
+    async def _dial(
+        server: ExchangeServer, user: str | None = None, token: str | None = None
+    ) -> ExchangeClient:
+        assert server.address is not None
+        client = ExchangeClient(*server.address, timeout=T)
+        await w(client.connect())
+        clients.append(client)
+        if user is not None:
+            await w(client.login(user, token))
+        return client
+
+    yield _dial
+    for client in clients:
+        await w(client.close())
+
+
+@pytest.fixture
+async def raws() -> AsyncIterator[Callable[[ExchangeServer], Awaitable[Raw]]]:
+    opened: list[Raw] = []
+
+    async def _open(server: ExchangeServer) -> Raw:
+        raw = await Raw.open(server)
+        opened.append(raw)
+        return raw
+
+    yield _open
+    for raw in opened:
+        raw.close()
+
+
+# ------------------------------------------------------------------------------- trading
+
+
+async def test_two_users_trade_and_both_get_every_report(connect) -> None:
+    alice = await w(connect("alice"))
+    bob = await w(connect("bob"))
+
+    sell = await w(alice.sell(BTC, "1", "100.00", client_order_id="a-1"))
+    assert sell["exec_type"] == "new" and sell["status"] == "new"
+    assert sell["client_order_id"] == "a-1" and sell["side"] == "sell"
+    assert (sell["qty"], sell["filled_qty"], sell["remaining_qty"]) == (
+        "1.0000",
+        "0.0000",
+        "1.0000",
+    )
+    assert sell["avg_price"] is None and isinstance(sell["ts"], int)
+
+    buy = await w(bob.buy(BTC, "1.5", "101.00"))
+    assert buy["exec_type"] == "new" and buy["remaining_qty"] == "1.5000"
+    taker = await next_exec(bob, "trade", buy["order_id"])
+    maker = await next_exec(alice, "trade", sell["order_id"])
+
+    assert taker["trade_id"] == maker["trade_id"]
+    assert (taker["last_price"], taker["last_qty"], taker["liquidity"]) == (
+        "100.00",
+        "1.0000",
+        "taker",
+    )
+    assert (taker["fee"], taker["fee_asset"]) == ("0.020000", "USD")  # 2 bps of 100 USD
+    assert (taker["status"], taker["filled_qty"], taker["remaining_qty"]) == (
+        "partially_filled",
+        "1.0000",
+        "0.5000",
+    )
+    assert taker["avg_price"] == "100.00" and taker["price"] == "101.00"
+    assert (maker["last_price"], maker["last_qty"], maker["liquidity"]) == (
+        "100.00",
+        "1.0000",
+        "maker",
+    )
+    assert (maker["fee"], maker["fee_asset"]) == ("0.010000", "USD")  # 1 bp
+    assert (maker["status"], maker["filled_qty"], maker["remaining_qty"]) == (
+        "filled",
+        "1.0000",
+        "0.0000",
+    )
+    assert maker["client_order_id"] == "a-1" and maker["avg_price"] == "100.00"
+
+    # Bob's remainder rests at 101; Alice now takes it, so Bob is told as the maker.
+    sell2 = await w(alice.sell(BTC, "0.5", "101.00"))
+    a_fill = await next_exec(alice, "trade", sell2["order_id"])
+    b_fill = await next_exec(bob, "trade", buy["order_id"])
+    assert a_fill["liquidity"] == "taker" and b_fill["liquidity"] == "maker"
+    assert b_fill["trade_id"] == a_fill["trade_id"] == taker["trade_id"] + 1
+    assert (b_fill["status"], b_fill["filled_qty"], b_fill["remaining_qty"]) == (
+        "filled",
+        "1.5000",
+        "0.0000",
+    )
+    assert abs(D(b_fill["avg_price"]) - D("150.5") / D("1.5")) < D("1e-9")
+    assert b_fill["fee"] == "0.005050"  # 1 bp of 50.50
+
+    bob_bal = await w(bob.balances())
+    alice_bal = await w(alice.balances())
+    # Bob: paid 150.50 and fees on one cumulative basis (100 x 2bp + 50.5 x 1bp = 0.02505).
+    assert bob_bal["BTC"] == {**bob_bal["BTC"], "available": "11.50000000", "locked": "0.00000000"}
+    assert bob_bal["USD"]["available"] == "99849.474950" and bob_bal["USD"]["locked"] == "0.000000"
+    assert alice_bal["BTC"]["available"] == "8.50000000"
+    assert alice_bal["USD"]["available"] == "100150.479900"  # +150.50 - 0.01 - 0.0101
+    assert await w(alice.orders()) == [] and await w(bob.orders()) == []
+
+
+async def test_second_session_gets_the_same_reports(connect) -> None:
+    alice1 = await w(connect("alice"))
+    alice2 = await w(connect("alice"))
+    bob1 = await w(connect("bob"))
+    bob2 = await w(connect("bob"))
+
+    rest = await w(alice1.sell(BTC, "2", "100.00"))
+    buy = await w(bob1.buy(BTC, "0.5", "100.00"))
+    # The resting order's owner hears of the trade in its other session, without asking.
+    on2 = await next_exec(alice2, "trade", rest["order_id"])
+    assert on2["liquidity"] == "maker" and on2["remaining_qty"] == "1.5000" and "id" not in on2
+
+    cancel = await w(alice2.cancel(rest["order_id"]))
+    assert cancel["exec_type"] == "canceled" and cancel["status"] == "canceled"
+    a1 = execs(await settle(alice1))
+    a2 = [on2] + execs(await settle(alice2))  # next_exec skipped alice2's copy of "new"
+    # Every report reaches every session; only the requester's copy carries the id.
+    assert [e["exec_type"] for e in a1] == ["new", "trade", "canceled"]
+    assert [without_id(e) for e in a1[1:]] == [without_id(e) for e in a2]
+    assert "id" in a1[0] and "id" not in a1[1] and "id" not in a1[2]
+    assert "id" in a2[-1]
+    b1, b2 = execs(await settle(bob1)), execs(await settle(bob2))
+    assert [without_id(e) for e in b1] == [without_id(e) for e in b2]
+    assert [(e["exec_type"], e["order_id"]) for e in b2] == [
+        ("new", buy["order_id"]),
+        ("trade", buy["order_id"]),
+    ]
+    assert "id" in b1[0] and "id" not in b2[0]
+
+
+async def test_id_is_echoed_on_direct_replies_only(server, raws) -> None:
+    alice = await raws(server)
+    bob = await raws(server)
+    for rid in ("abc", 7, 0, -3, ""):
+        assert (await alice.request({"op": "ping", "id": rid}))["type"] == "pong"
+    assert (await alice.request({"op": "login", "user": "alice", "id": "L"}))["type"] == "logged_in"
+    assert (await bob.request({"op": "login", "user": "bob"}))["type"] == "logged_in"
+    for op in (
+        {"op": "markets"},
+        {"op": "balances"},
+        {"op": "orders"},
+        {"op": "stats"},
+        {"op": "book", "market": BTC},
+        {"op": "subscribe", "channel": "trades", "market": BTC},
+    ):
+        reply = await alice.request({**op, "id": "x-" + op["op"]})
+        assert reply["id"] == "x-" + op["op"] and reply["type"] != "error", reply
+    # Errors echo the id too, also when the op itself is what is wrong.
+    for bad, code in (
+        ({"op": "nope"}, "unknown_op"),
+        ({"op": 5}, "bad_request"),
+        ({"op": "cancel"}, "bad_request"),
+        ({"op": "cancel", "order_id": 999}, "unknown_order"),
+    ):
+        reply = await alice.request({**bad, "id": 41})
+        assert (reply["type"], reply["code"], reply["id"]) == ("error", code, 41)
+    # An id that is neither a string nor an integer is refused and not echoed.
+    await alice.send(b'{"op":"ping","id":1.5}\n')
+    reply = await alice.recv()
+    assert reply["code"] == "bad_request" and reply["field"] == "id" and "id" not in reply
+
+    await alice.send(
+        {"op": "order", "id": "o1", "market": BTC, "side": "sell", "price": "100", "qty": "1"}
+    )
+    new = await alice.reply_to("o1")
+    assert new["exec_type"] == "new"
+    await bob.send(
+        {"op": "order", "id": 99, "market": BTC, "side": "buy", "price": "100", "qty": "1"}
+    )
+    first = await bob.recv()
+    second = await bob.recv()
+    assert (first["exec_type"], first["id"]) == ("new", 99)
+    assert second["exec_type"] == "trade" and "id" not in second
+    # Alice's fill and the public trade are pushed: no id.
+    pushed = [await alice.recv(), await alice.recv()]
+    assert {m["type"] for m in pushed} == {"exec", "trade"}
+    assert all("id" not in m for m in pushed)
+
+
+async def test_ioc_fok_market_and_self_trade_reports(connect) -> None:
+    alice = await w(connect("alice"))
+    bob = await w(connect("bob"))
+    await w(alice.sell(BTC, "1", "100.00"))
+
+    ioc = await w(bob.buy(BTC, "3", "100.00", tif="ioc"))
+    assert ioc["exec_type"] == "new"
+    ev = [e for e in execs(await settle(bob)) if e["order_id"] == ioc["order_id"]]
+    assert [e["exec_type"] for e in ev] == ["new", "trade", "expired"]
+    assert (ev[-1]["status"], ev[-1]["filled_qty"], ev[-1]["remaining_qty"]) == (
+        "expired",
+        "1.0000",
+        "2.0000",
+    )
+
+    fok = await w(bob.buy(BTC, "1", "100.00", tif="fok"))
+    mkt = await w(bob.buy(BTC, "1"))  # no price: a market order
+    assert mkt["order_type"] == "market" and mkt["tif"] == "ioc" and mkt["price"] is None
+    ev = execs(await settle(bob))
+    assert [(e["order_id"], e["exec_type"]) for e in ev] == [
+        (fok["order_id"], "new"),
+        (fok["order_id"], "expired"),
+        (mkt["order_id"], "new"),
+        (mkt["order_id"], "expired"),
+    ]
+
+    # Self-trade prevention (default cancel_resting): the resting order is cancelled.
+    resting = await w(alice.sell(BTC, "1", "105.00"))
+    crossing = await w(alice.buy(BTC, "1", "105.00"))
+    ev = execs(await settle(alice))
+    stp = [e for e in ev if e["exec_type"] == "self_trade_prevented"]
+    assert (
+        len(stp) == 1
+        and stp[0]["order_id"] == resting["order_id"]
+        and stp[0]["status"] == "canceled"
+    )
+    assert [o["order_id"] for o in await w(alice.orders())] == [crossing["order_id"]]
+
+    # Rejections before and inside the engine arrive as exec rejected with a reason.
+    for kw, reason in (
+        ({"market": BTC, "side": "buy", "qty": "1", "price": "100.001"}, "invalid_price"),
+        ({"market": BTC, "side": "buy", "qty": "0.00001", "price": "100"}, "invalid_quantity"),
+        ({"market": BTC, "side": "buy", "qty": "100000", "price": "100"}, "insufficient_funds"),
+        ({"market": ACME, "side": "buy", "qty": "1", "price": "200"}, "price_out_of_band"),
+        (
+            {"market": BTC, "side": "sell", "qty": "1", "price": "104", "post_only": True},
+            "would_take_liquidity",
+        ),
+        ({"market": "NOPE-USD", "side": "buy", "qty": "1", "price": "1"}, "unknown_market"),
+    ):
+        with pytest.raises(OrderRejectedError) as err:
+            await w(bob.place(**kw))
+        report = err.value.report
+        assert (report["exec_type"], report["status"], report["reason"]) == (
+            "rejected",
+            "rejected",
+            reason,
+        )
+        assert report["order_id"] is None and report["message"]
+        assert (report["market"], report["side"], report["tif"]) == (
+            kw["market"],
+            kw["side"],
+            "gtc",
+        )
+
+
+# ------------------------------------------------------------------------------- market data
+
+
+async def test_book_snapshot_levels_depth_and_no_owner(connect) -> None:
+    alice = await w(connect("alice"))
+    bob = await w(connect("bob"))
+    a = [
+        await w(alice.buy(BTC, "1", "99.00")),
+        await w(alice.buy(BTC, "2", "98.00")),
+        await w(alice.sell(BTC, "1", "101.00")),
+    ]
+    b = [
+        await w(bob.buy(BTC, "0.5", "99.00")),
+        await w(bob.sell(BTC, "3", "102.00")),
+        await w(bob.sell(BTC, "0.25", "101.00")),
+    ]
+
+    l2 = await w(bob.book(BTC))
+    assert l2["type"] == "book" and l2["level"] == 2 and l2["market"] == BTC
+    assert l2["bids"] == [["99.00", "1.5000", 2], ["98.00", "2.0000", 1]]  # best (highest) first
+    assert l2["asks"] == [["101.00", "1.2500", 2], ["102.00", "3.0000", 1]]  # best (lowest) first
+    assert l2["seq"] == 6  # one delta per resting order so far
+
+    top = await w(bob.book(BTC, depth=1))
+    assert (
+        top["bids"] == l2["bids"][:1] and top["asks"] == l2["asks"][:1] and top["seq"] == l2["seq"]
+    )
+
+    l3 = await w(alice.book(BTC, level=3))
+    assert l3["level"] == 3 and l3["seq"] == l2["seq"]
+    assert l3["bids"] == [
+        [a[0]["order_id"], "99.00", "1.0000"],
+        [b[0]["order_id"], "99.00", "0.5000"],
+        [a[1]["order_id"], "98.00", "2.0000"],
+    ]
+    assert l3["asks"] == [
+        [a[2]["order_id"], "101.00", "1.0000"],
+        [b[2]["order_id"], "101.00", "0.2500"],
+        [b[1]["order_id"], "102.00", "3.0000"],
+    ]
+    assert (await w(alice.book(BTC, level=3, depth=1)))["asks"] == l3["asks"][:2]
+    text = json.dumps(l3)
+    assert "alice" not in text and "bob" not in text
+
+    # Default depth is 20 levels.
+    for i in range(25):
+        await w(alice.buy(ACME, "1", f"{91 + i * 0.25:.2f}"))
+    acme = await w(alice.book(ACME))
+    assert len(acme["bids"]) == 20 and acme["bids"][0][0] == "97.00" and acme["asks"] == []
+    assert len((await w(alice.book(ACME, depth=10_000)))["bids"]) == 25
+
+
+async def test_book_and_trades_subscriptions_follow_a_random_burst(connect) -> None:
+    rng = random.Random(20240607)
+    users = [await w(connect(f"trader{i}")) for i in range(4)]
+    watcher = await w(connect())  # anonymous: market data needs no login
+    # Something on the book before subscribing, so the snapshot is not empty.
+    await w(users[0].buy(BTC, "1", "99.00"))
+    await w(users[1].sell(BTC, "1", "101.00"))
+    assert (await w(watcher.subscribe("book", BTC)))["type"] == "subscribed"
+    assert (await w(watcher.subscribe("trades", BTC)))["type"] == "subscribed"
+
+    open_ids: list[list[int]] = [[] for _ in users]
+    taker_trades: set[int] = set()
+    for _ in range(12):  # batches of pipelined requests
+        futures: list[tuple[int, asyncio.Future[dict[str, Any]]]] = []
+        for _ in range(25):
+            u = rng.randrange(len(users))
+            roll = rng.random()
+            price = f"{rng.randint(9700, 10300) / 100:.2f}"
+            if roll < 0.25 and open_ids[u]:
+                oid = open_ids[u].pop(rng.randrange(len(open_ids[u])))
+                op, fields = "cancel", {"order_id": oid}
+            elif roll < 0.33 and open_ids[u]:
+                qty = f"{rng.randint(1, 300) / 1000:.3f}"
+                op, fields = (
+                    "modify",
+                    {"order_id": rng.choice(open_ids[u]), "qty": qty, "price": price},
+                )
+            elif roll < 0.38:  # other markets must not leak into the BTC-USD feeds
+                side = rng.choice(["buy", "sell"])
+                op = "order"
+                fields = {
+                    "market": ACME,
+                    "side": side,
+                    "qty": "1",
+                    "price": f"{rng.randint(95, 105)}.00",
+                }
+            else:
+                side = rng.choice(["buy", "sell"])
+                qty = f"{rng.randint(1, 500) / 1000:.3f}"
+                tif = rng.choice(["gtc", "gtc", "gtc", "ioc"])
+                op = "order"
+                fields = {"market": BTC, "side": side, "qty": qty, "price": price, "tif": tif}
+            futures.append((u, users[u].send(op, **fields)))
+        for u, fut in futures:
+            reply = await w(fut)
+            if reply.get("exec_type") == "new" and reply["tif"] == "gtc" and reply["market"] == BTC:
+                open_ids[u].append(reply["order_id"])
+    for client in users:
+        for ev in execs(await settle(client), "trade"):
+            if ev["market"] == BTC and ev["liquidity"] == "taker":
+                taker_trades.add(ev["trade_id"])
+
+    final = await w(watcher.book(BTC, depth=10_000))
+    pushed = watcher.pending_events()  # everything before the reply above
+    snapshot = pushed[0]
+    assert snapshot["type"] == "book" and snapshot["level"] == 2 and "id" not in snapshot
+    book = {
+        "buy": {p: D(q) for p, q, _ in snapshot["bids"]},
+        "sell": {p: D(q) for p, q, _ in snapshot["asks"]},
+    }
+    seq = snapshot["seq"]
+    trade_ids = []
+    updates = 0
+    for msg in pushed[1:]:
+        assert msg["market"] == BTC, msg
+        if msg["type"] == "book_update":
+            assert msg["seq"] == seq + 1, "book_update seq must continue by exactly one"
+            seq = msg["seq"]
+            updates += 1
+            if D(msg["qty"]) == 0:
+                del book[msg["side"]][msg["price"]]
+            else:
+                book[msg["side"]][msg["price"]] = D(msg["qty"])
+        else:
+            assert msg["type"] == "trade", msg
+            assert set(msg) == {"type", "market", "trade_id", "price", "qty", "taker_side", "ts"}
+            trade_ids.append(msg["trade_id"])
+    assert updates > 100 and len(trade_ids) > 20, (updates, len(trade_ids))
+    assert seq == final["seq"]
+    rebuilt_bids = sorted(book["buy"].items(), key=lambda kv: -D(kv[0]))
+    rebuilt_asks = sorted(book["sell"].items(), key=lambda kv: D(kv[0]))
+    assert rebuilt_bids == [(p, D(q)) for p, q, _ in final["bids"]]
+    assert rebuilt_asks == [(p, D(q)) for p, q, _ in final["asks"]]
+    assert trade_ids == sorted(trade_ids) and len(set(trade_ids)) == len(trade_ids)
+    assert set(trade_ids) == taker_trades
+
+    # Level 3 agrees with level 2.
+    l3 = await w(watcher.book(BTC, depth=10_000, level=3))
+    for side, l2_rows in (("bids", final["bids"]), ("asks", final["asks"])):
+        totals: dict[str, Decimal] = {}
+        for _oid, price, qty in l3[side]:
+            totals[price] = totals.get(price, D("0")) + D(qty)
+        assert [(p, D(q)) for p, q, _ in l2_rows] == list(totals.items())
+
+    # After unsubscribing, nothing more arrives.
+    assert (await w(watcher.unsubscribe("book", BTC)))["type"] == "unsubscribed"
+    assert (await w(watcher.unsubscribe("trades", BTC)))["type"] == "unsubscribed"
+    await w(users[0].buy(BTC, "0.1", "110.00"))
+    assert await settle(watcher) == []
+
+
+# ------------------------------------------------------------------------------- errors
+
+
+async def test_every_gateway_error_code(server, raws, connect) -> None:
+    conn = await raws(server)
+
+    # Before login: public ops work, private ones get not_logged_in.
+    assert (await conn.request({"op": "ping"}))["type"] == "pong"
+    assert (await conn.request({"op": "markets"}))["type"] == "markets"
+    assert (await conn.request({"op": "book", "market": BTC}))["type"] == "book"
+    for op in (
+        "balances",
+        "orders",
+        "order",
+        "cancel",
+        "modify",
+        "deposit",
+        "withdraw",
+        "queue_position",
+    ):
+        reply = await conn.request({"op": op})
+        assert (reply["type"], reply["code"]) == ("error", "not_logged_in"), reply
+
+    # bad_json: the connection stays open.
+    for junk in (b"{not json\n", b'{"op":"ping"\n', b"\xff\xfe\n", b'"\\ud800"\n'):
+        await conn.send(junk)
+        reply = await conn.recv()
+        assert (reply["type"], reply["code"]) == ("error", "bad_json") and "id" not in reply
+    assert (await conn.request({"op": "ping"}))["type"] == "pong"
+
+    # unknown_op
+    reply = await conn.request({"op": "fly"})
+    assert reply["code"] == "unknown_op" and "fly" in reply["message"]
+
+    assert (await conn.request({"op": "login", "user": "alice"}))["type"] == "logged_in"
+    bob = await w(connect("bob"))
+    bob_order = await w(bob.sell(BTC, "1", "150.00"))
+    oid = bob_order["order_id"]
+
+    # bad_request names the field, for missing and for ill-typed fields.
+    cases = [
+        ({"op": 5}, "op"),
+        ({"id": 1}, "op"),
+        ({"op": "login"}, "user"),
+        ({"op": "login", "user": 7}, "user"),
+        ({"op": "order", "side": "buy", "qty": "1", "price": "1"}, "market"),
+        ({"op": "order", "market": BTC, "qty": "1", "price": "1"}, "side"),
+        ({"op": "order", "market": BTC, "side": ["buy"], "qty": "1", "price": "1"}, "side"),
+        ({"op": "order", "market": BTC, "side": "buy", "price": "1"}, "qty"),
+        ({"op": "order", "market": BTC, "side": "buy", "qty": True, "price": "1"}, "qty"),
+        ({"op": "order", "market": BTC, "side": "buy", "qty": "1"}, "price"),
+        ({"op": "order", "market": BTC, "side": "buy", "qty": "1", "price": {"p": 1}}, "price"),
+        ({"op": "order", "market": BTC, "side": "buy", "type": "stop", "qty": "1"}, "type"),
+        (
+            {"op": "order", "market": BTC, "side": "buy", "qty": "1", "price": "1", "tif": "day"},
+            "tif",
+        ),
+        (
+            {
+                "op": "order",
+                "market": BTC,
+                "side": "buy",
+                "qty": "1",
+                "price": "1",
+                "post_only": "yes",
+            },
+            "post_only",
+        ),
+        ({"op": "order", "market": BTC, "side": "buy", "qty": "1", "price": "1", "stp": 1}, "stp"),
+        (
+            {
+                "op": "order",
+                "market": BTC,
+                "side": "buy",
+                "qty": "1",
+                "price": "1",
+                "client_order_id": "x" * 65,
+            },
+            "client_order_id",
+        ),
+        ({"op": "cancel"}, "order_id"),
+        ({"op": "cancel", "order_id": "abc"}, "order_id"),
+        ({"op": "modify", "order_id": oid}, "qty"),
+        ({"op": "modify", "order_id": oid, "price": [1]}, "price"),
+        ({"op": "book", "market": BTC, "depth": 0}, "depth"),
+        ({"op": "book", "market": BTC, "depth": "5"}, "depth"),
+        ({"op": "book", "market": BTC, "level": 1}, "level"),
+        ({"op": "book"}, "market"),
+        ({"op": "subscribe", "channel": "news", "market": BTC}, "channel"),
+        ({"op": "orders", "market": ["x"]}, "market"),
+        ({"op": "deposit", "amount": "1"}, "asset"),
+        ({"op": "deposit", "asset": "USD"}, "amount"),
+        ({"op": "deposit", "asset": "USD", "amount": [1]}, "amount"),
+        ({"op": "queue_position", "order_id": None}, "order_id"),
+    ]
+    for request, field in cases:
+        reply = await conn.request(request)
+        assert (reply["type"], reply["code"], reply.get("field")) == (
+            "error",
+            "bad_request",
+            field,
+        ), (request, reply)
+    await conn.send(b"[1, 2]\n")
+    assert (await conn.recv())["code"] == "bad_request"
+
+    # unknown_order: an unknown id and another user's order get identical replies.
+    replies = []
+    for op in (
+        {"op": "cancel", "order_id": oid},
+        {"op": "modify", "order_id": oid, "qty": "2"},
+        {"op": "queue_position", "order_id": oid},
+    ):
+        theirs = await conn.request({**op, "id": "q"})
+        assert theirs["code"] == "unknown_order", theirs
+        replies.append(theirs)
+    assert [o["order_id"] for o in await w(bob.orders())] == [oid]  # untouched
+    await w(bob.cancel(oid))
+    for op, theirs in zip(
+        (
+            {"op": "cancel", "order_id": oid},
+            {"op": "modify", "order_id": oid, "qty": "2"},
+            {"op": "queue_position", "order_id": oid},
+        ),
+        replies,
+    ):
+        assert await conn.request({**op, "id": "q"}) == theirs
+    for missing in (10**9, -1, 0):
+        reply = await conn.request({"op": "cancel", "order_id": missing})
+        assert reply["code"] == "unknown_order"
+
+    # forbidden: funding another user needs an admin session.
+    before = await w(bob.balances())
+    for op in ("deposit", "withdraw"):
+        reply = await conn.request({"op": op, "asset": "USD", "amount": "5", "user": "bob"})
+        assert reply["code"] == "forbidden", reply
+    assert await w(bob.balances()) == before
+
+    # unknown_market on the data ops (an order on it is an exec rejected instead).
+    for request in (
+        {"op": "book", "market": "XYZ"},
+        {"op": "subscribe", "channel": "book", "market": "XYZ"},
+        {"op": "unsubscribe", "channel": "trades", "market": "XYZ"},
+        {"op": "orders", "market": "XYZ"},
+    ):
+        reply = await conn.request(request)
+        assert (reply["code"], reply["field"]) == ("unknown_market", "market"), reply
+
+    # Engine reasons as error codes for funding and modify.
+    mine = (
+        await conn.request(
+            {
+                "op": "order",
+                "market": ACME,
+                "side": "sell",
+                "qty": "5",
+                "price": "105.00",
+                "post_only": True,
+            }
+        )
+    )["order_id"]
+    await conn.request({"op": "order", "market": ACME, "side": "buy", "qty": "1", "price": "95.00"})
+    for request, code in (
+        ({"op": "withdraw", "asset": "USD", "amount": "1000000000"}, "insufficient_funds"),
+        ({"op": "withdraw", "asset": "DOGE", "amount": "1"}, "unknown_asset"),
+        ({"op": "deposit", "asset": "USD", "amount": "0.0000001"}, "invalid_amount"),
+        ({"op": "deposit", "asset": "USD", "amount": "0"}, "invalid_amount"),
+        ({"op": "deposit", "asset": "USD", "amount": "-5"}, "invalid_amount"),
+        ({"op": "modify", "order_id": mine, "qty": "0"}, "invalid_quantity"),
+        ({"op": "modify", "order_id": mine, "qty": "1.5"}, "invalid_quantity"),
+        ({"op": "modify", "order_id": mine, "price": "105.001"}, "invalid_price"),
+        ({"op": "modify", "order_id": mine, "price": "150.00"}, "price_out_of_band"),
+        ({"op": "modify", "order_id": mine, "price": "95.00"}, "would_take_liquidity"),
+        ({"op": "modify", "order_id": mine, "qty": "100000"}, "insufficient_funds"),
+    ):
+        reply = await conn.request(request)
+        assert (reply["type"], reply["code"]) == ("error", code), (request, reply)
+    orders = (await conn.request({"op": "orders", "market": ACME}))["orders"]
+    assert [(o["order_id"], o["price"], o["qty"]) for o in orders if o["order_id"] == mine] == [
+        (mine, "105.00", "5")
+    ]
+
+    # line_too_long: a 1 MB line gets the error and the connection is closed.
+    victim = await raws(server)
+    try:
+        await victim.send(b'{"op":"ping","pad":"' + b"x" * (1 << 20) + b'"}\n')
+    except ConnectionError:  # the server may close before the whole megabyte is written
+        pass
+    seen = await victim.until_closed()
+    assert seen[:1] == [
+        {
+            "type": "error",
+            "code": "line_too_long",
+            "message": f"a line may be at most {MAX_LINE} bytes",
+        }
+    ]
+    # So does a line that never ends.
+    endless = await raws(server)
+    await endless.send(b"y" * (MAX_LINE + 1))
+    assert [m["code"] for m in await endless.until_closed()] == ["line_too_long"]
+    # A line of exactly MAX_LINE bytes is fine.
+    exact = b'{"op":"ping","id":"big","pad":"'
+    exact += b"z" * (MAX_LINE - len(exact) - 2) + b'"}'
+    assert len(exact) == MAX_LINE
+    await conn.send(exact + b"\n")
+    assert (await conn.reply_to("big"))["type"] == "pong"
+    assert (await w(bob.ping()))["type"] == "pong"
+
+
+async def test_auth_failed_and_keys_mode(make_server, dial, tmp_path: Path) -> None:
+    accounts = tmp_path / "accounts.json"
+    accounts.write_text(
+        json.dumps(
+            {
+                "users": {
+                    "alice": {"token_hash": hash_token("alice-secret")},
+                    "bob": {"token_hash": hash_token("bob-secret")},
+                    "root": {"token_hash": hash_token("root-secret"), "admin": True},
+                }
+            }
+        )
+    )
+    server = await make_server(auth="keys", accounts_file=accounts)
+
+    probe = await dial(server)
+    refusals = []
+    for user, token in (
+        ("alice", "wrong"),
+        ("alice", None),
+        ("mallory", "alice-secret"),
+        ("alice", ""),
+    ):
+        with pytest.raises(ExchangeError) as err:
+            await w(probe.login(user, token))
+        assert err.value.code == "auth_failed"
+        refusals.append(without_id(err.value.reply))
+    assert all(r == refusals[0] for r in refusals)  # unknown user and wrong token look alike
+    with pytest.raises(ExchangeError) as err:
+        await w(probe.balances())
+    assert err.value.code == "not_logged_in"
+
+    alice = await dial(server, "alice", "alice-secret")
+    root = await dial(server, "root", "root-secret")
+    bob = await dial(server, "bob", "bob-secret")
+    # No demo funding in keys mode.
+    assert (await w(alice.balances()))["USD"]["available"] == "0.000000"
+
+    funded = await w(root.deposit("USD", "2500.5", user="alice"))
+    assert funded["type"] == "balances" and funded["user"] == "alice"
+    assert funded["balances"]["USD"]["available"] == "2500.500000"
+    assert (await w(alice.balances()))["USD"]["available"] == "2500.500000"
+    await w(root.deposit("BTC", "1", user="bob"))
+
+    for call in (
+        lambda: alice.deposit("USD", "1", user="bob"),
+        lambda: alice.deposit("USD", "1"),
+        lambda: bob.withdraw("BTC", "1", user="alice"),
+    ):
+        with pytest.raises(ExchangeError) as err:
+            await w(call())
+        assert err.value.code == "forbidden"
+    taken = await w(alice.withdraw("USD", "0.5"))
+    assert taken["balances"]["USD"]["available"] == "2500.000000"
+
+    # The funded users trade; neither can see the other's orders.
+    sell = await w(bob.sell(BTC, "1", "100"))
+    assert await w(alice.orders()) == []
+    await w(alice.buy(BTC, "1", "100"))
+    fill = await next_exec(bob, "trade", sell["order_id"])
+    assert fill["status"] == "filled"
+    assert (await w(alice.balances()))["BTC"]["available"] == "1.00000000"
+
+
+async def test_random_garbage_changes_nothing(server, raws, connect, caplog) -> None:
+    caplog.set_level(logging.ERROR, logger="exchange")
+    rng = random.Random(1234)
+    alice = await w(connect("alice"))
+    bob = await w(connect("bob"))
+    await w(alice.sell(BTC, "1", "101.00"))
+    await w(bob.buy(BTC, "2", "99.00"))
+    await w(bob.buy(ACME, "3", "99.00"))
+
+    async def state() -> Any:
+        return (
+            without_id(await w(alice.book(BTC, level=3, depth=10_000))),
+            without_id(await w(alice.book(ACME, level=3))),
+            await w(alice.balances()),
+            await w(bob.balances()),
+            await w(alice.orders()),
+            await w(bob.orders()),
+        )
+
+    before = await state()
+    templates = [
+        b'{"op":"order","market":"BTC-USD","side":"buy","qty":"1","price":"101.00"}',
+        b'{"op":"cancel","order_id":1}',
+        b'{"op":"book","market":"BTC-USD","depth":3}',
+        b'{"op":"withdraw","asset":"USD","amount":"5"}',
+        b'{"op":"modify","order_id":2,"qty":"1"}',
+    ]
+    anonymous = await raws(server)
+    logged_in = await raws(server)
+    assert (await logged_in.request({"op": "login", "user": "gremlin"}))["type"] == "logged_in"
+    replies = 0
+    for round_ in range(150):
+        kind = rng.random()
+        if kind < 0.4:  # pure noise, NUL bytes and invalid UTF-8 included
+            chunk = bytes(rng.randrange(256) for _ in range(rng.randint(1, 300)))
+        elif kind < 0.7:  # a real request with bytes flipped
+            line = bytearray(rng.choice(templates))
+            for _ in range(rng.randint(1, 4)):
+                line[rng.randrange(len(line))] = rng.randrange(256)
+            chunk = bytes(line)
+        else:  # valid JSON with hostile values
+            chunk = orjson.dumps(
+                {
+                    "op": rng.choice(["order", "cancel", "book", "login", "modify"]),
+                    "market": rng.choice([BTC, "\x00", None, 5]),
+                    "user": rng.choice(["\x00", "../../etc", "", "__fees__", "a/b", 3]),
+                    "order_id": rng.choice([1, "1\x00", -1, 2**63 - 1, [1]]),
+                    "side": rng.choice(["buy", "\x00sell", {"x": 1}]),
+                    "qty": rng.choice(["1e3", "-1", "NaN", "\x00", 1e308]),
+                    "price": rng.choice(["0", "1" * 50, 0.1, ""]),
+                }
+            )
+        target = anonymous if round_ % 2 else logged_in
+        # The logged-in session only gets pure noise: a flipped byte may spell a valid order.
+        if target is logged_in and kind >= 0.4:
+            continue
+        await target.send(chunk + b"\n")
+    for conn in (anonymous, logged_in):
+        await conn.send({"op": "ping", "id": "end"})
+        await conn.reply_to("end")
+        for msg in conn.backlog:
+            replies += 1
+            assert msg["type"] in ("error", "pong", "book"), msg  # never logged_in, exec...
+            if msg["type"] == "error":
+                assert msg["code"] in {
+                    "bad_json",
+                    "bad_request",
+                    "unknown_op",
+                    "not_logged_in",
+                    "unknown_market",
+                }, msg
+    assert replies > 50
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert await state() == before
+    stats = await w(alice.stats())
+    assert (stats["connections"], stats["open_orders"], stats["orders"]) == (4, 3, 3)
+    # Everyone still trades.
+    fill = await w(bob.buy(BTC, "1", "101.00"))
+    assert (await next_exec(bob, "trade", fill["order_id"]))["status"] == "filled"
+
+
+async def test_fifty_concurrent_connections(server, connect) -> None:
+    clients = await w(asyncio.gather(*(connect(f"u{i:02d}") for i in range(50))), 20)
+
+    async def trade(i: int, client: ExchangeClient) -> list[dict[str, Any]]:
+        side = "buy" if i % 2 else "sell"
+        futures = [
+            client.send(
+                "order",
+                market=BTC,
+                side=side,
+                qty="0.1",
+                price=f"{100 + (k - 2) * (1 if i % 2 else -1) * 0.01:.2f}",
+            )
+            for k in range(4)
+        ]
+        return [await w(f) for f in futures]
+
+    results = await w(asyncio.gather(*(trade(i, c) for i, c in enumerate(clients))), 20)
+    ids = [r["order_id"] for rs in results for r in rs]
+    assert all(r["exec_type"] == "new" for rs in results for r in rs)
+    assert len(set(ids)) == 200
+
+    # Each trade was reported once to each side, with the same quantity; the engine agrees.
+    fills: dict[int, list[dict[str, Any]]] = {}
+    for client in clients:
+        for ev in execs(await settle(client), "trade"):
+            fills.setdefault(ev["trade_id"], []).append(ev)
+    assert fills
+    for trade_id, pair in fills.items():
+        assert sorted(e["liquidity"] for e in pair) == ["maker", "taker"], trade_id
+        assert pair[0]["last_qty"] == pair[1]["last_qty"] and pair[0]["side"] != pair[1]["side"]
+    stats = await w(clients[0].stats())
+    assert stats["connections"] >= 50 and stats["orders"] == 200 and stats["trades"] == len(fills)
+    server.engine.check_invariants()
+
+
+async def test_a_subscriber_that_never_reads_is_dropped(make_server, dial) -> None:
+    server = await make_server(max_buffer=64 * 1024)
+    assert server.address is not None
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await w(loop.sock_connect(sock, server.address))
+        await w(
+            loop.sock_sendall(
+                sock,
+                b'{"op":"subscribe","channel":"book","market":"BTC-USD"}\n'
+                b'{"op":"subscribe","channel":"trades","market":"BTC-USD"}\n',
+            )
+        )
+        alice = await dial(server, "alice")
+        bob = await dial(server, "bob")
+        rounds = 0
+        while (await w(alice.stats()))["slow_consumers"] == 0:
+            rounds += 1
+            assert rounds < 1500, "the slow subscriber was never dropped"
+            # Fifty resting orders and their cancels (a hundred book updates), and a trade.
+            news = [
+                alice.send(
+                    "order", market=BTC, side="buy", qty="0.01", price=f"{1 + k}.{rounds % 100:02d}"
+                )
+                for k in range(50)
+            ]
+            ids = [(await w(f))["order_id"] for f in news]
+            for f in [alice.send("cancel", order_id=oid) for oid in ids]:
+                assert (await w(f))["exec_type"] == "canceled"
+            await w(alice.sell(BTC, "0.001", "500.00"))
+            taker = await w(bob.buy(BTC, "0.001", "500.00"))
+            assert (await next_exec(bob, "trade", taker["order_id"]))["status"] == "filled"
+
+        # The dropped socket reaches its end; the others go on trading.
+        def read_to_end() -> None:
+            sock.setblocking(True)
+            sock.settimeout(T)
+            try:
+                while sock.recv(1 << 16):
+                    pass
+            except ConnectionResetError:
+                pass
+
+        await w(loop.run_in_executor(None, read_to_end), 2 * T)
+        sell = await w(alice.sell(BTC, "0.5", "100.00"))
+        await w(bob.buy(BTC, "0.5", "100.00"))
+        assert (await next_exec(alice, "trade", sell["order_id"]))["status"] == "filled"
+        stats = await w(bob.stats())
+        assert stats["slow_consumers"] == 1 and stats["connections"] == 2
+    finally:
+        sock.close()
+
+
+# ------------------------------------------------------------------------------- the other ops
+
+
+async def test_deposit_and_withdraw_reply_with_balances(connect) -> None:
+    alice = await w(connect("alice"))
+    reply = await w(alice.deposit("USD", "12.345678"))
+    assert reply["type"] == "balances" and reply["user"] == "alice"
+    assert reply["balances"]["USD"]["available"] == "100012.345678"
+    assert reply["balances"]["USD"]["deposited"] == "100012.345678"
+    assert set(reply["balances"]) == {"USD", "BTC", "ACME"}
+    assert set(reply["balances"]["USD"]) >= {"available", "locked"}
+    reply = await w(alice.withdraw("BTC", "2.5"))
+    assert reply["balances"]["BTC"]["available"] == "7.50000000"
+    assert reply["balances"]["BTC"]["withdrawn"] == "2.50000000"
+    reply = await w(alice.deposit("ACME", 5, user="alice"))  # oneself by name; a JSON number
+    assert reply["balances"]["ACME"]["available"] == "1005"
+    # Locked funds cannot be withdrawn.
+    await w(alice.sell(BTC, "7", "1000.00"))
+    with pytest.raises(ExchangeError) as err:
+        await w(alice.withdraw("BTC", "1"))
+    assert err.value.code == "insufficient_funds"
+    bal = await w(alice.balances())
+    assert (bal["BTC"]["available"], bal["BTC"]["locked"]) == ("0.50000000", "7.00000000")
+
+
+async def test_orders_op_lists_own_open_orders(connect) -> None:
+    alice = await w(connect("alice"))
+    bob = await w(connect("bob"))
+    o1 = await w(alice.buy(BTC, "1", "90.00", client_order_id="first"))
+    o2 = await w(alice.sell(BTC, "2", "110.00"))
+    o3 = await w(alice.buy(ACME, "4", "95.00", post_only=True))
+    await w(bob.buy(BTC, "1", "91.00"))
+    await w(bob.buy(BTC, "0.5", "110.00"))  # partly fills o2
+
+    mine = await w(alice.orders())
+    assert [o["order_id"] for o in mine] == [o1["order_id"], o2["order_id"], o3["order_id"]]
+    first = mine[0]
+    assert first == {
+        "order_id": o1["order_id"],
+        "market": BTC,
+        "side": "buy",
+        "order_type": "limit",
+        "tif": "gtc",
+        "price": "90.00",
+        "qty": "1.0000",
+        "filled_qty": "0.0000",
+        "remaining_qty": "1.0000",
+        "avg_price": None,
+        "status": "new",
+        "post_only": False,
+        "ts": o1["ts"],
+        "client_order_id": "first",
+    }
+    assert (mine[1]["status"], mine[1]["filled_qty"], mine[1]["avg_price"]) == (
+        "partially_filled",
+        "0.5000",
+        "110.00",
+    )
+    assert mine[2]["post_only"] is True and mine[2]["qty"] == "4"
+    assert [o["order_id"] for o in await w(alice.orders(ACME))] == [o3["order_id"]]
+    await w(alice.cancel(o1["order_id"]))
+    assert [o["order_id"] for o in await w(alice.orders(BTC))] == [o2["order_id"]]
+    assert len(await w(bob.orders())) == 1
+
+
+async def test_modify_replaces_in_place_and_a_rejection_changes_nothing(connect) -> None:
+    alice = await w(connect("alice"))
+    bob = await w(connect("bob"))
+    carol = await w(connect("carol"))
+    a = await w(alice.sell(BTC, "2", "105.00"))
+    b = await w(bob.sell(BTC, "1", "105.00"))
+    oid = a["order_id"]
+    assert (await w(bob.queue_position(b["order_id"])))["ahead_qty"] == "2.0000"
+
+    # Reducing the quantity keeps time priority; qty is the new total.
+    rep = await w(alice.modify(oid, qty="1.5"))
+    assert (rep["type"], rep["exec_type"], rep["order_id"]) == ("exec", "replaced", oid)
+    assert (rep["qty"], rep["remaining_qty"], rep["price"]) == ("1.5000", "1.5000", "105.00")
+    qp = await w(bob.queue_position(b["order_id"]))
+    assert qp == {
+        **qp,
+        "type": "queue_position",
+        "ahead_qty": "1.5000",
+        "remaining_qty": "1.0000",
+        "price": "105.00",
+        "market": BTC,
+    }
+    assert (await w(alice.queue_position(oid)))["ahead_qty"] == "0.0000"
+
+    # A partial fill, then a total below what is filled is refused and changes nothing.
+    await w(carol.buy(BTC, "0.5", "105.00"))
+    await next_exec(alice, "trade", oid)
+
+    async def state() -> Any:
+        return (
+            await w(alice.orders()),
+            without_id(await w(alice.book(BTC, level=3))),
+            await w(alice.balances()),
+        )
+
+    before = await state()
+    for kw, code in (
+        ({"qty": "0.5"}, "invalid_quantity"),
+        ({"qty": "0.2"}, "invalid_quantity"),
+        ({"price": "105.005"}, "invalid_price"),
+        ({"qty": "1000"}, "insufficient_funds"),
+    ):
+        with pytest.raises(ExchangeError) as err:
+            await w(alice.modify(oid, **kw))
+        assert err.value.code == code and err.value.reply.get("order_id", oid) == oid
+    after = await state()
+    assert after == before
+
+    # Raising the quantity is a new arrival: the order keeps its id but goes to the back.
+    rep = await w(alice.modify(oid, qty="3"))
+    assert (
+        rep["order_id"],
+        rep["qty"],
+        rep["filled_qty"],
+        rep["remaining_qty"],
+        rep["status"],
+    ) == (oid, "3.0000", "0.5000", "2.5000", "partially_filled")
+    assert (await w(alice.queue_position(oid)))["ahead_qty"] == "1.0000"  # all of bob's order
+
+    # A new price that crosses trades at once after the replaced report.
+    await w(carol.buy(BTC, "1", "100.00"))
+    rep = await w(alice.modify(oid, price="100.00"))
+    assert rep["exec_type"] == "replaced" and rep["price"] == "100.00"
+    fill = await next_exec(alice, "trade", oid)
+    assert (fill["last_price"], fill["last_qty"], fill["liquidity"]) == (
+        "100.00",
+        "1.0000",
+        "taker",
+    )
+    assert (fill["filled_qty"], fill["remaining_qty"]) == ("1.5000", "1.5000")
+    rows = (await w(alice.book(BTC, level=3)))["asks"]
+    assert [oid, "100.00", "1.5000"] in rows
+
+
+async def test_stats(server, connect, raws) -> None:
+    anon = await raws(server)
+    first = await anon.request({"op": "stats"})
+    alice = await w(connect("alice"))
+    bob = await w(connect("bob"))
+    await w(alice.sell(BTC, "1", "100"))
+    await w(bob.buy(BTC, "1", "100"))
+    stats = await w(bob.stats())
+    assert stats["type"] == "stats"
+    for key in (
+        "orders",
+        "trades",
+        "messages_in",
+        "messages_out",
+        "connections",
+        "connections_total",
+        "users_online",
+        "open_orders",
+        "slow_consumers",
+        "orders_per_sec",
+        "trades_per_sec",
+        "messages_per_sec",
+        "uptime_s",
+    ):
+        assert key in stats, key
+    assert stats["orders"] == first["orders"] + 2 and stats["trades"] == first["trades"] + 1
+    assert stats["connections"] == 3 and stats["users_online"] == 2 and stats["open_orders"] == 0
+    assert stats["messages_in"] > first["messages_in"]
+
+
+async def test_open_mode_funds_a_new_user_once(server, connect) -> None:
+    first = await w(connect())
+    reply = await w(first.login("dora"))
+    assert reply == {**reply, "type": "logged_in", "user": "dora", "funded": True, "admin": False}
+    balances = await w(first.balances())
+    assert {a: b["available"] for a, b in balances.items()} == {
+        "USD": "100000.000000",
+        "BTC": "10.00000000",
+        "ACME": "1000",
+    }
+    await w(first.withdraw("USD", "100000"))
+    again = await w(first.login("dora"))  # the same session, again
+    assert again["funded"] is False
+    await w(first.close())
+
+    second = await w(connect())
+    reply = await w(second.login("dora"))
+    assert reply["funded"] is False
+    assert (await w(second.balances()))["USD"]["available"] == "0.000000"
+    with pytest.raises(ExchangeError) as err:
+        await w(second.login("someone_else"))
+    assert err.value.code == "bad_request"
+
+
+async def test_audit_log_records_each_order_event(server, connect) -> None:
+    alice = await w(connect("alice"))
+    bob = await w(connect("bob"))
+    placed = await w(alice.sell(BTC, "1", "100.00"))
+    spare = await w(alice.sell(BTC, "1", "120.00"))
+    await w(alice.modify(spare["order_id"], qty="0.5"))
+    await w(bob.buy(BTC, "1", "100.00"))
+    await next_exec(alice, "trade", placed["order_id"])
+    await w(alice.cancel(spare["order_id"]))
+    await w(alice.place(BTC, "buy", "100000", "100.00", raise_on_reject=False))
+    with pytest.raises(ExchangeError):
+        await w(alice.cancel(999))
+    await w(server.audit.close())
+
+    logs = Path(server.config.data_dir) / "logs"
+    lines = (logs / "alice.log").read_text(encoding="utf-8").splitlines()
+    stamp = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z ")
+    assert all(stamp.match(line) for line in lines), lines
+    body = [stamp.sub("", line) for line in lines]
+    p, s = placed["order_id"], spare["order_id"]
+    assert body[0].startswith(f"PLACED order {p} SELL 1.0000 BTC-USD @ 100.00 limit gtc")
+    assert body[1].startswith(f"PLACED order {s} ")
+    assert body[2].startswith(f"MODIFIED order {s} ")
+    assert body[3].startswith(f"FILL order {p} ")
+    assert "1.0000" in body[3] and "@ 100.00" in body[3] and "maker" in body[3]
+    assert body[3].endswith("filled")
+    assert body[4].startswith(f"CANCELED order {s} ")
+    assert body[5].startswith("REJECTED BUY 100000.0000 BTC-USD @ 100.00") and body[5].endswith(
+        "insufficient_funds"
+    )
+    assert body[6] == "REJECTED CancelOrder order 999: unknown_order"
+    assert len(body) == 7
+    bob_lines = (logs / "bob.log").read_text(encoding="utf-8").splitlines()
+    assert [stamp.sub("", line).split()[0] for line in bob_lines] == ["PLACED", "FILL"]

@@ -1,0 +1,156 @@
+"""`run/start_engine.py` as a real subprocess: it starts, serves, stops cleanly, refuses bad input.
+
+Every wait is bounded; a process still running when a test ends is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from client import ExchangeClient
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "run" / "start_engine.py"
+T = 10.0  # a cold interpreter start on a slow machine can take a few seconds
+LISTENING = re.compile(r"Exchange listening on (\S+):(\d+)")
+
+
+@pytest.fixture
+async def engine(
+    tmp_path: Path,
+) -> AsyncIterator[Callable[..., Awaitable[tuple[asyncio.subprocess.Process, str, int]]]]:
+    """``await engine(*args)``: start the script on port 0, return (process, host, port)."""
+    procs: list[asyncio.subprocess.Process] = []
+
+    async def _start(*args: str) -> tuple[asyncio.subprocess.Process, str, int]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(SCRIPT),
+            "--port",
+            "0",
+            "--data-dir",
+            str(tmp_path / "data"),
+            *args,
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        procs.append(proc)
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), T)).decode()
+        match = LISTENING.search(line)
+        assert match, f"unexpected first line {line!r}"
+        return proc, match.group(1), int(match.group(2))
+
+    yield _start
+    for proc in procs:
+        if proc.returncode is None:
+            proc.kill()
+            await asyncio.wait_for(proc.wait(), T)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_serves_and_stops_cleanly_on_a_signal(
+    engine, tmp_path: Path, sig: signal.Signals
+) -> None:
+    proc, host, port = await engine()
+    assert host == "127.0.0.1" and 0 < port < 65536  # loopback unless told otherwise
+    client = ExchangeClient(host, port, timeout=T)
+    await asyncio.wait_for(client.connect(), T)
+    try:
+        assert (await asyncio.wait_for(client.ping(), T))["type"] == "pong"
+        await asyncio.wait_for(client.login("alice"), T)
+        new = await asyncio.wait_for(client.sell("BTC-USD", "1", "100.00"), T)
+        assert new["exec_type"] == "new"
+
+        proc.send_signal(sig)
+        assert await asyncio.wait_for(proc.wait(), T) == 0
+        # Connected clients are told why before the connection closes.
+        events = []
+        while (ev := await asyncio.wait_for(client.next_event(T), T)) is not None:
+            events.append(ev)
+        assert events[-1] == {
+            "type": "error",
+            "code": "shutting_down",
+            "message": "the exchange is shutting down",
+        }
+    finally:
+        await asyncio.wait_for(client.close(), T)
+    assert proc.stdout is not None and proc.stderr is not None
+    out = (await asyncio.wait_for(proc.stdout.read(), T)).decode()
+    err = (await asyncio.wait_for(proc.stderr.read(), T)).decode()
+    assert "Exchange stopped cleanly." in out
+    assert "Traceback" not in err
+    # What was buffered was written on the way out.
+    log = (tmp_path / "data" / "logs" / "alice.log").read_text(encoding="utf-8")
+    assert f"PLACED order {new['order_id']} " in log
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--port", "0", *args],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=T,
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"{not json", "is not valid JSON"),
+        (
+            json.dumps({"assets": {"USD": 2}, "markets": []}).encode(),
+            "'markets' must be a non-empty list",
+        ),
+        (
+            json.dumps(
+                {
+                    "assets": {"USD": 2, "BTC": 8},
+                    "markets": [
+                        {
+                            "symbol": "BTC-USD",
+                            "base": "BTC",
+                            "quote": "EUR",
+                            "tick_size": "0.01",
+                            "lot_size": "1",
+                        },
+                    ],
+                }
+            ).encode(),
+            "unknown asset",
+        ),
+        (b"\xff\xfe\x00", "is not UTF-8 text"),
+        (None, "cannot read markets file"),
+    ],
+    ids=["bad-json", "no-markets", "unknown-asset", "not-utf8", "missing"],
+)
+def test_a_bad_markets_file_is_refused_clearly(
+    tmp_path: Path, content: bytes | None, expected: str
+) -> None:
+    path = tmp_path / "markets.json"
+    if content is not None:
+        path.write_bytes(content)
+    result = run_script("--data-dir", str(tmp_path / "data"), "--markets", str(path))
+    assert result.returncode != 0
+    assert str(path) in result.stderr and expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "listening" not in result.stdout
+
+
+def test_keys_mode_without_an_accounts_file_is_refused(tmp_path: Path) -> None:
+    result = run_script("--data-dir", str(tmp_path / "data"), "--auth", "keys")
+    assert result.returncode != 0
+    assert "--auth keys needs --accounts FILE" in result.stderr
+    assert "Traceback" not in result.stderr
