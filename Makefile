@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NATIVE ?= 1
-NATIVE_SRC := exchange/types.py exchange/book.py exchange/accounts.py exchange/engine.py
+NATIVE_SRC := exchange/types.py exchange/markets.py exchange/book.py exchange/accounts.py exchange/engine.py exchange/protocol.py
 
 .PHONY: setup run test bench native pure clean
 

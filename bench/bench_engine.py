@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from exchange.engine import Exchange  # noqa: E402
+from exchange.runtime import tune_gc  # noqa: E402
 from exchange.types import (  # noqa: E402
     CancelOrder, Command, Deposit, ExecReport, ExecType, OrderType, PlaceOrder, Side, Trade,
 )
@@ -119,6 +120,13 @@ def timed_run(cmds: list[Command], skip: int) -> tuple[float, int, int, Exchange
     return elapsed, trades, events, ex
 
 
+def engine_kind() -> str:
+    import exchange
+
+    native = exchange.native_modules()
+    return f"compiled with mypyc ({', '.join(native)})" if native else "plain Python"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ops", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
@@ -126,9 +134,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--book", choices=["shallow", "deep", "both"], default="both")
     ap.add_argument("--check", action="store_true", help="check every invariant at the end")
+    ap.add_argument("--default-gc", action="store_true",
+                    help="keep CPython's default collector thresholds (the server tunes them)")
     args = ap.parse_args()
+    if not args.default_gc:
+        tune_gc()
     books = ["shallow", "deep"] if args.book == "both" else [args.book]
-    print(f"python {sys.version.split()[0]}, {args.runs} runs per case, median reported")
+    print(f"python {sys.version.split()[0]}, engine {engine_kind()}, "
+          f"gc {'default' if args.default_gc else 'tuned as in the server'}, "
+          f"{args.runs} runs per case, median reported")
     print(f"{'book':8} {'ops':>9} {'ops/s':>10} {'us/op':>7} {'trades':>9} {'events/op':>9} {'resting':>8} {'peak RSS MB':>11}")
     for book in books:
         for n in args.ops:

@@ -44,7 +44,7 @@ def native_modules() -> list[str]:
     import importlib
 
     names = []
-    for name in ("types", "book", "accounts", "engine"):
+    for name in ("types", "markets", "book", "accounts", "engine", "protocol"):
         module = importlib.import_module(f"exchange.{name}")
         if not str(module.__file__).endswith(".py"):
             names.append(name)

@@ -38,6 +38,7 @@ MAX_TEXT_LENGTH = 40
 BPS = 10_000
 _POW10 = [10**i for i in range(64)]  # powers of ten as ints (``10**n`` is typed as Any)
 MAX_FEE_BPS = 1_000
+CONVERSION_CACHE_LIMIT = 50_000
 
 
 class InvalidValue(ValueError):
@@ -172,8 +173,10 @@ class Market:
     min_qty: str
     price_band: str | None = None
     reference_price: str | None = None
-    maker_fee_bps: int = 1
-    taker_fee_bps: int = 2
+    # Whole basis points; typed loosely so a bad value reaches the check in __post_init__
+    # (and raises ConfigError) rather than failing in the constructor of a compiled build.
+    maker_fee_bps: Any = 1
+    taker_fee_bps: Any = 2
     # Derived, filled in by __post_init__.
     tick_mantissa: int = field(init=False, default=0)
     tick_decimals: int = field(init=False, default=0)
@@ -185,6 +188,10 @@ class Market:
     band_num: int = field(init=False, default=0)
     band_den: int = field(init=False, default=1)
     reference_ticks: int | None = field(init=False, default=None)
+    # Decimal strings already converted: clients repeat the same few prices and sizes, and
+    # a dict hit is far cheaper than parsing. Only valid conversions are kept; bounded.
+    _price_cache: dict[str, int] = field(init=False, default_factory=dict, repr=False, compare=False)
+    _qty_cache: dict[str, int] = field(init=False, default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.tick_mantissa, self.tick_decimals = _unit_parts(self.tick_size, "tick_size")
@@ -231,6 +238,10 @@ class Market:
     # -- conversions at the edge ------------------------------------------------------
 
     def price_ticks(self, value: Any) -> int:
+        if value.__class__ is str:
+            cached = self._price_cache.get(value)
+            if cached is not None:
+                return cached
         try:
             digits, scale = split_decimal(value)
         except ValueError as exc:
@@ -241,9 +252,15 @@ class Market:
                 RejectReason.INVALID_PRICE,
                 f"price {value!r} must be positive and a multiple of {self.tick_size}",
             )
+        if value.__class__ is str and len(self._price_cache) < CONVERSION_CACHE_LIMIT:
+            self._price_cache[value] = ticks
         return ticks
 
     def qty_lots(self, value: Any) -> int:
+        if value.__class__ is str:
+            cached = self._qty_cache.get(value)
+            if cached is not None:
+                return cached
         try:
             digits, scale = split_decimal(value)
         except ValueError as exc:
@@ -254,6 +271,8 @@ class Market:
                 RejectReason.INVALID_QUANTITY,
                 f"quantity {value!r} must be positive and a multiple of {self.lot_size}",
             )
+        if value.__class__ is str and len(self._qty_cache) < CONVERSION_CACHE_LIMIT:
+            self._qty_cache[value] = lots
         return lots
 
     def format_price(self, ticks: int) -> str:
@@ -329,12 +348,14 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
-def _bps(value: Any) -> int:
-    """Fee rates are whole basis points; anything else is refused when the market is built."""
-    return value  # type: ignore[no-any-return]
+def _bps(value: Any, symbol: str, name: str) -> int:
+    """Fee rates are whole basis points from 0 to ``MAX_FEE_BPS``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_FEE_BPS:
+        raise ConfigError(f"{symbol}: {name} must be an integer from 0 to {MAX_FEE_BPS}")
+    return value
 
 
-def build_config(data: dict[str, Any]) -> MarketConfig:
+def build_config(data: Any) -> MarketConfig:
     """Validate a markets definition (the shape of ``DEFAULT_CONFIG``) and build it."""
     if not isinstance(data, dict):
         raise ConfigError("a markets file must hold a JSON object")
@@ -386,8 +407,12 @@ def build_config(data: dict[str, Any]) -> MarketConfig:
                     None if raw.get("reference_price") is None
                     else decimal_text(raw["reference_price"], f"{symbol}: reference_price")
                 ),
-                maker_fee_bps=_bps(raw.get("maker_fee_bps", fees.get("maker_fee_bps", 1))),
-                taker_fee_bps=_bps(raw.get("taker_fee_bps", fees.get("taker_fee_bps", 2))),
+                maker_fee_bps=_bps(
+                    raw.get("maker_fee_bps", fees.get("maker_fee_bps", 1)), symbol, "maker_fee_bps"
+                ),
+                taker_fee_bps=_bps(
+                    raw.get("taker_fee_bps", fees.get("taker_fee_bps", 2)), symbol, "taker_fee_bps"
+                ),
             )
         except KeyError as exc:
             raise ConfigError(f"{symbol}: missing field {exc}") from None

@@ -19,7 +19,7 @@ docs/protocol.md documents every op, message and error code; keep the two togeth
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Final
 
 import orjson
 
@@ -61,17 +61,17 @@ CHANNELS = ("trades", "book")
 class ErrorCode:
     """Codes of the ``error`` message (besides the engine's reject reasons)."""
 
-    BAD_JSON = "bad_json"
-    BAD_REQUEST = "bad_request"
-    UNKNOWN_OP = "unknown_op"
-    LINE_TOO_LONG = "line_too_long"
-    NOT_LOGGED_IN = "not_logged_in"
-    AUTH_FAILED = "auth_failed"
-    FORBIDDEN = "forbidden"
-    UNKNOWN_MARKET = "unknown_market"
-    UNKNOWN_ORDER = "unknown_order"
-    SLOW_CONSUMER = "slow_consumer"
-    SHUTTING_DOWN = "shutting_down"
+    BAD_JSON: Final = "bad_json"
+    BAD_REQUEST: Final = "bad_request"
+    UNKNOWN_OP: Final = "unknown_op"
+    LINE_TOO_LONG: Final = "line_too_long"
+    NOT_LOGGED_IN: Final = "not_logged_in"
+    AUTH_FAILED: Final = "auth_failed"
+    FORBIDDEN: Final = "forbidden"
+    UNKNOWN_MARKET: Final = "unknown_market"
+    UNKNOWN_ORDER: Final = "unknown_order"
+    SLOW_CONSUMER: Final = "slow_consumer"
+    SHUTTING_DOWN: Final = "shutting_down"
 
 
 class ProtocolError(Exception):
@@ -213,6 +213,7 @@ def order_command(config: MarketConfig, msg: dict[str, Any], account: str, ts: i
     if otype is None:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'type' must be limit|market", "type")
     raw_tif = msg.get("tif")
+    tif: TimeInForce | None
     if raw_tif is None:
         tif = _GTC if otype is _LIMIT else _IOC
     else:
