@@ -47,6 +47,8 @@ _LABELS = {
 class AuditLog:
     """Buffers events in memory and appends their lines to per-user files in the background."""
 
+    SLICE = 16  # command batches formatted between two yields to the event loop
+
     def __init__(
         self, directory: str | Path, config: MarketConfig, interval: float = 0.2,
         formatter: Formatter | None = None,
@@ -83,7 +85,12 @@ class AuditLog:
             self._wake.clear()
             batch, self._pending = self._pending, []
             if batch:
-                lines = self.format(batch)
+                # Format in slices, yielding to the loop between them: one long pass over a
+                # busy interval's events would stall every client for milliseconds.
+                lines: dict[str, list[str]] = {}
+                for start in range(0, len(batch), self.SLICE):
+                    self.format(batch[start:start + self.SLICE], lines)
+                    await asyncio.sleep(0)
                 try:
                     await loop.run_in_executor(None, self._append, lines)
                 except OSError:
@@ -102,8 +109,11 @@ class AuditLog:
             batch, self._pending = self._pending, []
             self._append(self.format(batch))
 
-    def format(self, batch: list[list[Event]]) -> dict[str, list[str]]:
-        by_user: dict[str, list[str]] = {}
+    def format(
+        self, batch: list[list[Event]], by_user: dict[str, list[str]] | None = None,
+    ) -> dict[str, list[str]]:
+        if by_user is None:
+            by_user = {}
         for events in batch:
             for ev in events:
                 line = self.line(ev)
