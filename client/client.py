@@ -77,7 +77,7 @@ class ExchangeClient:
             self._reader, self._writer = await asyncio.wait_for(
                 asyncio.open_connection(self.host, self.port, limit=READ_LIMIT), self.timeout,
             )
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (OSError, OverflowError, ValueError, asyncio.TimeoutError) as exc:
             raise ExchangeConnectionError(
                 f"cannot connect to the exchange at {self.host}:{self.port} "
                 f"({getattr(exc, 'strerror', None) or type(exc).__name__}); is it running?"

@@ -62,6 +62,9 @@ from exchange.types import (
     Deposit,
     Event,
     ExecReport,
+    ExecType,
+    OrderStatus,
+    RejectReason,
     Trade,
 )
 
@@ -411,12 +414,29 @@ class Gateway:
             cmd = order_command(self.config, msg, session.user, ts)  # type: ignore[arg-type]
         except OrderRejected as exc:
             reply = self.fmt.rejected(msg, session.user, exc.reason, exc.message, ts)  # type: ignore[arg-type]
+            self._tell_listeners_rejected(session.user, reply, exc.reason, ts)  # type: ignore[arg-type]
             if rid is not None:
                 reply["id"] = rid
             session.send_msg(reply)
             return
         self.stats["orders"] += 1
         self.route(self.execute(cmd), session, rid)
+
+    def _tell_listeners_rejected(
+        self, user: str, reply: dict[str, Any], reason: RejectReason, ts: int,
+    ) -> None:
+        """An order refused before the engine (off-grid price...) still belongs in the audit trail.
+
+        The report echoes the request's raw values; it changes no state and is not journaled.
+        """
+        report = ExecReport(
+            ExecType.REJECTED, None, user, reply.get("market"), reply.get("side"),
+            reply.get("order_type"), reply.get("tif"), reply.get("client_order_id"),
+            reply.get("price"), reply.get("qty"), 0, 0, 0, OrderStatus.REJECTED, ts,
+            reason=reason,
+        )
+        for listener in self.listeners:
+            listener([report])
 
     def op_cancel(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
         cmd = cancel_command(msg, session.user, self.now())  # type: ignore[arg-type]

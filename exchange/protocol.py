@@ -438,7 +438,8 @@ class Formatter:
         market = ev.market
         return {
             "type": "book_update", "market": market, "seq": ev.seq, "side": ev.side,
-            "price": self.price(market, ev.price), "qty": self.qty(market, ev.qty),
+            "price": self.price(market, ev.price),
+            "qty": self.qty(market, ev.qty) if ev.qty else "0",  # "0": the level is gone
             "ts": ev.ts,
         }
 

@@ -137,8 +137,11 @@ class AuditLog:
                         f"@ {price(symbol, ev.last_price)} ({ev.liquidity}, fee "
                         f"{market.quote.format(ev.fee)} {market.quote.name}, trade {ev.trade_id}); "
                         f"filled {qty(symbol, ev.filled)}/{qty(symbol, ev.qty)}, {ev.status}")
-            at = "market" if ev.price is None else price(symbol, ev.price)
-            what = f"{ev.side.upper()} {qty(symbol, ev.qty)} {symbol} @ {at} {ev.order_type} {ev.tif}"
+            # A rejected order may echo the request's raw text (an off-grid "100.001").
+            at = ("market" if ev.price is None else
+                  price(symbol, ev.price) if type(ev.price) is int else str(ev.price))
+            size = qty(symbol, ev.qty) if type(ev.qty) is int else str(ev.qty)
+            what = f"{str(ev.side).upper()} {size} {symbol} @ {at} {ev.order_type} {ev.tif}"
             if et is ExecType.REJECTED:
                 return f"{stamp(ev.ts)} REJECTED {what}: {ev.reason}"
             return (f"{stamp(ev.ts)} {_LABELS[et]} {oid} {what}; filled {qty(symbol, ev.filled)}, "

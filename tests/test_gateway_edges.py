@@ -1,0 +1,48 @@
+"""Edges of the gateway that the main end-to-end file does not pin down."""
+
+from __future__ import annotations
+
+import asyncio
+
+from client import ExchangeClient
+
+
+async def _next(client: ExchangeClient, kind: str) -> dict:
+    while True:
+        ev = await asyncio.wait_for(client.next_event(), 5)
+        assert ev is not None
+        if ev.get("type") == kind:
+            return ev
+
+
+async def test_a_level_that_empties_is_reported_with_qty_zero(connect) -> None:
+    alice = await connect("alice")
+    watcher = await connect(None)
+    await watcher.subscribe("book", "BTC-USD")
+    await _next(watcher, "book")
+    report = await alice.buy("BTC-USD", "0.5", "99.00")
+    update = await _next(watcher, "book_update")
+    assert update["qty"] == "0.5000"
+    await alice.cancel(report["order_id"])
+    update = await _next(watcher, "book_update")
+    assert update["qty"] == "0" and update["price"] == "99.00"
+
+
+async def test_an_order_refused_before_the_engine_is_in_the_audit_log(server, connect) -> None:
+    alice = await connect("alice")
+    reply = await alice.place("BTC-USD", "buy", "1", "100.001", raise_on_reject=False)
+    assert reply["reason"] == "invalid_price"
+    await server.audit.close()
+    log = (server.config.data_dir / "logs" / "alice.log").read_text()
+    assert "REJECTED BUY 1 BTC-USD @ 100.001" in log and "invalid_price" in log
+
+
+async def test_an_impossible_port_is_a_clear_connection_error() -> None:
+    client = ExchangeClient("127.0.0.1", 70000, timeout=2)
+    try:
+        await client.connect()
+    except Exception as exc:  # noqa: BLE001 - the point is which exception
+        assert type(exc).__name__ == "ExchangeConnectionError"
+        assert "cannot connect" in str(exc)
+    else:  # pragma: no cover
+        raise AssertionError("connected to port 70000")
