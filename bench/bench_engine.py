@@ -9,12 +9,20 @@ balance settlement included.
 
     python bench/bench_engine.py                    # 10k, 100k, 1M ops, shallow and deep book
     python bench/bench_engine.py --ops 200000 --runs 5 --book shallow
+    python bench/bench_engine.py --ops 100000 --compare-plain   # compiled vs plain Python, same run
+
+With ``--compare-plain`` each case is also run by a subprocess that imports a copy of the
+sources with no compiled modules beside them, so the two builds are measured side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
+import shutil
+import subprocess
+import tempfile
 import random
 import resource
 import statistics
@@ -22,7 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+if os.environ.get("BENCH_ENGINE_ROOT"):  # a plain-Python copy, see --compare-plain
+    ROOT = Path(os.environ["BENCH_ENGINE_ROOT"])
+sys.path.insert(0, str(ROOT))
 
 from exchange.engine import Exchange  # noqa: E402
 from exchange.runtime import tune_gc  # noqa: E402
@@ -134,11 +145,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--book", choices=["shallow", "deep", "both"], default="both")
     ap.add_argument("--check", action="store_true", help="check every invariant at the end")
+    ap.add_argument("--compare-plain", action="store_true",
+                    help="also run every case on a plain-Python copy of the engine")
     ap.add_argument("--default-gc", action="store_true",
                     help="keep CPython's default collector thresholds (the server tunes them)")
     args = ap.parse_args()
     if not args.default_gc:
         tune_gc()
+    if args.compare_plain:
+        compare_plain(args)
+        return
     books = ["shallow", "deep"] if args.book == "both" else [args.book]
     print(f"python {sys.version.split()[0]}, engine {engine_kind()}, "
           f"gc {'default' if args.default_gc else 'tuned as in the server'}, "
@@ -160,6 +176,25 @@ def main() -> None:
                   f"{len(ex.orders):>8,} {peak:>11.0f}")
             del cmds, ex
             gc.collect()
+
+
+def compare_plain(args: argparse.Namespace) -> None:
+    """Alternate compiled and plain runs of the same cases, each in a fresh process."""
+    plain = Path(tempfile.mkdtemp(prefix="bench-plain-"))
+    shutil.copytree(ROOT / "exchange", plain / "exchange", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    base = [sys.executable, str(Path(__file__).resolve()), "--runs", "1", "--book", args.book,
+            "--ops", *map(str, args.ops), "--seed", str(args.seed)]
+    if args.default_gc:
+        base.append("--default-gc")
+    try:
+        for run in range(args.runs):
+            for label, env in (("compiled", {}), ("plain", {"BENCH_ENGINE_ROOT": str(plain)})):
+                out = subprocess.run(base, env={**os.environ, **env}, capture_output=True, text=True, check=True).stdout
+                for line in out.splitlines():
+                    if line.startswith(("shallow", "deep")):
+                        print(f"run {run + 1} {label:8} {line}", flush=True)
+    finally:
+        shutil.rmtree(plain, ignore_errors=True)
 
 
 if __name__ == "__main__":
