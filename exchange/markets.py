@@ -238,42 +238,37 @@ class Market:
     # -- conversions at the edge ------------------------------------------------------
 
     def price_ticks(self, value: Any) -> int:
-        if value.__class__ is str:
-            cached = self._price_cache.get(value)
-            if cached is not None:
-                return cached
-        try:
-            digits, scale = split_decimal(value)
-        except ValueError as exc:
-            raise InvalidValue(RejectReason.INVALID_PRICE, f"price {value!r}: {exc}") from None
-        ticks, rest = divmod(digits * _POW10[self.tick_decimals], _POW10[scale] * self.tick_mantissa)
-        if rest or ticks <= 0:
-            raise InvalidValue(
-                RejectReason.INVALID_PRICE,
-                f"price {value!r} must be positive and a multiple of {self.tick_size}",
-            )
-        if value.__class__ is str and len(self._price_cache) < CONVERSION_CACHE_LIMIT:
-            self._price_cache[value] = ticks
-        return ticks
+        return self._on_grid(
+            value, self.tick_mantissa, self.tick_decimals, self._price_cache,
+            RejectReason.INVALID_PRICE, "price", self.tick_size,
+        )
 
     def qty_lots(self, value: Any) -> int:
+        return self._on_grid(
+            value, self.lot_mantissa, self.lot_decimals, self._qty_cache,
+            RejectReason.INVALID_QUANTITY, "quantity", self.lot_size,
+        )
+
+    @staticmethod
+    def _on_grid(
+        value: Any, mantissa: int, decimals: int, cache: dict[str, int], reason: RejectReason,
+        what: str, unit: str,
+    ) -> int:
+        """``value`` as a whole number of grid units (``mantissa / 10**decimals`` each)."""
         if value.__class__ is str:
-            cached = self._qty_cache.get(value)
+            cached = cache.get(value)
             if cached is not None:
                 return cached
         try:
             digits, scale = split_decimal(value)
         except ValueError as exc:
-            raise InvalidValue(RejectReason.INVALID_QUANTITY, f"quantity {value!r}: {exc}") from None
-        lots, rest = divmod(digits * _POW10[self.lot_decimals], _POW10[scale] * self.lot_mantissa)
-        if rest or lots <= 0:
-            raise InvalidValue(
-                RejectReason.INVALID_QUANTITY,
-                f"quantity {value!r} must be positive and a multiple of {self.lot_size}",
-            )
-        if value.__class__ is str and len(self._qty_cache) < CONVERSION_CACHE_LIMIT:
-            self._qty_cache[value] = lots
-        return lots
+            raise InvalidValue(reason, f"{what} {value!r}: {exc}") from None
+        units, rest = divmod(digits * _POW10[decimals], _POW10[scale] * mantissa)
+        if rest or units <= 0:
+            raise InvalidValue(reason, f"{what} {value!r} must be positive and a multiple of {unit}")
+        if value.__class__ is str and len(cache) < CONVERSION_CACHE_LIMIT:
+            cache[value] = units
+        return units
 
     def format_price(self, ticks: int) -> str:
         return format_scaled(ticks * self.tick_mantissa, self.tick_decimals)

@@ -184,26 +184,25 @@ class ModifyOrder(Command):
         self.qty = qty
 
 
-class Deposit(Command):
+class _Funding(Command):
+    """Money moving in or out of an account from outside the exchange."""
+
     __slots__ = ("asset", "amount")
     FIELDS: ClassVar[tuple[str, ...]] = ('ts', 'account', 'asset', 'amount')
 
     def __init__(self, ts: int, account: str, asset: Unchecked, amount: Unchecked) -> None:
         self.ts = ts
         self.account = account
-        self.asset = asset
-        self.amount = amount
+        self.asset = asset  # str
+        self.amount = amount  # int, minor units of the asset
 
 
-class Withdraw(Command):
-    __slots__ = ("asset", "amount")
-    FIELDS: ClassVar[tuple[str, ...]] = ('ts', 'account', 'asset', 'amount')
+class Deposit(_Funding):
+    __slots__ = ()
 
-    def __init__(self, ts: int, account: str, asset: Unchecked, amount: Unchecked) -> None:
-        self.ts = ts
-        self.account = account
-        self.asset = asset
-        self.amount = amount
+
+class Withdraw(_Funding):
+    __slots__ = ()
 
 
 # --------------------------------------------------------------------------- events
