@@ -302,9 +302,7 @@ class Market:
 
     def describe(self) -> dict[str, Any]:
         """The public description, in decimal strings, as the ``markets`` op sends it."""
-        band = None
-        if self.band_num:
-            band = str(Decimal(self.band_num) / Decimal(self.band_den))
+        band = self.price_band if self.band_num else None  # as configured, e.g. "0.10"
         return {
             "symbol": self.symbol,
             "base": self.base.name,

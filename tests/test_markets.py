@@ -258,7 +258,7 @@ def test_default_market_descriptions_are_decimal_strings() -> None:
         "lot_size": "0.0001", "min_qty": "0.0001", "price_band": None, "reference_price": None,
         "maker_fee_bps": 1, "taker_fee_bps": 2,
     }
-    assert described["ACME-USD"]["price_band"] == "0.1"
+    assert described["ACME-USD"]["price_band"] == "0.10"  # as configured, like the example
     assert described["ACME-USD"]["reference_price"] == "100.00"
 
 
