@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
+from decimal import Decimal
 from typing import Any, AsyncIterator
 
 import orjson
@@ -173,15 +174,21 @@ class ExchangeClient:
         fut = self.send(op, **fields)
         assert self._writer is not None
         try:
-            await self._writer.drain()
-            reply = await asyncio.wait_for(fut, self.timeout)
+            # Both the send (a server that stops reading) and the reply share the timeout.
+            reply = await asyncio.wait_for(self._drain_then(fut), self.timeout)
         except asyncio.TimeoutError:
+            self._pending = {k: f for k, f in self._pending.items() if f is not fut}
             raise ExchangeConnectionError(f"no reply to '{op}' within {self.timeout} s") from None
         except (ConnectionError, OSError) as exc:
             raise ExchangeConnectionError(f"connection lost: {exc}") from None
         if reply.get("type") == "error":
             raise ExchangeError(reply.get("code", "error"), reply.get("message", ""), reply.get("field"), reply)
         return reply
+
+    async def _drain_then(self, fut: asyncio.Future[dict[str, Any]]) -> dict[str, Any]:
+        assert self._writer is not None
+        await self._writer.drain()
+        return await fut
 
     # -- the operations -----------------------------------------------------------------
 
@@ -286,11 +293,18 @@ class ExchangeClient:
 
 
 def _text(value: Any) -> Any:
-    """Numbers go out as decimal strings; a float is written by its shortest repr."""
+    """Numbers go out as plain decimal strings (never ``5e-05``: the exchange refuses exponents).
+
+    A float is read through its shortest repr, the digits the caller wrote for any sane number.
+    """
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, bool):
         raise TypeError("a boolean is not a number")
-    if isinstance(value, (int, float)):
-        return repr(value) if isinstance(value, float) else str(value)
-    return str(value)  # Decimal and friends
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        value = Decimal(repr(value))
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    return str(value)

@@ -175,9 +175,12 @@ class Exchange:
             return self._reject_order(cmd, RejectReason.INVALID_ORDER)
         stp = cmd.stp or self.default_stp
         if stp.__class__ is not STPMode:  # a plain string would compare but not match by `is`
-            if stp not in _STP_MODES:
+            if type(stp) is not str or stp not in _STP_MODES:
                 return self._reject_order(cmd, RejectReason.INVALID_ORDER)
             stp = STPMode(stp)
+        coid = cmd.client_order_id
+        if type(cmd.post_only) is not bool or (coid is not None and type(coid) is not str):
+            return self._reject_order(cmd, RejectReason.INVALID_ORDER)
         band = ms.band_limits() if ms.band else None
         if otype is _LIMIT:
             if type(price) is not int or price <= 0 or price > MAX_UNITS:

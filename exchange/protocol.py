@@ -168,10 +168,11 @@ def _number(msg: dict[str, Any], name: str, required: bool = True) -> Any:
 
 def user_name(msg: dict[str, Any], name: str = "user") -> str:
     user = _field(msg, name, str)
-    if not 0 < len(user) <= MAX_USER_LENGTH or user.startswith("__") or not user.isprintable():
+    # Bytes, not characters: the name becomes a file name (audit log, order history).
+    if not 0 < len(user.encode()) <= MAX_USER_LENGTH or user.startswith("__") or not user.isprintable():
         raise ProtocolError(
-            ErrorCode.BAD_REQUEST, f"'{name}' must be 1-{MAX_USER_LENGTH} printable characters "
-            "and may not start with '__'", name,
+            ErrorCode.BAD_REQUEST, f"'{name}' must be 1-{MAX_USER_LENGTH} bytes of printable "
+            "characters and may not start with '__'", name,
         )
     if any(c in user for c in "/\\") or user in (".", ".."):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{name}' may not contain '/' or '\\'", name)

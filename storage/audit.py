@@ -156,8 +156,11 @@ class AuditLog:
             if not safe_user_file(user):
                 continue
             path = self.directory / f"{user}.log"
-            with open(path, "a", encoding="utf-8") as fh:
-                fh.write("\n".join(user_lines) + "\n")
+            try:
+                with open(path, "a", encoding="utf-8") as fh:
+                    fh.write("\n".join(user_lines) + "\n")
+            except OSError as exc:  # one user's file must not cost the others their lines
+                log.error("cannot append to the audit log %s: %s", path, exc.strerror or exc)
 
 
 def safe_user_file(user: str) -> bool:
