@@ -1,0 +1,606 @@
+"""Embedded mode: the engine in this process, no sockets, a simulated clock, optional latency.
+
+Theory of operation
+-------------------
+``EmbeddedExchange`` owns one ``exchange.engine.Exchange`` and a discrete-event kernel: a
+heap of ``(time_ns, seq, callback, a, b)`` entries popped in time order (``seq`` breaks
+ties in insertion order, so the run is reproducible). Agents are ordinary ``async``
+coroutines; the kernel drives them itself with ``coro.send`` rather than through asyncio,
+because an asyncio task switch costs about ten times a bare ``send`` and the embedded
+simulation's whole point is speed. When an agent awaits something that takes simulated
+time (``sleep``, or an acknowledgement delayed by the latency model) the coroutine yields
+a ``_Wait`` to the kernel, which resumes it when the heap reaches that time. A request
+that takes no time (any request with no latency model) never suspends at all.
+
+Latency (``--latency``): ``none``, ``fixed:500us`` or ``gamma:mean=5ms[,shape=2]``. It is
+one-way: a command reaches the engine one draw after it was sent, and the reports it causes
+reach each account one (independent) draw after the engine produced them. Queries
+(balances, book, orders, queue position) are answered at once. Draws come from a
+``random.Random`` seeded from the run's seed, so a run is deterministic: same seed, same
+commands at the same simulated times, same trades, same ledger bytes.
+
+The engine's timestamps are the simulated clock (nanoseconds from a fixed epoch, made
+strictly increasing like the gateway's), and its trades are written to
+``<data_dir>/trades.jsonl`` with ``storage.ledger.trade_line``, the format the server's
+ledger uses, so two runs can be compared file to file. Each embedded run is a fresh
+exchange, so its ledger is written afresh.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import re
+from collections import deque
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Callable, Coroutine, Generator
+
+from exchange.engine import Exchange
+from exchange.markets import InvalidValue, MarketConfig, default_config
+from exchange.protocol import Formatter
+from exchange.types import (
+    BalanceChanged,
+    BookDelta,
+    CancelOrder,
+    CommandRejected,
+    Deposit,
+    Event,
+    ExecReport,
+    ExecType,
+    ModifyOrder,
+    OrderStatus,
+    OrderType,
+    PlaceOrder,
+    RejectReason,
+    Side,
+    TimeInForce,
+    Trade,
+)
+from simulation.gateway import (
+    BookView,
+    Gateway,
+    GatewayError,
+    Holding,
+    OpenOrderView,
+    PriceLike,
+)
+from storage.ledger import trade_line
+
+# Simulated time starts here (2024-01-01T00:00:00Z): fixed, so ledgers compare byte for byte.
+SIM_EPOCH_NS = 1_704_067_200 * 10**9
+LEDGER_BATCH = 4096
+
+_SIDES = {"buy": Side.BUY, "sell": Side.SELL}
+_TYPES = {"limit": OrderType.LIMIT, "market": OrderType.MARKET}
+_TIFS = {t.value: t for t in TimeInForce}
+_GTC, _IOC = TimeInForce.GTC, TimeInForce.IOC
+_LIMIT = OrderType.LIMIT
+
+
+# --------------------------------------------------------------------------- latency
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyModel:
+    """One-way delay in nanoseconds: ``fixed`` (always ``mean_ns``) or ``gamma``."""
+
+    kind: str
+    mean_ns: int
+    shape: float = 2.0
+
+    def sample(self, rng: random.Random) -> int:
+        if self.kind == "fixed":
+            return self.mean_ns
+        # gamma with the given mean: scale = mean / shape
+        return max(1, int(rng.gammavariate(self.shape, self.mean_ns / self.shape)))
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s)?\s*$")
+_UNIT_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000, None: 1_000_000_000}
+
+
+def parse_duration_ns(text: str) -> int:
+    """``500us``, ``5ms``, ``2s``, ``1.5s`` (plain number: seconds) as integer nanoseconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (try 500us, 5ms or 2s)")
+    value = Decimal(match.group(1)) * _UNIT_NS[match.group(2)]
+    return int(value)
+
+
+def parse_latency(text: str | None) -> LatencyModel | None:
+    """``none`` | ``fixed:500us`` | ``gamma:mean=5ms[,shape=2]`` (None and ``none``: no delay)."""
+    if text is None or text.strip().lower() in ("", "none", "0"):
+        return None
+    kind, _, rest = text.strip().partition(":")
+    kind = kind.lower()
+    if kind == "fixed":
+        ns = parse_duration_ns(rest)
+        return LatencyModel("fixed", ns) if ns > 0 else None
+    if kind == "gamma":
+        params = {}
+        for part in filter(None, rest.split(",")):
+            key, _, value = part.partition("=")
+            params[key.strip()] = value.strip()
+        if "mean" not in params:
+            raise ValueError("gamma latency needs mean=..., e.g. gamma:mean=5ms")
+        shape = float(params.get("shape", "2"))
+        if shape <= 0:
+            raise ValueError("gamma shape must be positive")
+        return LatencyModel("gamma", parse_duration_ns(params["mean"]), shape)
+    raise ValueError(f"unknown latency model {text!r}: use fixed:500us or gamma:mean=5ms")
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+class _Wait:
+    """What a suspended coroutine yields: resume at ``at``, or when something resolves it."""
+
+    __slots__ = ("at", "waiter", "done")
+
+    def __init__(self, at: int | None = None) -> None:
+        self.at = at
+        self.waiter: Coroutine[Any, Any, Any] | None = None
+        self.done = False
+
+    def __await__(self) -> Generator[_Wait, Any, Any]:
+        return (yield self)
+
+
+class AgentFailure(Exception):
+    """An agent coroutine raised: the kernel keeps running the others and records this."""
+
+
+class SimKernel:
+    """The discrete-event loop: simulated time advances from one heap entry to the next."""
+
+    def __init__(self, start_ns: int = SIM_EPOCH_NS) -> None:
+        self.now = start_ns
+        self.start_ns = start_ns
+        self.heap: list[tuple[int, int, Callable[[Any, Any], None], Any, Any]] = []
+        self.seq = 0
+        self.live: dict[int, Coroutine[Any, Any, Any]] = {}
+        self.failures: list[tuple[str, BaseException]] = []
+        self.steps = 0
+
+    def at(self, when: int, fn: Callable[[Any, Any], None], a: Any = None, b: Any = None) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (when, self.seq, fn, a, b))
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> Coroutine[Any, Any, Any]:
+        self.live[id(coro)] = coro
+        self.at(self.now, self._step, coro, None)
+        return coro
+
+    def resolve(self, wait: _Wait, value: Any, when: int) -> None:
+        """Resume whoever waits on ``wait`` at ``when`` with ``value`` (once)."""
+        if wait.done:
+            return
+        wait.done = True
+        if wait.waiter is not None:
+            self.at(when, self._step, wait.waiter, value)
+
+    def _step(self, coro: Coroutine[Any, Any, Any], value: Any) -> None:
+        if coro.cr_frame is None:  # closed by close_all (a stopped run): drop its wake-ups
+            return
+        try:
+            wait = coro.send(value)
+        except StopIteration:
+            self.live.pop(id(coro), None)
+            return
+        except Exception as exc:  # one broken agent must not stop the others
+            self.live.pop(id(coro), None)
+            self.failures.append((getattr(coro, "__qualname__", repr(coro)), exc))
+            return
+        if wait.at is not None:
+            self.at(wait.at, self._step, coro, None)
+        else:
+            wait.waiter = coro
+
+    def run(
+        self, until_ns: int | None = None, stop: Callable[[], bool] | None = None,
+        tick: Callable[[], None] | None = None, tick_every: int = 2048,
+    ) -> None:
+        """Pop entries until the heap is empty, ``until_ns`` is reached or ``stop()`` is true.
+
+        ``tick`` is called every ``tick_every`` steps (the runner's wall-clock progress line);
+        ``stop`` is checked at the same points and after the last step.
+        """
+        heap = self.heap
+        pop = heapq.heappop
+        limit = until_ns if until_ns is not None else 1 << 126
+        n = 0
+        while heap:
+            entry = heap[0]
+            if entry[0] > limit:
+                self.now = limit
+                break
+            pop(heap)
+            self.now = entry[0]
+            entry[2](entry[3], entry[4])
+            n += 1
+            if n % tick_every == 0:
+                if tick is not None:
+                    tick()
+                if stop is not None and stop():
+                    break
+        self.steps += n
+
+    def run_until_complete(self, coro: Coroutine[Any, Any, Any], timeout_ns: int | None = None) -> Any:
+        """Drive ``coro`` (and whatever else is scheduled) until it returns; return its value."""
+        box: dict[str, Any] = {}
+
+        async def wrapper() -> None:
+            try:
+                box["value"] = await coro
+            except Exception as exc:
+                box["error"] = exc
+
+        self.spawn(wrapper())
+        until = None if timeout_ns is None else self.now + timeout_ns
+        self.run(until, stop=lambda: bool(box), tick_every=1)
+        if "error" in box:
+            raise box["error"]
+        if "value" not in box:
+            raise TimeoutError("the coroutine did not finish in simulated time")
+        return box["value"]
+
+    def close_all(self) -> None:
+        """Close every coroutine still suspended (a stopped run's agents).
+
+        The heap keeps what is in flight (commands on their way, reports on their way back),
+        so a following ``run()`` still delivers them and the accounts' reports stay complete.
+        """
+        live, self.live = self.live, {}
+        for coro in live.values():
+            coro.close()
+
+
+# --------------------------------------------------------------------------- the exchange
+
+
+class EmbeddedExchange:
+    """An in-process exchange: engine, simulated clock, latency, sessions and the ledger."""
+
+    def __init__(
+        self, config: MarketConfig | None = None, seed: int = 0,
+        latency: LatencyModel | str | None = None, data_dir: Path | str | None = None,
+    ) -> None:
+        self.config = config or default_config()
+        self.engine = Exchange(self.config)
+        self.kernel = SimKernel()
+        self.latency = parse_latency(latency) if isinstance(latency, str) or latency is None else latency
+        self.rng = random.Random(f"latency:{seed}")
+        self.fmt = Formatter(self.config)
+        self.sessions: dict[str, EmbeddedGateway] = {}
+        self.subscribers: dict[tuple[str, str], list[EmbeddedGateway]] = {}
+        self.last_ts = 0
+        self._arrivals: dict[str, int] = {}  # account -> when the last command's reports arrive
+        self.stats = {"orders": 0, "trades": 0, "commands": 0}
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self._ledger = None
+        self._ledger_lines: list[bytes] = []
+        if self.data_dir is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._ledger = (self.data_dir / "trades.jsonl").open("wb")
+
+    # -- sessions ---------------------------------------------------------------------
+
+    def session(self, account: str) -> EmbeddedGateway:
+        """The gateway of ``account`` (one per account; asking again returns the same one)."""
+        gw = self.sessions.get(account)
+        if gw is None:
+            gw = self.sessions[account] = EmbeddedGateway(self, account)
+        return gw
+
+    # -- time -------------------------------------------------------------------------
+
+    def stamp(self) -> int:
+        ts = self.kernel.now
+        if ts <= self.last_ts:
+            ts = self.last_ts + 1
+        self.last_ts = ts
+        return ts
+
+    # -- the door to the engine -------------------------------------------------------
+
+    def execute(self, command: Any) -> list[Event]:
+        """Run one command now (stamped with the simulated time) and route its events."""
+        command.ts = self.stamp()
+        self.stats["commands"] += 1
+        events = self.engine.handle(command)
+        sessions = self.sessions
+        latency = self.latency
+        delayed: dict[str, list[Event]] | None = None if latency is None else {}
+        subscribers = self.subscribers
+        for ev in events:
+            cls = ev.__class__
+            if cls is ExecReport:
+                gw = sessions.get(ev.account)  # type: ignore[attr-defined]
+                if gw is not None:
+                    if delayed is None:
+                        gw.queue.append(ev)
+                        if gw.waiter is not None:
+                            gw.wake()
+                    else:
+                        delayed.setdefault(gw.account, []).append(ev)
+            elif cls is Trade:
+                self.stats["trades"] += 1
+                if self._ledger is not None:
+                    self._ledger_lines.append(trade_line(ev, self.config))  # type: ignore[arg-type]
+                    if len(self._ledger_lines) >= LEDGER_BATCH:
+                        self.flush_ledger()
+                if subscribers:
+                    self._publish(("trades", ev.market), ev)  # type: ignore[attr-defined]
+            elif cls is BookDelta:
+                if subscribers:
+                    self._publish(("book", ev.market), ev)  # type: ignore[attr-defined]
+        if delayed:
+            assert latency is not None
+            kernel, rng = self.kernel, self.rng
+            arrivals = self._arrivals
+            for account, evs in delayed.items():
+                when = kernel.now + latency.sample(rng)
+                arrivals[account] = when
+                kernel.at(when, _deliver, sessions[account], evs)
+        return events
+
+    def _publish(self, key: tuple[str, str], ev: Event) -> None:
+        for gw in self.subscribers.get(key, ()):
+            if self.latency is None:
+                gw.queue.append(ev)
+                if gw.waiter is not None:
+                    gw.wake()
+            else:
+                self.kernel.at(self.kernel.now + self.latency.sample(self.rng), _deliver, gw, [ev])
+
+    async def submit(self, command: Any) -> list[Event]:
+        """Execute now (no latency) or after one latency draw, waiting for the sender's reports."""
+        if self.latency is None:
+            return self.execute(command)
+        wait = _Wait()
+        kernel = self.kernel
+        kernel.at(kernel.now + self.latency.sample(self.rng), self._execute_later, command, wait)
+        return await wait  # type: ignore[no-any-return]
+
+    def _execute_later(self, command: Any, wait: _Wait) -> None:
+        self._arrivals.clear()
+        events = self.execute(command)
+        # The answer reaches the sender together with its reports (scheduled by ``execute``,
+        # so the reports are queued first), or after one draw when it had none (a refusal).
+        kernel = self.kernel
+        when = self._arrivals.get(command.account)
+        if when is None:
+            assert self.latency is not None
+            when = kernel.now + self.latency.sample(self.rng)
+        kernel.resolve(wait, events, when)
+
+    # -- files ------------------------------------------------------------------------
+
+    def flush_ledger(self) -> None:
+        if self._ledger is not None and self._ledger_lines:
+            self._ledger.writelines(self._ledger_lines)
+            self._ledger_lines.clear()
+
+    def close(self) -> None:
+        self.flush_ledger()
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
+
+    def __enter__(self) -> EmbeddedExchange:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _deliver(gw: EmbeddedGateway, events: list[Event]) -> None:
+    gw.queue.extend(events)
+    if gw.waiter is not None:
+        gw.wake()
+
+
+# --------------------------------------------------------------------------- the gateway
+
+
+def _text(value: Any) -> Any:
+    """Decimal values as plain strings (never exponent form); strings as they are."""
+    if value.__class__ is Decimal:
+        return format(value, "f")
+    return value
+
+
+class EmbeddedGateway(Gateway):
+    """One account's door to an ``EmbeddedExchange`` (see the module docstring)."""
+
+    def __init__(self, exchange: EmbeddedExchange, account: str) -> None:
+        self.exchange = exchange
+        self.engine = exchange.engine
+        self.config = exchange.config
+        self.account = account
+        self.queue: deque[Event] = deque()
+        self.waiter: _Wait | None = None
+        self._fmt = exchange.fmt
+
+    # -- time -------------------------------------------------------------------------
+
+    def now_ns(self) -> int:
+        return self.exchange.kernel.now
+
+    async def sleep(self, seconds: float) -> None:
+        await _Wait(self.exchange.kernel.now + max(1, int(seconds * 1e9)))
+
+    # -- order entry ------------------------------------------------------------------
+
+    async def place(
+        self, market: str, side: str, qty: PriceLike, price: PriceLike | None = None, *,
+        order_type: str | None = None, tif: str | None = None, post_only: bool = False,
+        client_order_id: str | None = None,
+    ) -> ExecReport:
+        # The same checks, in the same order, as exchange.protocol.order_command.
+        side_enum = _SIDES.get(side)
+        if side_enum is None:
+            raise GatewayError("bad_request", "'side' must be buy|sell")
+        if order_type is None:
+            otype = _LIMIT if price is not None else OrderType.MARKET
+        else:
+            otype = _TYPES.get(order_type)  # type: ignore[assignment]
+            if otype is None:
+                raise GatewayError("bad_request", "'type' must be limit|market")
+        if tif is None:
+            tif_enum = _GTC if otype is _LIMIT else _IOC
+        else:
+            tif_enum = _TIFS.get(tif)  # type: ignore[assignment]
+            if tif_enum is None:
+                raise GatewayError("bad_request", "'tif' must be gtc|ioc|fok")
+        if otype is _LIMIT and price is None:
+            raise GatewayError("bad_request", "'price' is required for a limit order")
+        if otype is not _LIMIT and price is not None:
+            raise GatewayError("bad_request", "a market order takes no 'price'")
+        spec = self.config.markets.get(market)
+        if spec is None:
+            return self._rejected(market, side_enum, otype, tif_enum, client_order_id, RejectReason.UNKNOWN_MARKET)
+        try:
+            lots = spec.qty_lots(_text(qty))
+            ticks = spec.price_ticks(_text(price)) if price is not None else None
+        except InvalidValue as exc:
+            return self._rejected(market, side_enum, otype, tif_enum, client_order_id, exc.reason)
+        self.exchange.stats["orders"] += 1
+        cmd = PlaceOrder(0, self.account, market, side_enum, otype, lots, ticks, tif_enum,
+                         post_only, None, client_order_id)
+        if self.exchange.latency is None:
+            return self.exchange.execute(cmd)[0]  # type: ignore[return-value]
+        events = await self.exchange.submit(cmd)
+        return events[0]  # type: ignore[return-value]
+
+    def _rejected(
+        self, market: str, side: Side, otype: OrderType, tif: TimeInForce,
+        client_order_id: str | None, reason: RejectReason,
+    ) -> ExecReport:
+        """An order refused at the edge (as the TCP gateway refuses an off-grid price)."""
+        report = ExecReport(
+            ExecType.REJECTED, None, self.account, market, side, otype, tif, client_order_id,
+            None, 0, 0, 0, 0, OrderStatus.REJECTED, self.exchange.stamp(), reason=reason,
+        )
+        self.queue.append(report)
+        return report
+
+    async def cancel(self, order_id: int) -> ExecReport:
+        events = await self.exchange.submit(CancelOrder(0, self.account, order_id))
+        return self._first_report(events)
+
+    async def modify(
+        self, order_id: int, price: PriceLike | None = None, qty: PriceLike | None = None,
+    ) -> ExecReport:
+        if price is None and qty is None:
+            raise GatewayError("bad_request", "give 'price', 'qty' or both")
+        order = self.engine.order(self.account, order_id)
+        if order is None:
+            raise GatewayError("unknown_order", "no such open order for this account")
+        spec = self.config.markets[order.market]
+        try:
+            ticks = spec.price_ticks(_text(price)) if price is not None else None
+            lots = spec.qty_lots(_text(qty)) if qty is not None else None
+        except InvalidValue as exc:
+            raise GatewayError(exc.reason.value, exc.message) from None
+        events = await self.exchange.submit(ModifyOrder(0, self.account, order_id, ticks, lots))
+        return self._first_report(events)
+
+    @staticmethod
+    def _first_report(events: list[Event]) -> ExecReport:
+        first = events[0]
+        if first.__class__ is CommandRejected:
+            raise GatewayError(first.reason.value, first.message)  # type: ignore[attr-defined]
+        return first  # type: ignore[return-value]
+
+    async def deposit(self, asset: str, amount: PriceLike) -> dict[str, Holding]:
+        spec = self.config.assets.get(asset)
+        if spec is None:
+            raise GatewayError("unknown_asset", f"no asset {asset!r}")
+        try:
+            units = spec.to_units(_text(amount))
+        except InvalidValue as exc:
+            raise GatewayError(exc.reason.value, exc.message) from None
+        events = await self.exchange.submit(Deposit(0, self.account, asset, units))
+        if events[0].__class__ is not BalanceChanged:
+            raise GatewayError(events[0].reason.value, events[0].message)  # type: ignore[attr-defined]
+        return await self.balances()
+
+    # -- queries ----------------------------------------------------------------------
+
+    async def balances(self) -> dict[str, Holding]:
+        return {
+            asset: Holding(bal.available, bal.locked, bal.deposited, bal.fees)
+            for asset, bal in self.engine.balances(self.account).items()
+        }
+
+    async def open_orders(self, market: str | None = None) -> list[OpenOrderView]:
+        return [
+            OpenOrderView(o.id, o.market, o.side.value, o.price or None, o.qty, o.filled,
+                          o.remaining, o.client_order_id)
+            for o in self.engine.open_orders(self.account, market)
+        ]
+
+    async def book(self, market: str, depth: int = 20) -> BookView:
+        if market not in self.config.markets:
+            raise GatewayError("unknown_market", f"no market {market!r}")
+        seq, bids, asks = self.engine.book_l2(market, depth)
+        return BookView(market, seq, bids, asks)
+
+    async def top(self, market: str) -> tuple[int | None, int | None]:
+        state = self.engine.markets.get(market)
+        if state is None:
+            raise GatewayError("unknown_market", f"no market {market!r}")
+        book = state.book
+        return book.best_bid(), book.best_ask()
+
+    async def queue_position(self, order_id: int) -> int | None:
+        return self.engine.queue_position(self.account, order_id)
+
+    # -- events -----------------------------------------------------------------------
+
+    async def subscribe(self, channel: str, market: str) -> None:
+        if channel not in ("trades", "book"):
+            raise GatewayError("bad_request", "'channel' must be trades|book")
+        if market not in self.config.markets:
+            raise GatewayError("unknown_market", f"no market {market!r}")
+        subs = self.exchange.subscribers.setdefault((channel, market), [])
+        if self not in subs:
+            subs.append(self)
+
+    def poll_events(self) -> list[Event]:
+        queue = self.queue
+        if not queue:
+            return []
+        out = list(queue)
+        queue.clear()
+        return out
+
+    async def next_event(self, timeout: float) -> Event | None:
+        if not self.queue:
+            kernel = self.exchange.kernel
+            wait = self.waiter = _Wait()
+            kernel.at(kernel.now + max(1, int(timeout * 1e9)), _timeout, self, wait)
+            await wait
+        return self.queue.popleft() if self.queue else None
+
+    def wake(self) -> None:
+        wait, self.waiter = self.waiter, None
+        if wait is not None:
+            self.exchange.kernel.resolve(wait, None, self.exchange.kernel.now)
+
+
+def _timeout(gw: EmbeddedGateway, wait: _Wait) -> None:
+    if gw.waiter is wait:
+        gw.waiter = None
+    gw.exchange.kernel.resolve(wait, None, gw.exchange.kernel.now)
+
+
+__all__ = [
+    "EmbeddedExchange", "EmbeddedGateway", "LatencyModel", "SimKernel", "parse_latency",
+    "parse_duration_ns", "SIM_EPOCH_NS",
+]

@@ -1,0 +1,241 @@
+"""The one interface every simulated trader talks to: ``Gateway``.
+
+Theory of operation
+-------------------
+An agent never knows whether it trades over TCP with a running exchange
+(``simulation/tcp.py``, ``TcpGateway`` over ``client.ExchangeClient``) or with an engine in
+the same process driven by a simulated clock (``simulation/embedded.py``,
+``EmbeddedGateway``). Both implement the methods below, with the same meaning:
+
+* requests take prices and quantities as decimal strings (or ``Decimal``), exactly what the
+  exchange's wire protocol takes, so nothing is converted twice and floats never appear;
+* answers and the event stream come back in the engine's own vocabulary
+  (``exchange.types``: ``ExecReport``, ``Trade``, ``BookDelta``) with integer ticks, lots and
+  minor units. Integers are what an agent computes budgets with; the TCP gateway converts
+  the wire's decimal strings once, and the embedded one hands over the engine's events
+  as they are (that is most of why embedded mode is fast). ``wire(event)`` renders any of
+  them with the exchange's own ``Formatter``, giving the exact message TCP would carry;
+* every execution report of the account arrives on the event stream exactly once,
+  including those that also answered a request (as ``ExchangeClient`` does), so an agent
+  can keep its books from the stream alone;
+* time is the gateway's: ``now_ns()`` and ``sleep()`` are wall-clock over TCP and the
+  simulated clock in embedded mode. An agent that only waits through ``sleep`` and the
+  gateway's own requests runs unchanged on both.
+
+Errors: a refused cancel, modify or funding request raises ``GatewayError`` (``.code`` is
+the exchange's error code or reject reason); a rejected *order* is not an error but a
+report with ``exec_type`` ``rejected`` and a ``reason``, as on the wire. A lost connection
+raises ``GatewayConnectionError``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from exchange.markets import Asset, Market, MarketConfig, split_decimal
+from exchange.protocol import Formatter
+from exchange.types import BookDelta, Event, ExecReport, OrderStatus, Trade
+
+PriceLike = str | Decimal
+FINAL_STATUSES = frozenset({
+    OrderStatus.FILLED, OrderStatus.CANCELED, OrderStatus.EXPIRED, OrderStatus.REJECTED,
+})
+
+
+class GatewayError(Exception):
+    """A request the exchange refused (nothing changed): ``code`` and a human ``message``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class GatewayConnectionError(GatewayError):
+    """The exchange cannot be reached, or stopped answering."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("connection", message)
+
+
+@dataclass(slots=True)
+class Holding:
+    """One asset of one account, in the asset's minor units."""
+
+    available: int
+    locked: int
+    deposited: int = 0
+    fees: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.available + self.locked
+
+
+@dataclass(slots=True)
+class BookView:
+    """A level-2 book: levels best first as ``(price_ticks, qty_lots, order_count)``."""
+
+    market: str
+    seq: int
+    bids: list[tuple[int, int, int]]
+    asks: list[tuple[int, int, int]]
+
+    @property
+    def best_bid(self) -> int | None:
+        return self.bids[0][0] if self.bids else None
+
+    @property
+    def best_ask(self) -> int | None:
+        return self.asks[0][0] if self.asks else None
+
+
+@dataclass(slots=True)
+class OpenOrderView:
+    """One resting order as ``orders`` lists it, in integers."""
+
+    order_id: int
+    market: str
+    side: str
+    price: int | None
+    qty: int
+    filled: int
+    remaining: int
+    client_order_id: str | None = None
+
+
+class Gateway(ABC):
+    """Order entry, queries and the event stream of one account (see the module docstring)."""
+
+    account: str
+    config: MarketConfig
+
+    # -- time -------------------------------------------------------------------------
+
+    @abstractmethod
+    def now_ns(self) -> int:
+        """The current time in nanoseconds: simulated in embedded mode, wall-clock over TCP."""
+
+    @abstractmethod
+    async def sleep(self, seconds: float) -> None:
+        """Wait on the gateway's clock (never ``asyncio.sleep`` directly: see the docstring)."""
+
+    # -- order entry ------------------------------------------------------------------
+
+    @abstractmethod
+    async def place(
+        self, market: str, side: str, qty: PriceLike, price: PriceLike | None = None, *,
+        order_type: str | None = None, tif: str | None = None, post_only: bool = False,
+        client_order_id: str | None = None,
+    ) -> ExecReport:
+        """Place an order; returns its first report (``new`` or ``rejected``), never raises on a reject."""
+
+    @abstractmethod
+    async def cancel(self, order_id: int) -> ExecReport:
+        """Cancel a resting order; ``GatewayError('unknown_order')`` if it is no longer open."""
+
+    @abstractmethod
+    async def modify(
+        self, order_id: int, price: PriceLike | None = None, qty: PriceLike | None = None,
+    ) -> ExecReport:
+        """Amend price and/or total quantity; returns the ``replaced`` report."""
+
+    @abstractmethod
+    async def deposit(self, asset: str, amount: PriceLike) -> dict[str, Holding]:
+        """Credit the account (the way every agent is funded); returns the new balances."""
+
+    # -- queries ----------------------------------------------------------------------
+
+    @abstractmethod
+    async def balances(self) -> dict[str, Holding]: ...
+
+    @abstractmethod
+    async def open_orders(self, market: str | None = None) -> list[OpenOrderView]: ...
+
+    @abstractmethod
+    async def book(self, market: str, depth: int = 20) -> BookView: ...
+
+    async def top(self, market: str) -> tuple[int | None, int | None]:
+        """Best bid and best ask in ticks (None for an empty side)."""
+        view = await self.book(market, 1)
+        return view.best_bid, view.best_ask
+
+    @abstractmethod
+    async def queue_position(self, order_id: int) -> int | None:
+        """Lots resting ahead of the order at its price (None if it is not open): the engine's figure."""
+
+    # -- events -----------------------------------------------------------------------
+
+    @abstractmethod
+    async def subscribe(self, channel: str, market: str) -> None:
+        """Also receive public ``Trade``s (channel ``trades``) or ``BookDelta``s (``book``)."""
+
+    @abstractmethod
+    def poll_events(self) -> list[Event]:
+        """Every event received and not yet taken, without waiting."""
+
+    @abstractmethod
+    async def next_event(self, timeout: float) -> Event | None:
+        """The next event, waiting at most ``timeout`` seconds on the gateway's clock."""
+
+    async def close(self) -> None:  # noqa: B027 - optional for implementations
+        """Release the connection, if there is one."""
+
+    # -- rendering --------------------------------------------------------------------
+
+    def wire(self, event: Event) -> dict[str, Any]:
+        """The wire message of an event, exactly as the exchange's ``Formatter`` writes it."""
+        return wire_message(self._formatter(), event)
+
+    def _formatter(self) -> Formatter:
+        fmt = getattr(self, "_fmt", None)
+        if fmt is None:
+            fmt = Formatter(self.config)
+            self._fmt = fmt
+        return fmt
+
+
+def wire_message(fmt: Formatter, event: Event) -> dict[str, Any]:
+    cls = event.__class__
+    if cls is ExecReport:
+        return fmt.exec_report(event)  # type: ignore[arg-type]
+    if cls is Trade:
+        return fmt.trade(event)  # type: ignore[arg-type]
+    if cls is BookDelta:
+        return fmt.book_update(event)  # type: ignore[arg-type]
+    raise TypeError(f"no wire form for {event!r}")
+
+
+# ------------------------------------------------------------------ decimal <-> integers
+
+
+def units_of(asset: Asset, text: str) -> int:
+    """An amount the exchange wrote (zero allowed) as minor units; exact, as it is on the grid."""
+    digits, scale = split_decimal(text)
+    value, rest = divmod(digits * 10**asset.decimals, 10**scale)
+    if rest:
+        raise ValueError(f"{text!r} is finer than {asset.name}'s unit")
+    return value
+
+
+def lots_of(market: Market, text: str) -> int:
+    """A quantity the exchange wrote (zero allowed) as lots."""
+    if text == "0" or not text.strip("0."):
+        return 0
+    return market.qty_lots(text)
+
+
+def holdings_from_wire(config: MarketConfig, balances: dict[str, dict[str, str]]) -> dict[str, Holding]:
+    out = {}
+    for name, bal in balances.items():
+        asset = config.assets.get(name)
+        if asset is None:
+            continue
+        out[name] = Holding(
+            units_of(asset, bal["available"]), units_of(asset, bal["locked"]),
+            units_of(asset, bal.get("deposited", "0")), units_of(asset, bal.get("fees", "0")),
+        )
+    return out

@@ -1,0 +1,579 @@
+"""Running a simulation: build the agents, drive them (embedded or TCP), show progress, report.
+
+``run/start_simulation.py`` parses the command line into a ``SimConfig`` and calls ``main``.
+Agent runs (the default) and scheduled budget runs (``--schedule``, ``--resume``, ``--list``,
+see ``simulation/scheduler.py``) share the options.
+
+Embedded mode is synchronous under the hood: the kernel of ``simulation/embedded.py`` drives
+the agents' coroutines in simulated time, and the progress line is refreshed every couple of
+thousand kernel steps from the wall clock. TCP mode runs each agent as an asyncio task on
+its own connection; a progress task refreshes the line twice a second. Either way the run
+ends at ``--duration`` (simulated time in embedded mode) or after ``--orders`` orders, or on
+Ctrl-C; the agents then cancel what they still have resting and the report is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Coroutine, TextIO
+
+from exchange.markets import ConfigError, MarketConfig, default_config, load_config
+from exchange.protocol import DEFAULT_PORT
+from simulation.agents import AGENT_KINDS, Agent, MarketProfile, RunControl
+from simulation.embedded import EmbeddedExchange, parse_duration_ns, parse_latency
+from simulation.gateway import Gateway, GatewayConnectionError
+from simulation.report import build_report, format_report, last_prices
+from simulation.tcp import TcpGateway, fetch_config
+
+DEFAULT_AGENTS = {"random": 20, "mm": 2, "twap": 1, "passive": 1}
+DEFAULT_PROFILES: dict[str, dict[str, str]] = {
+    "BTC-USD": {"mid": "30000.00", "qty_min": "0.001", "qty_max": "0.05"},
+    "ACME-USD": {"mid": "100.00", "qty_min": "1", "qty_max": "20"},
+}
+DEFAULT_FUNDING: dict[str, dict[str, str]] = {
+    "random": {"USD": "100000", "BTC": "2", "ACME": "500"},
+    "mm": {"USD": "1000000", "BTC": "20", "ACME": "5000"},
+    "twap": {"USD": "1000000", "BTC": "20", "ACME": "5000"},
+    "passive": {"USD": "500000"},
+}
+
+
+class SimulationError(Exception):
+    """A problem to tell the user in one line (bad option, exchange not running...)."""
+
+
+@dataclass
+class SimConfig:
+    agents: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_AGENTS))
+    duration_s: float | None = 30.0
+    orders: int | None = None
+    rate: float = 500.0  # orders per second over all agents (simulated time when embedded)
+    seed: int = 1
+    embedded: bool = False
+    latency: str | None = None
+    markets_file: Path | None = None
+    trade_markets: list[str] | None = None  # which markets the agents trade (default all)
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    funding: dict[str, dict[str, str]] = field(default_factory=dict)
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    data_dir: Path = Path("data")
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    prefix: str | None = None  # account name prefix (TCP default: unique per run)
+    report_file: Path | None = None
+    plot_file: Path | None = None
+    progress: bool = True
+    schedule: dict[str, Any] | None = None
+
+
+# --------------------------------------------------------------------------- building
+
+
+def market_config(cfg: SimConfig) -> MarketConfig:
+    try:
+        return load_config(cfg.markets_file) if cfg.markets_file else default_config()
+    except ConfigError as exc:
+        raise SimulationError(str(exc)) from None
+
+
+def build_agents(
+    cfg: SimConfig, config: MarketConfig, gateways: Callable[[str], Gateway], control: RunControl,
+) -> list[Agent]:
+    markets = cfg.trade_markets or list(config.markets)
+    for m in markets:
+        if m not in config.markets:
+            raise SimulationError(f"unknown market {m!r} (have {', '.join(config.markets)})")
+    total = sum(n for kind, n in cfg.agents.items() if kind in ("random", "mm", "passive")) or 1
+    interval = total / cfg.rate if cfg.rate > 0 else 0.1
+    prefix = cfg.prefix if cfg.prefix is not None else ""
+    agents: list[Agent] = []
+    for kind, count in cfg.agents.items():
+        cls = AGENT_KINDS.get(kind)
+        if cls is None:
+            raise SimulationError(f"unknown agent kind {kind!r} (have {', '.join(AGENT_KINDS)})")
+        funding = {a: v for a, v in (cfg.funding.get(kind) or DEFAULT_FUNDING[kind]).items()
+                   if a in config.assets}
+        params = dict(cfg.params.get(kind, {}))
+        for i in range(count):
+            name = f"{prefix}{kind}{i + 1:02d}"
+            agent_markets = markets
+            if kind in ("twap", "passive") and "market" not in params:
+                agent_markets = [markets[i % len(markets)]]
+            agent = cls(name, gateways(name), control, agent_markets, seed=cfg.seed,
+                        funding=funding, interval=interval if kind != "mm" else max(interval, 0.05),
+                        params=params)
+            agents.append(agent)
+    return agents
+
+
+def profiles_for(cfg: SimConfig, config: MarketConfig) -> dict[str, MarketProfile]:
+    out = {}
+    for symbol, spec in config.markets.items():
+        overrides = dict(DEFAULT_PROFILES.get(symbol, {}))
+        overrides.update(cfg.profiles.get(symbol, {}))
+        try:
+            out[symbol] = MarketProfile.build(spec, overrides)
+        except Exception as exc:
+            raise SimulationError(f"market profile for {symbol}: {exc}") from None
+    return out
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """The live status line: elapsed, orders, fills, rate, rejects/errors, best bid/ask."""
+
+    def __init__(self, stream: TextIO | None, config: MarketConfig) -> None:
+        self.stream = stream
+        self.config = config
+        self.tty = bool(stream is not None and stream.isatty())
+        self.started = time.monotonic()
+        self.last_print = 0.0
+        self.samples: list[dict[str, Any]] = []
+
+    def update(
+        self, agents: list[Agent], control: RunControl, tops: dict[str, tuple[int | None, int | None]],
+        sim_s: float | None = None, force: bool = False,
+    ) -> None:
+        now = time.monotonic()
+        elapsed = now - self.started
+        fills = sum(a.wallet.trades for a in agents)
+        rejects = sum(a.stats.rejects for a in agents)
+        errors = sum(sum(a.stats.errors.values()) for a in agents)
+        marks = last_prices(agents)
+        self.samples.append({
+            "t": sim_s if sim_s is not None else elapsed,
+            "tops": dict(tops), "marks": marks,
+            "pnl": {a.name: a.pnl(marks) for a in agents} if len(self.samples) < 2000 else None,
+        })
+        if self.stream is None or (not force and now - self.last_print < 0.5):
+            return
+        self.last_print = now
+        books = "  ".join(
+            f"{m} {self._px(m, b)}/{self._px(m, a)}" for m, (b, a) in tops.items()
+        )
+        sim = f" sim {sim_s:.1f}s" if sim_s is not None else ""
+        rate = control.orders / elapsed if elapsed > 0 else 0.0
+        line = (f"{elapsed:6.1f}s{sim}  orders {control.orders}  fills {fills}  "
+                f"{rate:,.0f}/s  rejects {rejects}  errors {errors}  {books}")
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def _px(self, market: str, ticks: int | None) -> str:
+        return "-" if ticks is None else self.config.markets[market].format_price(ticks)
+
+    def done(self) -> None:
+        if self.stream is not None and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _now(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine that never suspends (an embedded query) and return its value."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    coro.close()
+    raise RuntimeError("an embedded query suspended")
+
+
+# --------------------------------------------------------------------------- embedded
+
+
+def run_embedded(
+    cfg: SimConfig, stream: TextIO | None = sys.stderr, out: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the agents against an in-process exchange in simulated time; return the report.
+
+    ``out``, if given, receives the ``agents`` and the ``exchange`` (for tests and tools).
+    """
+    config = market_config(cfg)
+    try:
+        latency = parse_latency(cfg.latency)
+    except ValueError as exc:
+        raise SimulationError(str(exc)) from None
+    exchange = EmbeddedExchange(config, seed=cfg.seed, latency=latency, data_dir=cfg.data_dir)
+    control = RunControl(profiles_for(cfg, config), cfg.orders)
+    agents = build_agents(cfg, config, exchange.session, control)
+    if out is not None:
+        out.update(agents=agents, exchange=exchange, control=control)
+    kernel = exchange.kernel
+    progress = Progress(stream if cfg.progress else None, config)
+    observer = agents[0].gw if agents else exchange.session("__observer")
+
+    def tops() -> dict[str, tuple[int | None, int | None]]:
+        return {m: _now(observer.top(m)) for m in config.markets}
+
+    def tick() -> None:
+        progress.update(agents, control, tops(), (kernel.now - kernel.start_ns) / 1e9)
+
+    # Fund everyone first (at simulated time zero), then start trading.
+    for agent in agents:
+        kernel.spawn(agent.fund())
+    kernel.run()
+    start_ns = kernel.now
+    for agent in agents:
+        kernel.spawn(agent.run())
+    until = None if cfg.duration_s is None else start_ns + int(cfg.duration_s * 1e9)
+    wall = time.perf_counter()
+    interrupted = False
+    try:
+        kernel.run(until, stop=lambda: control.stopping, tick=tick, tick_every=4096)
+        if control.stopping:  # the order count is used up: let in-flight requests land
+            kernel.run(kernel.now + 1, tick=None)
+    except KeyboardInterrupt:
+        interrupted = True
+    elapsed = time.perf_counter() - wall
+    sim_elapsed = (kernel.now - start_ns) / 1e9
+    control.stopping = True
+    failures = [f"{name}: {exc!r}" for name, exc in kernel.failures]
+    kernel.close_all()
+    for agent in agents:
+        kernel.spawn(agent.shutdown())
+    kernel.run()
+    progress.update(agents, control, tops(), sim_elapsed, force=True)
+    progress.done()
+    exchange.close()
+    report = build_report(
+        agents, config, mode="embedded", elapsed_s=elapsed, sim_elapsed_s=sim_elapsed,
+        orders_sent=control.orders, interrupted=interrupted, seed=cfg.seed, failures=failures,
+    )
+    report["latency"] = cfg.latency or "none"
+    report["ledger"] = str(Path(cfg.data_dir) / "trades.jsonl")
+    _finish(cfg, report, progress, config)
+    return report
+
+
+# --------------------------------------------------------------------------- TCP
+
+
+async def run_tcp(
+    cfg: SimConfig, stream: TextIO | None = sys.stderr, stop_event: asyncio.Event | None = None,
+    out: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the agents against a running exchange, one connection each; return the report.
+
+    ``stop_event`` replaces the Ctrl-C handler (set it to stop early); ``out`` receives the
+    ``agents``.
+    """
+    if cfg.markets_file is not None:
+        config = market_config(cfg)
+    else:
+        try:
+            config = await fetch_config(cfg.host, cfg.port)
+        except GatewayConnectionError as exc:
+            raise SimulationError(
+                f"{exc.message}. Start it with: python run/start_engine.py (or use --embedded)"
+            ) from None
+    if cfg.prefix is None:
+        cfg.prefix = f"sim{time.time_ns() % 10**8:08d}-"
+    control = RunControl(profiles_for(cfg, config), cfg.orders)
+    names: list[str] = []
+    agents = build_agents(cfg, config, lambda name: names.append(name) or _Placeholder(name, config), control)  # type: ignore[func-returns-value]
+    try:
+        gateways = await asyncio.gather(*(
+            TcpGateway.connect(cfg.host, cfg.port, name, config) for name in names
+        ))
+    except GatewayConnectionError as exc:
+        raise SimulationError(
+            f"cannot reach the exchange at {cfg.host}:{cfg.port}: {exc.message}. "
+            "Start it with: python run/start_engine.py (or use --embedded)"
+        ) from None
+    for agent, gw in zip(agents, gateways):
+        agent.gw = gw
+    if out is not None:
+        out.update(agents=agents, control=control, config=config)
+    progress = Progress(stream if cfg.progress else None, config)
+    stop = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed = []
+    if stop_event is None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError):  # pragma: no cover
+                pass
+    observer = gateways[0]
+    interrupted = False
+    failures: list[str] = []
+    wall = time.perf_counter()
+    try:
+        await asyncio.wait_for(asyncio.gather(*(a.fund() for a in agents)), 30)
+        wall = time.perf_counter()
+        tasks = [loop.create_task(a.run(), name=a.name) for a in agents]
+        deadline = None if cfg.duration_s is None else time.monotonic() + cfg.duration_s
+        while True:
+            if stop.is_set():
+                interrupted = True
+                break
+            if control.stopping or all(t.done() for t in tasks):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            tops = await asyncio.wait_for(_tcp_tops(observer, config), 10)
+            progress.update(agents, control, tops)
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+        control.stopping = True
+        done, pending = await asyncio.wait(tasks, timeout=5)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                failures.append(f"{task.get_name()}: {task.exception()!r}")
+        elapsed = time.perf_counter() - wall
+        await asyncio.wait_for(asyncio.gather(*(a.shutdown() for a in agents), return_exceptions=True), 30)
+        tops = await asyncio.wait_for(_tcp_tops(observer, config), 10)
+        progress.update(agents, control, tops, force=True)
+        progress.done()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        await asyncio.gather(*(gw.close() for gw in gateways), return_exceptions=True)
+    latencies = [ns for gw in gateways for ns in gw.ack_latencies_ns]
+    report = build_report(
+        agents, config, mode="tcp", elapsed_s=elapsed, sim_elapsed_s=None,
+        orders_sent=control.orders, interrupted=interrupted, ack_latencies_ns=latencies,
+        seed=cfg.seed, failures=failures,
+    )
+    report["exchange"] = f"{cfg.host}:{cfg.port}"
+    _finish(cfg, report, progress, config)
+    return report
+
+
+async def _tcp_tops(gw: Gateway, config: MarketConfig) -> dict[str, tuple[int | None, int | None]]:
+    return {m: await gw.top(m) for m in config.markets}
+
+
+class _Placeholder:
+    """Stands in for a TCP gateway while the agents are built, before connections open."""
+
+    def __init__(self, account: str, config: MarketConfig) -> None:
+        self.account = account
+        self.config = config
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _finish(cfg: SimConfig, report: dict[str, Any], progress: Progress, config: MarketConfig) -> None:
+    if cfg.report_file is not None:
+        cfg.report_file.parent.mkdir(parents=True, exist_ok=True)
+        cfg.report_file.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if cfg.plot_file is not None:
+        report["plot"] = plot(progress.samples, config, cfg.plot_file)
+
+
+def plot(samples: list[dict[str, Any]], config: MarketConfig, path: Path) -> str:
+    """Price path, spread and each agent's P&L over time; needs matplotlib (optional extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ("not drawn: matplotlib is not installed "
+                "(pip install 'laptop-exchange[plot]' or pip install matplotlib)")
+    from decimal import Decimal
+
+    fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
+    xs = [s["t"] for s in samples]
+    for market, spec in config.markets.items():
+        def price(ticks: int | None) -> float | None:
+            # Drawing only: a plot axis needs floats; no money is computed from these.
+            return None if ticks is None else float(Decimal(spec.format_price(ticks)))
+        axes[0].plot(xs, [price(s["marks"].get(market)) for s in samples], label=market)
+        axes[1].plot(xs, [
+            (price(s["tops"][market][1]) - price(s["tops"][market][0]))  # type: ignore[operator]
+            if s["tops"].get(market) and None not in s["tops"][market] else None
+            for s in samples
+        ], label=market)
+    pnl_samples = [s for s in samples if s["pnl"]]
+    if pnl_samples:
+        for name in pnl_samples[-1]["pnl"]:
+            quote = next(k for k in pnl_samples[-1]["pnl"][name] if k != "fees")
+            axes[2].plot([s["t"] for s in pnl_samples],
+                         [float(Decimal(s["pnl"][name][quote])) for s in pnl_samples], label=name)
+    axes[0].set_ylabel("last price")
+    axes[1].set_ylabel("spread")
+    axes[2].set_ylabel("P&L")
+    axes[2].set_xlabel("seconds")
+    for ax in axes[:2]:
+        ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_agents(text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, _, count = part.partition("=")
+        kind = kind.strip()
+        if kind not in AGENT_KINDS:
+            raise argparse.ArgumentTypeError(f"unknown agent kind {kind!r} (have {', '.join(AGENT_KINDS)})")
+        try:
+            out[kind] = int(count) if count else 1
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected KIND=COUNT, got {part!r}") from None
+        if out[kind] < 0:
+            raise argparse.ArgumentTypeError("agent counts cannot be negative")
+    return out
+
+
+def parse_seconds(text: str) -> float:
+    try:
+        return parse_duration_ns(text) / 1e9
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="start_simulation.py",
+        description="Simulated traders against the exchange (TCP by default, or --embedded).",
+    )
+    ap.add_argument("--embedded", action="store_true", help="run the engine in this process, in simulated time")
+    ap.add_argument("--agents", type=parse_agents, default=None,
+                    help="agent counts, e.g. random=20,mm=2,twap=1,passive=1")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--duration", type=parse_seconds, default=None, help="how long, e.g. 30s (default 30s)")
+    group.add_argument("--orders", type=int, default=None, help="stop after this many orders")
+    ap.add_argument("--rate", type=float, default=None, help="orders per second over all agents (default 500)")
+    ap.add_argument("--seed", type=int, default=None, help="random seed (default 1)")
+    ap.add_argument("--latency", default=None, help="embedded only: fixed:500us or gamma:mean=5ms")
+    ap.add_argument("--markets", type=Path, default=None, help="markets JSON file (as for start_engine.py)")
+    ap.add_argument("--config", type=Path, default=None, help="simulation config JSON file")
+    ap.add_argument("--report", type=Path, default=None, help="also write the report as JSON here")
+    ap.add_argument("--plot", type=Path, default=None, help="draw price, spread and P&L to a PNG (matplotlib)")
+    ap.add_argument("--data-dir", type=Path, default=None, help="where trades.jsonl and runs go (default ./data)")
+    ap.add_argument("--host", default=None, help="exchange host (TCP mode, default 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=None, help=f"exchange port (TCP mode, default {DEFAULT_PORT})")
+    ap.add_argument("--no-progress", action="store_true", help="no live progress line")
+    ap.add_argument("--schedule", action="store_true", help="run the config's scheduled action slots")
+    ap.add_argument("--resume", metavar="ID", default=None, help="continue a saved scheduled run")
+    ap.add_argument("--list", action="store_true", help="list saved scheduled runs")
+    ap.add_argument("--on-failure", choices=["skip", "quit"], default="skip",
+                    help="scheduled runs without a terminal: what to do with a slot that keeps failing")
+    return ap
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    cfg = SimConfig()
+    file_data: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            file_data = json.loads(args.config.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise SimulationError(f"cannot read config file {args.config}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise SimulationError(f"config file {args.config} is not valid JSON: {exc}") from None
+        if not isinstance(file_data, dict):
+            raise SimulationError(f"config file {args.config} must hold a JSON object")
+        apply_file_config(cfg, file_data)
+    if args.agents is not None:
+        cfg.agents = args.agents
+    if args.duration is not None:
+        cfg.duration_s, cfg.orders = args.duration, None
+    if args.orders is not None:
+        cfg.orders, cfg.duration_s = args.orders, None
+    for name, attr in (("rate", "rate"), ("seed", "seed"), ("latency", "latency"),
+                       ("host", "host"), ("port", "port")):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, attr, value)
+    if args.markets is not None:
+        cfg.markets_file = args.markets
+    if args.data_dir is not None:
+        cfg.data_dir = args.data_dir
+    cfg.embedded = cfg.embedded or args.embedded
+    cfg.report_file = args.report
+    cfg.plot_file = args.plot
+    cfg.progress = not args.no_progress
+    if cfg.latency and not cfg.embedded:
+        raise SimulationError("--latency applies to --embedded runs only")
+    if cfg.rate <= 0:
+        raise SimulationError("--rate must be positive")
+    return cfg
+
+
+KNOWN_KEYS = {
+    "agents", "duration", "orders", "rate", "seed", "embedded", "latency", "markets_file",
+    "markets", "profiles", "funding", "params", "data_dir", "host", "port", "prefix", "schedule",
+}
+
+
+def apply_file_config(cfg: SimConfig, data: dict[str, Any]) -> None:
+    """The ``--config`` file: every key optional; command-line options override it."""
+    unknown = set(data) - KNOWN_KEYS
+    if unknown:
+        raise SimulationError(f"config file: unknown keys {sorted(unknown)} (known: {sorted(KNOWN_KEYS)})")
+    if "agents" in data:
+        cfg.agents = {str(k): int(v) for k, v in data["agents"].items()}
+    if "duration" in data:
+        cfg.duration_s = parse_duration_ns(str(data["duration"])) / 1e9 if data["duration"] is not None else None
+    if "orders" in data:
+        cfg.orders = data["orders"]
+        if cfg.orders is not None and "duration" not in data:
+            cfg.duration_s = None
+    for key in ("rate", "seed", "embedded", "latency", "host", "port", "prefix", "schedule"):
+        if key in data:
+            setattr(cfg, key, data[key])
+    if "markets_file" in data:
+        cfg.markets_file = Path(data["markets_file"])
+    if "markets" in data:
+        cfg.trade_markets = list(data["markets"])
+    if "data_dir" in data:
+        cfg.data_dir = Path(data["data_dir"])
+    for key in ("profiles", "funding", "params"):
+        if key in data:
+            setattr(cfg, key, dict(data[key]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        if args.list or args.resume is not None or args.schedule:
+            from simulation.scheduler import main_schedule
+
+            return main_schedule(cfg, args)
+        if cfg.embedded:
+            report = run_embedded(cfg)
+        else:
+            from exchange.runtime import install_event_loop_policy
+
+            install_event_loop_policy()
+            report = asyncio.run(run_tcp(cfg))
+    except SimulationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # pragma: no cover - the runs handle Ctrl-C themselves
+        return 130
+    print(format_report(report))
+    if cfg.report_file is not None:
+        print(f"report written to {cfg.report_file}")
+    if "plot" in report:
+        print(f"plot: {report['plot']}")
+    return 0

@@ -1,0 +1,584 @@
+"""Scheduled budget runs: a configuration becomes an ordered list of action slots that cross.
+
+Theory of operation
+-------------------
+Where the agents of ``simulation/agents.py`` decide for themselves, a scheduled run is a
+plan written down before it starts, so it can be inspected, interrupted and resumed:
+
+1. ``build_slots`` turns a ``ScheduleConfig`` (accounts, markets, trades per account, an
+   amount range, price offsets, a strategy) into *pairs* of slots. The first slot of a pair
+   (the maker) rests a GTC limit; the second (the taker, another account) sends an IOC
+   limit at the same price and the opposite side, so the two cross and trade. Each
+   account's side alternates from one trade to the next, so counterparties pair up and
+   no account drifts one way. Amounts and offsets are drawn from a seeded generator: the
+   same config and seed give the same slots.
+   * ``round_robin``: round after round, accounts paired (0,1), (2,3)... shifted by one each
+     round; consecutive pairs take the markets in turn;
+   * ``same_market``: the same pairing, but a whole round trades one market;
+   * ``sequential``: one pair of accounts does all its trades before the next pair starts.
+2. ``SlotProcessor`` executes the slots in order. A slot that fails (refused, not filled,
+   budget short, connection error) is retried after ``backoff_base * 2**(attempt-1)``
+   seconds (capped at ``backoff_max``) up to ``max_retries`` times; then a person at a
+   terminal is asked retry / skip / continue / quit, and without one ``on_failure``
+   (``skip`` or ``quit``) decides. ``skip`` marks the slot skipped, ``continue`` leaves it
+   failed and goes on, ``quit`` stops the run (resumable).
+3. The run (slots with status and attempts, position, statistics, timestamps) is written
+   atomically (temporary file, fsync, rename) to ``<data_dir>/simulations/<id>.json``
+   after every slot, so ``--resume <id>`` continues where it stopped and never repeats a
+   completed slot.
+4. ``BudgetTracker`` follows each account's reports in a ``Wallet``: available, locked and
+   spent per asset; a slot the account can no longer pay for fails as ``budget_depleted``
+   without being sent, and the account/asset is recorded as depleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from exchange.markets import InvalidValue, MarketConfig
+from exchange.types import ExecType
+from simulation.budget import Wallet, buy_commit
+from simulation.gateway import Gateway, GatewayConnectionError, GatewayError
+
+STRATEGIES = ("round_robin", "same_market", "sequential")
+PENDING, IN_PROGRESS, COMPLETED, FAILED, SKIPPED = "pending", "in_progress", "completed", "failed", "skipped"
+
+
+@dataclass
+class ScheduleConfig:
+    accounts: list[str] = field(default_factory=lambda: ["sched-a", "sched-b", "sched-c", "sched-d"])
+    markets: list[str] = field(default_factory=lambda: ["BTC-USD"])
+    trades_per_account: int = 4
+    amount_range: tuple[str, str] = ("0.001", "0.01")  # base quantity, decimal strings
+    # Per market, overriding amount_range (a market's lot size may not fit the default).
+    amount_ranges: dict[str, list[str]] = field(default_factory=lambda: {"ACME-USD": ["1", "10"]})
+    price_offsets: tuple[str, str] = ("-0.50", "0.50")  # added to the base price, decimal strings
+    base_prices: dict[str, str] = field(default_factory=lambda: {"BTC-USD": "30000.00", "ACME-USD": "100.00"})
+    strategy: str = "round_robin"
+    max_retries: int = 3
+    backoff_base: float = 0.1
+    backoff_max: float = 5.0
+    funding: dict[str, str] = field(default_factory=lambda: {"USD": "100000", "BTC": "2", "ACME": "1000"})
+    seed: int = 1
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> ScheduleConfig:
+        cfg = cls()
+        for key, value in (data or {}).items():
+            if not hasattr(cfg, key):
+                raise ValueError(f"schedule: unknown key {key!r}")
+            if key in ("amount_range", "price_offsets"):
+                value = (str(value[0]), str(value[1]))
+            setattr(cfg, key, value)
+        if cfg.strategy not in STRATEGIES:
+            raise ValueError(f"schedule: strategy must be one of {', '.join(STRATEGIES)}")
+        if len(cfg.accounts) < 2:
+            raise ValueError("schedule: at least two accounts are needed to cross")
+        if cfg.trades_per_account < 1:
+            raise ValueError("schedule: trades_per_account must be at least 1")
+        return cfg
+
+
+@dataclass
+class Slot:
+    index: int
+    pair: int
+    role: str  # "maker" (rests) or "taker" (crosses it)
+    account: str
+    market: str
+    side: str
+    qty: str
+    price: str
+    tif: str
+    status: str = PENDING
+    attempts: int = 0
+    order_id: int | None = None
+    filled_qty: str | None = None
+    error: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+def _decimal_steps(spec_units: Callable[[str], int], lo: str, hi: str) -> tuple[int, int]:
+    a, b = spec_units(lo), spec_units(hi)
+    return (a, b) if a <= b else (b, a)
+
+
+def build_slots(cfg: ScheduleConfig, config: MarketConfig) -> list[Slot]:
+    """The ordered slots of a run (see the module docstring); deterministic for a seed."""
+    for m in cfg.markets:
+        if m not in config.markets:
+            raise ValueError(f"schedule: unknown market {m!r}")
+    rng = random.Random(f"schedule:{cfg.seed}")
+    accounts = cfg.accounts
+    n = len(accounts)
+    pairs: list[tuple[str, str, str, int]] = []  # (maker, taker, market, round)
+    if cfg.strategy == "sequential":
+        for i in range(0, n, 2):
+            maker, taker = accounts[i], accounts[(i + 1) % n]
+            for r in range(cfg.trades_per_account):
+                pairs.append((maker, taker, cfg.markets[len(pairs) % len(cfg.markets)], r))
+    else:
+        for r in range(cfg.trades_per_account):
+            for i in range(0, n, 2):
+                maker, taker = accounts[(i + r) % n], accounts[(i + 1 + r) % n]
+                if cfg.strategy == "same_market":
+                    market = cfg.markets[r % len(cfg.markets)]
+                else:
+                    market = cfg.markets[len(pairs) % len(cfg.markets)]
+                pairs.append((maker, taker, market, r))
+    slots: list[Slot] = []
+    # Each account alternates: its next trade takes the side opposite to its last one. The
+    # maker's turn decides the pair (the taker takes the other side); with the pairings
+    # above both accounts are almost always due opposite sides anyway.
+    last_side: dict[str, str] = {}
+    for k, (maker, taker, market, r) in enumerate(pairs):
+        spec = config.markets[market]
+        lo_text, hi_text = cfg.amount_ranges.get(market) or cfg.amount_range
+        try:
+            qlo, qhi = _decimal_steps(spec.qty_lots, str(lo_text), str(hi_text))
+        except InvalidValue as exc:
+            raise ValueError(f"schedule: amount range for {market}: {exc.message}") from None
+        lots = rng.randint(max(qlo, spec.min_qty_lots), max(qhi, spec.min_qty_lots))
+        base = spec.price_ticks(cfg.base_prices.get(market) or spec.reference_price or "100.00")
+        lo_off, hi_off = (_signed_ticks(spec.price_ticks, x) for x in cfg.price_offsets)
+        lo_off, hi_off = min(lo_off, hi_off), max(lo_off, hi_off)
+        price = max(1, base + rng.randint(lo_off, hi_off))
+        if maker in last_side:
+            maker_side = "sell" if last_side[maker] == "buy" else "buy"
+        elif taker in last_side:
+            maker_side = last_side[taker]  # the taker then takes the other side, alternating
+        else:
+            maker_side = "buy"
+        taker_side = "sell" if maker_side == "buy" else "buy"
+        last_side[maker], last_side[taker] = maker_side, taker_side
+        qty, px = spec.format_qty(lots), spec.format_price(price)
+        slots.append(Slot(len(slots), k, "maker", maker, market, maker_side, qty, px, "gtc"))
+        slots.append(Slot(len(slots), k, "taker", taker, market, taker_side, qty, px, "ioc"))
+    return slots
+
+
+def _signed_ticks(to_ticks: Callable[[str], int], text: str) -> int:
+    """A signed price offset such as ``-0.50`` in ticks (``0`` allowed)."""
+    text = text.strip()
+    sign = -1 if text.startswith("-") else 1
+    body = text.lstrip("+-")
+    if body.strip("0.") == "":
+        return 0
+    try:
+        return sign * to_ticks(body)
+    except InvalidValue as exc:
+        raise ValueError(f"schedule: price offset {text!r}: {exc.message}") from None
+
+
+# --------------------------------------------------------------------------- state on disk
+
+
+@dataclass
+class SimulationRun:
+    id: str
+    config: dict[str, Any]
+    slots: list[Slot]
+    status: str = "pending"  # pending, running, interrupted, completed, quit
+    position: int = 0
+    funded: bool = False
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    stats: dict[str, int] = field(default_factory=lambda: {
+        "completed": 0, "failed": 0, "skipped": 0, "retries": 0, "attempts": 0,
+    })
+    depleted: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SimulationRun:
+        data = dict(data)
+        data["slots"] = [Slot(**s) for s in data["slots"]]
+        return cls(**data)
+
+
+class RunStore:
+    """Saved runs, one JSON file each, written atomically."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def path(self, run_id: str) -> Path:
+        if not run_id or any(c in run_id for c in "/\\") or run_id.startswith("."):
+            raise ValueError(f"not a run id: {run_id!r}")
+        return self.folder / f"{run_id}.json"
+
+    def save(self, run: SimulationRun) -> None:
+        run.updated_at = time.time()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self.path(run.id)
+        tmp = target.with_suffix(".json.tmp")
+        data = json.dumps(run.to_dict(), indent=1).encode()
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+
+    def load(self, run_id: str) -> SimulationRun:
+        path = self.path(run_id)
+        try:
+            return SimulationRun.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise ValueError(f"no saved run {run_id!r} in {self.folder}") from None
+
+    def list(self) -> list[SimulationRun]:
+        if not self.folder.is_dir():
+            return []
+        runs = []
+        for path in sorted(self.folder.glob("*.json")):
+            try:
+                runs.append(SimulationRun.from_dict(json.loads(path.read_text(encoding="utf-8"))))
+            except (ValueError, KeyError, TypeError):
+                continue
+        return runs
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+class BudgetTracker:
+    """Each account's available / locked / spent per asset, from its own reports."""
+
+    def __init__(self, config: MarketConfig, gateways: dict[str, Gateway]) -> None:
+        self.config = config
+        self.gateways = gateways
+        self.wallets = {name: Wallet(config) for name in gateways}
+        self.depleted: list[str] = []
+        self.filled: dict[int, int] = {}  # order id -> lots filled so far (from the reports)
+
+    async def load(self) -> None:
+        for name, gw in self.gateways.items():
+            self.wallets[name].load(await gw.balances())
+
+    def sync(self) -> None:
+        for name, gw in self.gateways.items():
+            apply = self.wallets[name].apply
+            for ev in gw.poll_events():
+                rep = apply(ev)
+                if rep is not None and rep.order_id is not None:
+                    self.filled[rep.order_id] = rep.filled
+
+    def need(self, slot: Slot) -> tuple[str, int]:
+        spec = self.config.markets[slot.market]
+        lots = spec.qty_lots(slot.qty)
+        if slot.side == "buy":
+            return spec.quote.name, buy_commit(spec, spec.price_ticks(slot.price), lots)
+        return spec.base.name, lots * spec.base_per_lot
+
+    def can_pay(self, slot: Slot) -> bool:
+        asset, amount = self.need(slot)
+        if self.wallets[slot.account].free(asset) >= amount:
+            return True
+        key = f"{slot.account}:{asset}"
+        if key not in self.depleted:
+            self.depleted.append(key)
+        return False
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per account and asset: initial, available, locked, spent and utilization."""
+        return {name: w.utilization() for name, w in self.wallets.items()}
+
+
+# --------------------------------------------------------------------------- processing
+
+
+class SlotFailed(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+Decision = str  # "retry" | "skip" | "continue" | "quit"
+
+
+def ask_terminal(slot: Slot, reason: str) -> Decision:
+    """Ask the person at the terminal what to do with a slot that keeps failing."""
+    while True:
+        answer = input(
+            f"\nslot {slot.index} ({slot.account} {slot.side} {slot.qty} {slot.market} @ {slot.price}) "
+            f"failed {slot.attempts} times: {reason}\n[r]etry, [s]kip, [c]ontinue, [q]uit? "
+        ).strip().lower()
+        for choice in ("retry", "skip", "continue", "quit"):
+            if answer and choice.startswith(answer):
+                return choice
+        print("please answer r, s, c or q")
+
+
+class SlotProcessor:
+    """Executes a run's slots in order with retries, decisions and a save after every slot."""
+
+    def __init__(
+        self, run: SimulationRun, gateways: dict[str, Gateway], store: RunStore | None,
+        config: MarketConfig, *, max_retries: int = 3, backoff_base: float = 0.1,
+        backoff_max: float = 5.0, on_failure: str = "skip",
+        ask: Callable[[Slot, str], Decision] | None = None,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.run = run
+        self.gateways = gateways
+        self.store = store
+        self.config = config
+        self.max_retries = max_retries
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.on_failure = on_failure
+        self.ask = ask
+        first = next(iter(gateways.values()))
+        self.sleep = sleep or first.sleep
+        self.clock = clock
+        self.budget = BudgetTracker(config, gateways)
+        self.sleeps: list[float] = []  # every back-off waited, for the summary and the tests
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (1, 2, ...): base x 2^(attempt-1), capped."""
+        return min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
+
+    def save(self) -> None:
+        if self.store is not None:
+            self.store.save(self.run)
+
+    async def execute(self, stop_after: int | None = None) -> SimulationRun:
+        """Run from the saved position; ``stop_after`` slots at most (then ``interrupted``)."""
+        run = self.run
+        await self.budget.load()
+        run.status = "running"
+        self.save()
+        done_now = 0
+        try:
+            while run.position < len(run.slots):
+                if stop_after is not None and done_now >= stop_after:
+                    run.status = "interrupted"
+                    return run
+                slot = run.slots[run.position]
+                if slot.status in (COMPLETED, SKIPPED, FAILED):
+                    run.position += 1
+                    continue
+                if slot.status == IN_PROGRESS and slot.order_id is not None:
+                    # Sent and acknowledged before an interruption: never send it twice.
+                    slot.status = COMPLETED
+                    run.stats["completed"] += 1
+                    run.position += 1
+                    continue
+                decision = await self._run_slot(slot)
+                if decision == "quit":
+                    run.status = "quit"
+                    return run
+                run.position += 1
+                done_now += 1
+                self.save()
+            run.status = "completed"
+            run.finished_at = self.clock()
+            return run
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            run.status = "interrupted"
+            raise
+        finally:
+            self.budget.sync()
+            run.depleted = list(self.budget.depleted)
+            self.save()
+
+    async def _run_slot(self, slot: Slot) -> Decision:
+        run = self.run
+        slot.status = IN_PROGRESS
+        slot.started_at = slot.started_at or self.clock()
+        self.save()  # in progress is on disk before the order leaves
+        while True:
+            slot.attempts += 1
+            run.stats["attempts"] += 1
+            try:
+                await self._attempt(slot)
+            except SlotFailed as exc:
+                slot.error = exc.reason
+                retries_used = slot.attempts - 1
+                if retries_used < self.max_retries:
+                    run.stats["retries"] += 1
+                    delay = self.backoff(retries_used + 1)
+                    self.sleeps.append(delay)
+                    await self.sleep(delay)
+                    continue
+                decision = self.ask(slot, exc.reason) if self.ask is not None else self.on_failure
+                if decision == "retry":
+                    slot.attempts = 0
+                    continue
+                if decision == "quit":
+                    slot.status = FAILED if slot.order_id is None else slot.status
+                    run.stats["failed"] += 1
+                    slot.finished_at = self.clock()
+                    self.save()
+                    return "quit"
+                slot.status = SKIPPED if decision == "skip" else FAILED
+                run.stats["skipped" if decision == "skip" else "failed"] += 1
+                slot.finished_at = self.clock()
+                return decision
+            slot.status = COMPLETED
+            slot.error = None
+            slot.finished_at = self.clock()
+            run.stats["completed"] += 1
+            return "continue"
+
+    async def _attempt(self, slot: Slot) -> None:
+        self.budget.sync()
+        if not self.budget.can_pay(slot):
+            raise SlotFailed("budget_depleted")
+        gw = self.gateways[slot.account]
+        asset, commit = self.budget.need(slot)
+        wallet = self.budget.wallets[slot.account]
+        wallet.reserve(asset, commit)
+        try:
+            rep = await gw.place(
+                slot.market, slot.side, slot.qty, slot.price, tif=slot.tif,
+                client_order_id=f"{self.run.id}-{slot.index}"[:64],
+            )
+        except GatewayConnectionError as exc:
+            wallet.release(asset, commit)
+            raise SlotFailed(f"connection: {exc.message}") from None
+        except GatewayError as exc:
+            wallet.release(asset, commit)
+            raise SlotFailed(exc.code) from None
+        if rep.exec_type is ExecType.REJECTED:
+            wallet.release(asset, commit)
+            raise SlotFailed(rep.reason.value if rep.reason else "rejected")
+        wallet.track(rep, asset, commit)
+        slot.order_id = rep.order_id
+        self.budget.sync()
+        if slot.role == "taker":
+            spec = self.config.markets[slot.market]
+            t_filled = await self._filled(slot)
+            slot.filled_qty = spec.format_qty(t_filled)
+            if t_filled < spec.qty_lots(slot.qty):
+                slot.order_id = None  # the IOC rest expired: nothing to cancel, may retry
+                raise SlotFailed("not_filled")
+
+    async def _filled(self, slot: Slot) -> int:
+        """Lots the slot's IOC order filled, once its final report has arrived."""
+        gw = self.gateways[slot.account]
+        for _ in range(100):  # an IOC ends within its own command; its reports follow the ack
+            self.budget.sync()
+            if slot.order_id not in self.budget.wallets[slot.account].orders:
+                break
+            await gw.sleep(0.01)
+        return self.budget.filled.get(slot.order_id, 0)  # type: ignore[arg-type]
+
+    def summary(self) -> dict[str, Any]:
+        run = self.run
+        return {
+            "id": run.id, "status": run.status, "slots": len(run.slots),
+            "position": run.position, **run.stats, "backoffs_s": list(self.sleeps),
+            "depleted": list(self.budget.depleted), "budgets": self.budget.summary(),
+        }
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def new_run(sched: ScheduleConfig, config: MarketConfig) -> SimulationRun:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    run_id = f"run-{stamp}-{sched.seed}-{time.time_ns() % 10**6:06d}"
+    return SimulationRun(run_id, asdict(sched), build_slots(sched, config))
+
+
+def main_schedule(cfg: Any, args: Any) -> int:
+    """``--schedule`` / ``--resume ID`` / ``--list`` (called by ``simulation.runner.main``)."""
+    from simulation.runner import SimulationError, market_config
+
+    store = RunStore(Path(cfg.data_dir) / "simulations")
+    if args.list:
+        runs = store.list()
+        if not runs:
+            print(f"no saved runs in {store.folder}")
+        for r in runs:
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))
+            print(f"{r.id}  {r.status:<11} {r.position}/{len(r.slots)} slots  "
+                  f"completed {r.stats['completed']} failed {r.stats['failed']} "
+                  f"skipped {r.stats['skipped']}  {r.config.get('strategy')}  created {created}")
+        return 0
+    config = market_config(cfg)
+    try:
+        if args.resume is not None:
+            run = store.load(args.resume)
+            sched = ScheduleConfig.from_dict(run.config)
+        else:
+            sched = ScheduleConfig.from_dict(cfg.schedule)
+            if args.seed is not None:
+                sched.seed = args.seed
+            run = new_run(sched, config)
+    except ValueError as exc:
+        raise SimulationError(str(exc)) from None
+    ask = ask_terminal if sys.stdin.isatty() else None
+
+    async def body(gateways: dict[str, Gateway], fund: bool) -> SlotProcessor:
+        if fund:
+            for gw in gateways.values():
+                for asset, amount in sched.funding.items():
+                    if asset in config.assets:
+                        await gw.deposit(asset, amount)
+            run.funded = True
+        proc = SlotProcessor(run, gateways, store, config, max_retries=sched.max_retries,
+                             backoff_base=sched.backoff_base, backoff_max=sched.backoff_max,
+                             on_failure=args.on_failure, ask=ask)
+        await proc.execute()
+        return proc
+
+    print(f"{'resuming' if args.resume else 'starting'} scheduled run {run.id}: "
+          f"{len(run.slots)} slots, strategy {sched.strategy}", flush=True)
+    try:
+        if cfg.embedded:
+            from simulation.embedded import EmbeddedExchange
+
+            exchange = EmbeddedExchange(config, seed=sched.seed, latency=cfg.latency, data_dir=cfg.data_dir)
+            gateways: dict[str, Gateway] = {a: exchange.session(a) for a in sched.accounts}
+            try:
+                # A fresh in-process exchange: its accounts are funded again, even on resume.
+                proc = exchange.kernel.run_until_complete(body(gateways, True))
+            finally:
+                exchange.close()
+        else:
+            proc = asyncio.run(_tcp_schedule(cfg, sched, config, run, body))
+    except KeyboardInterrupt:
+        store.save(run)
+        print(f"\ninterrupted; resume with: --resume {run.id}")
+        return 130
+    summary = proc.summary()
+    print(json.dumps({k: v for k, v in summary.items() if k != "budgets"}))
+    for account, assets in summary["budgets"].items():
+        for asset, b in assets.items():
+            print(f"  {account:<12} {asset:<5} initial {b['initial']:>18} available {b['available']:>18} "
+                  f"locked {b['locked']:>14} spent {b['spent']:>16}  {b['utilization']}")
+    if run.status != "completed":
+        print(f"run {run.id} stopped ({run.status}); resume with: --resume {run.id}")
+        return 1
+    return 0
+
+
+async def _tcp_schedule(cfg: Any, sched: ScheduleConfig, config: MarketConfig, run: SimulationRun,
+                        body: Callable[[dict[str, Gateway], bool], Awaitable[SlotProcessor]]) -> SlotProcessor:
+    from simulation.runner import SimulationError
+    from simulation.tcp import TcpGateway
+
+    try:
+        gws = await asyncio.gather(*(TcpGateway.connect(cfg.host, cfg.port, a, config) for a in sched.accounts))
+    except GatewayConnectionError as exc:
+        raise SimulationError(f"cannot reach the exchange at {cfg.host}:{cfg.port}: {exc.message}") from None
+    try:
+        return await body(dict(zip(sched.accounts, gws)), not run.funded)
+    finally:
+        await asyncio.gather(*(g.close() for g in gws), return_exceptions=True)
+

@@ -1,0 +1,305 @@
+"""TCP mode (the default): each agent is one ``client.ExchangeClient`` session to a running exchange.
+
+``TcpGateway`` speaks the wire protocol through the client library and converts what comes
+back into the engine's vocabulary (``exchange.types`` events with integer units) once, at
+this edge, so agents compute with the same integers as in embedded mode. Time is the wall
+clock and ``sleep`` is ``asyncio.sleep``. The latency of every order's acknowledgement
+(request written to first report read) is recorded for the report's p50/p99.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from decimal import Decimal
+from typing import Any
+
+from client.client import ExchangeClient, ExchangeConnectionError, ExchangeError
+from exchange.markets import Market, MarketConfig, build_config
+from exchange.types import (
+    BookDelta,
+    Event,
+    ExecReport,
+    ExecType,
+    Liquidity,
+    OrderStatus,
+    OrderType,
+    RejectReason,
+    Side,
+    TimeInForce,
+    Trade,
+)
+from simulation.gateway import (
+    FINAL_STATUSES,
+    BookView,
+    Gateway,
+    GatewayConnectionError,
+    GatewayError,
+    Holding,
+    OpenOrderView,
+    PriceLike,
+    holdings_from_wire,
+    lots_of,
+    units_of,
+)
+
+DEFAULT_TIMEOUT = 10.0
+_REASONS = {r.value: r for r in RejectReason}
+
+
+def _text(value: Any) -> Any:
+    if value.__class__ is Decimal:
+        return format(value, "f")
+    return value
+
+
+async def fetch_config(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> MarketConfig:
+    """The exchange's markets, as a ``MarketConfig`` built from its ``markets`` reply.
+
+    Raises ``GatewayConnectionError`` with a friendly message when nothing listens there.
+    """
+    client = ExchangeClient(host, port, timeout=timeout)
+    try:
+        await client.connect()
+    except ExchangeConnectionError as exc:
+        raise GatewayConnectionError(exc.message) from None
+    try:
+        markets = await client.markets()
+    except ExchangeError as exc:
+        raise GatewayConnectionError(f"the exchange at {host}:{port} did not answer: {exc}") from None
+    finally:
+        await client.close()
+    # The ``markets`` reply does not carry asset decimals. The built-in assets' are known;
+    # another asset gets the finest unit its markets' grids need, which parses every amount
+    # the exchange writes exactly (pass the same --markets file to be exact everywhere).
+    defaults = {"USD": 6, "BTC": 8, "ACME": 0}
+    assets: dict[str, int] = {}
+    for m in markets:
+        lot_dec = _decimals(m["lot_size"])
+        need = {m["base"]: lot_dec, m["quote"]: _decimals(m["tick_size"]) + lot_dec}
+        for name, dec in need.items():
+            assets[name] = max(assets.get(name, 0), defaults.get(name, dec), dec)
+    return build_config({"assets": assets, "markets": markets})
+
+
+def _decimals(text: str) -> int:
+    _, _, frac = text.partition(".")
+    return len(frac.rstrip("0"))
+
+
+class TcpGateway(Gateway):
+    """One logged-in session of one account (see the module docstring)."""
+
+    def __init__(self, client: ExchangeClient, account: str, config: MarketConfig) -> None:
+        self.client = client
+        self.account = account
+        self.config = config
+        self.ack_latencies_ns: list[int] = []
+        self._costs: dict[int, int] = {}  # order id -> cumulative price x lots (avg price basis)
+        self._queue: deque[Event] = deque()
+
+    @classmethod
+    async def connect(
+        cls, host: str, port: int, account: str, config: MarketConfig,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> TcpGateway:
+        client = ExchangeClient(host, port, timeout=timeout)
+        try:
+            await client.connect()
+            await client.login(account)
+        except ExchangeConnectionError as exc:
+            raise GatewayConnectionError(exc.message) from None
+        except ExchangeError as exc:
+            await client.close()
+            raise GatewayError(exc.code, exc.message) from None
+        return cls(client, account, config)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    # -- time -------------------------------------------------------------------------
+
+    def now_ns(self) -> int:
+        return time.time_ns()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def _request(self, op: str, **fields: Any) -> dict[str, Any]:
+        try:
+            return await self.client.request(op, **fields)
+        except ExchangeConnectionError as exc:
+            raise GatewayConnectionError(exc.message) from None
+        except ExchangeError as exc:
+            raise GatewayError(exc.code, exc.message) from None
+
+    async def place(
+        self, market: str, side: str, qty: PriceLike, price: PriceLike | None = None, *,
+        order_type: str | None = None, tif: str | None = None, post_only: bool = False,
+        client_order_id: str | None = None,
+    ) -> ExecReport:
+        if order_type is None:
+            order_type = "limit" if price is not None else "market"
+        started = time.perf_counter_ns()
+        reply = await self._request(
+            "order", market=market, side=side, type=order_type, qty=_text(qty),
+            price=None if price is None else _text(price), tif=tif,
+            post_only=True if post_only else None, client_order_id=client_order_id,
+        )
+        self.ack_latencies_ns.append(time.perf_counter_ns() - started)
+        self._take_events()
+        return self._report(reply)
+
+    async def cancel(self, order_id: int) -> ExecReport:
+        reply = await self._request("cancel", order_id=order_id)
+        self._take_events()
+        return self._report(reply)
+
+    async def modify(
+        self, order_id: int, price: PriceLike | None = None, qty: PriceLike | None = None,
+    ) -> ExecReport:
+        reply = await self._request(
+            "modify", order_id=order_id, price=None if price is None else _text(price),
+            qty=None if qty is None else _text(qty),
+        )
+        self._take_events()
+        return self._report(reply)
+
+    async def deposit(self, asset: str, amount: PriceLike) -> dict[str, Holding]:
+        reply = await self._request("deposit", asset=asset, amount=_text(amount))
+        return holdings_from_wire(self.config, reply["balances"])
+
+    async def balances(self) -> dict[str, Holding]:
+        reply = await self._request("balances")
+        return holdings_from_wire(self.config, reply["balances"])
+
+    async def open_orders(self, market: str | None = None) -> list[OpenOrderView]:
+        reply = await self._request("orders", market=market)
+        out = []
+        for o in reply["orders"]:
+            spec = self.config.markets[o["market"]]
+            out.append(OpenOrderView(
+                int(o["order_id"]), o["market"], o["side"],
+                None if o.get("price") is None else spec.price_ticks(o["price"]),
+                lots_of(spec, o["qty"]), lots_of(spec, o["filled_qty"]),
+                lots_of(spec, o["remaining_qty"]), o.get("client_order_id"),
+            ))
+        return out
+
+    async def book(self, market: str, depth: int = 20) -> BookView:
+        reply = await self._request("book", market=market, depth=depth)
+        spec = self.config.markets[market]
+        return BookView(
+            market, reply["seq"],
+            [(spec.price_ticks(p), lots_of(spec, q), n) for p, q, n in reply["bids"]],
+            [(spec.price_ticks(p), lots_of(spec, q), n) for p, q, n in reply["asks"]],
+        )
+
+    async def queue_position(self, order_id: int) -> int | None:
+        try:
+            reply = await self._request("queue_position", order_id=order_id)
+        except GatewayError as exc:
+            if exc.code == "unknown_order":
+                return None
+            raise
+        return lots_of(self.config.markets[reply["market"]], reply["ahead_qty"])
+
+    async def subscribe(self, channel: str, market: str) -> None:
+        await self._request("subscribe", channel=channel, market=market)
+
+    # -- events -----------------------------------------------------------------------
+
+    def _take_events(self) -> None:
+        """Move what the client received into our queue, converted, in arrival order."""
+        for msg in self.client.pending_events():
+            event = self._event(msg)
+            if event is not None:
+                self._queue.append(event)
+
+    def poll_events(self) -> list[Event]:
+        self._take_events()
+        out = list(self._queue)
+        self._queue.clear()
+        return out
+
+    async def next_event(self, timeout: float) -> Event | None:
+        self._take_events()
+        deadline = time.monotonic() + timeout
+        while not self._queue:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                msg = await self.client.next_event(left)
+            except asyncio.TimeoutError:
+                return None
+            if msg is None:
+                raise GatewayConnectionError(self.client.closed_reason or "connection closed")
+            event = self._event(msg)
+            if event is not None:
+                self._queue.append(event)
+        return self._queue.popleft()
+
+    def _event(self, msg: dict[str, Any]) -> Event | None:
+        kind = msg.get("type")
+        if kind == "exec":
+            return self._report(msg)
+        spec = self.config.markets.get(msg.get("market", ""))
+        if spec is None:
+            return None
+        if kind == "trade":
+            return Trade(
+                spec.symbol, msg["trade_id"], spec.price_ticks(msg["price"]),
+                lots_of(spec, msg["qty"]), Side(msg["taker_side"]), 0, 0, "", "", 0, 0, msg["ts"],
+            )
+        if kind == "book_update":
+            return BookDelta(
+                spec.symbol, msg["seq"], Side(msg["side"]), spec.price_ticks(msg["price"]),
+                lots_of(spec, msg["qty"]), msg["ts"],
+            )
+        return None
+
+    def _report(self, msg: dict[str, Any]) -> ExecReport:
+        """An ``exec`` message as the ``ExecReport`` the engine produced (integers again)."""
+        market = msg.get("market")
+        spec: Market | None = self.config.markets.get(market) if isinstance(market, str) else None
+        status = OrderStatus(msg["status"])
+        exec_type = ExecType(msg["exec_type"])
+        order_type = OrderType(msg["order_type"]) if msg.get("order_type") in ("limit", "market") else msg.get("order_type")
+        tif = TimeInForce(msg["tif"]) if msg.get("tif") in ("gtc", "ioc", "fok") else msg.get("tif")
+        side = Side(msg["side"]) if msg.get("side") in ("buy", "sell") else msg.get("side")
+        reason = _REASONS.get(msg.get("reason", "")) if "reason" in msg else None
+        oid = msg.get("order_id")
+        if spec is None or exec_type is ExecType.REJECTED and oid is None and msg.get("price") is None and msg.get("qty") is None:
+            return ExecReport(exec_type, oid, self.account, market, side, order_type, tif,
+                              msg.get("client_order_id"), None, 0, 0, 0, 0, status, msg["ts"],
+                              reason=reason)
+        try:
+            price = None if msg.get("price") is None else spec.price_ticks(msg["price"])
+            qty = lots_of(spec, msg["qty"])
+        except Exception:  # an edge rejection echoes what the client sent, maybe off-grid
+            price, qty = None, 0
+        filled = lots_of(spec, msg["filled_qty"])
+        trade_id = msg.get("trade_id")
+        last_price = last_qty = fee = None
+        liquidity = None
+        cost = 0
+        if oid is not None:
+            cost = self._costs.get(oid, 0)
+        if trade_id is not None:
+            last_price = spec.price_ticks(msg["last_price"])
+            last_qty = lots_of(spec, msg["last_qty"])
+            fee = units_of(spec.quote, msg["fee"])
+            liquidity = Liquidity(msg["liquidity"])
+            if oid is not None and msg.get("id") is None:
+                cost = self._costs[oid] = cost + last_price * last_qty
+        if oid is not None and status in FINAL_STATUSES:
+            self._costs.pop(oid, None)
+        return ExecReport(
+            exec_type, oid, self.account, spec.symbol, side, order_type, tif,
+            msg.get("client_order_id"), price, qty, filled, lots_of(spec, msg["remaining_qty"]),
+            cost, status, msg["ts"], trade_id, last_price, last_qty, liquidity, fee, reason,
+        )

@@ -1,0 +1,125 @@
+"""Embedded simulation: the gateway, the simulated clock and latency, and determinism.
+
+Every run here is in simulated time and bounded by an order count or a simulated
+duration, so each test takes well under a second of wall time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from exchange.types import ExecType, OrderStatus
+from simulation.embedded import EmbeddedExchange, parse_duration_ns, parse_latency
+from simulation.gateway import GatewayError
+from simulation.runner import SimConfig, run_embedded
+
+AGENTS = {"random": 6, "mm": 1, "twap": 1, "passive": 1}
+
+
+def run(tmp: Path, seed: int = 7, latency: str | None = None, orders: int = 3000,
+        out: dict[str, Any] | None = None) -> dict[str, Any]:
+    cfg = SimConfig(agents=dict(AGENTS), orders=orders, duration_s=None, seed=seed,
+                    embedded=True, latency=latency, data_dir=tmp, progress=False)
+    return run_embedded(cfg, stream=None, out=out)
+
+
+def ledger(tmp: Path) -> bytes:
+    return (tmp / "trades.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("latency", [None, "gamma:mean=5ms"], ids=["no-latency", "gamma"])
+def test_same_seed_same_ledger_bytes_and_another_seed_differs(tmp_path: Path, latency: str | None) -> None:
+    first = run(tmp_path / "a", latency=latency)
+    run(tmp_path / "b", latency=latency)
+    run(tmp_path / "c", seed=8, latency=latency)
+    a, b, c = ledger(tmp_path / "a"), ledger(tmp_path / "b"), ledger(tmp_path / "c")
+    assert a.count(b"\n") > 100, "the agents should trade"
+    assert a == b
+    assert a != c
+    assert first["orders_sent"] == 3000 and not first["agent_failures"]
+
+
+def test_agents_books_match_the_engine_and_assets_are_conserved(tmp_path: Path) -> None:
+    out: dict[str, Any] = {}
+    report = run(tmp_path, out=out)
+    exchange = out["exchange"]
+    exchange.engine.check_invariants()
+    for agent in out["agents"]:
+        engine = exchange.engine.balances(agent.name)
+        for asset, total in agent.wallet.holdings.items():
+            assert total == engine[asset].available + engine[asset].locked, (agent.name, asset)
+            assert total >= 0
+        assert not agent.wallet.orders, "shutdown cancels everything still resting"
+        assert not exchange.engine.open_orders(agent.name)
+    # Every ledger line is a trade some agent took (counted once, on the taker side).
+    assert report["trades"] == ledger(tmp_path).count(b"\n")
+
+
+def test_latency_delays_acknowledgements_on_the_simulated_clock() -> None:
+    ex = EmbeddedExchange(latency="fixed:500us")
+    alice, bob = ex.session("alice"), ex.session("bob")
+
+    async def flow() -> tuple[int, int, Any, Any]:
+        await alice.deposit("USD", "1000")
+        await bob.deposit("BTC", "1")
+        t0 = alice.now_ns()
+        new = await alice.place("BTC-USD", "buy", "0.5", "100.00")
+        took = alice.now_ns() - t0
+        alice.poll_events()
+        sent = bob.now_ns()
+        await bob.sleep(0.0002)
+        assert not alice.poll_events()
+        await bob.place("BTC-USD", "sell", "0.2", "99.00")
+        # bob's order reached the engine 500 us after it left; alice hears 500 us later
+        assert bob.now_ns() - sent == 200_000 + 1_000_000
+        fill = [e for e in alice.poll_events() if e.exec_type is ExecType.TRADE]
+        return took, fill[0].ts - sent if fill else -1, new, fill
+
+    took, engine_after, new, fill = ex.kernel.run_until_complete(flow())
+    assert took == 1_000_000  # one way there, one way back
+    assert engine_after == 200_000 + 500_000
+    assert new.status is OrderStatus.NEW and len(fill) == 1
+    assert alice.wire(fill[0])["last_qty"] == "0.2000"
+
+
+def test_gateway_answers_queries_and_refusals_like_the_exchange() -> None:
+    ex = EmbeddedExchange()
+    gw = ex.session("carol")
+
+    async def flow() -> None:
+        await gw.deposit("USD", "1000")
+        bad = await gw.place("BTC-USD", "buy", "1", "100.001")
+        assert bad.exec_type is ExecType.REJECTED and bad.reason.value == "invalid_price"
+        broke = await gw.place("BTC-USD", "buy", "100", "100.00")
+        assert broke.reason.value == "insufficient_funds"
+        first = await gw.place("BTC-USD", "buy", "1", "100.00")
+        second = await gw.place("BTC-USD", "buy", "2", "100.00")
+        assert await gw.queue_position(first.order_id) == 0
+        assert await gw.queue_position(second.order_id) == 10_000  # 1 BTC in lots of 0.0001
+        book = await gw.book("BTC-USD")
+        assert book.bids == [(10_000, 30_000, 2)] and book.asks == []
+        assert [o.order_id for o in await gw.open_orders()] == [first.order_id, second.order_id]
+        replaced = await gw.modify(second.order_id, price="99.00")
+        assert replaced.exec_type is ExecType.REPLACED and replaced.price == 9_900
+        await gw.cancel(first.order_id)
+        with pytest.raises(GatewayError) as err:
+            await gw.cancel(first.order_id)
+        assert err.value.code == "unknown_order"
+        with pytest.raises(GatewayError):
+            await gw.deposit("DOGE", "1")
+
+    ex.kernel.run_until_complete(flow())
+
+
+def test_latency_and_duration_parsing() -> None:
+    assert parse_duration_ns("500us") == 500_000 and parse_duration_ns("2s") == 2 * 10**9
+    assert parse_latency("fixed:500us").mean_ns == 500_000  # type: ignore[union-attr]
+    model = parse_latency("gamma:mean=5ms,shape=3")
+    assert model is not None and model.kind == "gamma" and model.mean_ns == 5_000_000
+    assert parse_latency("none") is None and parse_latency(None) is None
+    for bad in ("fixed:soon", "gamma:shape=2", "uniform:1ms"):
+        with pytest.raises(ValueError):
+            parse_latency(bad)

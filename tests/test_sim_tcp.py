@@ -1,0 +1,178 @@
+"""A short TCP simulation against a real engine subprocess, and the command line.
+
+The engine is ``run/start_engine.py --port 0`` in a temporary data directory; the run lasts
+two seconds of wall time; every await is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client import ExchangeClient
+from simulation.runner import SimConfig, SimulationError, run_tcp
+
+ROOT = Path(__file__).resolve().parents[1]
+T = 10.0
+LISTENING = re.compile(r"Exchange listening on (\S+):(\d+)")
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[tuple[str, int, Path, asyncio.subprocess.Process]]:
+    data = tmp_path / "engine-data"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "run" / "start_engine.py"), "--port", "0", "--data-dir", str(data),
+        "--log-level", "WARNING", cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), T)).decode()
+        match = LISTENING.search(line)
+        assert match, f"unexpected first line {line!r}"
+        yield match.group(1), int(match.group(2)), data, proc
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), T)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await asyncio.wait_for(proc.wait(), T)
+
+
+async def test_a_tcp_simulation_conserves_balances_and_matches_the_engines_trades(
+    engine: tuple[str, int, Path, asyncio.subprocess.Process], tmp_path: Path,
+) -> None:
+    host, port, data, proc = engine
+    observer = ExchangeClient(host, port, timeout=T)
+    await asyncio.wait_for(observer.connect(), T)
+    for market in ("BTC-USD", "ACME-USD"):
+        await asyncio.wait_for(observer.subscribe("trades", market), T)
+    out: dict[str, Any] = {}
+    cfg = SimConfig(agents={"random": 4, "mm": 1, "twap": 1, "passive": 1}, duration_s=2.0,
+                    orders=None, rate=300, host=host, port=port, progress=False,
+                    report_file=tmp_path / "report.json",
+                    params={"twap": {"window": 1.0, "slices": 4}})
+    report = await asyncio.wait_for(run_tcp(cfg, stream=None, out=out), 60)
+    agents = out["agents"]
+    assert report["mode"] == "tcp" and not report["agent_failures"]
+    assert report["orders_sent"] > 50 and report["trades"] > 0
+    assert report["ack_latency_us"]["p50"] > 0 and report["ack_latency_us"]["p99"] >= report["ack_latency_us"]["p50"]
+    assert json.loads((tmp_path / "report.json").read_text())["orders_sent"] == report["orders_sent"]
+
+    # Balances: each agent's own books equal the exchange's, and per asset what is held plus
+    # the fees paid equals what was deposited (fees went to the exchange's fee account).
+    deposited: dict[str, Decimal] = {}
+    held_plus_fees: dict[str, Decimal] = {}
+    for agent in agents:
+        client = ExchangeClient(host, port, timeout=T)
+        await asyncio.wait_for(client.connect(), T)
+        try:
+            await asyncio.wait_for(client.login(agent.name), T)
+            balances = await asyncio.wait_for(client.balances(), T)
+            assert await asyncio.wait_for(client.orders(), T) == []  # it cancelled what rested
+        finally:
+            await asyncio.wait_for(client.close(), T)
+        for asset, bal in balances.items():
+            spec = agent.config.assets[asset]
+            total = Decimal(bal["available"]) + Decimal(bal["locked"])
+            assert agent.wallet.holdings[asset] == int(total * 10**spec.decimals), (agent.name, asset)
+            deposited[asset] = deposited.get(asset, Decimal(0)) + Decimal(bal["deposited"])
+            held_plus_fees[asset] = held_plus_fees.get(asset, Decimal(0)) + total + Decimal(bal["fees"])
+    assert held_plus_fees == deposited
+
+    # Trades: what the agents saw as takers is exactly what the exchange published.
+    published: dict[int, tuple[str, str, str]] = {}
+    deadline = asyncio.get_running_loop().time() + T
+    while len(published) < report["trades"] and asyncio.get_running_loop().time() < deadline:
+        ev = await asyncio.wait_for(observer.next_event(T), T)
+        if ev and ev.get("type") == "trade":
+            published[ev["trade_id"]] = (ev["market"], ev["price"], ev["qty"])
+    await asyncio.wait_for(observer.close(), T)
+    assert len(published) == report["trades"]
+    for symbol, m in report["markets"].items():
+        spec = agents[0].config.markets[symbol]
+        volume = sum(Decimal(q) for mk, _, q in published.values() if mk == symbol)
+        assert Decimal(m["volume"]) == volume
+        assert m["trades"] == sum(1 for mk, _, _ in published.values() if mk == symbol)
+        assert spec.symbol == symbol
+    seen = {a.wallet.last_trade[s][0] for a in agents for s in a.wallet.last_trade}
+    assert seen <= set(published)
+
+    # The engine's own ledger, where the server writes one.
+    proc.terminate()
+    await asyncio.wait_for(proc.wait(), T)
+    ledger = data / "trades.jsonl"
+    print("engine ledger present:", ledger.exists())
+    if ledger.exists():
+        rows = [json.loads(line) for line in ledger.read_text().splitlines()]
+        names = {a.name for a in agents}
+        ours = {r["trade_id"]: (r["market"], r["price"], r["qty"]) for r in rows
+                if r["buyer"] in names or r["seller"] in names}
+        assert ours == published
+
+
+async def test_a_friendly_error_when_the_exchange_is_not_running(unused_tcp_port: int) -> None:
+    cfg = SimConfig(host="127.0.0.1", port=unused_tcp_port, progress=False, duration_s=1.0)
+    with pytest.raises(SimulationError) as err:
+        await asyncio.wait_for(run_tcp(cfg, stream=None), T)
+    assert "cannot" in str(err.value) and "start_engine.py" in str(err.value)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run" / "start_simulation.py"), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+def test_the_command_line_runs_an_embedded_simulation_and_writes_the_report(tmp_path: Path) -> None:
+    result = run_cli("--embedded", "--orders", "2000", "--seed", "5", "--data-dir", str(tmp_path),
+                     "--report", str(tmp_path / "r.json"), "--plot", str(tmp_path / "p.png"),
+                     "--latency", "fixed:500us")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["orders_sent"] == 2000 and report["mode"] == "embedded"
+    for key in ("orders_by_type", "outcomes", "trades", "markets", "agents", "latency"):
+        assert key in report
+    assert "Simulation (embedded) finished" in result.stdout
+    assert "plot:" in result.stdout  # drawn, or a clear word that matplotlib is missing
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in result.stdout
+    assert (tmp_path / "trades.jsonl").stat().st_size > 0
+    assert "Traceback" not in result.stderr
+
+
+def test_the_command_line_refuses_bad_options_clearly(tmp_path: Path) -> None:
+    result = run_cli("--embedded", "--agents", "whales=3")
+    assert result.returncode != 0 and "unknown agent kind" in result.stderr
+    result = run_cli("--latency", "fixed:1ms", "--data-dir", str(tmp_path))
+    assert result.returncode == 2 and "--embedded runs only" in result.stderr
+    bad = tmp_path / "c.json"
+    bad.write_text("{nope")
+    result = run_cli("--embedded", "--config", str(bad))
+    assert result.returncode == 2 and "not valid JSON" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_scheduled_runs_from_the_command_line_list_and_resume(tmp_path: Path) -> None:
+    config = tmp_path / "sim.json"
+    config.write_text(json.dumps({"schedule": {"accounts": ["a", "b"], "trades_per_account": 2}}))
+    result = run_cli("--embedded", "--schedule", "--config", str(config), "--data-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    run_id = re.search(r"scheduled run (\S+):", result.stdout).group(1)  # type: ignore[union-attr]
+    listed = run_cli("--list", "--data-dir", str(tmp_path))
+    assert run_id in listed.stdout and "completed" in listed.stdout
+    again = run_cli("--embedded", "--resume", run_id, "--data-dir", str(tmp_path))
+    assert again.returncode == 0 and '"completed": 4' in again.stdout
