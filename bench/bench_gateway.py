@@ -9,12 +9,17 @@ that only the direct answer to a request carries.
     python bench/bench_gateway.py                         # all three cases, 3 runs each
     python bench/bench_gateway.py --case pipelined --connections 8 --window 100
     python bench/bench_gateway.py --case latency --rate 10000 --duration 5
+    python bench/bench_gateway.py --fsync batch,off             # journal policies side by side
 
 Cases:
   pipelined  C connections each keeping W orders in flight; acknowledged orders per second.
   lockstep   C connections each sending one order at a time (W = 1).
   latency    open loop at a fixed rate: round trip from the scheduled send to the first
              report, p50 / p99 / p99.9 / max (sends are scheduled, so a stall counts).
+
+``--fsync P[,P...]`` starts one engine per journal policy (``--fsync`` of start_engine.py)
+and runs every case against each, then prints how each policy's throughput compares with
+the last one listed (e.g. ``batch,off``: batch as a percentage of off).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import asyncio
 import os
 import random
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -31,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -210,12 +217,39 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=None, help="use a running exchange instead of starting one")
     ap.add_argument("--engine-arg", action="append", default=[], help="extra argument for start_engine.py")
+    ap.add_argument("--fsync", default=None,
+                    help="journal policy of the engine started, or several to compare: batch,off")
     args = ap.parse_args()
     install_event_loop_policy()
+    if args.fsync is None:
+        run_cases(args, args.engine_arg)
+        return
+    if args.port is not None:
+        raise SystemExit("--fsync needs an engine started here (no --port)")
+    policies = [p.strip() for p in args.fsync.split(",") if p.strip()]
+    results = {}
+    for policy in policies:
+        print(f"--- engine with --fsync {policy}")
+        results[policy] = run_cases(args, [*args.engine_arg, "--fsync", policy])
+    if len(policies) > 1:
+        base = policies[-1]
+        for policy in policies[:-1]:
+            for case, value in results[policy].items():
+                ref = results[base].get(case)
+                if ref and case != "latency":
+                    print(f"{case:9} {policy} / {base}: {value / ref:.0%} of the throughput")
+                elif ref:
+                    print(f"latency   {policy} p99 {value[1] * 1e3:.3f} ms vs {base} p99 {ref[1] * 1e3:.3f} ms")
+
+
+def run_cases(args: argparse.Namespace, engine_args: list[str]) -> dict[str, Any]:
+    """Run the chosen cases against one engine; returns median throughput / latency per case."""
     proc = None
     port = args.port
+    summary: dict[str, Any] = {}
+    data = None
     if port is None:
-        proc, port, _ = start_engine(args.engine_arg)
+        proc, port, data = start_engine(engine_args)
     cases = ["pipelined", "lockstep", "latency"] if args.case == "all" else [args.case]
     try:
         for case in cases:
@@ -234,12 +268,14 @@ def main() -> None:
             if case == "latency":
                 stats = [(percentile(r, 50), percentile(r, 99), percentile(r, 99.9), max(r), len(r)) for r in results]
                 med = [statistics.median(s[k] for s in stats) for k in range(4)]
+                summary[case] = med
                 print(f"latency   rate {args.rate}/s x {args.duration}s, {args.runs} runs (median of runs): "
                       f"p50 {med[0]*1e3:.3f} ms  p99 {med[1]*1e3:.3f} ms  p99.9 {med[2]*1e3:.3f} ms  "
                       f"max {med[3]*1e3:.3f} ms  (acks per run: {[s[4] for s in stats]})")
             else:
                 c = args.connections or (8 if case == "pipelined" else 64)
                 w = args.window if case == "pipelined" else 1
+                summary[case] = statistics.median(results)
                 print(f"{case:9} {c} connections x window {w}: median {statistics.median(results):,.0f} "
                       f"orders/s acknowledged (runs: {', '.join(f'{r:,.0f}' for r in results)})")
     finally:
@@ -249,6 +285,9 @@ def main() -> None:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if data is not None:
+            shutil.rmtree(data, ignore_errors=True)  # journal and ledger of the load
+    return summary
 
 
 if __name__ == "__main__":

@@ -20,8 +20,13 @@ the engine's. It protects itself instead:
 * a session whose outgoing buffer still grows past ``max_buffer`` (a subscriber that never
   reads) is disconnected with a logged reason, without slowing the engine or anyone else.
 
-Every state-changing command goes through ``execute``, the single door to the engine, so
-a journal can be put in front of it and acknowledgements held until it is durable.
+Every state-changing command goes through ``execute``, the single door to the engine.
+With a write-ahead journal attached (``Gateway.journal``, see ``storage/journal.py``),
+``execute`` appends every command the engine accepted, and ``flush`` holds all outgoing
+messages while any appended record is not yet durable: they are queued, in order, with the
+journal position they wait for, and ``release`` writes them once the journal reports that
+position durable. Everything queued after a held message is held too, so no session ever
+sees a reply overtake an earlier one. Input keeps being read and matched meanwhile.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ import hashlib
 import hmac
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from exchange.engine import Exchange
 from exchange.protocol import (
@@ -77,6 +83,18 @@ DEFAULT_DEMO_BALANCES = {"USD": "100000", "BTC": "10", "ACME": "1000"}
 def hash_token(token: str) -> str:
     """How tokens are stored in an accounts file: ``sha256:<hex>`` of the UTF-8 token."""
     return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+class CommandJournal(Protocol):
+    """What the gateway needs from a write-ahead journal (``storage.journal.Journal``)."""
+
+    last_lsn: int  # position of the last record appended
+    durable_lsn: int  # position up to which records are durable
+
+    def append(self, command: Command) -> int: ...
+
+
+_REJECTED = ExecType.REJECTED
 
 
 @dataclass
@@ -178,11 +196,15 @@ class Session(asyncio.Protocol):
 
     def fatal(self, code: str, message: str) -> None:
         """Tell the client why, then close the connection after what is queued."""
+        gateway = self.gateway
         self.send_msg(error_message(code, message))
-        self.gateway.flush()
+        gateway.flush()
         self.closed = True
         if self.transport is not None:
-            self.transport.close()
+            if gateway.held:
+                gateway.close_after_release(self)  # the goodbye waits for the journal too
+            else:
+                self.transport.close()
 
 
 class Gateway:
@@ -207,6 +229,10 @@ class Gateway:
         self.accepting = True
         # Observers of every event (ledger, audit...): called after the engine, in order.
         self.listeners: list[Callable[[list[Event]], None]] = []
+        # Write-ahead journal, if any; output waiting for it: (position, [(session, data)]).
+        self.journal: CommandJournal | None = None
+        self.held: deque[tuple[int, list[tuple[Session, list[bytes]]]]] = deque()
+        self._close_after: list[tuple[int, Session]] = []
         self.stats = {
             "orders": 0, "trades": 0, "messages_in": 0, "messages_out": 0,
             "connections_total": 0, "slow_consumers": 0,
@@ -255,12 +281,26 @@ class Gateway:
         session.subscriptions.clear()
 
     def flush(self) -> None:
-        """Write everything queued, one write per session; drop sessions that fell too far behind."""
+        """Write everything queued, one write per session; drop sessions that fell too far behind.
+
+        With a journal, output is held while any journaled command is not yet durable (and
+        behind any output already held), and ``release`` writes it later.
+        """
         pending = self.pending
         if not pending:
             return
         self.pending = []
-        limit = self.options.max_buffer
+        journal = self.journal
+        if journal is not None and (self.held or journal.durable_lsn < journal.last_lsn):
+            batch = []
+            for session in pending:
+                session.queued = False
+                if session.out:
+                    batch.append((session, session.out))
+                    session.out = []
+            if batch:
+                self.held.append((journal.last_lsn, batch))
+            return
         for session in pending:
             session.queued = False
             out = session.out
@@ -268,19 +308,43 @@ class Gateway:
                 out.clear()
                 continue
             session.out = []
-            transport = session.transport
-            if transport is None or transport.is_closing():
-                continue
-            self.stats["messages_out"] += len(out)
-            transport.write(b"".join(out) if len(out) > 1 else out[0])
-            if transport.get_write_buffer_size() > limit:
-                self.stats["slow_consumers"] += 1
-                log.warning(
-                    "disconnecting %s (user %s): slow consumer, %d bytes unsent",
-                    session.peer, session.user, transport.get_write_buffer_size(),
-                )
-                session.closed = True
-                transport.abort()
+            self._write(session, out)
+
+    def _write(self, session: Session, out: list[bytes]) -> None:
+        transport = session.transport
+        if transport is None or transport.is_closing():
+            return
+        self.stats["messages_out"] += len(out)
+        transport.write(b"".join(out) if len(out) > 1 else out[0])
+        if transport.get_write_buffer_size() > self.options.max_buffer:
+            self.stats["slow_consumers"] += 1
+            log.warning(
+                "disconnecting %s (user %s): slow consumer, %d bytes unsent",
+                session.peer, session.user, transport.get_write_buffer_size(),
+            )
+            session.closed = True
+            transport.abort()
+
+    def release(self, durable_lsn: int) -> None:
+        """Journal callback: write the held output whose commands are now durable."""
+        held = self.held
+        while held and held[0][0] <= durable_lsn:
+            for session, out in held.popleft()[1]:
+                self._write(session, out)
+        if self._close_after:
+            still = []
+            for mark, session in self._close_after:
+                if mark <= durable_lsn or not held:
+                    if session.transport is not None:
+                        session.transport.close()
+                else:
+                    still.append((mark, session))
+            self._close_after = still
+        self.flush()
+
+    def close_after_release(self, session: Session) -> None:
+        """Close ``session`` once the output held so far (its last words included) is written."""
+        self._close_after.append((self.held[-1][0], session))
 
     # -- the door to the engine -------------------------------------------------------
 
@@ -292,8 +356,17 @@ class Gateway:
         return ts
 
     def execute(self, command: Command) -> list[Event]:
-        """Run one command through the engine and tell every listener about its events."""
+        """Run one command through the engine, journal it if it changed anything, and tell
+        every listener about its events (listeners see the journal position it got)."""
         events = self.engine.handle(command)
+        journal = self.journal
+        if journal is not None:
+            # A rejection is a single event and changes nothing: not worth a record.
+            if len(events) != 1 or not (
+                events[0].__class__ is CommandRejected
+                or (events[0].__class__ is ExecReport and events[0].exec_type is _REJECTED)  # type: ignore[attr-defined]
+            ):
+                journal.append(command)
         for listener in self.listeners:
             listener(events)
         return events

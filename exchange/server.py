@@ -1,8 +1,12 @@
 """Wires the parts together: markets, engine, gateway, storage; starts and stops cleanly.
 
 ``run/start_engine.py`` calls ``main``; tests and the embedded simulation build an
-``ExchangeServer`` directly. Shutdown (Ctrl-C, SIGTERM) stops accepting, tells connected
-clients, flushes what is buffered, closes the storage writers, then returns exit code 0.
+``ExchangeServer`` directly. Start-up first recovers the state from the data directory
+(snapshot + journal replay, ``storage/persistence.py``) and refuses to start, with exit
+code 2 and a message naming the file, if the data cannot be trusted. Shutdown (Ctrl-C,
+SIGTERM) stops accepting, tells connected clients (once their last acknowledgements are
+durable), writes a final snapshot, closes the journal, the ledger and the audit log, then
+returns exit code 0.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from exchange.protocol import DEFAULT_PORT
 from exchange.runtime import install_event_loop_policy, tune_gc, tune_malloc
 from exchange.types import STPMode
 from storage.audit import AuditLog
+from storage.journal import POLICIES as FSYNC_POLICIES
+from storage.persistence import Persistence, RecoveryError
 
 log = logging.getLogger("exchange.server")
 
@@ -52,6 +58,9 @@ class ServerConfig:
     default_stp: STPMode = STPMode.CANCEL_RESTING
     max_buffer: int = DEFAULT_MAX_BUFFER
     stats_interval: float = 10.0
+    fsync: str = "batch"  # journal policy: always, batch or off (see storage/journal.py)
+    snapshot_interval: float = 300.0  # seconds between periodic snapshots (0: only at shutdown)
+    snapshot_records: int = 1_000_000  # ... or after this many journal records
 
 
 def load_users(path: Path) -> dict[str, UserEntry]:
@@ -72,7 +81,10 @@ def load_users(path: Path) -> dict[str, UserEntry]:
                 f"accounts file {path}: user {name!r} needs a 'token_hash' (sha256:...; "
                 "make one with: run/start_engine.py --hash-token TOKEN)"
             )
-        out[name] = UserEntry(entry["token_hash"], bool(entry.get("admin", False)))
+        admin = entry.get("admin", False)
+        if not isinstance(admin, bool):
+            raise StartupError(f"accounts file {path}: user {name!r}: 'admin' must be true or false")
+        out[name] = UserEntry(entry["token_hash"], admin)
     return out
 
 
@@ -100,19 +112,46 @@ class ExchangeServer:
                 asset.to_units(amount)
             except InvalidValue as exc:
                 raise StartupError(f"demo balance for {asset_name}: {exc.message}") from None
+        if config.fsync not in FSYNC_POLICIES:
+            raise StartupError(f"unknown fsync policy {config.fsync!r} ({', '.join(FSYNC_POLICIES)})")
+        # An empty engine until ``start`` recovers the real one from the data directory.
         self.engine = Exchange(markets, default_stp=config.default_stp)
         self.gateway = Gateway(self.engine, GatewayOptions(
             auth=config.auth, users=users, demo_balances=dict(config.demo_balances),
             max_buffer=config.max_buffer,
         ))
+        self.persistence = Persistence(
+            config.data_dir, markets, default_stp=config.default_stp, fsync=config.fsync,
+            snapshot_interval=config.snapshot_interval, snapshot_records=config.snapshot_records,
+            last_ts=lambda: self.gateway.last_ts,
+        )
+        self.ledger = self.persistence.ledger
+        self.journal = self.persistence.journal
         self.audit = AuditLog(Path(config.data_dir) / "logs", markets, formatter=self.gateway.fmt)
+        self.gateway.listeners.append(self.ledger)
         self.gateway.listeners.append(self.audit)
         self._server: asyncio.base_events.Server | None = None
         self._stats_task: asyncio.Task[None] | None = None
         self.address: tuple[str, int] | None = None
+        self.failure: BaseException | None = None
+        self.on_failure: Any = None  # called when the journal fails: the server must stop
 
     async def start(self) -> tuple[str, int]:
         Path(self.config.data_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            engine = self.persistence.recover()
+        except RecoveryError as exc:
+            await self.persistence.ledger.close()
+            raise StartupError(str(exc)) from None
+        except OSError as exc:
+            await self.persistence.ledger.close()
+            raise StartupError(f"cannot use the data directory {self.config.data_dir}: {exc}") from None
+        self.engine = self.gateway.engine = engine
+        self.gateway.last_ts = max(self.gateway.last_ts, self.persistence.recovered_ts)
+        self.gateway.journal = self.journal
+        self.journal.on_durable.append(self.gateway.release)
+        self.journal.on_failure.append(self._journal_failed)
+        self.persistence.start()
         self.audit.start()
         loop = asyncio.get_running_loop()
         try:
@@ -121,6 +160,7 @@ class ExchangeServer:
                 reuse_address=True,
             )
         except OSError as exc:
+            await self.persistence.close()
             await self.audit.close()
             raise StartupError(
                 f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror or exc}"
@@ -131,6 +171,12 @@ class ExchangeServer:
         if self.config.stats_interval > 0:
             self._stats_task = loop.create_task(self._log_stats(), name="stats")
         return self.address
+
+    def _journal_failed(self, exc: BaseException) -> None:
+        """Nothing can be acknowledged any more: stop, keeping what is durable."""
+        self.failure = exc
+        if self.on_failure is not None:
+            self.on_failure()
 
     async def _log_stats(self) -> None:
         last = None
@@ -156,6 +202,9 @@ class ExchangeServer:
             self._server.close()
         self.gateway.close_all()
         self.gateway.flush()
+        if self.journal.failed is None and self.gateway.journal is not None:
+            # The last acknowledgements (and the goodbyes behind them) leave once durable.
+            await self.journal.wait_durable()
         await asyncio.sleep(0.05)  # let the transports write their goodbyes
         if self._server is not None:
             try:
@@ -163,6 +212,7 @@ class ExchangeServer:
             except asyncio.TimeoutError:
                 log.warning("some connections did not close in time")
             self._server = None
+        await self.persistence.close()
         await self.audit.close()
 
 
@@ -192,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="open mode: what a new user is credited, e.g. USD=100000,BTC=10,ACME=1000")
     ap.add_argument("--stp", choices=[m.value for m in STPMode], default=STPMode.CANCEL_RESTING.value,
                     help="default self-trade prevention (default cancel_resting)")
+    ap.add_argument("--fsync", choices=list(FSYNC_POLICIES), default="batch",
+                    help="journal durability: batch (default; fsync once per event-loop batch "
+                    "before acknowledging), always (fsync every command), off (no fsync: "
+                    "survives a process crash, not a power cut)")
+    ap.add_argument("--snapshot-interval", type=float, default=300.0,
+                    help="seconds between periodic snapshots (default 300; 0: only at shutdown)")
     ap.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     ap.add_argument("--hash-token", metavar="TOKEN", help="print the token_hash for an accounts file and exit")
     return ap
@@ -201,7 +257,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=args.host, port=args.port, data_dir=args.data_dir, markets_file=args.markets,
         auth=args.auth, accounts_file=args.accounts, demo_balances=args.demo_balances,
-        default_stp=STPMode(args.stp),
+        default_stp=STPMode(args.stp), fsync=args.fsync,
+        snapshot_interval=args.snapshot_interval,
     )
 
 
@@ -210,6 +267,7 @@ async def serve(config: ServerConfig, ready: Any = None) -> int:
     host, port = await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    server.on_failure = stop.set
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, stop.set)
@@ -223,6 +281,10 @@ async def serve(config: ServerConfig, ready: Any = None) -> int:
     await stop.wait()
     log.info("shutting down")
     await server.stop()
+    if server.failure is not None:
+        print(f"error: the journal failed ({server.failure}); stopped without acknowledging "
+              "what was not durable", file=sys.stderr, flush=True)
+        return 1
     print("Exchange stopped cleanly.", flush=True)
     return 0
 

@@ -1,18 +1,54 @@
-"""The trade ledger's record format: one JSON object per trade, one line each.
+"""The trade ledger: ``<data>/trades.jsonl``, one JSON object per trade, one line each.
 
-Shared by every writer of ``trades.jsonl`` (the server's background ledger task and the
-embedded simulation), so that two runs can be compared file to file. Amounts are decimal
-strings exactly as on the wire; ids and timestamps are integers.
+The record format (``trade_record`` / ``trade_line``) is shared by every writer of a
+ledger (the server's background ``TradeLedger`` and the embedded simulation), so that two
+runs can be compared file to file. Amounts are decimal strings exactly as on the wire; ids
+and timestamps are integers.
+
+Theory of operation (``TradeLedger``)
+-------------------------------------
+The gateway hands over whole event lists (a list append on the hot path). A background
+task picks the trades out, formats them on the loop in small slices (a formatting thread
+would hold the GIL for up to 5 ms at a time and stall every client), and appends each
+batch with one ``os.write`` from a worker thread, so the event loop never waits on disk.
+
+* Append-only: the file is opened with ``O_APPEND`` and never rewritten, truncated or
+  reordered. The one exception is a torn last line left by a power cut (bytes without a
+  final newline): it was never a complete record, so it is cut off, with a warning,
+  before anything is appended.
+* Exactly once: trade ids only grow, and the writer drops any trade whose id is not above
+  the highest id already in the file. Recovery can therefore feed it every trade that
+  journal replay produces and only the missing ones are written.
+* Durability gate: with a write-ahead journal, a trade may reach the file only once the
+  command that caused it is durable in the journal; otherwise a crash could leave a trade
+  in the ledger that recovery never recreates, and its id would be handed out again. The
+  gateway listener tags each event list with ``mark()`` (the journal position of its
+  command) and the writer only takes entries whose mark is ``<= durable()``.
+* ``sync()`` writes and fsyncs everything eligible (the snapshot waits for it before it
+  lets old journal segments go); ``close()`` does the same and stops.
+
+A reader can tail the file while the exchange runs: every write is whole lines.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import logging
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import orjson
 
 from exchange.markets import MarketConfig
-from exchange.types import Trade
+from exchange.types import Event, Trade
+
+log = logging.getLogger("storage.ledger")
+
+LEDGER_FILE = "trades.jsonl"
+_TAIL_PROBE = 64 * 1024  # bytes read back from the end to find the last record
 
 
 def trade_record(trade: Trade, config: MarketConfig) -> dict[str, Any]:
@@ -38,3 +74,256 @@ def trade_record(trade: Trade, config: MarketConfig) -> dict[str, Any]:
 def trade_line(trade: Trade, config: MarketConfig) -> bytes:
     """One ledger line, newline included."""
     return orjson.dumps(trade_record(trade, config)) + b"\n"
+
+
+class LedgerError(Exception):
+    """The ledger file cannot be used (unreadable, or its last record is not a trade)."""
+
+
+def last_trade_id(path: str | Path) -> int:
+    """The id of the last complete record in a ledger file (0 if it is missing or empty).
+
+    Reads only the file's tail: start-up cost does not grow with the ledger. A torn last
+    line (no final newline) is ignored here; ``TradeLedger.open`` cuts it off.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return 0
+    if size == 0:
+        return 0
+    probe = _TAIL_PROBE
+    with open(path, "rb") as fh:
+        while True:
+            start = max(0, size - probe)
+            fh.seek(start)
+            tail = fh.read(size - start)
+            end = tail.rfind(b"\n")  # the end of the last complete line
+            if end < 0:
+                if start == 0:
+                    return 0  # only a torn first line
+                probe *= 4
+                continue
+            begin = tail.rfind(b"\n", 0, end) + 1
+            if begin == 0 and start > 0:
+                probe *= 4
+                continue
+            line = tail[begin:end]
+            try:
+                record = orjson.loads(line)
+                trade_id = record["trade_id"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                raise LedgerError(
+                    f"ledger {path}: the last line is not a trade record: {line[:200]!r}"
+                ) from None
+            if type(trade_id) is not int or trade_id <= 0:
+                raise LedgerError(f"ledger {path}: the last line has no valid trade_id")
+            return trade_id
+
+
+def read_ledger(path: str | Path) -> list[dict[str, Any]]:
+    """Every complete record of a ledger file, in file order (for tests and tools)."""
+    data = Path(path).read_bytes() if Path(path).exists() else b""
+    end = data.rfind(b"\n") + 1
+    return [orjson.loads(line) for line in data[:end].splitlines() if line]
+
+
+class TradeLedger:
+    """Appends trades to the ledger in the background, exactly once, in trade id order."""
+
+    SLICE = 256  # trades formatted between two yields to the event loop
+
+    def __init__(
+        self,
+        path: str | Path,
+        config: MarketConfig,
+        interval: float = 0.05,
+        mark: Callable[[], int] | None = None,
+        durable: Callable[[], int] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.config = config
+        self.interval = interval
+        self._mark = mark
+        self._durable = durable
+        self._pending: deque[tuple[int, list[Event]]] = deque()
+        self._fd: int | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._closing = False
+        self._write_lock: asyncio.Lock | None = None
+        self.last_id = 0  # highest trade id in the file (written or being written)
+        self.written = 0  # trades appended by this process
+        self.torn_bytes = 0  # size of a torn last line cut off at open
+
+    # -- opening ----------------------------------------------------------------------
+
+    def open(self) -> int:
+        """Open for appending; returns the highest trade id already in the file.
+
+        Synchronous on purpose: it runs once at start-up, before anything is served.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size:
+                last = os.pread(fd, 1, size - 1)
+                if last != b"\n":
+                    # Torn last line (power cut mid-write): never a record; cut it off.
+                    keep = self._complete_prefix(fd, size)
+                    self.torn_bytes = size - keep
+                    log.warning(
+                        "ledger %s: cut off a torn last line of %d bytes (not a complete record)",
+                        self.path, self.torn_bytes,
+                    )
+                    os.ftruncate(fd, keep)
+                    os.fsync(fd)
+            self.last_id = last_trade_id(self.path)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return self.last_id
+
+    @staticmethod
+    def _complete_prefix(fd: int, size: int) -> int:
+        """Length of the file up to and including its last newline."""
+        pos = size
+        while pos > 0:
+            start = max(0, pos - _TAIL_PROBE)
+            chunk = os.pread(fd, pos - start, start)
+            i = chunk.rfind(b"\n")
+            if i >= 0:
+                return start + i + 1
+            pos = start
+        return 0
+
+    # -- hot path ---------------------------------------------------------------------
+
+    def __call__(self, events: list[Event]) -> None:
+        """Gateway listener: remember the batch with its journal mark; no work here."""
+        self._pending.append((self._mark() if self._mark is not None else 0, events))
+
+    def add(self, trades: Iterable[Event]) -> None:
+        """Queue trades that need no durability gate (journal replay at start-up)."""
+        self._pending.append((0, list(trades)))
+
+    # -- background -------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._fd is None:
+            self.open()
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ledger")
+        self._task = loop.create_task(self._run(), name="trade-ledger")
+
+    def wake(self) -> None:
+        """Something became durable: write it without waiting for the next interval."""
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self._write_eligible(fsync=False)
+            except OSError:
+                log.exception("cannot append to the trade ledger %s", self.path)
+                await asyncio.sleep(1.0)
+            if self._closing:
+                return
+
+    def _take_eligible(self) -> list[Trade]:
+        durable = self._durable() if self._durable is not None else None
+        pending = self._pending
+        trades: list[Trade] = []
+        last = self.last_id
+        while pending:
+            mark, events = pending[0]
+            if durable is not None and mark > durable:
+                break
+            pending.popleft()
+            for ev in events:
+                if ev.__class__ is Trade and ev.trade_id > last:  # type: ignore[attr-defined]
+                    trades.append(ev)  # type: ignore[arg-type]
+                    last = ev.trade_id  # type: ignore[attr-defined]
+        self.last_id = last
+        return trades
+
+    async def _write_eligible(self, fsync: bool) -> None:
+        assert self._write_lock is not None
+        async with self._write_lock:  # batches reach the file in the order they were taken
+            trades = self._take_eligible()
+            lines: list[bytes] = []
+            config = self.config
+            for start in range(0, len(trades), self.SLICE):
+                lines.extend(trade_line(t, config) for t in trades[start:start + self.SLICE])
+                if start + self.SLICE < len(trades):
+                    await asyncio.sleep(0)
+            if lines or fsync:
+                data = b"".join(lines)
+                await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._append, data, fsync,
+                )
+                self.written += len(lines)
+
+    def _append(self, data: bytes, fsync: bool) -> None:
+        fd = self._fd
+        assert fd is not None
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        if fsync:
+            os.fsync(fd)
+
+    async def sync(self) -> None:
+        """Write every eligible trade now and make the file durable."""
+        if self._task is None:
+            self.sync_blocking()
+            return
+        await self._write_eligible(fsync=True)
+
+    def sync_blocking(self) -> None:
+        """``sync`` without an event loop (start-up, before the writer task runs)."""
+        trades = self._take_eligible()
+        data = b"".join(trade_line(t, self.config) for t in trades)
+        self._append(data, True)
+        self.written += len(trades)
+
+    @property
+    def backlog(self) -> int:
+        """Event lists waiting (for durability or for the next write)."""
+        return len(self._pending)
+
+    async def close(self) -> None:
+        """Write everything eligible, fsync, close the file. Entries still waiting for the
+        journal are dropped: their commands were never durable, so they never happened."""
+        self._closing = True
+        if self._task is not None:
+            self.wake()
+            await self._task
+            self._task = None
+            await self._write_eligible(fsync=True)
+        elif self._fd is not None:
+            self.sync_blocking()
+        if self._pending:
+            log.warning("ledger: %d event lists were never durable and are not written",
+                        len(self._pending))
+            self._pending.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,300 @@
+"""Recovery at start-up and the snapshot cycle: ledger, snapshot and journal working together.
+
+Theory of operation
+-------------------
+On disk (``--data-dir``): ``snapshot.json`` (the whole engine state as of journal record
+``journal_lsn``), ``journal/*.wal`` (every accepted command after that), ``trades.jsonl``
+(every trade, once). The three are kept in step by two rules:
+
+1. *A trade reaches the ledger only after the command that made it is durable in the
+   journal* (``TradeLedger`` durability gate). So the ledger never holds a trade that
+   recovery cannot recreate, and trade ids are never handed out twice.
+2. *A snapshot is written only after the ledger holds (fsynced) every trade of the state it
+   records, and journal segments go only after the snapshot that covers them is durable.*
+   So replaying the journal from the snapshot always recreates every trade the ledger
+   may be missing, and nothing needed for recovery is ever deleted first.
+
+``recover()`` (start-up, synchronous, before anything is served): read the snapshot (or
+start empty when there is none), replay every journal record after it through the same
+engine, give the ledger the trades it does not have yet (ids above its last), discard a
+torn last record with a warning, and refuse with a clear error on anything else. Then it
+writes a fresh snapshot when anything was replayed, removes the journal segments it
+covers, and opens a new segment: the next start replays only what happens from now on.
+
+``snapshot()`` (periodic and at shutdown): export the state and cut the journal at the
+same instant (both on the event loop, between two commands), wait until the cut is
+durable and the ledger synced, write the snapshot atomically in a worker thread, then
+delete the old segments.
+
+Knows files and their order, not trading rules: the engine and ``exchange/state.py``
+decide what the state means.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from exchange.engine import Exchange
+from exchange.markets import MarketConfig
+from exchange.state import StateError, export_state, import_state
+from exchange.types import CommandRejected, ExecReport, ExecType, STPMode, Trade
+from storage.journal import JOURNAL_DIR, Journal, JournalError, decode, list_segments, read_journal
+from storage.ledger import LEDGER_FILE, TradeLedger
+from storage.snapshot import SNAPSHOT_FILE, SnapshotError, read_snapshot, write_snapshot
+
+log = logging.getLogger("storage.persistence")
+
+
+class RecoveryError(Exception):
+    """Start-up must stop: the data on disk cannot be recovered safely (message says why)."""
+
+
+def config_fingerprint(config: MarketConfig) -> dict[str, Any]:
+    """What the journal's commands depend on besides the state: markets and assets."""
+    return {
+        "assets": {name: a.decimals for name, a in config.assets.items()},
+        "markets": [m.describe() for m in config.markets.values()],
+    }
+
+
+class Persistence:
+    """Owns the ledger, the journal and the snapshot file of one data directory."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        config: MarketConfig,
+        default_stp: STPMode = STPMode.CANCEL_RESTING,
+        fsync: str = "batch",
+        snapshot_interval: float = 300.0,
+        snapshot_records: int = 1_000_000,
+        last_ts: Callable[[], int] | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.config = config
+        self.default_stp = default_stp
+        self.snapshot_path = self.data_dir / SNAPSHOT_FILE
+        self.journal = Journal(self.data_dir / JOURNAL_DIR, fsync)
+        self.ledger = TradeLedger(
+            self.data_dir / LEDGER_FILE, config, mark=self.journal.mark, durable=self.journal.durable,
+        )
+        self.journal.on_durable.append(lambda _lsn: self.ledger.wake())
+        self.snapshot_interval = snapshot_interval
+        self.snapshot_records = snapshot_records
+        self.last_ts = last_ts or (lambda: 0)
+        self.engine: Exchange | None = None
+        self.snapshot_lsn = 0
+        self.recovered_ts = 0
+        self.report: dict[str, Any] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._lock: asyncio.Lock | None = None
+        self._last_snapshot = time.monotonic()
+
+    # -- start-up ---------------------------------------------------------------------
+
+    def recover(self) -> Exchange:
+        """Rebuild the engine from disk (see the module docstring); raises RecoveryError."""
+        started = time.perf_counter()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        ledger = self.ledger
+        try:
+            ledger_last = ledger.open()
+        except Exception as exc:  # LedgerError, OSError
+            raise RecoveryError(str(exc)) from None
+        try:
+            content = read_snapshot(self.snapshot_path)
+        except SnapshotError as exc:
+            raise RecoveryError(f"{exc}; the file is left as it is for inspection") from None
+        fingerprint = config_fingerprint(self.config)
+        if content is None:
+            engine = Exchange(self.config, default_stp=self.default_stp)
+            lsn, last_ts, saved_fingerprint = 0, 0, fingerprint
+            snap_trades = 0
+        else:
+            try:
+                lsn = content["journal_lsn"]
+                last_ts = content.get("last_ts", 0)
+                state = content["state"]
+                saved_fingerprint = content.get("config", fingerprint)
+                if type(lsn) is not int or lsn < 0 or type(last_ts) is not int:
+                    raise StateError("journal_lsn and last_ts must be integers")
+                engine = import_state(self.config, state)
+            except (StateError, KeyError, TypeError) as exc:
+                raise RecoveryError(
+                    f"snapshot {self.snapshot_path} cannot be restored: {exc}; "
+                    "the file is left as it is for inspection"
+                ) from None
+            snap_trades = engine.next_trade_id - 1
+        snapshot_lsn = lsn
+
+        # Replay the journal through the same engine.
+        replayed_trades: list[Trade] = []
+        ts_box = [last_ts]
+
+        def apply(lsn: int, payload: bytes) -> None:
+            if saved_fingerprint != fingerprint:
+                raise RecoveryError(
+                    f"journal record {lsn} was accepted under a different market configuration "
+                    f"than the current one (snapshot {self.snapshot_path}); start once with the "
+                    "previous --markets file so the journal replays exactly, then change it"
+                )
+            try:
+                command = decode(payload)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise JournalError(f"journal record {lsn} cannot be decoded: {exc}") from None
+            events = engine.handle(command)
+            if len(events) == 1 and (
+                isinstance(events[0], CommandRejected)
+                or (isinstance(events[0], ExecReport) and events[0].exec_type is ExecType.REJECTED)
+            ):
+                raise JournalError(
+                    f"journal record {lsn} ({type(command).__name__}) was accepted when written "
+                    f"but is rejected on replay ({getattr(events[0], 'reason', '?')}): the journal "
+                    "does not belong to this snapshot"
+                )
+            for ev in events:
+                if ev.__class__ is Trade:
+                    replayed_trades.append(ev)  # type: ignore[arg-type]
+            ts_box[0] = command.ts
+
+        journal_dir = self.data_dir / JOURNAL_DIR
+        try:
+            scan = read_journal(journal_dir, lsn, apply)
+        except JournalError as exc:
+            raise RecoveryError(f"{exc}; the journal is left as it is for inspection") from None
+        except OSError as exc:
+            raise RecoveryError(f"cannot read the journal in {journal_dir}: {exc}") from None
+        lsn = scan.last_lsn
+        if scan.torn is not None:
+            log.warning(
+                "journal %s: discarded a torn last record at byte %d (%d bytes); it was never "
+                "acknowledged", scan.torn.path, scan.torn.offset, scan.torn.size,
+            )
+        engine.check_invariants()
+
+        # The ledger: add what replay recreated; say so if it holds more or less.
+        if ledger_last < snap_trades:
+            log.error(
+                "ledger %s ends at trade %d but the snapshot already counts %d trades; trades "
+                "%d..%d are missing and cannot be recreated from the journal",
+                ledger.path, ledger_last, snap_trades, ledger_last + 1, snap_trades,
+            )
+        missing = [t for t in replayed_trades if t.trade_id > ledger_last]
+        if missing:
+            ledger.add(missing)
+        bumped = False
+        if ledger_last >= engine.next_trade_id:
+            log.warning(
+                "ledger %s already holds trades up to %d, beyond the recovered state (next trade "
+                "id %d): trade ids continue after the ledger's", ledger.path, ledger_last,
+                engine.next_trade_id,
+            )
+            engine.next_trade_id = ledger_last + 1
+            bumped = True
+        engine.default_stp = self.default_stp
+        self.engine = engine
+        self.recovered_ts = ts_box[0]
+
+        # Make the recovered state the new starting point, then journal afresh after it.
+        needs_snapshot = (
+            content is None or scan.records > 0 or scan.torn is not None or bumped
+            or saved_fingerprint != fingerprint or lsn != snapshot_lsn
+            or content.get("state", {}).get("default_stp") != self.default_stp.value
+        )
+        ledger.sync_blocking()  # every trade of the state is in the ledger before the snapshot
+        if needs_snapshot:
+            write_snapshot(self.snapshot_path, self._content(engine, lsn, self.recovered_ts))
+        self.snapshot_lsn = lsn
+        for _, path in list_segments(journal_dir):
+            path.unlink()  # all covered by the durable snapshot at ``lsn``
+        self.journal.open(lsn + 1)
+        self.report = {
+            "snapshot": content is not None, "snapshot_lsn": snapshot_lsn, "replayed": scan.records,
+            "torn": scan.torn is not None, "lsn": lsn, "ledger_added": len(missing),
+            "seconds": round(time.perf_counter() - started, 3), "orders": len(engine.orders),
+            "next_order_id": engine.next_order_id, "next_trade_id": engine.next_trade_id,
+        }
+        log.info(
+            "recovered: snapshot %s (record %d), %d journal records replayed%s, %d open orders, "
+            "%d trades added to the ledger, in %.2f s",
+            "yes" if content is not None else "none", snapshot_lsn, scan.records,
+            ", torn tail discarded" if scan.torn is not None else "", len(engine.orders),
+            len(missing), self.report["seconds"],
+        )
+        return engine
+
+    def _content(self, engine: Exchange, lsn: int, last_ts: int) -> dict[str, Any]:
+        return {
+            "journal_lsn": lsn,
+            "last_ts": last_ts,
+            "written_ns": time.time_ns(),
+            "config": config_fingerprint(self.config),
+            "state": export_state(engine),
+        }
+
+    # -- running ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the ledger writer and the periodic snapshots (after ``recover``)."""
+        self._lock = asyncio.Lock()
+        self.ledger.start()
+        if self.snapshot_interval > 0 or self.snapshot_records > 0:
+            self._task = asyncio.get_running_loop().create_task(self._periodic(), name="snapshots")
+
+    async def _periodic(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.snapshot_interval) if self.snapshot_interval > 0 else 1.0)
+            behind = self.journal.last_lsn - self.snapshot_lsn
+            if not behind:
+                continue
+            due = self.snapshot_interval > 0 and (
+                time.monotonic() - self._last_snapshot >= self.snapshot_interval)
+            if due or (self.snapshot_records > 0 and behind >= self.snapshot_records):
+                try:
+                    await self.snapshot()
+                except Exception:
+                    log.exception("periodic snapshot failed; the journal keeps everything")
+
+    async def snapshot(self) -> bool:
+        """Write a snapshot of the current state; returns False if nothing changed."""
+        assert self.engine is not None and self._lock is not None
+        async with self._lock:
+            journal = self.journal
+            lsn = journal.last_lsn
+            if lsn == self.snapshot_lsn and self.snapshot_path.exists():
+                return False
+            started = time.perf_counter()
+            # Same instant, no await between: the state is exactly records 1..lsn.
+            content = self._content(self.engine, lsn, self.last_ts())
+            journal.rotate()
+            await journal.wait_durable(lsn)
+            await self.ledger.sync()
+            loop = asyncio.get_running_loop()
+            size = await loop.run_in_executor(None, write_snapshot, self.snapshot_path, content)
+            self.snapshot_lsn = lsn
+            self._last_snapshot = time.monotonic()
+            removed = await loop.run_in_executor(None, journal.remove_before, lsn + 1)
+            log.info("snapshot at journal record %d: %d open orders, %d bytes, %.2f s; %d old "
+                     "journal segments removed", lsn, len(self.engine.orders), size,
+                     time.perf_counter() - started, removed)
+            return True
+
+    async def close(self) -> None:
+        """Final snapshot, then the journal and the ledger, durable and closed."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if self.journal.failed is None:
+            await self.journal.wait_durable()
+            if self.engine is not None and self._lock is not None:
+                await self.snapshot()
+        await self.journal.close()
+        await self.ledger.close()

@@ -1,0 +1,238 @@
+"""The storage formats on their own: ledger, snapshot file, journal records and segments.
+
+Each test works on a temporary directory with the real classes; nothing is mocked except,
+in the last test, the speed of the journal's disk (to prove acknowledgements wait for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import orjson
+import pytest
+
+from client import ExchangeClient
+from exchange.markets import default_config
+from exchange.server import ExchangeServer, ServerConfig
+from exchange.types import (
+    CancelOrder, Deposit, ModifyOrder, OrderType, PlaceOrder, Side, STPMode, TimeInForce, Trade,
+    Withdraw,
+)
+from storage import journal as jr
+from storage.ledger import TradeLedger, last_trade_id, read_ledger, trade_line
+from storage.snapshot import SnapshotError, read_snapshot, write_snapshot
+
+T = 5.0
+CONFIG = default_config()
+
+
+def trade(tid: int, qty: int = 10) -> Trade:
+    return Trade("BTC-USD", tid, 10_000_00, qty, Side.BUY, 2 * tid, 2 * tid - 1, "bob", "alice", 1, 2, tid)
+
+
+# --------------------------------------------------------------------------- ledger
+
+
+async def test_ledger_writes_only_durable_trades_exactly_once_in_order(tmp_path: Path) -> None:
+    durable = [0]
+    marks = iter(range(1, 100))
+    ledger = TradeLedger(tmp_path / "trades.jsonl", CONFIG, interval=0.01,
+                         mark=lambda: next(marks), durable=lambda: durable[0])
+    assert ledger.open() == 0
+    ledger.start()
+    ledger([trade(1)])  # mark 1
+    ledger([trade(2), trade(3)])  # mark 2
+    await asyncio.sleep(0.05)
+    assert read_ledger(ledger.path) == []  # nothing durable yet
+    durable[0] = 1
+    ledger.wake()
+    await asyncio.sleep(0.05)
+    assert [r["trade_id"] for r in read_ledger(ledger.path)] == [1]
+    durable[0] = 2
+    ledger.add([trade(1), trade(2), trade(3), trade(4)])  # replay overlap: only 4 is new
+    await ledger.sync()
+    await ledger.close()
+    assert [r["trade_id"] for r in read_ledger(ledger.path)] == [1, 2, 3, 4]
+    assert ledger.path.read_bytes() == b"".join(trade_line(trade(i), CONFIG) for i in (1, 2, 3, 4))
+    assert last_trade_id(ledger.path) == 4
+
+
+async def test_ledger_reopen_continues_and_cuts_only_a_torn_fragment(tmp_path: Path) -> None:
+    path = tmp_path / "trades.jsonl"
+    whole = b"".join(trade_line(trade(i), CONFIG) for i in range(1, 2001))
+    path.write_bytes(whole + b'{"trade_id":2001,"mar')  # power cut mid-line
+    ledger = TradeLedger(path, CONFIG)
+    assert ledger.open() == 2000
+    assert ledger.torn_bytes == len(b'{"trade_id":2001,"mar')
+    ledger.add([trade(2000), trade(2001)])
+    await ledger.close()
+    data = path.read_bytes()
+    assert data.startswith(whole) and data[len(whole):] == trade_line(trade(2001), CONFIG)
+
+
+def test_last_trade_id_of_missing_and_empty_files(tmp_path: Path) -> None:
+    assert last_trade_id(tmp_path / "none.jsonl") == 0
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    assert last_trade_id(tmp_path / "empty.jsonl") == 0
+
+
+# --------------------------------------------------------------------------- snapshot file
+
+
+def test_snapshot_round_trips_exactly_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    content = {"journal_lsn": 7, "big": 10**30, "neg": -(2**70), "s": "é", "state": {"x": [1, None]}}
+    path = tmp_path / "snapshot.json"
+    write_snapshot(path, content)
+    assert read_snapshot(path) == content
+    assert type(read_snapshot(path)["big"]) is int
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["snapshot.json"]
+    assert read_snapshot(tmp_path / "missing.json") is None
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (lambda b: b.replace(b'"journal_lsn":7', b'"journal_lsn":8'), "integrity check"),
+        (lambda b: b[: len(b) // 2], "not a snapshot file"),
+        (lambda b: b.replace(b'"version":1', b'"version":9'), "format version 9"),
+        (lambda b: b"not json at all", "not a snapshot file"),
+        (lambda b: b.replace(b'{"format"', b'{"format" x'), "not valid JSON"),
+    ],
+    ids=["bit-flip", "truncated", "version", "garbage", "bad-json"],
+)
+def test_a_damaged_snapshot_is_refused_naming_the_file(tmp_path: Path, damage, expected: str) -> None:
+    path = tmp_path / "snapshot.json"
+    write_snapshot(path, {"journal_lsn": 7, "state": {}})
+    path.write_bytes(damage(path.read_bytes()))
+    before = path.read_bytes()
+    with pytest.raises(SnapshotError, match=expected) as info:
+        read_snapshot(path)
+    assert str(path) in str(info.value)
+    assert path.read_bytes() == before
+
+
+# --------------------------------------------------------------------------- journal
+
+COMMANDS = [
+    PlaceOrder(1, "alice", "BTC-USD", Side.BUY, OrderType.LIMIT, 5, 100, TimeInForce.GTC, True,
+               STPMode.CANCEL_BOTH, "c-1"),
+    PlaceOrder(2, "bob", "ACME-USD", Side.SELL, OrderType.MARKET, 3, None, TimeInForce.IOC),
+    CancelOrder(3, "alice", 17),
+    ModifyOrder(4, "alice", 17, None, 9),
+    Deposit(5, "carol", "USD", 10**22),  # beyond 64 bits: must stay exact
+    Withdraw(6, "carol", "BTC", 12),
+]
+
+
+def test_every_command_survives_encode_decode() -> None:
+    for cmd in COMMANDS:
+        back = jr.decode(jr.encode(cmd))
+        assert type(back) is type(cmd) and back.to_dict() == cmd.to_dict()
+        for name in ("side", "order_type", "tif", "stp"):
+            if getattr(cmd, name, None) is not None:
+                assert getattr(back, name) is getattr(cmd, name)  # enum members, not strings
+
+
+async def write_journal(directory: Path, commands, policy: str = "batch", rotate_at=()) -> jr.Journal:
+    journal = jr.Journal(directory, policy)
+    journal.open(1)
+    for i, cmd in enumerate(commands, start=1):
+        journal.append(cmd)
+        if i in rotate_at:
+            journal.rotate()
+        if i % 3 == 0:
+            await asyncio.sleep(0)  # several batches
+    await journal.close()
+    return journal
+
+
+@pytest.mark.parametrize("policy", jr.POLICIES)
+async def test_journal_writes_batches_and_reads_back_in_order(tmp_path: Path, policy: str) -> None:
+    journal = await write_journal(tmp_path, COMMANDS * 5, policy, rotate_at=(7, 20))
+    assert journal.durable_lsn == 30 and journal.batches >= 2
+    segments = [s for s, _ in jr.list_segments(tmp_path)]
+    assert segments == [1, 8, 21]
+    got = list(jr.iter_commands(tmp_path))
+    assert [lsn for lsn, _ in got] == list(range(1, 31))
+    assert [c.to_dict() for _, c in got] == [c.to_dict() for c in COMMANDS * 5]
+    assert [lsn for lsn, _ in jr.iter_commands(tmp_path, after=25)] == [26, 27, 28, 29, 30]
+    assert journal.remove_before(21) == 2
+    assert [s for s, _ in jr.list_segments(tmp_path)] == [21]
+    with pytest.raises(jr.JournalError, match="missing"):
+        list(jr.iter_commands(tmp_path, after=0))  # records 1..20 are gone
+    assert len(list(jr.iter_commands(tmp_path, after=20))) == 10
+
+
+async def test_a_torn_last_record_is_reported_and_everything_before_it_kept(tmp_path: Path) -> None:
+    await write_journal(tmp_path, COMMANDS)
+    (_, path), = jr.list_segments(tmp_path)
+    data = path.read_bytes()
+    for cut in (3, 19, 25):  # inside the header, at the payload, inside the payload
+        path.write_bytes(data[:-cut] if cut != 19 else data[: len(data) - len(jr.encode(COMMANDS[-1])) - 1])
+        seen: list[int] = []
+        result = jr.read_journal(tmp_path, 0, lambda lsn, _p: seen.append(lsn))
+        assert seen == [1, 2, 3, 4, 5] and result.last_lsn == 5
+        assert result.torn is not None and result.torn.path == path
+    path.write_bytes(data + b"\x00" * 100)  # zeros past the end (a preallocated tail)
+    result = jr.read_journal(tmp_path, 0, lambda lsn, _p: None)
+    assert result.last_lsn == 6 and result.torn is not None
+
+
+@pytest.mark.parametrize("where", ["payload", "header"])
+async def test_damage_in_the_middle_stops_the_read(tmp_path: Path, where: str) -> None:
+    await write_journal(tmp_path, COMMANDS)
+    (_, path), = jr.list_segments(tmp_path)
+    data = bytearray(path.read_bytes())
+    offset = len(jr.MAGIC) + (jr.HEADER.size + 3 if where == "payload" else 2)
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(jr.JournalError, match=f"{path} at byte") as info:
+        jr.read_journal(tmp_path, 0, lambda lsn, _p: None)
+    assert "damaged" in str(info.value)
+
+
+async def test_a_damaged_record_in_an_older_segment_is_not_a_torn_tail(tmp_path: Path) -> None:
+    await write_journal(tmp_path, COMMANDS, rotate_at=(3,))
+    (_, first), _ = jr.list_segments(tmp_path)
+    first.write_bytes(first.read_bytes()[:-4])
+    with pytest.raises(jr.JournalError, match="ends inside a record"):
+        jr.read_journal(tmp_path, 0, lambda lsn, _p: None)
+
+
+# --------------------------------------------------------------------------- write-ahead
+
+
+async def test_acknowledgements_wait_until_the_journal_record_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    slow_write = jr.Journal._write
+
+    def slowly(self: jr.Journal, batch: list) -> None:
+        import time
+        time.sleep(0.15)
+        slow_write(self, batch)
+
+    monkeypatch.setattr(jr.Journal, "_write", slowly)
+    srv = ExchangeServer(ServerConfig(port=0, data_dir=tmp_path / "data", stats_interval=0))
+    await srv.start()
+    try:
+        assert srv.address is not None
+        client = ExchangeClient(*srv.address, timeout=T)
+        await client.connect()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await client.login("alice")  # funding deposits are journaled too
+        ack = await client.sell("BTC-USD", "1", "100.00")
+        assert loop.time() - t0 >= 0.25  # two journal batches, one per round trip
+        journaled = [c for _, c in jr.iter_commands(tmp_path / "data" / "journal")]
+        assert [type(c).__name__ for c in journaled] == ["Deposit"] * 3 + ["PlaceOrder"]
+        assert journaled[-1].ts == ack["ts"]
+        # A rejected order changes nothing and is not journaled.
+        bad = await client.sell("BTC-USD", "1000", "100.00", raise_on_reject=False)
+        assert bad["exec_type"] == "rejected"
+        assert len(list(jr.iter_commands(tmp_path / "data" / "journal"))) == 4
+        await client.close()
+    finally:
+        await srv.stop()

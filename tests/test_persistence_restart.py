@@ -1,0 +1,285 @@
+"""Restarts of the real engine process: graceful (SIGTERM), torn journal tail, damaged files.
+
+Each test runs ``run/start_engine.py`` as a subprocess on a temporary data directory and
+talks to it over TCP with the client library, as a trader would. Every wait is bounded;
+a process still running when a test ends is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client import ExchangeClient
+from storage import journal as jr
+from storage.ledger import read_ledger
+from storage.snapshot import read_snapshot
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "run" / "start_engine.py"
+T = 15.0
+LISTENING = re.compile(r"Exchange listening on (\S+):(\d+)")
+USERS = ("alice", "bob", "carol")
+
+
+class Engine:
+    """One engine process on a data directory; ``start`` again after ``stop``/``kill``."""
+
+    def __init__(self, data: Path, *args: str) -> None:
+        self.data = data
+        self.args = args
+        self.proc: asyncio.subprocess.Process | None = None
+        self.port = 0
+        self.clients: list[ExchangeClient] = []
+        self.stderr = b""
+
+    async def start(self, *extra: str) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(SCRIPT), "--port", "0", "--data-dir", str(self.data),
+            "--log-level", "WARNING", *self.args, *extra, cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        line = (await asyncio.wait_for(self.proc.stdout.readline(), T)).decode()
+        match = LISTENING.search(line)
+        if not match:
+            err = await asyncio.wait_for(self.proc.stderr.read(), T)  # type: ignore[union-attr]
+            raise AssertionError(f"engine did not start: {line!r} {err.decode()}")
+        self.port = int(match.group(2))
+
+    async def client(self, user: str | None = None) -> ExchangeClient:
+        c = ExchangeClient("127.0.0.1", self.port, timeout=T)
+        await asyncio.wait_for(c.connect(), T)
+        self.clients.append(c)
+        if user is not None:
+            await asyncio.wait_for(c.login(user), T)
+        return c
+
+    async def _drop_clients(self) -> None:
+        for c in self.clients:
+            if c._writer is not None:
+                c._writer.transport.abort()
+        self.clients.clear()
+
+    async def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        rc = await asyncio.wait_for(self.proc.wait(), T)
+        assert self.proc.stderr is not None
+        self.stderr = await asyncio.wait_for(self.proc.stderr.read(), T)
+        await self._drop_clients()
+        return rc
+
+    async def kill(self) -> None:
+        await self.stop(signal.SIGKILL)
+
+    async def refuse(self) -> str:
+        """Start expecting a refusal: exit code 2, a message, never listening."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(SCRIPT), "--port", "0", "--data-dir", str(self.data), *self.args,
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), T)
+        assert proc.returncode == 2, (out, err)
+        assert b"listening" not in out and b"Traceback" not in err
+        return err.decode()
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
+    eng = Engine(tmp_path / "data")
+    yield eng
+    await eng._drop_clients()
+    if eng.proc is not None and eng.proc.returncode is None:
+        eng.proc.kill()
+        await asyncio.wait_for(eng.proc.wait(), T)
+
+
+async def next_exec(client: ExchangeClient, exec_type: str) -> dict[str, Any]:
+    while True:
+        ev = await asyncio.wait_for(client.next_event(T), T)
+        assert ev is not None, "connection closed"
+        if ev.get("type") == "exec" and ev.get("exec_type") == exec_type:
+            return ev
+
+
+async def view(eng: Engine) -> dict[str, Any]:
+    """Everything a client can see: L3 books, and each user's balances and open orders."""
+    out: dict[str, Any] = {"books": {}, "balances": {}, "orders": {}}
+    watcher = await eng.client()
+    for market in ("BTC-USD", "ACME-USD"):
+        book = await watcher.book(market, level=3)
+        book.pop("id", None)
+        out["books"][market] = book
+    for user in USERS:
+        c = await eng.client(user)
+        out["balances"][user] = await c.balances()
+        out["orders"][user] = await c.orders()
+    return out
+
+
+async def place_resting_orders(eng: Engine) -> dict[str, ExchangeClient]:
+    clients = {u: await eng.client(u) for u in USERS}
+    a, b, c = clients["alice"], clients["bob"], clients["carol"]
+    await a.sell("BTC-USD", "0.5", "101.00")
+    await b.sell("BTC-USD", "0.25", "101.00")  # same level, behind alice
+    await c.sell("BTC-USD", "1", "102.50")
+    await a.buy("BTC-USD", "0.3", "99.00")
+    await b.buy("BTC-USD", "0.3", "99.00")
+    await c.buy("BTC-USD", "0.2", "101.00")  # partly fills alice: a partly filled maker rests
+    await a.sell("ACME-USD", "10", "100.50")
+    await c.buy("ACME-USD", "4", "100.50")  # a trade moves the band reference
+    await b.buy("ACME-USD", "7", "99.00", post_only=True)
+    await c.sell("ACME-USD", "3", "101.00", client_order_id="keep-me")
+    order = await a.buy("ACME-USD", "5", "98.00")
+    await a.modify(order["order_id"], qty="4")  # keeps priority
+    await c.withdraw("USD", "5")
+    return clients
+
+
+async def test_graceful_restart_restores_books_balances_and_orders_then_trades_on(engine: Engine) -> None:
+    await engine.start()
+    await place_resting_orders(engine)
+    before = await view(engine)
+    ledger_before = (engine.data / "trades.jsonl").read_bytes()
+    assert len(read_ledger(engine.data / "trades.jsonl")) == 2
+    assert await engine.stop() == 0
+    assert b"Traceback" not in engine.stderr
+
+    await engine.start()
+    after = await view(engine)
+    assert after == before
+    assert (engine.data / "trades.jsonl").read_bytes() == ledger_before
+
+    # Trade against a restored order: dave buys 0.3 at 101.00, exactly what remains of
+    # alice's partly filled ask, first in its level (bob's ask behind it must stay whole).
+    alice_ask = next(o for o in before["orders"]["alice"] if o["market"] == "BTC-USD" and o["side"] == "sell")
+    assert alice_ask["remaining_qty"] == "0.3000"
+    dave = await engine.client("dave")
+    report = await dave.buy("BTC-USD", "0.3", "101.00")
+    fill = await next_exec(dave, "trade")
+    assert fill["status"] == "filled" and fill["filled_qty"] == "0.3000"
+    assert fill["liquidity"] == "taker" and fill["fee"] == "0.006060"
+    alice = await engine.client("alice")
+    bal = await alice.balances()
+    sold = Decimal("0.3") * Decimal("101.00")
+    fee = Decimal("0.003030")  # 1 bp maker fee on 30.30 USD
+    was = before["balances"]["alice"]
+    assert Decimal(bal["BTC"]["locked"]) == Decimal(was["BTC"]["locked"]) - Decimal("0.3")
+    assert Decimal(bal["USD"]["available"]) - Decimal(was["USD"]["available"]) == sold - fee
+    dbal = await dave.balances()
+    assert Decimal(dbal["BTC"]["available"]) == Decimal("10.3")
+    assert Decimal(dbal["USD"]["available"]) == Decimal("100000") - sold - Decimal("0.006060")
+    assert all(o["order_id"] != alice_ask["order_id"] for o in await alice.orders())
+    # New ids continue after the restored ones; the ledger gets the trade once, with the next id.
+    assert report["order_id"] > max(o["order_id"] for u in USERS for o in before["orders"][u])
+    assert await engine.stop() == 0
+    ledger = read_ledger(engine.data / "trades.jsonl")
+    assert [t["trade_id"] for t in ledger] == [1, 2, 3]
+    assert ledger[-1]["sell_order_id"] == alice_ask["order_id"] and ledger[-1]["buyer"] == "dave"
+    assert (engine.data / "trades.jsonl").read_bytes().startswith(ledger_before)
+
+
+async def crash_with_journal(engine: Engine) -> dict[str, Any]:
+    """Orders, then kill -9: the state after the start-up snapshot lives only in the journal."""
+    await engine.start()
+    await place_resting_orders(engine)
+    before = await view(engine)
+    await engine.kill()
+    segments = jr.list_segments(engine.data / "journal")
+    assert len(segments) == 1 and segments[0][1].stat().st_size > 100
+    return before
+
+
+async def test_kill_9_recovers_everything_from_the_journal(engine: Engine) -> None:
+    before = await crash_with_journal(engine)
+    ledger_before = (engine.data / "trades.jsonl").read_bytes()
+    await engine.start()
+    assert await view(engine) == before
+    assert (engine.data / "trades.jsonl").read_bytes() == ledger_before  # already complete
+    # The journal was folded into a fresh snapshot; a second restart replays nothing.
+    snap = read_snapshot(engine.data / "snapshot.json")
+    assert snap is not None and snap["journal_lsn"] > 0
+    assert await engine.stop() == 0
+    await engine.start()
+    assert await view(engine) == before
+
+
+async def test_a_torn_journal_tail_is_discarded_and_reported(engine: Engine) -> None:
+    before = await crash_with_journal(engine)
+    (_, path), = jr.list_segments(engine.data / "journal")
+    records = list(jr.iter_commands(engine.data / "journal"))
+    last_lsn, last_cmd = records[-1]
+    assert type(last_cmd).__name__ == "Withdraw"  # carol's withdrawal: the last command
+    data = path.read_bytes()
+    path.write_bytes(data[:-7])  # the crash hit in the middle of writing it
+    await engine.start()
+    after = await view(engine)
+    # Everything but the torn withdrawal is back.
+    assert after["books"] == before["books"] and after["orders"] == before["orders"]
+    carol_usd = Decimal(after["balances"]["carol"]["USD"]["available"])
+    assert carol_usd == Decimal(before["balances"]["carol"]["USD"]["available"]) + 5
+    assert await engine.stop() == 0
+    assert b"torn" in engine.stderr
+
+
+async def test_a_damaged_journal_record_in_the_middle_refuses_to_start(engine: Engine) -> None:
+    await crash_with_journal(engine)
+    (_, path), = jr.list_segments(engine.data / "journal")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    path.write_bytes(bytes(data))
+    files = {p: p.read_bytes() for p in engine.data.rglob("*") if p.is_file()}
+    err = await engine.refuse()
+    assert str(path) in err and "damaged" in err and "left as it is" in err
+    assert {p: p.read_bytes() for p in engine.data.rglob("*") if p.is_file()} == files
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (lambda b: b.replace(b'"next_order_id":', b'"next_order_id":9'), "integrity check"),
+        (lambda b: b[:-40], "not a snapshot file"),
+        (lambda b: b.replace(b'"version":1', b'"version":2'), "format version 2"),
+        (None, "invariant"),
+    ],
+    ids=["checksum", "bad-json", "version", "invariants"],
+)
+async def test_a_damaged_snapshot_refuses_to_start_and_is_left_alone(engine: Engine, damage, expected: str) -> None:
+    await engine.start()
+    await place_resting_orders(engine)
+    assert await engine.stop() == 0
+    path = engine.data / "snapshot.json"
+    if damage is None:
+        # Consistent bytes, inconsistent state: re-sign a snapshot whose order reserves too much.
+        from storage.snapshot import write_snapshot
+        content = read_snapshot(path)
+        assert content is not None
+        row = next(m["orders"][0] for m in content["state"]["markets"].values() if m["orders"])
+        row[content["state"]["order_fields"].index("locked")] += 1
+        write_snapshot(path, content)
+    else:
+        path.write_bytes(damage(path.read_bytes()))
+    files = {p: p.read_bytes() for p in engine.data.rglob("*") if p.is_file()}
+    err = await engine.refuse()
+    assert str(path) in err and expected in err, err
+    assert {p: p.read_bytes() for p in engine.data.rglob("*") if p.is_file()} == files
+
+
+async def test_a_missing_snapshot_with_a_later_journal_refuses_to_start_empty(engine: Engine) -> None:
+    await crash_with_journal(engine)
+    await engine.start()  # folds the journal into a snapshot, starts a new segment
+    c = await engine.client("alice")
+    await c.sell("BTC-USD", "0.1", "120.00")
+    await engine.kill()
+    (engine.data / "snapshot.json").unlink()
+    err = await engine.refuse()
+    assert "journal" in err and "missing" in err
