@@ -125,7 +125,7 @@ class Session(asyncio.Protocol):
         self.peer: Any = None
         self.user: str | None = None
         self.admin = False
-        self.buf = b""
+        self.buf = bytearray()  # an incomplete line waiting for its newline
         self.out: list[bytes] = []
         self.queued = False
         self.paused = False
@@ -147,7 +147,18 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        buf = self.buf + data if self.buf else data
+        if b"\n" not in data:
+            # Part of a line: append (amortised O(1)) and look at it again only once its
+            # newline arrives, so a line sent in many small pieces costs linear time.
+            self.buf += data
+            if len(self.buf) > MAX_LINE:
+                self.fatal(ErrorCode.LINE_TOO_LONG, f"a line may be at most {MAX_LINE} bytes")
+            return
+        if self.buf:
+            self.buf += data
+            buf = bytes(self.buf)
+        else:
+            buf = data
         lines = buf.split(b"\n")
         rest = lines.pop()
         gateway = self.gateway
@@ -162,7 +173,7 @@ class Session(asyncio.Protocol):
         else:
             if len(rest) > MAX_LINE:
                 self.fatal(ErrorCode.LINE_TOO_LONG, f"a line may be at most {MAX_LINE} bytes")
-            self.buf = rest
+            self.buf = bytearray(rest)
         gateway.flush()
 
     def eof_received(self) -> bool | None:
@@ -368,7 +379,10 @@ class Gateway:
             ):
                 journal.append(command)
         for listener in self.listeners:
-            listener(events)
+            try:
+                listener(events)
+            except Exception:  # the command happened: its reports must still reach the user
+                log.exception("a listener failed on the events of %s", type(command).__name__)
         return events
 
     def route(self, events: list[Event], requester: Session | None, rid: Any) -> None:

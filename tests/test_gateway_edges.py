@@ -46,3 +46,27 @@ async def test_an_impossible_port_is_a_clear_connection_error() -> None:
         assert "cannot connect" in str(exc)
     else:  # pragma: no cover
         raise AssertionError("connected to port 70000")
+
+
+async def test_a_line_sent_a_byte_at_a_time_is_answered(server) -> None:
+    host, port = server.address
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+    try:
+        for byte in b'{"op":"ping","id":"slow"}\n':
+            writer.write(bytes([byte]))
+            await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 5)
+        assert b'"pong"' in line and b'"slow"' in line
+    finally:
+        writer.close()
+
+
+async def test_a_failing_listener_does_not_cost_the_user_their_reports(server, connect) -> None:
+    def broken(events: list) -> None:
+        raise RuntimeError("listener bug")
+
+    server.gateway.listeners.insert(0, broken)
+    alice = await connect("alice")
+    report = await alice.buy("BTC-USD", "0.5", "99.00")
+    assert report["exec_type"] == "new"
+    assert [o["order_id"] for o in await alice.orders()] == [report["order_id"]]
