@@ -34,11 +34,31 @@ from typing import Any
 from exchange.markets import Market, MarketConfig
 from exchange.types import ExecReport, ExecType, OrderStatus, RejectReason, Side
 from simulation.budget import Tracked, Wallet, walk_cost
-from simulation.gateway import Gateway, GatewayConnectionError, GatewayError
+from simulation.gateway import Gateway, GatewayConnectionError, GatewayError, MarketTexts
 
 _BUY, _SELL = Side.BUY, Side.SELL
 _REJECTED = ExecType.REJECTED
 _INSUFFICIENT = RejectReason.INSUFFICIENT_FUNDS
+_SIDE_TEXT = {_BUY: _BUY.value, _SELL: _SELL.value}  # an enum's .value is a Python property
+# The final statuses the report counts, with their names.
+_FINAL_COUNTED = {
+    s: s.value for s in (OrderStatus.FILLED, OrderStatus.CANCELED, OrderStatus.EXPIRED)
+}
+
+
+def below(getrandbits: Any, n: int) -> int:
+    """``rng.randrange(n)`` for ``n > 0``: the very same draw, in one call instead of three.
+
+    ``random.Random.randrange`` (and ``randint``) are Python wrappers that check their
+    arguments and then draw exactly this way (``Random._randbelow_with_getrandbits``); the
+    random trader makes several draws per order. ``tests/test_sim_agents.py`` checks that
+    the sequences agree.
+    """
+    k = n.bit_length()
+    r = getrandbits(k)
+    while r >= n:
+        r = getrandbits(k)
+    return r
 
 
 # --------------------------------------------------------------------------- shared run state
@@ -65,13 +85,15 @@ class MarketProfile:
 class RunControl:
     """What all agents of a run share: the stop flag, the order budget and the counters."""
 
-    __slots__ = ("stopping", "max_orders", "orders", "profiles")
+    __slots__ = ("stopping", "max_orders", "orders", "profiles", "texts")
 
     def __init__(self, profiles: dict[str, MarketProfile], max_orders: int | None = None) -> None:
         self.stopping = False
         self.max_orders = max_orders
         self.orders = 0
         self.profiles = profiles
+        # decimal strings of prices and sizes, cached once for all the agents
+        self.texts = {symbol: MarketTexts(p.spec) for symbol, p in profiles.items()}
 
     def take_order(self) -> bool:
         """Count one order about to be sent; False (and stop) once the run's count is used up."""
@@ -123,6 +145,7 @@ class Agent:
         self.interval = interval
         self.params = params or {}
         self.wallet = Wallet(self.config)
+        self.texts = control.texts
         self.stats = AgentStats()
         self.funded = False
         self.done = False
@@ -172,8 +195,10 @@ class Agent:
         outcomes = self.stats.outcomes
         for ev in self.gw.poll_events():
             rep = apply(ev)
-            if rep is not None and rep.status in _FINAL_COUNTED:
-                outcomes[rep.status.value] += 1
+            if rep is not None:
+                final = _FINAL_COUNTED.get(rep.status)
+                if final is not None:
+                    outcomes[final] += 1
 
     # -- order entry ------------------------------------------------------------------
 
@@ -192,9 +217,10 @@ class Agent:
             return None
         kind = "post_only" if post_only else (tif or "limit")
         self.stats.orders[kind] += 1
+        texts = self.texts[market]
         try:
             rep = await self.gw.place(
-                market, side.value, spec.format_qty(lots), spec.format_price(price), tif=tif,
+                market, _SIDE_TEXT[side], texts.qty(lots), texts.price(price), tif=tif,
                 post_only=post_only,
             )
         except BaseException:
@@ -221,7 +247,9 @@ class Agent:
             return None
         self.stats.orders["market"] += 1
         try:
-            rep = await self.gw.place(market, side.value, spec.format_qty(lots), order_type="market")
+            rep = await self.gw.place(
+                market, _SIDE_TEXT[side], self.texts[market].qty(lots), order_type="market",
+            )
         except BaseException:
             self.wallet.release(asset, commit)
             raise
@@ -258,7 +286,7 @@ class Agent:
             return False
         self.stats.modifies += 1
         try:
-            await self.gw.modify(t.order_id, price=spec.format_price(price))
+            await self.gw.modify(t.order_id, price=self.texts[t.market].price(price))
         except GatewayConnectionError:
             raise
         except GatewayError as exc:
@@ -289,9 +317,6 @@ class Agent:
         base; quote assets at face value. Fees are already inside the holdings.
         """
         return pnl_of(self.wallet, self.config, marks)
-
-
-_FINAL_COUNTED = (OrderStatus.FILLED, OrderStatus.CANCELED, OrderStatus.EXPIRED)
 
 
 def pnl_of(wallet: Wallet, config: MarketConfig, marks: dict[str, int]) -> dict[str, Any]:
@@ -330,22 +355,30 @@ class RandomTrader(Agent):
 
     kind = "random"
 
-    async def step(self) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         p = self.params
-        rng = self.rng
-        wallet = self.wallet
-        if wallet.orders and (rng.random() < p.get("cancel_ratio", 0.25) or len(wallet.orders) >= p.get("max_open", 20)):
-            oids = list(wallet.orders)
-            await self.cancel(oids[rng.randrange(len(oids))])
+        self.cancel_ratio = p.get("cancel_ratio", 0.25)
+        self.max_open = p.get("max_open", 20)
+        self.limit_ratio = p.get("limit_ratio", 0.85)
+        self.max_offset_bps = p.get("max_offset_bps", 50)
+
+    async def step(self) -> None:
+        random, bits = self.rng.random, self.rng.getrandbits
+        orders = self.wallet.orders
+        if orders and (random() < self.cancel_ratio or len(orders) >= self.max_open):
+            oids = list(orders)
+            await self.cancel(oids[below(bits, len(oids))])
             return
-        market = self.markets[rng.randrange(len(self.markets))] if len(self.markets) > 1 else self.markets[0]
+        markets = self.markets
+        market = markets[below(bits, len(markets))] if len(markets) > 1 else markets[0]
         profile = self.control.profiles[market]
-        side = _BUY if rng.random() < 0.5 else _SELL
-        lots = rng.randint(profile.qty_min, profile.qty_max)
-        if rng.random() < p.get("limit_ratio", 0.85):
+        side = _BUY if random() < 0.5 else _SELL
+        lots = profile.qty_min + below(bits, profile.qty_max - profile.qty_min + 1)  # randint
+        if random() < self.limit_ratio:
             mid = await self.mid(market)
-            span = max(1, mid * p.get("max_offset_bps", 50) // 10_000)
-            price = max(1, mid + rng.randint(-span, span))
+            span = max(1, mid * self.max_offset_bps // 10_000)
+            price = max(1, mid - span + below(bits, 2 * span + 1))  # mid + randint(-span, span)
             await self.limit(market, side, lots, price)
         else:
             await self.market_order(market, side, lots)

@@ -84,7 +84,7 @@ class Wallet:
     __slots__ = (
         "config", "holdings", "committed", "initial", "spent", "fees", "orders", "bought",
         "sold", "trades", "maker_trades", "notional", "taker_volume", "taker_cost", "taker_fills",
-        "last_trade",
+        "last_trade", "legs",
     )
 
     def __init__(self, config: MarketConfig) -> None:
@@ -107,6 +107,13 @@ class Wallet:
         self.taker_cost: dict[str, int] = {m: 0 for m in config.markets}
         self.taker_fills: dict[str, int] = {m: 0 for m in config.markets}
         self.last_trade: dict[str, tuple[int, int]] = {}  # market -> (trade id, price ticks)
+        # market -> (quote per tick-lot, base per lot, quote asset, base asset, commit fee bps):
+        # what ``apply`` needs of a market, read once (it runs for every report)
+        self.legs: dict[str, tuple[int, int, str, str, int]] = {
+            m: (spec.quote_per_tick_lot, spec.base_per_lot, spec.quote.name, spec.base.name,
+                max(spec.maker_fee_bps, spec.taker_fee_bps))
+            for m, spec in config.markets.items()
+        }
 
     # -- state from the exchange ------------------------------------------------------
 
@@ -154,38 +161,40 @@ class Wallet:
         if ev.__class__ is not ExecReport:
             return None
         rep: ExecReport = ev  # type: ignore[assignment]
-        t = self.orders.get(rep.order_id) if rep.order_id is not None else None
+        t = self.orders.get(rep.order_id)  # type: ignore[arg-type]  # None: not ours, or no id
         exec_type = rep.exec_type
         if exec_type is _TRADE:
-            spec = self.config.markets[rep.market]
+            market = rep.market
+            per_tick_lot, per_lot, quote_name, base_name, _ = self.legs[market]
             lots = rep.last_qty
-            notional = rep.last_price * lots * spec.quote_per_tick_lot  # type: ignore[operator]
+            price = rep.last_price
+            notional = price * lots * per_tick_lot  # type: ignore[operator]
             fee = rep.fee or 0
-            base = lots * spec.base_per_lot  # type: ignore[operator]
-            quote_name, base_name = spec.quote.name, spec.base.name
+            base = lots * per_lot  # type: ignore[operator]
             h = self.holdings
+            spent = self.spent
             if rep.side is _BUY:
                 h[base_name] += base
                 h[quote_name] -= notional + fee
                 self.bought[base_name] += base
-                self.spent[quote_name] += notional + fee
+                spent[quote_name] += notional + fee
             else:
                 h[base_name] -= base
                 h[quote_name] += notional - fee
                 self.sold[base_name] += base
-                self.spent[base_name] += base
-                self.spent[quote_name] += fee
+                spent[base_name] += base
+                spent[quote_name] += fee
                 self.bought[quote_name] += notional
             self.fees[quote_name] += fee
             self.trades += 1
-            self.notional[rep.market] += notional
+            self.notional[market] += notional
             if rep.liquidity is _MAKER:
                 self.maker_trades += 1
             else:
-                self.taker_fills[rep.market] += 1
-                self.taker_volume[rep.market] += lots  # type: ignore[operator]
-                self.taker_cost[rep.market] += rep.last_price * lots  # type: ignore[operator]
-            self.last_trade[rep.market] = (rep.trade_id, rep.last_price)  # type: ignore[assignment]
+                self.taker_fills[market] += 1
+                self.taker_volume[market] += lots  # type: ignore[operator]
+                self.taker_cost[market] += price * lots  # type: ignore[operator]
+            self.last_trade[market] = (rep.trade_id, price)  # type: ignore[assignment]
             if t is not None and t.price is None:  # market buy: commit shrinks by what it paid
                 if t.side is _BUY:
                     new = max(0, t.commit - notional - fee)
@@ -199,10 +208,14 @@ class Wallet:
             self.committed[t.asset] -= t.commit
             del self.orders[t.order_id]
             return rep
-        t.remaining = rep.remaining
+        t.remaining = remaining = rep.remaining
         if t.price is not None:
-            spec = self.config.markets[t.market]
-            new = buy_commit(spec, t.price, t.remaining) if t.side is _BUY else t.remaining * spec.base_per_lot
+            per_tick_lot, per_lot, _, _, bps = self.legs[t.market]
+            if t.side is _BUY:  # buy_commit, inline
+                notional = t.price * remaining * per_tick_lot
+                new = notional - ((-notional * bps) // BPS)
+            else:
+                new = remaining * per_lot
             self.committed[t.asset] += new - t.commit
             t.commit = new
         return rep

@@ -235,6 +235,7 @@ def run_embedded(
             kernel.run(kernel.now + 1, tick=None)
     except KeyboardInterrupt:
         interrupted = True
+    exchange.flush_ledger()  # the ledger is formatted in batches: its last one counts too
     elapsed = time.perf_counter() - wall
     sim_elapsed = (kernel.now - start_ns) / 1e9
     control.stopping = True

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
 from exchange.types import ExecType, Liquidity
-from simulation.agents import Agent, MarketMaker, PassiveBuyer, RandomTrader, RunControl, TwapExecutor
+from simulation.agents import Agent, MarketMaker, PassiveBuyer, RandomTrader, RunControl, TwapExecutor, below
 from simulation.embedded import EmbeddedExchange
 from simulation.runner import SimConfig, profiles_for, run_embedded
 
@@ -116,3 +117,13 @@ def test_maker_fills_are_reported_as_maker(tmp_path: Path) -> None:
     (mm,) = of(agents, MarketMaker)
     assert 0 < mm.wallet.maker_trades <= mm.wallet.trades
     assert Liquidity.MAKER.value == "maker"
+
+
+def test_below_draws_exactly_what_randrange_and_randint_draw() -> None:
+    """The random trader's draws are ``randrange``/``randint``'s, so seeded runs stay the same."""
+    ours, ref = random.Random(11), random.Random(11)
+    for n in [1, 2, 3, 7, 20, 50, 101, 1000, 2**20 + 3]:
+        for _ in range(200):
+            assert below(ours.getrandbits, n) == ref.randrange(n)
+            assert 5 + below(ours.getrandbits, 11) == ref.randint(5, 15)
+            assert -n + below(ours.getrandbits, 2 * n + 1) == ref.randint(-n, n)

@@ -6,14 +6,17 @@ duration, so each test takes well under a second of wall time.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from exchange.types import ExecType, OrderStatus
-from simulation.embedded import EmbeddedExchange, parse_duration_ns, parse_latency
-from simulation.gateway import GatewayError
+from exchange.markets import default_config, format_scaled
+from exchange.types import ExecType, OrderStatus, Side, Trade
+from simulation.embedded import SIM_EPOCH_NS, EmbeddedExchange, LedgerLines, parse_duration_ns, parse_latency
+from simulation.gateway import GatewayError, MarketTexts, scaled_text
+from storage.ledger import trade_line
 from simulation.runner import SimConfig, run_embedded
 
 AGENTS = {"random": 6, "mm": 1, "twap": 1, "passive": 1}
@@ -123,3 +126,32 @@ def test_latency_and_duration_parsing() -> None:
     for bad in ("fixed:soon", "gamma:shape=2", "uniform:1ms"):
         with pytest.raises(ValueError):
             parse_latency(bad)
+
+
+def test_the_cached_ledger_lines_are_trade_line_byte_for_byte() -> None:
+    """The embedded ledger formats trades itself (for speed); the bytes must be the server's."""
+    config = default_config()
+    lines = LedgerLines(config)
+    rng = random.Random(5)
+    for i in range(3000):
+        market = rng.choice(list(config.markets))
+        trade = Trade(
+            market, i + 1, rng.choice([1, 7, 100, rng.randint(1, 10**7)]),
+            rng.choice([1, 10, rng.randint(1, 10**6)]), rng.choice([Side.BUY, Side.SELL]),
+            rng.randint(1, 10**6), rng.randint(1, 10**6), rng.choice(["random01", "mm02", 'q"é\\']),
+            "mm01", rng.choice([0, 1, 99, rng.randint(0, 10**9)]), rng.choice([0, 5, rng.randint(0, 10**9)]),
+            SIM_EPOCH_NS + rng.randint(0, 10**12),
+        )
+        assert lines(trade) == trade_line(trade, config)
+
+
+def test_scaled_text_and_market_texts_are_the_markets_own_formatting() -> None:
+    for decimals in range(-2, 10):
+        for units in [0, 1, -1, 9, 10, 11, 99, 100, 101, 123456789, -123456789, 10**20, -(10**20)]:
+            assert scaled_text(units, decimals) == format_scaled(units, decimals), (units, decimals)
+    for spec in default_config().markets.values():
+        texts = MarketTexts(spec)
+        for n in [1, 5, 10, 99, 100, 12345, 3_000_000, 10**12] * 2:  # twice: cached the second time
+            assert texts.price(n) == spec.format_price(n)
+            assert texts.qty(n) == spec.format_qty(n)
+            assert texts.amount(n) == spec.quote.format(n)
