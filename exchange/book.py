@@ -43,7 +43,7 @@ class Order:
     __slots__ = (
         "id", "account", "market", "side", "order_type", "tif", "price", "qty", "filled",
         "remaining", "cost", "locked", "fee_basis", "fee_paid", "stp", "post_only",
-        "client_order_id", "status", "ts", "lock", "base_bal", "quote_bal", "priority", "listed",
+        "client_order_id", "status", "ts", "lock", "base_bal", "quote_bal", "priority",
     )
 
     def __init__(
@@ -86,30 +86,12 @@ class Order:
         self.quote_bal = quote_bal
         self.lock = quote_bal if side is _BUY else base_bal
         self.priority = 0  # set by the engine each time the order joins the back of a level
-        self.listed = False  # in its account's AccountOrders list
 
     def __repr__(self) -> str:
         return (
             f"Order(id={self.id}, {self.account}, {self.market}, {self.side}, {self.price}, "
             f"rem={self.remaining}/{self.qty}, {self.status})"
         )
-
-
-class AccountOrders:
-    """One account's resting orders, for "my open orders" queries, kept lazily.
-
-    An order is appended when it first rests and is *not* removed when it leaves the book:
-    that would cost a second dictionary deletion on every fill and cancel, the hottest
-    paths there are. Dead entries are dropped once the list has doubled since the last
-    clean-up, so it stays within twice the live count plus a constant, at amortised O(1)
-    per order; readers skip entries that are no longer in the engine's order index.
-    """
-
-    __slots__ = ("orders", "limit")
-
-    def __init__(self) -> None:
-        self.orders: list[Order] = []
-        self.limit = 64
 
 
 class Level:

@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from exchange.accounts import FEE_ACCOUNT, Accounts, Balance
-from exchange.book import AccountOrders, Level, Order, OrderBook
+from exchange.book import Level, Order, OrderBook
 from exchange.markets import BPS, Market, MarketConfig, default_config
 from exchange.types import (
     REJECT_MESSAGES,
@@ -120,7 +120,7 @@ class Exchange:
         }
         # Resting orders only: by id, and by account for "my open orders" queries.
         self.orders: dict[int, Order] = {}
-        self.open_by_account: dict[str, AccountOrders] = {}
+        self.open_by_account: dict[str, dict[int, Order]] = {}
         self.next_order_id = 1
         self.next_trade_id = 1
         self.next_priority = 1
@@ -318,6 +318,7 @@ class Exchange:
         symbol = ms.symbol
         append = events.append
         orders = self.orders
+        by_account = self.open_by_account
         max_bps = ms.max_bps
         maker_side = _SELL if buy else _BUY
         stopped = False
@@ -409,6 +410,7 @@ class Exchange:
                     maker.status = _FILLED
                     queue.popitem(last=False)
                     del orders[maker.id]
+                    del by_account[maker.account][maker.id]
                 append(ExecReport(
                     _X_TRADE, taker.id, account, symbol, taker.side, taker.order_type, taker.tif,
                     taker.client_order_id, taker.price or None, taker.qty, taker.filled, taker.remaining,
@@ -473,31 +475,16 @@ class Exchange:
         level.orders[oid] = order
         level.total += order.remaining
         self.orders[oid] = order
-        if not order.listed:  # an amended order that rests again is listed already
-            listing = self.open_by_account.get(order.account)
-            if listing is None:
-                listing = self.open_by_account[order.account] = AccountOrders()
-            order.listed = True
-            listing.orders.append(order)
-            if len(listing.orders) > listing.limit:
-                self._compact(listing)
+        by_account = self.open_by_account.get(order.account)
+        if by_account is None:
+            by_account = self.open_by_account[order.account] = {}
+        by_account[oid] = order
         book.seq += 1
         events.append(BookDelta(ms.symbol, book.seq, order.side, price, level.total, ts))
 
     def _unindex(self, order: Order) -> None:
         del self.orders[order.id]
-
-    def _compact(self, listing: AccountOrders) -> None:
-        """Drop the orders that left the book from an account's list (see AccountOrders)."""
-        index = self.orders
-        live = []
-        for order in listing.orders:
-            if index.get(order.id) is order:
-                live.append(order)
-            else:
-                order.listed = False
-        listing.orders = live
-        listing.limit = 2 * len(live) + 64
+        del self.open_by_account[order.account][order.id]
 
     @staticmethod
     def _release(order: Order) -> None:
@@ -551,6 +538,7 @@ class Exchange:
             book.level_removed(order.side is _BUY, price)
             total = 0
         del self.orders[oid]
+        del self.open_by_account[order.account][oid]
         lock = order.lock
         lock.locked -= order.locked
         lock.available += order.locked
@@ -669,14 +657,9 @@ class Exchange:
 
     def open_orders(self, account: str, market: str | None = None) -> list[Order]:
         """The account's resting orders, oldest id first. Read-only views: do not mutate."""
-        listing = self.open_by_account.get(account)
-        if listing is None:
-            return []
-        index = self.orders
+        orders = self.open_by_account.get(account, {}).values()
         return sorted(
-            (o for o in listing.orders
-             if index.get(o.id) is o and (market is None or o.market == market)),
-            key=lambda o: o.id,
+            (o for o in orders if market is None or o.market == market), key=lambda o: o.id
         )
 
     def order(self, account: str, order_id: int) -> Order | None:
@@ -715,16 +698,10 @@ class Exchange:
         count = sum(len(lvl.orders) for ms in self.markets.values()
                     for side in (ms.book.bids, ms.book.asks) for lvl in side.values())
         assert count == len(self.orders), "order index and books disagree"
-        listed: dict[str, set[int]] = {}
-        for account, listing in self.open_by_account.items():
-            ids = [o.id for o in listing.orders]
-            assert len(ids) == len(set(ids)), f"{account}: an order is listed twice"
-            assert all(o.listed and o.account == account for o in listing.orders)
-            assert len(ids) <= listing.limit
-            listed[account] = set(ids)
+        assert sum(len(v) for v in self.open_by_account.values()) == len(self.orders)
         for order in self.orders.values():
             ms = self.markets[order.market]
-            assert order.listed and order.id in listed[order.account], f"order {order.id} unlisted"
+            assert self.open_by_account[order.account][order.id] is order
             asset = ms.quote if order.side is _BUY else ms.base
             if order.side is _BUY:
                 rest = order.price * order.remaining * ms.qptl

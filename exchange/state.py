@@ -17,9 +17,9 @@ has to set what ``handle`` otherwise owns.
 
 Order of things, and why it is exact:
 
-* ``Exchange.orders`` gets an order every time it joins the back of a level, which is also
-  when its ``priority`` is drawn, so its insertion order *is* ascending priority (each
-  account's ``open_by_account`` list is rebuilt compact, in the same order). Orders are exported per market in priority
+* ``Exchange.orders`` and each ``open_by_account[account]`` get an order every time it
+  joins the back of a level, which is also when its ``priority`` is drawn, so their
+  insertion order *is* ascending priority. Orders are exported per market in priority
   order; import inserts them (all markets merged) in that order again, which rebuilds the
   levels' FIFO queues and both indexes exactly.
 * ``open_by_account`` keeps an (empty) entry for an account whose orders are all gone;
@@ -38,7 +38,7 @@ from operator import attrgetter
 from typing import Any
 
 from exchange.accounts import FEE_ACCOUNT, Balance
-from exchange.book import AccountOrders, Level, Order
+from exchange.book import Level, Order
 from exchange.engine import Exchange
 from exchange.markets import MarketConfig
 from exchange.types import OrderStatus, OrderType, Side, STPMode, TimeInForce
@@ -238,7 +238,7 @@ def _import(config: MarketConfig, data: Any) -> Exchange:
 
     by_account = ex.open_by_account
     for account in data["open_accounts"]:
-        by_account[account] = AccountOrders()
+        by_account[account] = {}
     seen_ids: set[int] = set()
     for order in built:
         if order.id in seen_ids:
@@ -258,13 +258,10 @@ def _import(config: MarketConfig, data: Any) -> Exchange:
         level.orders[order.id] = order
         level.total += order.remaining
         ex.orders[order.id] = order
-        listing = by_account.get(order.account)
-        if listing is None:
-            listing = by_account[order.account] = AccountOrders()
-        order.listed = True
-        listing.orders.append(order)
-    for listing in by_account.values():
-        listing.limit = 2 * len(listing.orders) + 64
+        per = by_account.get(order.account)
+        if per is None:
+            per = by_account[order.account] = {}
+        per[order.id] = order
 
     ex.check_invariants()
     return ex
