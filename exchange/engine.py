@@ -90,9 +90,11 @@ class MarketState:
         self.quote = spec.quote.name
         self.qptl = spec.quote_per_tick_lot
         self.bpl = spec.base_per_lot
-        self.maker_bps = spec.maker_fee_bps
-        self.taker_bps = spec.taker_fee_bps
-        self.max_bps = max(spec.maker_fee_bps, spec.taker_fee_bps)
+        # Declared int: the spec types these loosely (validated there), and an untyped value
+        # would make every fee computation generic, ~12 % of the engine's time when compiled.
+        self.maker_bps: int = spec.maker_fee_bps
+        self.taker_bps: int = spec.taker_fee_bps
+        self.max_bps: int = max(self.maker_bps, self.taker_bps)
         self.band = bool(spec.band_num)
         # Band reference: the last trade price, or the configured reference before any trade.
         self.reference: int | None = spec.reference_ticks
