@@ -108,10 +108,14 @@ def split_decimal(value: Any) -> tuple[int, int]:
 def format_scaled(units: int, decimals: int) -> str:
     """``units / 10**decimals`` as a plain decimal string with exactly ``decimals`` places."""
     if decimals <= 0:
-        return str(units * 10**-decimals) if decimals else str(units)
-    sign = "-" if units < 0 else ""
-    whole, frac = divmod(abs(units), 10**decimals)
-    return f"{sign}{whole}.{frac:0{decimals}d}"
+        return str(units * _POW10[-decimals]) if decimals else str(units)
+    # Cutting the digits is about three times faster than ``f"{frac:0{decimals}d}"`` (whose
+    # format spec is built on every call), and this runs for every number on the wire.
+    digits = str(units) if units >= 0 else str(-units)
+    if len(digits) <= decimals:
+        digits = digits.rjust(decimals + 1, "0")
+    text = digits[:-decimals] + "." + digits[-decimals:]
+    return text if units >= 0 else "-" + text
 
 
 def decimal_text(value: Any, what: str) -> str:
