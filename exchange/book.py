@@ -17,7 +17,6 @@ order's price; the book itself makes no trading decisions.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
 
 from sortedcontainers import SortedDict
 

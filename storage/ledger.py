@@ -129,6 +129,14 @@ def read_ledger(path: str | Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in data[:end].splitlines() if line]
 
 
+class LedgerWriteError(OSError):
+    """A ledger write that failed part-way; ``rest`` is what did not reach the file."""
+
+    def __init__(self, rest: bytes, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror)
+        self.rest = rest
+
+
 class TradeLedger:
     """Appends trades to the ledger in the background, exactly once, in trade id order."""
 
@@ -154,6 +162,9 @@ class TradeLedger:
         self._wake: asyncio.Event | None = None
         self._closing = False
         self._write_lock: asyncio.Lock | None = None
+        # Lines already taken from the queue whose write failed (disk full...): they go out
+        # first on the next attempt, so a transient error never loses a trade.
+        self._unwritten = b""
         self.last_id = 0  # highest trade id in the file (written or being written)
         self.written = 0  # trades appended by this process
         self.torn_bytes = 0  # size of a torn last line cut off at open
@@ -270,22 +281,30 @@ class TradeLedger:
                 lines.extend(trade_line(t, config) for t in trades[start:start + self.SLICE])
                 if start + self.SLICE < len(trades):
                     await asyncio.sleep(0)
-            if lines or fsync:
-                data = b"".join(lines)
-                await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._append, data, fsync,
-                )
+            if lines or fsync or self._unwritten:
+                data = self._unwritten + b"".join(lines)
+                self._unwritten = b""
+                try:
+                    await asyncio.get_running_loop().run_in_executor(
+                        self._executor, self._append, data, fsync,
+                    )
+                except OSError as exc:
+                    self._unwritten = exc.rest if isinstance(exc, LedgerWriteError) else data
+                    raise
                 self.written += len(lines)
 
     def _append(self, data: bytes, fsync: bool) -> None:
         fd = self._fd
         assert fd is not None
         view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        if fsync:
-            os.fsync(fd)
+        try:
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            if fsync:
+                os.fsync(fd)
+        except OSError as exc:  # keep what did not reach the file, to write it next time
+            raise LedgerWriteError(bytes(view), exc) from exc
 
     async def sync(self) -> None:
         """Write every eligible trade now and make the file durable."""
@@ -297,8 +316,13 @@ class TradeLedger:
     def sync_blocking(self) -> None:
         """``sync`` without an event loop (start-up, before the writer task runs)."""
         trades = self._take_eligible()
-        data = b"".join(trade_line(t, self.config) for t in trades)
-        self._append(data, True)
+        data = self._unwritten + b"".join(trade_line(t, self.config) for t in trades)
+        self._unwritten = b""
+        try:
+            self._append(data, True)
+        except OSError as exc:
+            self._unwritten = exc.rest if isinstance(exc, LedgerWriteError) else data
+            raise
         self.written += len(trades)
 
     @property

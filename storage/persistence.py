@@ -260,7 +260,15 @@ class Persistence:
                     log.exception("periodic snapshot failed; the journal keeps everything")
 
     async def snapshot(self) -> bool:
-        """Write a snapshot of the current state; returns False if nothing changed."""
+        """Write a snapshot of the current state; returns False if nothing changed.
+
+        Shielded: cancelling the caller (shutdown stops the periodic task) must not abandon
+        a snapshot that a worker thread is still writing; the lock then orders that write
+        before the final one, so an older snapshot can never land over a newer.
+        """
+        return await asyncio.shield(self._snapshot())
+
+    async def _snapshot(self) -> bool:
         assert self.engine is not None and self._lock is not None
         async with self._lock:
             journal = self.journal

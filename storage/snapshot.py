@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import itertools
 import os
 import re
 from pathlib import Path
@@ -67,6 +68,9 @@ def fsync_dir(directory: str | Path) -> None:
         os.close(fd)
 
 
+_TMP_SERIAL = itertools.count(1)  # two writes in flight never share a temporary file
+
+
 def write_snapshot(path: str | Path, content: dict[str, Any], durable: bool = True) -> int:
     """Replace ``path`` atomically with a snapshot of ``content``; returns its size in bytes.
 
@@ -74,7 +78,7 @@ def write_snapshot(path: str | Path, content: dict[str, Any], durable: bool = Tr
     """
     path = Path(path)
     data = encode(content)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{next(_TMP_SERIAL)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         view = memoryview(data)
