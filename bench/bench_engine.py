@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from exchange.engine import Exchange  # noqa: E402
 from exchange.runtime import tune_gc  # noqa: E402
 from exchange.types import (  # noqa: E402
-    CancelOrder, Command, Deposit, ExecReport, ExecType, OrderType, PlaceOrder, Side, Trade,
+    CancelOrder, Command, Deposit, ExecReport, ExecType, OrderType, PlaceOrder, Side,
 )
 
 MARKET = "BTC-USD"

@@ -7,10 +7,8 @@ in the last test, the speed of the journal's disk (to prove acknowledgements wai
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
-import orjson
 import pytest
 
 from client import ExchangeClient
