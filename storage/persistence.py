@@ -42,7 +42,9 @@ from exchange.engine import Exchange
 from exchange.markets import MarketConfig
 from exchange.state import StateError, export_state, import_state
 from exchange.types import CommandRejected, ExecReport, ExecType, STPMode, Trade
-from storage.journal import JOURNAL_DIR, Journal, JournalError, decode, list_segments, read_journal
+from storage.journal import (
+    JOURNAL_DIR, Journal, JournalError, decode, list_segments, read_journal, segment_name,
+)
 from storage.ledger import LEDGER_FILE, TradeLedger
 from storage.snapshot import SNAPSHOT_FILE, SnapshotError, read_snapshot, write_snapshot
 
@@ -162,6 +164,16 @@ class Persistence:
             ts_box[0] = command.ts
 
         journal_dir = self.data_dir / JOURNAL_DIR
+        if content is not None and not list_segments(journal_dir):
+            # A snapshot is always followed by an open segment (rotation happens before the
+            # snapshot is written), so none at all means the journal was lost or removed.
+            first = journal_dir / segment_name(snapshot_lsn + 1)
+            raise RecoveryError(
+                f"the journal in {journal_dir} has no segment after snapshot record "
+                f"{snapshot_lsn} ({self.snapshot_path}): it was removed or lost, and commands "
+                "acknowledged after that snapshot would be silently dropped. Restore it; or, to "
+                f"start from the snapshot alone on purpose, create the empty file {first}"
+            )
         try:
             scan = read_journal(journal_dir, lsn, apply)
         except JournalError as exc:
