@@ -45,8 +45,18 @@ pure:
 run: setup
 	$(PY) run/start_engine.py $(ARGS)
 
+# The whole suite on the compiled core, then the engine's own tests on the plain sources
+# too (EXCHANGE_PURE=1), so the two builds cannot drift apart in behaviour.
+PURE_TESTS := tests/test_engine_rules.py tests/test_engine_stateful.py \
+	tests/test_engine_differential.py tests/test_engine_determinism.py tests/test_markets.py \
+	tests/test_persistence_state.py tests/test_review_findings.py
+
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+	@if [ -n "$$(ls exchange/*.so 2>/dev/null)" ] && [ -z "$(PYTEST_ARGS)" ]; then \
+		echo "engine tests again on the plain sources:"; \
+		EXCHANGE_PURE=1 $(PY) -m pytest -q -p no:cacheprovider $(PURE_TESTS); \
+	fi
 
 bench: setup
 	$(PY) bench/bench_engine.py

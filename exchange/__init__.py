@@ -8,6 +8,7 @@ them, so an edited engine always runs as the code on disk says (as plain Python 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -37,6 +38,31 @@ def _drop_stale_native_modules() -> list[str]:
 
 
 STALE_NATIVE_DROPPED = _drop_stale_native_modules()
+
+
+def _prefer_sources() -> None:
+    """``EXCHANGE_PURE=1``: import this package's modules from their ``.py`` files even where
+    compiled twins exist, so the test suite can check that both builds behave the same."""
+    import importlib.machinery
+    import sys
+
+    here = str(Path(__file__).resolve().parent)
+    sources = importlib.machinery.FileFinder(
+        here, (importlib.machinery.SourceFileLoader, importlib.machinery.SOURCE_SUFFIXES),
+    )
+
+    class SourceFirst:
+        @staticmethod
+        def find_spec(name: str, path: object = None, target: object = None) -> object:
+            if name.startswith(__name__ + ".") and name.count(".") == 1:
+                return sources.find_spec(name)
+            return None
+
+    sys.meta_path.insert(0, SourceFirst)  # type: ignore[arg-type]
+
+
+if os.environ.get("EXCHANGE_PURE"):
+    _prefer_sources()
 
 
 def native_modules() -> list[str]:
