@@ -388,7 +388,7 @@ class Gateway:
     def route(self, events: list[Event], requester: Session | None, rid: Any) -> None:
         """Send each event where it belongs; the requester's first report echoes ``rid``."""
         fmt = self.fmt
-        first = requester is not None
+        first = requester is not None and rid is not None  # no id given: nothing to echo
         for ev in events:
             cls = ev.__class__
             if cls is ExecReport:

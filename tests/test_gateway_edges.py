@@ -70,3 +70,17 @@ async def test_a_failing_listener_does_not_cost_the_user_their_reports(server, c
     report = await alice.buy("BTC-USD", "0.5", "99.00")
     assert report["exec_type"] == "new"
     assert [o["order_id"] for o in await alice.orders()] == [report["order_id"]]
+
+
+async def test_a_request_without_an_id_gets_replies_without_one(server) -> None:
+    host, port = server.address
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+    try:
+        writer.write(b'{"op":"login","user":"noid"}\n'
+                     b'{"op":"order","market":"BTC-USD","side":"buy","price":"99","qty":"1"}\n')
+        await writer.drain()
+        for _ in range(2):
+            line = await asyncio.wait_for(reader.readline(), 5)
+            assert b'"id"' not in line, line
+    finally:
+        writer.close()
