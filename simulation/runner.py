@@ -230,7 +230,10 @@ def run_embedded(
     wall = time.perf_counter()
     interrupted = False
     try:
-        kernel.run(until, stop=lambda: control.stopping, tick=tick, tick_every=4096)
+        # The progress line needs a sample now and then; a plot needs enough of them to draw
+        # lines even for a short run, so sample more often when one is asked for.
+        every = 256 if cfg.plot_file else 4096
+        kernel.run(until, stop=lambda: control.stopping, tick=tick, tick_every=every)
         if control.stopping:  # the order count is used up: let in-flight requests land
             kernel.run(kernel.now + 1, tick=None)
     except KeyboardInterrupt:
@@ -396,32 +399,39 @@ def plot(samples: list[dict[str, Any]], config: MarketConfig, path: Path) -> str
 
     fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
     xs = [s["t"] for s in samples]
-    for market, spec in config.markets.items():
+    # Each market's price on its own axis (a 30,000 and a 100 price on one axis would leave
+    # the second flat): the first market on the left, the others on twin axes at the right.
+    price_axes = [axes[0]] + [axes[0].twinx() for _ in list(config.markets)[1:]]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for n, (market, spec) in enumerate(config.markets.items()):
         def price(ticks: int | None) -> float | None:
             # Drawing only: a plot axis needs floats; no money is computed from these.
             return None if ticks is None else float(Decimal(spec.format_price(ticks)))
-        axes[0].plot(xs, [price(s["marks"].get(market)) for s in samples], label=market)
+        colour = colours[n % len(colours)]
+        ax = price_axes[n]
+        ax.plot(xs, [price(s["marks"].get(market)) for s in samples], label=market, color=colour)
+        ax.set_ylabel(f"{market} last price", color=colour)
+        if n > 1:
+            ax.spines["right"].set_position(("axes", 1 + 0.08 * (n - 1)))
         axes[1].plot(xs, [
             (price(s["tops"][market][1]) - price(s["tops"][market][0]))  # type: ignore[operator]
             if s["tops"].get(market) and None not in s["tops"][market] else None
             for s in samples
-        ], label=market)
+        ], label=market, color=colours[n % len(colours)])
     pnl_samples = [s for s in samples if s["pnl"]]
     if pnl_samples:
         for name in pnl_samples[-1]["pnl"]:
             quote = next(k for k in pnl_samples[-1]["pnl"][name] if k != "fees")
             axes[2].plot([s["t"] for s in pnl_samples],
                          [float(Decimal(s["pnl"][name][quote])) for s in pnl_samples], label=name)
-    axes[0].set_ylabel("last price")
     axes[1].set_ylabel("spread")
-    axes[2].set_ylabel("P&L")
+    axes[2].set_ylabel("P&L per agent (quote)")
     axes[2].set_xlabel("seconds")
-    for ax in axes[:2]:
-        ax.legend(loc="best", fontsize="small")
+    axes[1].legend(loc="best", fontsize="small")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-    return str(path)
+    return f"{path} ({len(samples)} samples)"
 
 
 # --------------------------------------------------------------------------- command line

@@ -150,6 +150,10 @@ def test_the_command_line_runs_an_embedded_simulation_and_writes_the_report(tmp_
         import matplotlib  # noqa: F401
     except ImportError:
         assert "matplotlib is not installed" in result.stdout
+    else:  # drawn, with enough points for lines even on a run this short
+        drawn = re.search(r"plot: \S+ \((\d+) samples\)", result.stdout)
+        assert drawn and int(drawn.group(1)) >= 10, result.stdout[-500:]
+        assert (tmp_path / "p.png").stat().st_size > 10_000
     assert (tmp_path / "trades.jsonl").stat().st_size > 0
     assert "Traceback" not in result.stderr
 
