@@ -135,7 +135,10 @@ def parse_latency(text: str | None) -> LatencyModel | None:
         shape = float(params.get("shape", "2"))
         if shape <= 0:
             raise ValueError("gamma shape must be positive")
-        return LatencyModel("gamma", parse_duration_ns(params["mean"]), shape)
+        mean_ns = parse_duration_ns(params["mean"])
+        if mean_ns <= 0:
+            raise ValueError("gamma mean must be positive (use fixed:0 for no latency)")
+        return LatencyModel("gamma", mean_ns, shape)
     raise ValueError(f"unknown latency model {text!r}: use fixed:500us or gamma:mean=5ms")
 
 

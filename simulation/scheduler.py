@@ -392,7 +392,8 @@ class SlotProcessor:
             raise
         finally:
             self.budget.sync()
-            run.depleted = list(self.budget.depleted)
+            # A resumed run keeps what an earlier part of it found depleted.
+            run.depleted = list(dict.fromkeys([*run.depleted, *self.budget.depleted]))
             self.save()
 
     async def _run_slot(self, slot: Slot) -> Decision:
@@ -400,6 +401,7 @@ class SlotProcessor:
         slot.status = IN_PROGRESS
         slot.started_at = slot.started_at or self.clock()
         self.save()  # in progress is on disk before the order leaves
+        base = slot.attempts  # attempts before this run of the slot (a resume keeps its history)
         while True:
             slot.attempts += 1
             run.stats["attempts"] += 1
@@ -407,7 +409,7 @@ class SlotProcessor:
                 await self._attempt(slot)
             except SlotFailed as exc:
                 slot.error = exc.reason
-                retries_used = slot.attempts - 1
+                retries_used = slot.attempts - base - 1
                 if retries_used < self.max_retries:
                     run.stats["retries"] += 1
                     delay = self.backoff(retries_used + 1)
@@ -416,12 +418,13 @@ class SlotProcessor:
                     continue
                 decision = self.ask(slot, exc.reason) if self.ask is not None else self.on_failure
                 if decision == "retry":
-                    slot.attempts = 0
+                    base = slot.attempts
                     continue
                 if decision == "quit":
-                    slot.status = FAILED if slot.order_id is None else slot.status
-                    run.stats["failed"] += 1
-                    slot.finished_at = self.clock()
+                    # Quitting is not giving up on the slot: a resume starts again here.
+                    # (One whose order already left stays in progress and is never resent.)
+                    if slot.order_id is None:
+                        slot.status = PENDING
                     self.save()
                     return "quit"
                 slot.status = SKIPPED if decision == "skip" else FAILED
