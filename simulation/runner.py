@@ -508,6 +508,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     if args.duration is not None:
         cfg.duration_s, cfg.orders = args.duration, None
     if args.orders is not None:
+        if args.orders <= 0:
+            raise SimulationError("--orders must be a positive number of orders")
         cfg.orders, cfg.duration_s = args.orders, None
     for name, attr in (("rate", "rate"), ("seed", "seed"), ("latency", "latency"),
                        ("host", "host"), ("port", "port")):

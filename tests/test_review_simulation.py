@@ -53,3 +53,13 @@ def test_resume_keeps_depleted_history(tmp_path: Path) -> None:
     first, second = _quit_then_resume(tmp_path)
     assert first["depleted"]
     assert set(first["depleted"]) <= set(second["depleted"])
+
+
+def test_a_non_positive_order_count_is_refused() -> None:
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, str(root / "run" / "start_simulation.py"), "--embedded", "--orders", "-3"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2 and "--orders must be a positive" in result.stderr
+    assert "Traceback" not in result.stderr
