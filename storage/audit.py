@@ -24,24 +24,37 @@ log = logging.getLogger("storage.audit")
 class _Clock:
     """ISO-8601 UTC stamps; the date-and-second part is formatted once per second."""
 
-    __slots__ = ("second", "prefix")
+    __slots__ = ("second", "prefix", "last_ts", "last_text")
 
     def __init__(self) -> None:
         self.second = -1
         self.prefix = ""
+        self.last_ts = -1
+        self.last_text = ""
 
     def __call__(self, ts: int) -> str:
+        if ts == self.last_ts:  # the events of one command share their timestamp
+            return self.last_text
         second, ns = divmod(ts, 1_000_000_000)
         if second != self.second:
             self.second = second
             self.prefix = datetime.fromtimestamp(second, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.")
-        return f"{self.prefix}{ns // 1000:06d}Z"
+        self.last_ts = ts
+        self.last_text = f"{self.prefix}{ns // 1000:06d}Z"
+        return self.last_text
 
 
 _LABELS = {
-    ExecType.NEW: "PLACED", ExecType.CANCELED: "CANCELED", ExecType.EXPIRED: "EXPIRED",
-    ExecType.REPLACED: "MODIFIED", ExecType.SELF_TRADE_PREVENTED: "SELF-TRADE-PREVENTED",
+    ExecType.NEW.value: "PLACED", ExecType.CANCELED.value: "CANCELED",
+    ExecType.EXPIRED.value: "EXPIRED", ExecType.REPLACED.value: "MODIFIED",
+    ExecType.SELF_TRADE_PREVENTED.value: "SELF-TRADE-PREVENTED",
 }
+_UPPER = {"buy": "BUY", "sell": "SELL"}
+
+
+def _text(value: object) -> str:
+    """An enum as its wire string, anything else (a raw echoed value) as ``str``."""
+    return getattr(value, "_value_", None) or str(value)
 
 
 class AuditLog:
@@ -122,8 +135,10 @@ class AuditLog:
         return by_user
 
     def line(self, ev: Event) -> str | None:
+        # Enum fields are written through ``_value_``: an f-string would call the enum's
+        # Python-level ``__format__``, several of which per line were most of its cost.
         stamp = self.stamp
-        if isinstance(ev, ExecReport):
+        if ev.__class__ is ExecReport:
             symbol = ev.market
             market = self.config.markets.get(symbol)
             if market is None:
@@ -133,22 +148,27 @@ class AuditLog:
             et = ev.exec_type
             if et is ExecType.TRADE:
                 assert ev.last_price is not None and ev.last_qty is not None and ev.fee is not None
-                return (f"{stamp(ev.ts)} FILL {oid} {ev.side} {qty(symbol, ev.last_qty)} {symbol} "
-                        f"@ {price(symbol, ev.last_price)} ({ev.liquidity}, fee "
+                return (f"{stamp(ev.ts)} FILL {oid} {ev.side._value_} {qty(symbol, ev.last_qty)} "
+                        f"{symbol} @ {price(symbol, ev.last_price)} ({ev.liquidity._value_}, fee "
                         f"{market.quote.format(ev.fee)} {market.quote.name}, trade {ev.trade_id}); "
-                        f"filled {qty(symbol, ev.filled)}/{qty(symbol, ev.qty)}, {ev.status}")
+                        f"filled {qty(symbol, ev.filled)}/{qty(symbol, ev.qty)}, "
+                        f"{ev.status._value_}")
             # A rejected order may echo the request's raw text (an off-grid "100.001").
             at = ("market" if ev.price is None else
                   price(symbol, ev.price) if type(ev.price) is int else str(ev.price))
             size = qty(symbol, ev.qty) if type(ev.qty) is int else str(ev.qty)
-            what = f"{str(ev.side).upper()} {size} {symbol} @ {at} {ev.order_type} {ev.tif}"
-            if et is ExecType.REJECTED:
-                return f"{stamp(ev.ts)} REJECTED {what}: {ev.reason}"
-            return (f"{stamp(ev.ts)} {_LABELS[et]} {oid} {what}; filled {qty(symbol, ev.filled)}, "
-                    f"remaining {qty(symbol, ev.remaining)}, {ev.status}")
-        if isinstance(ev, CommandRejected):
-            target = f" order {ev.order_id}" if ev.order_id is not None else ""
-            return f"{stamp(ev.ts)} REJECTED {ev.command}{target}: {ev.reason}"
+            if et is ExecType.REJECTED:  # may echo raw request values: format them plainly
+                what = (f"{_text(ev.side).upper()} {size} {symbol} @ {at} {_text(ev.order_type)} "
+                        f"{_text(ev.tif)}")
+                return f"{stamp(ev.ts)} REJECTED {what}: {_text(ev.reason)}"
+            what = (f"{_UPPER[ev.side._value_]} {size} {symbol} @ {at} {ev.order_type._value_} "
+                    f"{ev.tif._value_}")
+            return (f"{stamp(ev.ts)} {_LABELS[et._value_]} {oid} {what}; filled "
+                    f"{qty(symbol, ev.filled)}, remaining {qty(symbol, ev.remaining)}, "
+                    f"{ev.status._value_}")
+        if ev.__class__ is CommandRejected:
+            target = f" order {ev.order_id}" if ev.order_id is not None else ""  # type: ignore[attr-defined]
+            return f"{stamp(ev.ts)} REJECTED {ev.command}{target}: {_text(ev.reason)}"  # type: ignore[attr-defined]
         return None
 
     def _append(self, lines: dict[str, list[str]]) -> None:
