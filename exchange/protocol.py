@@ -146,19 +146,6 @@ def _field(msg: dict[str, Any], name: str, kind: type | tuple[type, ...], requir
     return value
 
 
-def _enum(msg: dict[str, Any], name: str, enum: Any, default: Any = None) -> Any:
-    value = msg.get(name)
-    if value is None:
-        if default is None:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{name}' is required", name)
-        return default
-    try:
-        return enum(value)
-    except (ValueError, TypeError):
-        allowed = "|".join(m.value for m in enum)
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{name}' must be one of {allowed}", name) from None
-
-
 _NUMBER = (str, int, float)
 
 

@@ -212,20 +212,9 @@ def wire_message(fmt: Formatter, event: Event) -> dict[str, Any]:
 # ------------------------------------------------------------------ decimal <-> integers
 
 
-def scaled_text(units: int, decimals: int) -> str:
-    """``exchange.markets.format_scaled``, the same string about three times faster.
-
-    The compiled ``format_scaled`` builds its format spec at run time, which costs about a
-    microsecond a call; the simulation formats several numbers per order, so it cuts the
-    digits itself (``tests/test_sim_embedded.py`` checks both agree).
-    """
-    if decimals <= 0:
-        return format_scaled(units, decimals)
-    digits = str(units) if units >= 0 else str(-units)
-    if len(digits) <= decimals:
-        digits = digits.rjust(decimals + 1, "0")
-    text = f"{digits[:-decimals]}.{digits[-decimals:]}"
-    return text if units >= 0 else "-" + text
+# ``exchange.markets.format_scaled`` now cuts the digits itself, as this module once did to
+# be fast; the name stays for the callers and tests that use it.
+scaled_text = format_scaled
 
 
 TEXT_CACHE_MAX = 1 << 16  # entries per cache of ``MarketTexts``, then it starts afresh
