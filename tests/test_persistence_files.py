@@ -7,6 +7,7 @@ in the last test, the speed of the journal's disk (to prove acknowledgements wai
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -202,23 +203,29 @@ async def test_a_damaged_record_in_an_older_segment_is_not_a_torn_tail(tmp_path:
 # --------------------------------------------------------------------------- write-ahead
 
 
+@pytest.mark.parametrize("path", ["aio", "thread"])
 async def test_acknowledgements_wait_until_the_journal_record_is_written(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str,
 ) -> None:
-    slow_write = jr.Journal._write
+    """Whichever way the fsync runs (native AIO, or the worker thread where AIO is refused),
+    no acknowledgement leaves before its record is durable: here durability is made slow."""
+    if path == "thread":
+        monkeypatch.setattr(jr.AsyncFsync, "create", classmethod(lambda cls: None))
+    elif jr.AsyncFsync.create() is None:
+        pytest.skip("no native AIO fsync on this system")
+    mark = jr.Journal._mark_durable
 
-    def slowly(self: jr.Journal, batch: list) -> None:
-        import time
-        time.sleep(0.15)
-        slow_write(self, batch)
+    def slowly(self: jr.Journal, upto: int) -> None:
+        asyncio.get_running_loop().call_later(0.15, mark, self, upto)
 
-    monkeypatch.setattr(jr.Journal, "_write", slowly)
+    monkeypatch.setattr(jr.Journal, "_mark_durable", slowly)
     srv = ExchangeServer(ServerConfig(port=0, data_dir=tmp_path / "data", stats_interval=0))
     await srv.start()
     try:
         assert srv.address is not None
         client = ExchangeClient(*srv.address, timeout=T)
         await client.connect()
+        assert (srv.persistence.journal._aio is not None) == (path == "aio")
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         await client.login("alice")  # funding deposits are journaled too
@@ -234,3 +241,35 @@ async def test_acknowledgements_wait_until_the_journal_record_is_written(
         await client.close()
     finally:
         await srv.stop()
+
+
+@pytest.mark.parametrize("policy,aio", [("batch", None), ("batch", False), ("off", None), ("always", None)])
+async def test_a_failed_journal_write_withholds_durability_and_says_so(
+    tmp_path: Path, policy: str, aio: bool | None,
+) -> None:
+    """A disk that refuses the write (here /dev/full under the segment's descriptor) fails
+    the journal: nothing after the failure is reported durable, waiters get the error."""
+    journal = jr.Journal(tmp_path, policy, aio=aio)
+    journal.open(1)
+    failures: list[BaseException] = []
+    journal.on_failure.append(failures.append)
+    journal.append(COMMANDS[0])
+    await asyncio.wait_for(journal.wait_durable(), T)
+    assert journal.durable_lsn == 1
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        os.dup2(full, journal._fd)  # type: ignore[arg-type]
+        journal.append(COMMANDS[1])
+        with pytest.raises(OSError):
+            await asyncio.wait_for(journal.wait_durable(), T)
+        assert journal.durable_lsn == 1 and journal.failed is not None
+        assert len(failures) == 1 and isinstance(failures[0], OSError)
+        with pytest.raises(OSError):
+            await journal.wait_durable()  # stays failed
+    finally:
+        os.close(full)
+        if journal._aio is not None:
+            journal._aio.close()
+            journal._aio = None
+        os.close(journal._fd)  # type: ignore[arg-type]
+        journal._fd = None
