@@ -6,7 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NATIVE ?= 1
-NATIVE_SRC := exchange/types.py exchange/markets.py exchange/book.py exchange/accounts.py exchange/engine.py exchange/protocol.py
+NATIVE_SRC := exchange/types.py exchange/markets.py exchange/book.py exchange/accounts.py \
+	exchange/engine.py exchange/protocol.py exchange/gateway.py storage/audit.py storage/journal.py
+NATIVE_SO := exchange/*.so storage/*.so *__mypyc*.so
 
 .PHONY: setup run test bench native pure clean
 
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml
 # Compile when a core module has no compiled twin or its source is newer than it.
 setup: $(STAMP)
 	@if [ "$(NATIVE)" = "0" ]; then \
-		rm -f exchange/*.so *__mypyc*.so; echo "engine: plain Python (NATIVE=0)"; \
+		rm -f $(NATIVE_SO); echo "engine: plain Python (NATIVE=0)"; \
 	else \
 		need=0; \
 		for f in $(NATIVE_SRC); do \
@@ -29,9 +31,9 @@ setup: $(STAMP)
 		if [ $$need = 1 ]; then \
 			mkdir -p build; \
 			if $(VENV)/bin/mypyc $(NATIVE_SRC) > build/native.log 2>&1; then \
-				touch exchange/*.so; echo "engine: compiled with mypyc"; \
+				touch exchange/*.so storage/*.so; echo "engine: compiled with mypyc"; \
 			else \
-				rm -f exchange/*.so *__mypyc*.so; \
+				rm -f $(NATIVE_SO); \
 				echo "warning: compiling the engine with mypyc failed (see build/native.log); using plain Python"; \
 			fi; \
 		fi; \
@@ -49,7 +51,8 @@ run: setup
 # too (EXCHANGE_PURE=1), so the two builds cannot drift apart in behaviour.
 PURE_TESTS := tests/test_engine_rules.py tests/test_engine_stateful.py \
 	tests/test_engine_differential.py tests/test_engine_determinism.py tests/test_markets.py \
-	tests/test_persistence_state.py tests/test_review_findings.py
+	tests/test_persistence_state.py tests/test_review_findings.py \
+	tests/test_persistence_files.py tests/test_gateway_smoke.py
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -62,4 +65,4 @@ bench: setup
 	$(PY) bench/bench_engine.py
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .hypothesis exchange/*.so *__mypyc*.so
+	rm -rf $(VENV) build .pytest_cache .hypothesis $(NATIVE_SO)

@@ -145,6 +145,7 @@ class AuditLog:
             et = ev.exec_type
             if et is ExecType.TRADE:
                 assert ev.last_price is not None and ev.last_qty is not None and ev.fee is not None
+                assert ev.liquidity is not None
                 return (f"{stamp(ev.ts)} FILL {oid} {ev.side._value_} {qty(symbol, ev.last_qty)} "
                         f"{symbol} @ {price(symbol, ev.last_price)} ({ev.liquidity._value_}, fee "
                         f"{market.quote.format(ev.fee)} {market.quote.name}, trade {ev.trade_id}); "

@@ -337,7 +337,9 @@ class Journal:
         self._fd: int | None = None
         self._segment_lsn = 0
         self._executor: ThreadPoolExecutor | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # Any, not AbstractEventLoop: compiled, every call's result would be checked against
+        # the stubs, and uvloop's remove_reader returns None where the stubs say bool.
+        self._loop: Any = None
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._want_aio = aio
         self._aio: AsyncFsync | None = None
@@ -454,9 +456,13 @@ class Journal:
         if not chunk:
             return
         data = b"".join(chunk) if len(chunk) > 1 else chunk[0]
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]  # type: ignore[arg-type]
+        fd = self._fd
+        assert fd is not None
+        # Offsets, not a shrinking memoryview: compiled with mypyc, ``view[n:]`` on a
+        # memoryview did not shrink it and every batch was written twice.
+        done = os.write(fd, data)
+        while done < len(data):  # a short write: rare (a full disk, a signal)
+            done += os.write(fd, data[done:])
 
     def _write_direct(self) -> None:
         """Write the batch from the loop; off: that is all, batch: start an fdatasync."""
