@@ -40,13 +40,17 @@ class _Clock:
     def __call__(self, ts: int) -> str:
         if ts == self.last_ts:  # the events of one command share their timestamp
             return self.last_text
-        second, ns = divmod(ts, 1_000_000_000)
+        # Plain integer arithmetic and concatenation: ``divmod`` and a ``:06d`` format spec
+        # cost about 0.8 µs a call compiled, most of the audit log's time per command.
+        second = ts // 1_000_000_000
         if second != self.second:
             self.second = second
             self.prefix = datetime.fromtimestamp(second, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.")
+        micros = (ts - second * 1_000_000_000) // 1000
+        text = self.prefix + str(micros + 1_000_000)[1:] + "Z"
         self.last_ts = ts
-        self.last_text = f"{self.prefix}{ns // 1000:06d}Z"
-        return self.last_text
+        self.last_text = text
+        return text
 
 
 _LABELS = {
