@@ -7,8 +7,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NATIVE ?= 1
 NATIVE_SRC := exchange/types.py exchange/markets.py exchange/book.py exchange/accounts.py \
-	exchange/engine.py exchange/protocol.py exchange/gateway.py storage/audit.py storage/journal.py
-NATIVE_SO := exchange/*.so storage/*.so *__mypyc*.so
+	exchange/engine.py exchange/protocol.py exchange/gateway.py storage/audit.py storage/journal.py \
+	simulation/agents.py simulation/budget.py
+NATIVE_SO := exchange/*.so storage/*.so simulation/*.so *__mypyc*.so
 
 .PHONY: setup run test bench native pure clean
 
@@ -31,7 +32,7 @@ setup: $(STAMP)
 		if [ $$need = 1 ]; then \
 			mkdir -p build; \
 			if $(VENV)/bin/mypyc $(NATIVE_SRC) > build/native.log 2>&1; then \
-				touch exchange/*.so storage/*.so; echo "engine: compiled with mypyc"; \
+				touch exchange/*.so storage/*.so simulation/*.so; echo "engine: compiled with mypyc"; \
 			else \
 				rm -f $(NATIVE_SO); \
 				echo "warning: compiling the engine with mypyc failed (see build/native.log); using plain Python"; \
@@ -52,7 +53,7 @@ run: setup
 PURE_TESTS := tests/test_engine_rules.py tests/test_engine_stateful.py \
 	tests/test_engine_differential.py tests/test_engine_determinism.py tests/test_markets.py \
 	tests/test_persistence_state.py tests/test_review_findings.py \
-	tests/test_persistence_files.py tests/test_gateway_smoke.py
+	tests/test_persistence_files.py tests/test_gateway_smoke.py tests/test_sim_agents.py
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

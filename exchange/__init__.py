@@ -1,7 +1,7 @@
 """The exchange: engine core (sans-I/O), wire protocol, gateway and server.
 
-The core modules, the gateway and two storage modules (audit, journal) may be compiled
-with mypyc (``make``); a compiled module older than its source is stale, and the compiled
+The core modules, the gateway, two storage modules (audit, journal) and the simulation's
+agents and budgets may be compiled with mypyc (``make``); a compiled module older than its source is stale, and the compiled
 modules are then removed here before anything imports them, so an edited engine always runs as the code on disk says (as plain Python until
 ``make`` compiles it again).
 """
@@ -13,15 +13,15 @@ from pathlib import Path
 
 
 # The packages whose modules ``make`` may compile (``NATIVE_SRC`` in the Makefile).
-_NATIVE_PACKAGES = ("exchange", "storage")
+_NATIVE_PACKAGES = ("exchange", "storage", "simulation")
 
 
 def _drop_stale_native_modules() -> list[str]:
     """If any compiled module is older than its source, remove them all.
 
     All of them, not just the stale one: a mix of compiled and plain modules works but is
-    slower than either. ``make`` compiles them again. ``storage`` imports ``exchange``
-    first, so checking both packages here covers both.
+    slower than either. ``make`` compiles them again. ``storage`` and ``simulation``
+    import ``exchange`` first, so checking every package here covers them all.
     """
     root = Path(__file__).resolve().parent.parent
     compiled = [p for pkg in _NATIVE_PACKAGES for p in (root / pkg).glob("*.so")]
@@ -82,7 +82,7 @@ def native_modules() -> list[str]:
     names = []
     for name in ("exchange.types", "exchange.markets", "exchange.book", "exchange.accounts",
                  "exchange.engine", "exchange.protocol", "exchange.gateway", "storage.audit",
-                 "storage.journal"):
+                 "storage.journal", "simulation.agents", "simulation.budget"):
         module = importlib.import_module(name)
         if not str(module.__file__).endswith(".py"):
             names.append(name.split(".", 1)[1])

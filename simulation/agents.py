@@ -355,8 +355,12 @@ class RandomTrader(Agent):
 
     kind = "random"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, name: str, gateway: Gateway, control: RunControl, markets: list[str],
+        seed: int = 0, funding: dict[str, str] | None = None, interval: float = 0.1,
+        params: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(name, gateway, control, markets, seed, funding, interval, params)
         p = self.params
         self.cancel_ratio = p.get("cancel_ratio", 0.25)
         self.max_open = p.get("max_open", 20)
@@ -395,8 +399,12 @@ class MarketMaker(Agent):
 
     kind = "mm"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, name: str, gateway: Gateway, control: RunControl, markets: list[str],
+        seed: int = 0, funding: dict[str, str] | None = None, interval: float = 0.1,
+        params: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(name, gateway, control, markets, seed, funding, interval, params)
         self.quotes: dict[tuple[str, Side], int] = {}  # (market, side) -> order id
         self.quote_times: dict[int, int] = {}
         self.refreshes = 0
@@ -494,8 +502,12 @@ class TwapExecutor(Agent):
 
     kind = "twap"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, name: str, gateway: Gateway, control: RunControl, markets: list[str],
+        seed: int = 0, funding: dict[str, str] | None = None, interval: float = 0.1,
+        params: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(name, gateway, control, markets, seed, funding, interval, params)
         p = self.params
         self.market = p.get("market") or self.markets[0]
         self.side = _SELL if p.get("side") == "sell" else _BUY
@@ -572,8 +584,12 @@ class PassiveBuyer(Agent):
 
     kind = "passive"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, name: str, gateway: Gateway, control: RunControl, markets: list[str],
+        seed: int = 0, funding: dict[str, str] | None = None, interval: float = 0.1,
+        params: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(name, gateway, control, markets, seed, funding, interval, params)
         p = self.params
         self.market = p.get("market") or self.markets[0]
         profile = self.control.profiles[self.market]

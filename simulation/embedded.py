@@ -198,7 +198,7 @@ class SimKernel:
             self.at(when, self._step, wait.waiter, value)
 
     def _step(self, coro: Coroutine[Any, Any, Any], value: Any) -> None:
-        if coro.cr_frame is None:  # closed by close_all (a stopped run): drop its wake-ups
+        if id(coro) not in self.live:  # closed by close_all (a stopped run): drop its wake-ups
             return
         try:
             wait = coro.send(value)
