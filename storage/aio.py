@@ -82,8 +82,12 @@ class AsyncFsync:
             ctx = ctypes.c_ulong(0)
             if libc.syscall(ctypes.c_long(numbers["io_setup"]), ctypes.c_int(8), ctypes.byref(ctx)) != 0:
                 return None
-            efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         except (OSError, AttributeError):
+            return None
+        try:
+            efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except OSError:
+            libc.syscall(ctypes.c_long(numbers["io_destroy"]), ctypes.c_ulong(ctx.value))
             return None
         return cls(libc, numbers, ctx.value, efd)
 

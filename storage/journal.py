@@ -349,6 +349,7 @@ class Journal:
         # and batch where AIO is refused, hand each batch to a worker thread.
         self._direct = fsync == "off"
         self._written_lsn = 0  # direct mode: last record handed to the operating system
+        self._closed = False
 
     # -- opening ----------------------------------------------------------------------
 
@@ -413,6 +414,8 @@ class Journal:
 
     def _kick(self) -> None:
         self._scheduled = False
+        if self._closed:
+            return
         if self._direct:
             if self._buf and self.failed is None:
                 self._write_direct()
@@ -520,7 +523,9 @@ class Journal:
         assert aio is not None
         aio.drain()
         res = aio.reap()
-        if res is None:
+        if res is None or self.failed is not None:
+            # Failed meanwhile (a rotation's fsync may have been the one told of a write-back
+            # error this fdatasync then does not see): nothing more is durable.
             return
         if res < 0:
             self._fail(OSError(-res, f"fdatasync of the journal failed: {os.strerror(-res)}"))
@@ -618,11 +623,28 @@ class Journal:
     # -- closing ----------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Make everything durable (fsync whatever the policy), then close the file."""
-        if self._loop is not None and self.failed is None and (
-            self._buf or self._inflight or self.durable_lsn < self.last_lsn
-        ):
-            await self.wait_durable()
+        """Make everything durable (fsync whatever the policy), then close the file.
+
+        The file, the AIO context and the worker are released even when that fails; the
+        failure is raised afterwards.
+        """
+        try:
+            if self._loop is not None and self.failed is None and (
+                self._buf or self._inflight or self.durable_lsn < self.last_lsn
+            ):
+                await self.wait_durable()
+            while self._inflight and self.failed is None:  # a worker still cutting a segment
+                await asyncio.sleep(0.001)
+            if self._buf and self.failed is None:
+                # Only a rotation queued after the last record can be left (it has nothing
+                # to make durable, so nothing above ran it): cut the segment here, blocking.
+                batch, self._buf = self._buf, []
+                self._write(batch)
+        finally:
+            self._closed = True
+            self._release_files()
+
+    def _release_files(self) -> None:
         if self._aio is not None:
             if self._aio_watched and self._loop is not None:
                 self._loop.remove_reader(self._aio.fileno())

@@ -7,7 +7,9 @@ in the last test, the speed of the journal's disk (to prove acknowledgements wai
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -271,3 +273,66 @@ async def test_a_failed_journal_write_withholds_durability_and_says_so(
             journal._aio = None
         os.close(journal._fd)  # type: ignore[arg-type]
         journal._fd = None
+
+
+class _FailingFsync(jr.AsyncFsync):
+    """The real AIO fdatasync, but its result reported as an I/O error (a failing disk)."""
+
+    def reap(self) -> int | None:
+        res = super().reap()
+        return None if res is None else -errno.EIO
+
+
+async def test_close_releases_the_files_even_when_the_last_fsync_fails(tmp_path: Path) -> None:
+    if jr.AsyncFsync.create() is None:
+        pytest.skip("no native AIO fsync on this system")
+    journal = jr.Journal(tmp_path, "batch", aio=True)
+    journal.open(1)
+    real = journal._aio
+    failing = _FailingFsync.__new__(_FailingFsync)
+    failing.__dict__.update(real.__dict__)  # type: ignore[union-attr]
+    journal._aio = failing
+    journal.append(COMMANDS[0])
+    efd = failing.fileno()
+    with pytest.raises(OSError):
+        await journal.close()
+    assert journal.durable_lsn == 0 and journal._aio is None and journal._fd is None
+    with pytest.raises(OSError):
+        os.fstat(efd)  # the eventfd is closed (and so no longer watched by the loop)
+
+
+@pytest.mark.parametrize("aio", [None, False])
+async def test_a_rotation_queued_just_before_close_is_carried_out(tmp_path: Path, aio: bool | None) -> None:
+    errors: list[object] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    journal = jr.Journal(tmp_path, "batch", aio=aio)
+    journal.open(1)
+    journal.append(COMMANDS[0])
+    await asyncio.wait_for(journal.wait_durable(), T)
+    journal.rotate()
+    await journal.close()
+    await asyncio.sleep(0.05)  # a kick scheduled before close must not run after it
+    assert not errors and journal.failed is None
+    assert [start for start, _ in jr.list_segments(tmp_path)] == [1, 2]
+
+
+@pytest.mark.parametrize("aio", [None, False])
+async def test_random_appends_rotations_and_yields_keep_every_record_once_in_order(
+    tmp_path: Path, aio: bool | None,
+) -> None:
+    rng = random.Random(11)
+    journal = jr.Journal(tmp_path, "batch", aio=aio)
+    journal.open(1)
+    reported: list[int] = []
+    journal.on_durable.append(reported.append)
+    n = 0
+    for _ in range(200):
+        for _ in range(rng.randint(0, 5)):
+            n += 1
+            journal.append(COMMANDS[n % len(COMMANDS)])
+        if rng.random() < 0.2:
+            journal.rotate()
+        await asyncio.sleep(0 if rng.random() < 0.7 else 0.001)
+    await journal.close()
+    assert reported == sorted(reported) and journal.durable_lsn == n
+    assert [lsn for lsn, _ in jr.iter_commands(tmp_path)] == list(range(1, n + 1))
