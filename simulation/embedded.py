@@ -63,6 +63,7 @@ from exchange.types import (
     TimeInForce,
     Trade,
 )
+from storage.lock import DataDirBusy, DataDirLock
 from simulation.gateway import (
     BookView,
     Gateway,
@@ -333,9 +334,28 @@ class EmbeddedExchange:
         self._ledger = None
         self._ledger_trades: list[Trade] = []  # formatted a batch at a time by ``flush_ledger``
         self._line = LedgerLines(self.config)
+        self._dir_lock: DataDirLock | None = None
         if self.data_dir is not None:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            self._ledger = (self.data_dir / "trades.jsonl").open("wb")
+            self._open_ledger(self.data_dir)
+
+    def _open_ledger(self, directory: Path) -> None:
+        """Start ``trades.jsonl`` afresh, but never in a directory an exchange uses.
+
+        An exchange's ledger is append-only and goes with its snapshot and journal; this
+        file is rewritten by every run, so a directory holding those (an exchange's
+        ``--data-dir``, running or not) is refused, as is one another process has locked.
+        """
+        lock = DataDirLock(directory, "an embedded simulation")
+        lock.acquire()  # DataDirBusy if an exchange (or another run) is using it
+        if (directory / "snapshot.json").exists() or (directory / "journal").is_dir():
+            lock.release()
+            raise DataDirBusy(
+                f"{directory} holds an exchange's data (snapshot.json, journal/); an embedded "
+                "simulation writes its own trades.jsonl there and would overwrite the "
+                "exchange's ledger: pass another --data-dir"
+            )
+        self._dir_lock = lock
+        self._ledger = (directory / "trades.jsonl").open("wb")
 
     # -- sessions ---------------------------------------------------------------------
 
@@ -444,6 +464,9 @@ class EmbeddedExchange:
         if self._ledger is not None:
             self._ledger.close()
             self._ledger = None
+        if self._dir_lock is not None:
+            self._dir_lock.release()
+            self._dir_lock = None
 
     def __enter__(self) -> EmbeddedExchange:
         return self

@@ -28,6 +28,7 @@ from exchange.markets import ConfigError, MarketConfig, default_config, load_con
 from exchange.protocol import DEFAULT_PORT
 from simulation.agents import AGENT_KINDS, Agent, MarketProfile, RunControl
 from simulation.embedded import EmbeddedExchange, parse_duration_ns, parse_latency
+from storage.lock import DataDirBusy
 from simulation.gateway import Gateway, GatewayConnectionError
 from simulation.report import build_report, format_report, last_prices
 from simulation.tcp import TcpGateway, fetch_config
@@ -204,7 +205,10 @@ def run_embedded(
         latency = parse_latency(cfg.latency)
     except ValueError as exc:
         raise SimulationError(str(exc)) from None
-    exchange = EmbeddedExchange(config, seed=cfg.seed, latency=latency, data_dir=cfg.data_dir)
+    try:
+        exchange = EmbeddedExchange(config, seed=cfg.seed, latency=latency, data_dir=cfg.data_dir)
+    except DataDirBusy as exc:
+        raise SimulationError(str(exc)) from None
     control = RunControl(profiles_for(cfg, config), cfg.orders)
     agents = build_agents(cfg, config, exchange.session, control)
     if out is not None:

@@ -545,8 +545,12 @@ def main_schedule(cfg: Any, args: Any) -> int:
     try:
         if cfg.embedded:
             from simulation.embedded import EmbeddedExchange
+            from storage.lock import DataDirBusy
 
-            exchange = EmbeddedExchange(config, seed=sched.seed, latency=cfg.latency, data_dir=cfg.data_dir)
+            try:
+                exchange = EmbeddedExchange(config, seed=sched.seed, latency=cfg.latency, data_dir=cfg.data_dir)
+            except DataDirBusy as exc:
+                raise SimulationError(str(exc)) from None
             gateways: dict[str, Gateway] = {a: exchange.session(a) for a in sched.accounts}
             try:
                 # A fresh in-process exchange: its accounts are funded again, even on resume.

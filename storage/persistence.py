@@ -42,6 +42,7 @@ from exchange.engine import Exchange
 from exchange.markets import MarketConfig
 from exchange.state import StateError, export_state, import_state
 from exchange.types import CommandRejected, ExecReport, ExecType, STPMode, Trade
+from storage.lock import DataDirBusy, DataDirLock
 from storage.journal import (
     JOURNAL_DIR, Journal, JournalError, decode, list_segments, read_journal, segment_name,
 )
@@ -80,6 +81,7 @@ class Persistence:
         self.config = config
         self.default_stp = default_stp
         self.snapshot_path = self.data_dir / SNAPSHOT_FILE
+        self.dir_lock = DataDirLock(self.data_dir, "an exchange")
         self.journal = Journal(self.data_dir / JOURNAL_DIR, fsync)
         self.ledger = TradeLedger(
             self.data_dir / LEDGER_FILE, config, mark=self.journal.mark, durable=self.journal.durable,
@@ -99,7 +101,22 @@ class Persistence:
     # -- start-up ---------------------------------------------------------------------
 
     def recover(self) -> Exchange:
-        """Rebuild the engine from disk (see the module docstring); raises RecoveryError."""
+        """Rebuild the engine from disk (see the module docstring); raises RecoveryError.
+
+        Takes the data directory's lock first and keeps it until ``close``: a second
+        exchange on the same directory is refused before it reads or touches anything.
+        """
+        try:
+            self.dir_lock.acquire()
+        except DataDirBusy as exc:
+            raise RecoveryError(str(exc)) from None
+        try:
+            return self._recover()
+        except BaseException:
+            self.dir_lock.release()
+            raise
+
+    def _recover(self) -> Exchange:
         started = time.perf_counter()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         ledger = self.ledger
@@ -316,5 +333,8 @@ class Persistence:
             await self.journal.wait_durable()
             if self.engine is not None and self._lock is not None:
                 await self.snapshot()
-        await self.journal.close()
-        await self.ledger.close()
+        try:
+            await self.journal.close()
+            await self.ledger.close()
+        finally:
+            self.dir_lock.release()

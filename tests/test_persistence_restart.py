@@ -21,6 +21,7 @@ import pytest
 from client import ExchangeClient
 from storage import journal as jr
 from storage.ledger import read_ledger
+from storage.lock import LOCK_FILE
 from storage.snapshot import read_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +29,12 @@ SCRIPT = ROOT / "run" / "start_engine.py"
 T = 15.0
 LISTENING = re.compile(r"Exchange listening on (\S+):(\d+)")
 USERS = ("alice", "bob", "carol")
+
+
+def data_files(directory: Path) -> dict[Path, bytes]:
+    """Every file of a data directory and its bytes, except the lock file (which names
+    whoever last took the directory, a refused start included)."""
+    return {p: p.read_bytes() for p in directory.rglob("*") if p.is_file() and p.name != LOCK_FILE}
 
 
 class Engine:
@@ -237,10 +244,10 @@ async def test_a_damaged_journal_record_in_the_middle_refuses_to_start(engine: E
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x55
     path.write_bytes(bytes(data))
-    files = {p: p.read_bytes() for p in engine.data.rglob("*") if p.is_file()}
+    files = data_files(engine.data)
     err = await engine.refuse()
     assert str(path) in err and "damaged" in err and "left as it is" in err
-    assert {p: p.read_bytes() for p in engine.data.rglob("*") if p.is_file()} == files
+    assert data_files(engine.data) == files
 
 
 @pytest.mark.parametrize(
@@ -268,10 +275,10 @@ async def test_a_damaged_snapshot_refuses_to_start_and_is_left_alone(engine: Eng
         write_snapshot(path, content)
     else:
         path.write_bytes(damage(path.read_bytes()))
-    files = {p: p.read_bytes() for p in engine.data.rglob("*") if p.is_file()}
+    files = data_files(engine.data)
     err = await engine.refuse()
     assert str(path) in err and expected in err, err
-    assert {p: p.read_bytes() for p in engine.data.rglob("*") if p.is_file()} == files
+    assert data_files(engine.data) == files
 
 
 async def test_a_missing_snapshot_with_a_later_journal_refuses_to_start_empty(engine: Engine) -> None:
@@ -283,3 +290,32 @@ async def test_a_missing_snapshot_with_a_later_journal_refuses_to_start_empty(en
     (engine.data / "snapshot.json").unlink()
     err = await engine.refuse()
     assert "journal" in err and "missing" in err
+
+
+async def test_a_second_exchange_on_the_same_data_directory_is_refused(engine: Engine) -> None:
+    """It would recover from the same files and start its journal over the running one's;
+    it must stop before touching anything, and the first exchange keeps working."""
+    await engine.start()
+    alice = await engine.client("alice")
+    await alice.sell("BTC-USD", "1", "100.00")
+    files = data_files(engine.data)
+    err = await engine.refuse()
+    assert "in use by an exchange (pid" in err and str(engine.data) in err
+    assert data_files(engine.data) == files
+    # The first one is unharmed: it still acknowledges and journals.
+    ack = await alice.sell("BTC-USD", "1", "101.00")
+    assert ack["exec_type"] == "new"
+    assert len(list(jr.iter_commands(engine.data / "journal"))) == 5  # 3 deposits, 2 orders
+    assert await engine.stop() == 0
+    await engine.start()  # the lock went with the process
+    orders = await (await engine.client("alice")).orders()
+    assert sorted(o["price"] for o in orders) == ["100.00", "101.00"]
+    assert await engine.stop() == 0
+
+
+async def test_an_exchange_killed_with_sigkill_leaves_no_stale_lock(engine: Engine) -> None:
+    await engine.start()
+    await engine.client("alice")
+    await engine.kill()
+    await engine.start()
+    assert await engine.stop() == 0

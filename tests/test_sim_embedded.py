@@ -155,3 +155,38 @@ def test_scaled_text_and_market_texts_are_the_markets_own_formatting() -> None:
             assert texts.price(n) == spec.format_price(n)
             assert texts.qty(n) == spec.format_qty(n)
             assert texts.amount(n) == spec.quote.format(n)
+
+
+def test_an_embedded_run_refuses_an_exchanges_data_directory(tmp_path: Path) -> None:
+    """``start_simulation.py --embedded`` defaults to ./data, where the exchange keeps its
+    append-only ledger: a run there must not rewrite it, whether the exchange is running
+    (it holds the directory's lock) or stopped (its snapshot and journal are there)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    data = tmp_path / "data"
+    sim = [sys.executable, str(root / "run" / "start_simulation.py"), "--embedded", "--orders", "200",
+           "--data-dir", str(data)]
+    engine = subprocess.Popen(
+        [sys.executable, str(root / "run" / "start_engine.py"), "--port", "0", "--data-dir", str(data),
+         "--log-level", "WARNING"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert engine.stdout is not None and "listening" in engine.stdout.readline()
+        (data / "trades.jsonl").write_bytes(b'{"trade_id":1}\n')  # stands for the real ledger
+        running = subprocess.run(sim, cwd=root, capture_output=True, text=True, timeout=60)
+        assert running.returncode != 0 and "in use by an exchange" in running.stderr
+        assert (data / "trades.jsonl").read_bytes() == b'{"trade_id":1}\n'
+    finally:
+        engine.terminate()
+        engine.wait(30)
+    stopped = subprocess.run(sim, cwd=root, capture_output=True, text=True, timeout=60)
+    assert stopped.returncode != 0 and "holds an exchange's data" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert (data / "trades.jsonl").read_bytes() == b'{"trade_id":1}\n'
+    # Its own directory is fine, and a second run there starts the file afresh.
+    fresh = subprocess.run([*sim[:-1], str(tmp_path / "sim")], cwd=root, capture_output=True,
+                           text=True, timeout=60)
+    assert fresh.returncode == 0, fresh.stderr
+    assert (tmp_path / "sim" / "trades.jsonl").stat().st_size > 0
