@@ -47,7 +47,9 @@ from storage.journal import (
     JOURNAL_DIR, Journal, JournalError, decode, list_segments, read_journal, segment_name,
 )
 from storage.ledger import LEDGER_FILE, TradeLedger
-from storage.snapshot import SNAPSHOT_FILE, SnapshotError, read_snapshot, write_snapshot
+from storage.snapshot import (
+    SNAPSHOT_FILE, SnapshotError, read_snapshot, remove_leftover_temp_files, write_snapshot,
+)
 
 log = logging.getLogger("storage.persistence")
 
@@ -119,6 +121,9 @@ class Persistence:
     def _recover(self) -> Exchange:
         started = time.perf_counter()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in remove_leftover_temp_files(self.snapshot_path):
+            log.warning("removed %s, a snapshot left half-written by a crash (the previous "
+                        "snapshot is intact)", leftover)
         ledger = self.ledger
         try:
             ledger_last = ledger.open()

@@ -71,6 +71,25 @@ def fsync_dir(directory: str | Path) -> None:
 _TMP_SERIAL = itertools.count(1)  # two writes in flight never share a temporary file
 
 
+def temp_prefix(path: Path) -> str:
+    """Temporary files of ``path`` are named this, then the writer's pid and a serial."""
+    return f".{path.name}.tmp-"
+
+
+def remove_leftover_temp_files(path: str | Path) -> list[Path]:
+    """Delete temporary files a crash left behind mid-write; returns what was removed.
+
+    Only safe while nobody else writes snapshots here (the caller holds the data
+    directory's lock): such a file was never renamed into place, so nothing refers to it.
+    """
+    path = Path(path)
+    removed = []
+    for leftover in path.parent.glob(temp_prefix(path) + "*"):
+        leftover.unlink(missing_ok=True)
+        removed.append(leftover)
+    return removed
+
+
 def write_snapshot(path: str | Path, content: dict[str, Any], durable: bool = True) -> int:
     """Replace ``path`` atomically with a snapshot of ``content``; returns its size in bytes.
 
@@ -78,7 +97,7 @@ def write_snapshot(path: str | Path, content: dict[str, Any], durable: bool = Tr
     """
     path = Path(path)
     data = encode(content)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{next(_TMP_SERIAL)}")
+    tmp = path.with_name(f"{temp_prefix(path)}{os.getpid()}-{next(_TMP_SERIAL)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         view = memoryview(data)

@@ -319,3 +319,17 @@ async def test_an_exchange_killed_with_sigkill_leaves_no_stale_lock(engine: Engi
     await engine.kill()
     await engine.start()
     assert await engine.stop() == 0
+
+
+async def test_a_snapshot_left_half_written_by_a_crash_is_removed_at_start(engine: Engine) -> None:
+    await engine.start()
+    await (await engine.client("alice")).sell("BTC-USD", "1", "100.00")
+    await engine.kill()
+    leftover = engine.data / ".snapshot.json.tmp-99999-1"
+    leftover.write_bytes(b'{"version":1,"content":{"half')  # the crash hit mid-write
+    await engine.start()
+    assert not leftover.exists()
+    orders = await (await engine.client("alice")).orders()
+    assert [o["price"] for o in orders] == ["100.00"]
+    assert await engine.stop() == 0
+    assert b"half-written" in engine.stderr
