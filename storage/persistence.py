@@ -66,6 +66,20 @@ def config_fingerprint(config: MarketConfig) -> dict[str, Any]:
     }
 
 
+def same_config(saved: Any, current: dict[str, Any]) -> bool:
+    """Whether a snapshot's market configuration is the current one, in whatever order the
+    markets were listed: the engine keys everything by symbol, so the order changes nothing
+    a replay depends on."""
+    def normal(fp: Any) -> Any:
+        if not isinstance(fp, dict) or not isinstance(fp.get("markets"), list):
+            return fp
+        markets = fp["markets"]
+        if not all(isinstance(m, dict) for m in markets):
+            return fp
+        return {**fp, "markets": sorted(markets, key=lambda m: str(m.get("symbol")))}
+    return bool(normal(saved) == normal(current))
+
+
 class Persistence:
     """Owns the ledger, the journal and the snapshot file of one data directory."""
 
@@ -160,7 +174,7 @@ class Persistence:
         ts_box = [last_ts]
 
         def apply(lsn: int, payload: bytes) -> None:
-            if saved_fingerprint != fingerprint:
+            if not same_config(saved_fingerprint, fingerprint):
                 raise RecoveryError(
                     f"journal record {lsn} was accepted under a different market configuration "
                     f"than the current one (snapshot {self.snapshot_path}); start once with the "
@@ -236,7 +250,7 @@ class Persistence:
         # Make the recovered state the new starting point, then journal afresh after it.
         needs_snapshot = (
             content is None or scan.records > 0 or scan.torn is not None or bumped
-            or saved_fingerprint != fingerprint or lsn != snapshot_lsn
+            or not same_config(saved_fingerprint, fingerprint) or lsn != snapshot_lsn
             or content.get("state", {}).get("default_stp") != self.default_stp.value
         )
         ledger.sync_blocking()  # every trade of the state is in the ledger before the snapshot

@@ -333,3 +333,33 @@ async def test_a_snapshot_left_half_written_by_a_crash_is_removed_at_start(engin
     assert [o["price"] for o in orders] == ["100.00"]
     assert await engine.stop() == 0
     assert b"half-written" in engine.stderr
+
+
+@pytest.mark.parametrize("change", ["reordered", "fees"])
+async def test_a_markets_file_is_checked_against_the_journal_it_must_replay(
+    engine: Engine, change: str,
+) -> None:
+    """The same markets listed in another order replay exactly; different fees would not,
+    so with journal records to replay they are refused, naming the way out."""
+    import copy
+    import json
+
+    from exchange.markets import DEFAULT_CONFIG
+
+    before = await crash_with_journal(engine)
+    markets = copy.deepcopy(DEFAULT_CONFIG)
+    markets["markets"].reverse()
+    if change == "fees":
+        markets["fees"] = {"maker_fee_bps": 0, "taker_fee_bps": 5}
+    path = engine.data.parent / "markets.json"
+    path.write_text(json.dumps(markets))
+    if change == "reordered":
+        await engine.start("--markets", str(path))
+        assert await view(engine) == before
+        assert await engine.stop() == 0
+    else:
+        files = data_files(engine.data)
+        engine.args = ("--markets", str(path))
+        err = await engine.refuse()
+        assert "different market configuration" in err and "previous --markets file" in err
+        assert data_files(engine.data) == files
