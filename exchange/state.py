@@ -161,12 +161,12 @@ def _import(config: MarketConfig, data: Any) -> Exchange:
 
     # The units must mean the same thing in the running configuration.
     for name, decimals in data["assets"].items():
-        asset = config.assets.get(name)
-        if asset is None:
+        asset_spec = config.assets.get(name)
+        if asset_spec is None:
             raise StateError(f"asset {name} of the saved state is not in the market configuration")
-        if asset.decimals != decimals:
+        if asset_spec.decimals != decimals:
             raise StateError(
-                f"asset {name} has {decimals} decimals in the saved state but {asset.decimals} "
+                f"asset {name} has {decimals} decimals in the saved state but {asset_spec.decimals} "
                 "in the market configuration"
             )
     for symbol, saved in data["markets"].items():
@@ -221,12 +221,12 @@ def _import(config: MarketConfig, data: Any) -> Exchange:
     # Orders: build them all, then insert in global priority order.
     built: list[Order] = []
     for symbol, saved in data["markets"].items():
-        ms = ex.markets.get(symbol)
-        if ms is None:
+        state = ex.markets.get(symbol)
+        if state is None:
             continue
-        ms.book.seq = _check_int(saved["seq"], f"{symbol} seq")
+        state.book.seq = _check_int(saved["seq"], f"{symbol} seq")
         reference = saved["reference"]
-        ms.reference = None if reference is None else _check_int(reference, f"{symbol} reference", 1)
+        state.reference = None if reference is None else _check_int(reference, f"{symbol} reference", 1)
         last_priority = 0
         for row in saved["orders"]:
             order = _order_from_row(ex, symbol, row)

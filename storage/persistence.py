@@ -172,9 +172,10 @@ class Persistence:
         # Replay the journal through the same engine.
         replayed_trades: list[Trade] = []
         ts_box = [last_ts]
+        config_matches = same_config(saved_fingerprint, fingerprint)  # once, not per record
 
         def apply(lsn: int, payload: bytes) -> None:
-            if not same_config(saved_fingerprint, fingerprint):
+            if not config_matches:
                 raise RecoveryError(
                     f"journal record {lsn} was accepted under a different market configuration "
                     f"than the current one (snapshot {self.snapshot_path}); start once with the "
@@ -250,7 +251,7 @@ class Persistence:
         # Make the recovered state the new starting point, then journal afresh after it.
         needs_snapshot = (
             content is None or scan.records > 0 or scan.torn is not None or bumped
-            or not same_config(saved_fingerprint, fingerprint) or lsn != snapshot_lsn
+            or not config_matches or lsn != snapshot_lsn
             or content.get("state", {}).get("default_stp") != self.default_stp.value
         )
         ledger.sync_blocking()  # every trade of the state is in the ledger before the snapshot
