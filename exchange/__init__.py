@@ -81,7 +81,8 @@ def native_modules() -> list[str]:
 
     names = []
     for name in ("exchange.types", "exchange.markets", "exchange.book", "exchange.accounts",
-                 "exchange.engine", "exchange.protocol", "exchange.gateway", "storage.audit",
+                 "exchange.engine", "exchange.protocol", "exchange.state", "exchange.gateway",
+                 "storage.audit",
                  "storage.journal", "simulation.agents", "simulation.budget"):
         module = importlib.import_module(name)
         if not str(module.__file__).endswith(".py"):

@@ -34,7 +34,6 @@ wrong raises ``StateError`` with a message saying what, never a half-built engin
 
 from __future__ import annotations
 
-from operator import attrgetter
 from typing import Any
 
 from exchange.accounts import FEE_ACCOUNT, Balance
@@ -57,8 +56,24 @@ BALANCE_FIELDS: tuple[str, ...] = (
 # integers (ticks, lots, minor units) to mean the same thing.
 _UNIT_FIELDS = ("base", "quote", "tick_size", "lot_size")
 
-_order_row = attrgetter(*ORDER_FIELDS)
-_balance_row = attrgetter(*BALANCE_FIELDS)
+
+
+def _order_row(o: Order) -> tuple[Any, ...]:
+    """An order as a row of ``ORDER_FIELDS``, in that order (spelled out rather than an
+    ``attrgetter``: compiled, this reads the fields directly, several times faster)."""
+    return (o.id, o.account, o.side, o.order_type, o.tif, o.price, o.qty, o.filled, o.remaining,
+            o.cost, o.locked, o.fee_basis, o.fee_paid, o.stp, o.post_only, o.client_order_id,
+            o.status, o.ts, o.priority)
+
+
+def _balance_row(b: Balance) -> list[int]:
+    """A balance as a row of ``BALANCE_FIELDS``, in that order."""
+    return [b.available, b.locked, b.deposited, b.withdrawn, b.bought, b.sold, b.fees]
+
+
+def _priority(o: Order) -> int:
+    return o.priority
+
 _INT_ORDER_FIELDS = ("id", "price", "qty", "filled", "remaining", "cost", "locked", "fee_basis",
                      "fee_paid", "ts", "priority")
 
@@ -70,17 +85,18 @@ class StateError(ValueError):
 def export_state(ex: Exchange) -> dict[str, Any]:
     """Everything needed to rebuild ``ex`` exactly, as JSON-ready plain data.
 
-    Cheap enough to run on the event loop for a large book: one tuple per order (about a
-    microsecond each), no per-order dicts.
+    It runs on the event loop (replies wait meanwhile), so it stays lean: one tuple per
+    order, no per-order dicts; compiled with the core, about 0.1 s for 90,000 orders.
     """
     markets: dict[str, Any] = {}
     for symbol, ms in ex.markets.items():
         book = ms.book
-        rows: list[tuple[Any, ...]] = []
+        live: list[Order] = []
         for levels in (book.bids, book.asks):
             for level in levels.values():
-                rows.extend(_order_row(o) for o in level.orders.values())
-        rows.sort(key=_priority_of)
+                live.extend(level.orders.values())
+        live.sort(key=_priority)
+        rows = [_order_row(o) for o in live]
         markets[symbol] = {
             "spec": ms.spec.describe(),
             "seq": book.seq,
@@ -99,20 +115,13 @@ def export_state(ex: Exchange) -> dict[str, Any]:
         "deposits": dict(ex.accounts.deposits),
         "balance_fields": list(BALANCE_FIELDS),
         "balances": {
-            account: {asset: list(_balance_row(bal)) for asset, bal in per_asset.items()}
+            account: {asset: _balance_row(bal) for asset, bal in per_asset.items()}
             for account, per_asset in ex.accounts.balances.items()
         },
         "order_fields": list(ORDER_FIELDS),
         "markets": markets,
         "open_accounts": list(ex.open_by_account),
     }
-
-
-_PRIORITY = ORDER_FIELDS.index("priority")
-
-
-def _priority_of(row: tuple[Any, ...]) -> int:
-    return row[_PRIORITY]  # type: ignore[no-any-return]
 
 
 def state_summary(data: dict[str, Any]) -> dict[str, int]:
@@ -234,7 +243,7 @@ def _import(config: MarketConfig, data: Any) -> Exchange:
                 raise StateError(f"{symbol}: orders are not in priority order at order {order.id}")
             last_priority = order.priority
             built.append(order)
-    built.sort(key=attrgetter("priority"))
+    built.sort(key=_priority)
 
     by_account = ex.open_by_account
     for account in data["open_accounts"]:
