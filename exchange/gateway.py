@@ -109,6 +109,9 @@ class GatewayOptions:
     users: dict[str, UserEntry] = field(default_factory=dict)
     demo_balances: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_DEMO_BALANCES))
     max_buffer: int = DEFAULT_MAX_BUFFER
+    # Requests per second per connection, with bursts of up to one second's worth (a token
+    # bucket); 0: no limit. Over it, a request gets ``rate_limited`` and is not carried out.
+    rate_limit: int = 0
 
 
 class Session(asyncio.Protocol):
@@ -116,7 +119,7 @@ class Session(asyncio.Protocol):
 
     __slots__ = (
         "gateway", "transport", "peer", "user", "admin", "buf", "out", "queued", "paused",
-        "closed", "subscriptions", "reading_paused",
+        "closed", "subscriptions", "reading_paused", "tokens", "refilled",
     )
 
     def __init__(self, gateway: Gateway) -> None:
@@ -132,6 +135,8 @@ class Session(asyncio.Protocol):
         self.reading_paused = False
         self.closed = False
         self.subscriptions: set[tuple[str, str]] = set()
+        self.tokens = float(gateway.options.rate_limit)  # requests it may still send now
+        self.refilled = time.monotonic()
 
     # -- asyncio callbacks ----------------------------------------------------------
 
@@ -162,6 +167,11 @@ class Session(asyncio.Protocol):
         lines = buf.split(b"\n")
         rest = lines.pop()
         gateway = self.gateway
+        limit = gateway.options.rate_limit
+        if limit:  # refill once per chunk received, not per line
+            now = time.monotonic()
+            self.tokens = min(float(limit), self.tokens + (now - self.refilled) * limit)
+            self.refilled = now
         for line in lines:
             if len(line) > MAX_LINE:
                 self.fatal(ErrorCode.LINE_TOO_LONG, f"a line may be at most {MAX_LINE} bytes")
@@ -432,6 +442,15 @@ class Gateway:
             msg = decode_request(line)
             rid = msg.get("id")
             op = msg["op"]
+            limit = self.options.rate_limit
+            if limit:
+                if session.tokens < 1.0:
+                    raise ProtocolError(
+                        ErrorCode.RATE_LIMITED,
+                        f"more than {limit} requests a second on this connection: '{op}' was "
+                        "not carried out; slow down and send it again",
+                    )
+                session.tokens -= 1.0
             if session.user is None and op not in PUBLIC_OPS:
                 raise ProtocolError(ErrorCode.NOT_LOGGED_IN, f"log in before '{op}'")
             self._ops[op](session, msg, rid)

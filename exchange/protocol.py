@@ -72,6 +72,7 @@ class ErrorCode:
     UNKNOWN_ORDER: Final = "unknown_order"
     SLOW_CONSUMER: Final = "slow_consumer"
     SHUTTING_DOWN: Final = "shutting_down"
+    RATE_LIMITED: Final = "rate_limited"
 
 
 class ProtocolError(Exception):

@@ -57,6 +57,7 @@ class ServerConfig:
     demo_balances: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_DEMO_BALANCES))
     default_stp: STPMode = STPMode.CANCEL_RESTING
     max_buffer: int = DEFAULT_MAX_BUFFER
+    rate_limit: int = 0  # requests per second per connection (0: no limit)
     stats_interval: float = 10.0
     fsync: str = "batch"  # journal policy: always, batch or off (see storage/journal.py)
     snapshot_interval: float = 300.0  # seconds between periodic snapshots (0: only at shutdown)
@@ -114,11 +115,13 @@ class ExchangeServer:
                 raise StartupError(f"demo balance for {asset_name}: {exc.message}") from None
         if config.fsync not in FSYNC_POLICIES:
             raise StartupError(f"unknown fsync policy {config.fsync!r} ({', '.join(FSYNC_POLICIES)})")
+        if config.rate_limit < 0:
+            raise StartupError("--rate-limit must be 0 (no limit) or a positive number of requests a second")
         # An empty engine until ``start`` recovers the real one from the data directory.
         self.engine = Exchange(markets, default_stp=config.default_stp)
         self.gateway = Gateway(self.engine, GatewayOptions(
             auth=config.auth, users=users, demo_balances=dict(config.demo_balances),
-            max_buffer=config.max_buffer,
+            max_buffer=config.max_buffer, rate_limit=config.rate_limit,
         ))
         self.persistence = Persistence(
             config.data_dir, markets, default_stp=config.default_stp, fsync=config.fsync,
@@ -248,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "survives a process crash, not a power cut)")
     ap.add_argument("--snapshot-interval", type=float, default=300.0,
                     help="seconds between periodic snapshots (default 300; 0: only at shutdown)")
+    ap.add_argument("--rate-limit", type=int, default=0, metavar="N",
+                    help="requests per second per connection, bursts up to N (default 0: no "
+                    "limit); over it a request is answered rate_limited and not carried out")
     ap.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     ap.add_argument("--hash-token", metavar="TOKEN", help="print the token_hash for an accounts file and exit")
     return ap
@@ -258,7 +264,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         host=args.host, port=args.port, data_dir=args.data_dir, markets_file=args.markets,
         auth=args.auth, accounts_file=args.accounts, demo_balances=args.demo_balances,
         default_stp=STPMode(args.stp), fsync=args.fsync,
-        snapshot_interval=args.snapshot_interval,
+        snapshot_interval=args.snapshot_interval, rate_limit=args.rate_limit,
     )
 
 

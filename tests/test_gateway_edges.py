@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from client import ExchangeClient
 
@@ -84,3 +85,51 @@ async def test_a_request_without_an_id_gets_replies_without_one(server) -> None:
             assert b'"id"' not in line, line
     finally:
         writer.close()
+
+
+async def test_a_connection_over_its_rate_limit_is_told_and_nothing_happens(tmp_path) -> None:
+    """``--rate-limit 20``: a burst of 60 orders gets 19 through (the login took a token),
+    the rest ``rate_limited`` with their ids and no effect; the connection stays open, a
+    second connection has its own allowance, and a second later the first may send again."""
+    import orjson
+
+    from exchange.server import ExchangeServer, ServerConfig
+
+    srv = ExchangeServer(ServerConfig(port=0, data_dir=tmp_path / "data", stats_interval=0, rate_limit=20))
+    await srv.start()
+    try:
+        assert srv.address is not None
+
+        async def burst(user: str, count: int, first_id: int) -> tuple[list[dict], Any, Any]:
+            reader, writer = await asyncio.open_connection(*srv.address)
+            lines = [b'{"op":"login","user":"%s","id":0}\n' % user.encode()] + [
+                b'{"op":"order","id":%d,"market":"BTC-USD","side":"buy","type":"limit",'
+                b'"price":"90.00","qty":"0.01"}\n' % (first_id + i) for i in range(count)
+            ]
+            writer.write(b"".join(lines))
+            replies = []
+            while len(replies) < count + 1:
+                replies.append(orjson.loads(await asyncio.wait_for(reader.readline(), 5)))
+            return replies, reader, writer
+
+        replies, alice_in, alice = await burst("alice", 60, 1)
+        direct = [r for r in replies if r.get("id") not in (None, 0)]
+        accepted = [r for r in direct if r["type"] == "exec" and r["exec_type"] == "new"]
+        limited = [r for r in direct if r["type"] == "error"]
+        assert 19 <= len(accepted) <= 20 and len(accepted) + len(limited) == 60
+        assert all(r["code"] == "rate_limited" and "not carried out" in r["message"] for r in limited)
+        assert len(srv.engine.open_orders("alice")) == len(accepted)  # nothing else happened
+        # Another connection is not held back by alice's.
+        others, _, bob = await burst("bob", 5, 1000)
+        assert sum(r.get("exec_type") == "new" for r in others) == 5
+        # A second later alice's allowance is back; her connection was never closed.
+        await asyncio.sleep(1.05)
+        alice.write(b'{"op":"order","id":99,"market":"BTC-USD","side":"buy","type":"limit",'
+                    b'"price":"90.00","qty":"0.01"}\n')
+        again = orjson.loads(await asyncio.wait_for(alice_in.readline(), 5))
+        assert again["id"] == 99 and again["exec_type"] == "new"
+        assert len(srv.engine.open_orders("alice")) == len(accepted) + 1
+        for writer in (alice, bob):
+            writer.close()
+    finally:
+        await srv.stop()

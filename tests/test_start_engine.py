@@ -154,3 +154,10 @@ def test_keys_mode_without_an_accounts_file_is_refused(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "--auth keys needs --accounts FILE" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_negative_rate_limit_is_refused(tmp_path: Path) -> None:
+    result = run_script("--data-dir", str(tmp_path / "data"), "--rate-limit", "-5")
+    assert result.returncode != 0
+    assert "--rate-limit must be 0" in result.stderr
+    assert "Traceback" not in result.stderr and "listening" not in result.stdout
