@@ -130,7 +130,10 @@ class ExchangeServer:
         )
         self.ledger = self.persistence.ledger
         self.journal = self.persistence.journal
-        self.audit = AuditLog(Path(config.data_dir) / "logs", markets, formatter=self.gateway.fmt)
+        self.audit = AuditLog(
+            Path(config.data_dir) / "logs", markets, formatter=self.gateway.fmt,
+            mark=self.journal.mark, durable=self.journal.durable,
+        )
         self.gateway.listeners.append(self.ledger)
         self.gateway.listeners.append(self.audit)
         self._server: asyncio.base_events.Server | None = None

@@ -17,7 +17,7 @@ import logging
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable
+from typing import Callable
 
 from exchange.markets import MarketConfig
 from exchange.protocol import Formatter
@@ -72,13 +72,21 @@ class AuditLog:
     def __init__(
         self, directory: str | Path, config: MarketConfig, interval: float = 0.2,
         formatter: Formatter | None = None,
+        mark: Callable[[], int] | None = None, durable: Callable[[], int] | None = None,
     ) -> None:
+        """``mark`` and ``durable``: the journal's position of the command being handled and
+        how far the journal is durable. With them, a line is written only once its command
+        is durable, like the ledger's trades: a crash cannot leave a line in a user's audit
+        trail for an order the recovered exchange never had (whose id it then reuses)."""
         self.directory = Path(directory)
         self.config = config
         self.fmt = formatter or Formatter(config)
         self.stamp = _Clock()
         self.interval = interval
-        self._lines: dict[str, list[str]] = {}  # formatted, not yet written, per user
+        self._mark = mark
+        self._durable = durable
+        # Formatted, not yet written: (journal position of its command, user, line).
+        self._pending: list[tuple[int, str, str]] = []
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
@@ -87,7 +95,33 @@ class AuditLog:
 
     def __call__(self, events: list[Event]) -> None:
         """Gateway listener: format the command's lines into memory; writing is later."""
-        self.format((events,), self._lines)
+        mark = self._mark() if self._mark is not None else 0
+        pending = self._pending
+        for ev in events:
+            line = self.line(ev)
+            if line is not None:
+                pending.append((mark, ev.account, line))  # type: ignore[attr-defined]
+
+    def _take_ready(self, everything: bool = False) -> dict[str, list[str]]:
+        """The lines whose commands are durable, by user, in order; the rest stay."""
+        pending = self._pending
+        if everything or self._durable is None:
+            ready, self._pending = pending, []
+        else:
+            durable = self._durable()
+            i = 0
+            n = len(pending)
+            while i < n and pending[i][0] <= durable:  # positions only grow along the list
+                i += 1
+            ready = pending[:i]
+            del pending[:i]
+        by_user: dict[str, list[str]] = {}
+        for _, user, line in ready:
+            lines = by_user.get(user)
+            if lines is None:
+                lines = by_user[user] = []
+            lines.append(line)
+        return by_user
 
     # -- background -------------------------------------------------------------------
 
@@ -103,37 +137,40 @@ class AuditLog:
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
-            lines, self._lines = self._lines, {}
+            lines = self._take_ready()
             if lines:
                 try:
                     await loop.run_in_executor(None, self._append, lines)
                 except OSError:
                     log.exception("cannot write the audit log in %s", self.directory)
-            if self._closing and not self._lines:
+            if self._closing:
+                rest = self._take_ready()  # what became durable while that was written
+                if rest:
+                    try:
+                        await loop.run_in_executor(None, self._append, rest)
+                    except OSError:
+                        log.exception("cannot write the audit log in %s", self.directory)
+                self._drop_undurable()
                 return
 
     async def close(self) -> None:
-        """Write everything still buffered, then stop."""
+        """Write every line whose command is durable (close the journal first), then stop."""
         self._closing = True
         self._wake.set()
         if self._task is not None:
             await self._task
             self._task = None
-        elif self._lines:
-            lines, self._lines = self._lines, {}
-            self._append(lines)
+        elif self._pending:
+            lines = self._take_ready()
+            if lines:
+                self._append(lines)
+            self._drop_undurable()
 
-    def format(
-        self, batch: Iterable[list[Event]], by_user: dict[str, list[str]] | None = None,
-    ) -> dict[str, list[str]]:
-        if by_user is None:
-            by_user = {}
-        for events in batch:
-            for ev in events:
-                line = self.line(ev)
-                if line is not None:
-                    by_user.setdefault(ev.account, []).append(line)  # type: ignore[attr-defined]
-        return by_user
+    def _drop_undurable(self) -> None:
+        if self._pending:
+            log.warning("audit log: %d lines of commands that never became durable (never "
+                        "acknowledged) were not written", len(self._pending))
+            self._pending = []
 
     def line(self, ev: Event) -> str | None:
         # Enum fields are written through ``_value_``: an f-string would call the enum's

@@ -133,3 +133,32 @@ async def test_a_connection_over_its_rate_limit_is_told_and_nothing_happens(tmp_
             writer.close()
     finally:
         await srv.stop()
+
+
+async def test_audit_lines_wait_for_their_command_to_be_durable(tmp_path, caplog) -> None:
+    """Like the ledger: a crash must not leave a line for an order the recovered exchange
+    never had. Positions here stand for the journal's (its mark and durable position)."""
+    from exchange.engine import Exchange
+    from exchange.markets import default_config
+    from exchange.types import Deposit, OrderType, PlaceOrder, Side
+    from storage.audit import AuditLog
+
+    config = default_config()
+    engine = Exchange(config)
+    position = {"mark": 0, "durable": 0}
+    audit = AuditLog(tmp_path, config, interval=0.01,
+                     mark=lambda: position["mark"], durable=lambda: position["durable"])
+    audit.start()
+    engine.handle(Deposit(1, "alice", "USD", 10**12))
+    for n, price in ((1, 9_000), (2, 9_100)):
+        position["mark"] = n
+        audit(engine.handle(PlaceOrder(10 + n, "alice", "BTC-USD", Side.BUY, OrderType.LIMIT, 100, price)))
+    log = tmp_path / "alice.log"
+    await asyncio.sleep(0.05)
+    assert not log.exists()  # neither command is durable yet
+    position["durable"] = 1
+    await asyncio.sleep(0.05)
+    assert "PLACED order 1 " in log.read_text() and "order 2 " not in log.read_text()
+    await audit.close()  # order 2 never became durable: it was never acknowledged
+    assert "order 2 " not in log.read_text()
+    assert "1 lines of commands that never became durable" in caplog.text
