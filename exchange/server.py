@@ -134,6 +134,7 @@ class ExchangeServer:
             Path(config.data_dir) / "logs", markets, formatter=self.gateway.fmt,
             mark=self.journal.mark, durable=self.journal.durable,
         )
+        self.journal.on_durable.append(self.audit.seal)
         self.gateway.listeners.append(self.ledger)
         self.gateway.listeners.append(self.audit)
         self._server: asyncio.base_events.Server | None = None

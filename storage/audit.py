@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -75,9 +76,10 @@ class AuditLog:
         mark: Callable[[], int] | None = None, durable: Callable[[], int] | None = None,
     ) -> None:
         """``mark`` and ``durable``: the journal's position of the command being handled and
-        how far the journal is durable. With them, a line is written only once its command
-        is durable, like the ledger's trades: a crash cannot leave a line in a user's audit
-        trail for an order the recovered exchange never had (whose id it then reuses)."""
+        how far the journal is durable (and register ``seal`` as a durability callback).
+        With them, a line is written only once its command is durable, like the ledger's
+        trades: a crash cannot leave a line in a user's audit trail for an order the
+        recovered exchange never had (whose id it then reuses)."""
         self.directory = Path(directory)
         self.config = config
         self.fmt = formatter or Formatter(config)
@@ -85,8 +87,13 @@ class AuditLog:
         self.interval = interval
         self._mark = mark
         self._durable = durable
-        # Formatted, not yet written: (journal position of its command, user, line).
-        self._pending: list[tuple[int, str, str]] = []
+        # Formatted, not yet written, per user: the lines since the journal last reported
+        # progress (``seal``) and the position of their last command; then the older such
+        # groups, each written once its last command is durable. A position per group, not
+        # per line: a tuple per line cost 3-4 % of the gateway's throughput.
+        self._lines: dict[str, list[str]] = {}
+        self._lines_mark = 0
+        self._sealed: deque[tuple[int, dict[str, list[str]]]] = deque()
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
@@ -95,33 +102,38 @@ class AuditLog:
 
     def __call__(self, events: list[Event]) -> None:
         """Gateway listener: format the command's lines into memory; writing is later."""
-        mark = self._mark() if self._mark is not None else 0
-        pending = self._pending
+        if self._mark is not None:
+            self._lines_mark = self._mark()
+        by_user = self._lines
         for ev in events:
             line = self.line(ev)
             if line is not None:
-                pending.append((mark, ev.account, line))  # type: ignore[attr-defined]
+                lines = by_user.get(ev.account)  # type: ignore[attr-defined]
+                if lines is None:
+                    lines = by_user[ev.account] = []  # type: ignore[attr-defined]
+                lines.append(line)
 
-    def _take_ready(self, everything: bool = False) -> dict[str, list[str]]:
+    def seal(self, _upto: int = 0) -> None:
+        """Journal durability callback: close the current group of lines (the next ones may
+        belong to commands that are not durable yet)."""
+        if self._lines:
+            self._sealed.append((self._lines_mark, self._lines))
+            self._lines = {}
+
+    def _take_ready(self) -> dict[str, list[str]]:
         """The lines whose commands are durable, by user, in order; the rest stay."""
-        pending = self._pending
-        if everything or self._durable is None:
-            ready, self._pending = pending, []
-        else:
-            durable = self._durable()
-            i = 0
-            n = len(pending)
-            while i < n and pending[i][0] <= durable:  # positions only grow along the list
-                i += 1
-            ready = pending[:i]
-            del pending[:i]
-        by_user: dict[str, list[str]] = {}
-        for _, user, line in ready:
-            lines = by_user.get(user)
-            if lines is None:
-                lines = by_user[user] = []
-            lines.append(line)
-        return by_user
+        self.seal()
+        sealed = self._sealed
+        durable = self._durable() if self._durable is not None else None
+        ready: dict[str, list[str]] = {}
+        while sealed and (durable is None or sealed[0][0] <= durable):
+            for user, lines in sealed.popleft()[1].items():
+                have = ready.get(user)
+                if have is None:
+                    ready[user] = lines
+                else:
+                    have.extend(lines)
+        return ready
 
     # -- background -------------------------------------------------------------------
 
@@ -160,17 +172,20 @@ class AuditLog:
         if self._task is not None:
             await self._task
             self._task = None
-        elif self._pending:
+        else:
             lines = self._take_ready()
             if lines:
                 self._append(lines)
             self._drop_undurable()
 
     def _drop_undurable(self) -> None:
-        if self._pending:
+        dropped = sum(len(lines) for _, group in self._sealed for lines in group.values())
+        dropped += sum(len(lines) for lines in self._lines.values())
+        if dropped:
             log.warning("audit log: %d lines of commands that never became durable (never "
-                        "acknowledged) were not written", len(self._pending))
-            self._pending = []
+                        "acknowledged) were not written", dropped)
+        self._sealed.clear()
+        self._lines = {}
 
     def line(self, ev: Event) -> str | None:
         # Enum fields are written through ``_value_``: an f-string would call the enum's

@@ -150,13 +150,18 @@ async def test_audit_lines_wait_for_their_command_to_be_durable(tmp_path, caplog
                      mark=lambda: position["mark"], durable=lambda: position["durable"])
     audit.start()
     engine.handle(Deposit(1, "alice", "USD", 10**12))
-    for n, price in ((1, 9_000), (2, 9_100)):
+
+    def place(n: int, price: int) -> None:
         position["mark"] = n
         audit(engine.handle(PlaceOrder(10 + n, "alice", "BTC-USD", Side.BUY, OrderType.LIMIT, 100, price)))
+
     log = tmp_path / "alice.log"
+    place(1, 9_000)
     await asyncio.sleep(0.05)
-    assert not log.exists()  # neither command is durable yet
+    assert not log.exists()  # not durable yet
     position["durable"] = 1
+    audit.seal(1)  # as the journal's durability callback does
+    place(2, 9_100)
     await asyncio.sleep(0.05)
     assert "PLACED order 1 " in log.read_text() and "order 2 " not in log.read_text()
     await audit.close()  # order 2 never became durable: it was never acknowledged
