@@ -135,6 +135,7 @@ class ExchangeServer:
             mark=self.journal.mark, durable=self.journal.durable,
         )
         self.journal.on_durable.append(self.audit.seal)
+        self.persistence.before_trim = self.audit.flush_through
         self.gateway.listeners.append(self.ledger)
         self.gateway.listeners.append(self.audit)
         self._server: asyncio.base_events.Server | None = None
@@ -146,7 +147,7 @@ class ExchangeServer:
     async def start(self) -> tuple[str, int]:
         Path(self.config.data_dir).mkdir(parents=True, exist_ok=True)
         try:
-            engine = self.persistence.recover()
+            engine = self.persistence.recover(replay=self.audit)
         except RecoveryError as exc:
             await self.persistence.ledger.close()
             raise StartupError(str(exc)) from None

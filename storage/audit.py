@@ -26,6 +26,8 @@ from exchange.types import CommandRejected, Event, ExecReport, ExecType
 
 log = logging.getLogger("storage.audit")
 
+POSITION_FILE = ".position"  # in the logs directory: the journal position written through
+
 
 class _Clock:
     """ISO-8601 UTC stamps; the date-and-second part is formatted once per second."""
@@ -94,6 +96,14 @@ class AuditLog:
         self._lines: dict[str, list[str]] = {}
         self._lines_mark = 0
         self._sealed: deque[tuple[int, dict[str, list[str]]]] = deque()
+        # The journal position through which every line is in the files (``.position``,
+        # rewritten after each append): recovery rebuilds the lines of the commands after it.
+        self._written: int | None = self._read_position() if mark is not None else None
+        self._saved: int | None = self._written
+        self._rebuild: dict[str, list[str]] = {}
+        self._rebuild_lines = 0
+        self._rebuilt = 0
+        self._deduped: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
@@ -121,19 +131,109 @@ class AuditLog:
             self._lines = {}
 
     def _take_ready(self) -> dict[str, list[str]]:
-        """The lines whose commands are durable, by user, in order; the rest stay."""
+        """The lines whose commands are durable, by user, in order; the rest stay.
+
+        Also moves ``_written`` to the journal position these lines complete: the durable
+        position itself when nothing is left waiting (commands without lines count too).
+        """
         self.seal()
         sealed = self._sealed
         durable = self._durable() if self._durable is not None else None
         ready: dict[str, list[str]] = {}
+        upto = self._written
         while sealed and (durable is None or sealed[0][0] <= durable):
-            for user, lines in sealed.popleft()[1].items():
+            mark, group = sealed.popleft()
+            upto = mark
+            for user, lines in group.items():
                 have = ready.get(user)
                 if have is None:
                     ready[user] = lines
                 else:
                     have.extend(lines)
+        if durable is not None and not sealed:
+            upto = durable
+        if upto is not None and self._mark is not None:
+            self._written = upto if self._written is None else max(self._written, upto)
         return ready
+
+    # -- position and recovery ----------------------------------------------------------
+
+    def _read_position(self) -> int | None:
+        try:
+            return int((self.directory / POSITION_FILE).read_text(encoding="ascii").strip())
+        except (OSError, ValueError):
+            return None
+
+    def _save_position(self, upto: int | None) -> None:
+        """After the lines are appended (so a crash in between repeats them, never loses)."""
+        if upto is None or upto == self._saved:
+            return
+        path = self.directory / POSITION_FILE
+        tmp = path.with_name(POSITION_FILE + ".tmp")
+        try:
+            tmp.write_text(f"{upto}\n", encoding="ascii")
+            os.replace(tmp, path)
+            self._saved = upto
+        except OSError as exc:
+            log.error("cannot record the audit log position in %s: %s", path, exc.strerror or exc)
+
+    async def flush_through(self, lsn: int) -> None:
+        """Until every line of the commands up to journal position ``lsn`` is in the files.
+
+        Called before journal segments are removed after a snapshot: from then on those
+        commands could no longer be replayed to rebuild lost lines.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        while (self._saved is None or self._saved < lsn) and self._task is not None and not self._task.done():
+            self._wake.set()
+            await asyncio.sleep(self.interval / 4)
+            if loop.time() > deadline:
+                log.warning("audit log: not written through journal record %d after 5 s", lsn)
+                return
+
+    def replay_begin(self, snapshot_lsn: int) -> int:
+        """Recovery starts replaying the journal after ``snapshot_lsn``; returns the
+        position after which this log wants the replayed commands."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self._written is None:  # no position recorded: assume the files are complete
+            self._written = self._saved = snapshot_lsn
+        elif self._written < snapshot_lsn:
+            log.warning("audit log: lines of journal records %d..%d were never written and "
+                        "cannot be rebuilt (the snapshot covers them)", self._written + 1, snapshot_lsn)
+            self._written = snapshot_lsn
+        return self._written
+
+    def replay_record(self, lsn: int, events: list[Event]) -> None:
+        """A replayed command: write its lines if the files stopped before it (a crash)."""
+        if self._written is not None and lsn <= self._written:
+            return
+        by_user = self._rebuild
+        for ev in events:
+            line = self.line(ev)
+            if line is not None:
+                lines = by_user.get(ev.account)  # type: ignore[attr-defined]
+                if lines is None:
+                    lines = by_user[ev.account] = []  # type: ignore[attr-defined]
+                lines.append(line)
+                self._rebuilt += 1
+                self._rebuild_lines += 1
+        if self._rebuild_lines >= 20_000:  # a long journal: write as it goes, position too
+            self._append_rebuilt(by_user, lsn)
+            self._rebuild = {}
+            self._rebuild_lines = 0
+            self._written = lsn
+
+    def replay_end(self, lsn: int) -> None:
+        """Recovery is done at journal position ``lsn``: every line through it is written."""
+        if self._rebuild:
+            self._append_rebuilt(self._rebuild, lsn)
+            self._rebuild = {}
+        if self._rebuilt:
+            log.warning("audit log: rebuilt %d lines of commands acknowledged before a crash",
+                        self._rebuilt)
+        self._written = lsn
+        self._save_position(lsn)
 
     # -- background -------------------------------------------------------------------
 
@@ -149,21 +249,20 @@ class AuditLog:
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
-            lines = self._take_ready()
-            if lines:
-                try:
-                    await loop.run_in_executor(None, self._append, lines)
-                except OSError:
-                    log.exception("cannot write the audit log in %s", self.directory)
+            await self._write_ready(loop)
             if self._closing:
-                rest = self._take_ready()  # what became durable while that was written
-                if rest:
-                    try:
-                        await loop.run_in_executor(None, self._append, rest)
-                    except OSError:
-                        log.exception("cannot write the audit log in %s", self.directory)
+                await self._write_ready(loop)  # what became durable while that was written
                 self._drop_undurable()
                 return
+
+    async def _write_ready(self, loop: asyncio.AbstractEventLoop) -> None:
+        lines = self._take_ready()
+        upto = self._written
+        if lines or upto != self._saved:
+            try:
+                await loop.run_in_executor(None, self._append, lines, upto)
+            except OSError:
+                log.exception("cannot write the audit log in %s", self.directory)
 
     async def close(self) -> None:
         """Write every line whose command is durable (close the journal first), then stop."""
@@ -174,8 +273,8 @@ class AuditLog:
             self._task = None
         else:
             lines = self._take_ready()
-            if lines:
-                self._append(lines)
+            if lines or self._written != self._saved:
+                self._append(lines, self._written)
             self._drop_undurable()
 
     def _drop_undurable(self) -> None:
@@ -225,7 +324,23 @@ class AuditLog:
             return f"{stamp(ev.ts)} REJECTED {ev.command}{target}: {_text(ev.reason)}"  # type: ignore[attr-defined]
         return None
 
-    def _append(self, lines: dict[str, list[str]]) -> None:
+    def _append_rebuilt(self, lines: dict[str, list[str]], upto: int) -> None:
+        """Rebuilt lines, minus those a crash left written but not yet counted in the position
+        (appended, then killed before the position file was updated): a user's first
+        rebuilt lines are compared with the end of the file and the overlap skipped. Lines
+        carry microsecond stamps and ids, so a match is the same line, not a look-alike."""
+        for user, user_lines in lines.items():
+            if user in self._deduped:
+                continue
+            self._deduped.add(user)
+            overlap = _overlap(_tail_lines(self.directory / f"{user}.log"), user_lines)
+            if overlap:
+                self._rebuilt -= overlap
+                del user_lines[:overlap]
+        self._append({u: ls for u, ls in lines.items() if ls}, upto)
+
+    def _append(self, lines: dict[str, list[str]], upto: int | None = None) -> None:
+        """Append each user's lines (worker thread), then record the position they reach."""
         for user, user_lines in lines.items():
             if not safe_user_file(user):
                 continue
@@ -235,6 +350,33 @@ class AuditLog:
                     fh.write("\n".join(user_lines) + "\n")
             except OSError as exc:  # one user's file must not cost the others their lines
                 log.error("cannot append to the audit log %s: %s", path, exc.strerror or exc)
+        self._save_position(upto)
+
+
+def _tail_lines(path: Path, limit: int = 1 << 20) -> list[str]:
+    """The complete lines in the last ``limit`` bytes of ``path`` (none if it is missing)."""
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, size - limit))
+            data = fh.read()
+    except OSError:
+        return []
+    lines = data.decode("utf-8", "replace").split("\n")
+    if size > limit:
+        lines = lines[1:]  # the first one is cut
+    return lines[:-1]  # after the last newline: nothing, or a line never finished
+
+
+def _overlap(tail: list[str], lines: list[str]) -> int:
+    """The largest k such that ``tail`` ends with ``lines[:k]``."""
+    if not tail or not lines:
+        return 0
+    first = lines[0]
+    for i in range(max(0, len(tail) - len(lines)), len(tail)):
+        if tail[i] == first and tail[i:] == lines[:len(tail) - i]:
+            return len(tail) - i
+    return 0
 
 
 def safe_user_file(user: str) -> bool:

@@ -36,12 +36,12 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 from exchange.engine import Exchange
 from exchange.markets import MarketConfig
 from exchange.state import StateError, export_state, import_state
-from exchange.types import CommandRejected, ExecReport, ExecType, STPMode, Trade
+from exchange.types import CommandRejected, Event, ExecReport, ExecType, STPMode, Trade
 from storage.lock import DataDirBusy, DataDirLock
 from storage.journal import (
     JOURNAL_DIR, Journal, JournalError, decode, list_segments, read_journal, segment_name,
@@ -64,6 +64,17 @@ def config_fingerprint(config: MarketConfig) -> dict[str, Any]:
         "assets": {name: a.decimals for name, a in config.assets.items()},
         "markets": [m.describe() for m in config.markets.values()],
     }
+
+
+class ReplayListener(Protocol):
+    """Told of every command replayed at recovery (the audit log rebuilds lost lines)."""
+
+    def replay_begin(self, snapshot_lsn: int) -> int:
+        """Returns the position after which it wants the records."""
+
+    def replay_record(self, lsn: int, events: list[Event]) -> None: ...
+
+    def replay_end(self, lsn: int) -> None: ...
 
 
 def same_config(saved: Any, current: dict[str, Any]) -> bool:
@@ -113,10 +124,12 @@ class Persistence:
         self._task: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None
         self._last_snapshot = time.monotonic()
+        # Awaited before old journal segments are removed (the audit log's catch-up).
+        self.before_trim: Callable[[int], Awaitable[None]] | None = None
 
     # -- start-up ---------------------------------------------------------------------
 
-    def recover(self) -> Exchange:
+    def recover(self, replay: ReplayListener | None = None) -> Exchange:
         """Rebuild the engine from disk (see the module docstring); raises RecoveryError.
 
         Takes the data directory's lock first and keeps it until ``close``: a second
@@ -127,12 +140,12 @@ class Persistence:
         except DataDirBusy as exc:
             raise RecoveryError(str(exc)) from None
         try:
-            return self._recover()
+            return self._recover(replay)
         except BaseException:
             self.dir_lock.release()
             raise
 
-    def _recover(self) -> Exchange:
+    def _recover(self, replay: ReplayListener | None) -> Exchange:
         started = time.perf_counter()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for leftover in remove_leftover_temp_files(self.snapshot_path):
@@ -198,6 +211,8 @@ class Persistence:
             for ev in events:
                 if ev.__class__ is Trade:
                     replayed_trades.append(ev)  # type: ignore[arg-type]
+            if lsn > replay_after:
+                replay.replay_record(lsn, events)  # type: ignore[union-attr]
             ts_box[0] = command.ts
 
         journal_dir = self.data_dir / JOURNAL_DIR
@@ -211,6 +226,7 @@ class Persistence:
                 "acknowledged after that snapshot would be silently dropped. Restore it; or, to "
                 f"start from the snapshot alone on purpose, create the empty file {first}"
             )
+        replay_after = replay.replay_begin(lsn) if replay is not None else 1 << 62
         try:
             scan = read_journal(journal_dir, lsn, apply)
         except JournalError as exc:
@@ -258,6 +274,8 @@ class Persistence:
         if needs_snapshot:
             write_snapshot(self.snapshot_path, self._content(engine, lsn, self.recovered_ts))
         self.snapshot_lsn = lsn
+        if replay is not None:
+            replay.replay_end(lsn)  # before the segments go: they are what it replays from
         for _, path in list_segments(journal_dir):
             path.unlink()  # all covered by the durable snapshot at ``lsn``
         self.journal.open(lsn + 1)
@@ -334,6 +352,8 @@ class Persistence:
             size = await loop.run_in_executor(None, write_snapshot, self.snapshot_path, content)
             self.snapshot_lsn = lsn
             self._last_snapshot = time.monotonic()
+            if self.before_trim is not None:
+                await self.before_trim(lsn)
             removed = await loop.run_in_executor(None, journal.remove_before, lsn + 1)
             log.info("snapshot at journal record %d: %d open orders, %d bytes, %.2f s; %d old "
                      "journal segments removed", lsn, len(self.engine.orders), size,

@@ -167,3 +167,42 @@ async def test_audit_lines_wait_for_their_command_to_be_durable(tmp_path, caplog
     await audit.close()  # order 2 never became durable: it was never acknowledged
     assert "order 2 " not in log.read_text()
     assert "1 lines of commands that never became durable" in caplog.text
+
+
+async def test_rebuilt_audit_lines_skip_what_a_crash_left_written(tmp_path) -> None:
+    """Recovery rebuilds the lines of commands after the audit log's recorded position; a
+    kill between appending lines and recording the position must not write them twice."""
+    from exchange.engine import Exchange
+    from exchange.markets import default_config
+    from exchange.types import Deposit, OrderType, PlaceOrder, Side
+    from storage.audit import AuditLog
+
+    config = default_config()
+    engine = Exchange(config)
+    engine.handle(Deposit(1, "alice", "USD", 10**12))
+    records = [
+        (n, engine.handle(PlaceOrder(10 + n, "alice", "BTC-USD", Side.BUY, OrderType.LIMIT, 100, 9_000 + n)))
+        for n in (1, 2, 3)
+    ]
+    position = {"mark": 0, "durable": 0}
+
+    def audit_log() -> AuditLog:
+        return AuditLog(tmp_path, config, mark=lambda: position["mark"], durable=lambda: position["durable"])
+
+    before = audit_log()
+    for n, events in records[:2]:
+        position["mark"] = n
+        before(events)
+    position["durable"] = 2
+    await before.close()  # lines of 1 and 2 written, position 2 ...
+    assert (tmp_path / ".position").read_text().strip() == "2"
+    (tmp_path / ".position").write_text("0\n")  # ... but killed before it was recorded
+    after = audit_log()
+    assert after.replay_begin(0) == 0
+    for n, events in records:
+        after.replay_record(n, events)
+    after.replay_end(3)
+    text = (tmp_path / "alice.log").read_text()
+    assert [text.count(f" PLACED order {oid} ") for oid in (1, 2, 3)] == [1, 1, 1]
+    assert text.index(" order 2 ") < text.index(" order 3 ")
+    assert (tmp_path / ".position").read_text().strip() == "3"

@@ -10,7 +10,8 @@ Several clients pipeline orders and cancels at the engine subprocess; at a rando
   ledger holds trade ids 1..N with no gap and no repeat;
 * the ledger bytes written before the crash are unchanged (only appended to);
 * the recovered state conserves every asset and keeps every invariant;
-* ids continue after everything ever handed out: a new order and a new trade get fresh ids.
+* ids continue after everything ever handed out: a new order and a new trade get fresh ids;
+* every user's audit log has each acknowledged order and each fill it was told of, once.
 """
 
 from __future__ import annotations
@@ -186,6 +187,18 @@ async def test_kill_9_under_load_loses_no_acknowledged_order_or_trade(
         fill = await next_exec(buyer, "trade")
         assert fill["trade_id"] == len(ids) + 1
         assert await eng.stop() == 0
+        # Every user's audit log has each acknowledged order placed, and each fill it was
+        # told of, exactly once: lines lost with the crash were rebuilt from the journal.
+        for t in traders:
+            log = (eng.data / "logs" / f"{t.user}.log").read_text()
+            lines = log.splitlines()
+            for oid in t.acked:
+                assert log.count(f" PLACED order {oid} ") == 1, (t.user, oid)
+            for r in reports[t.user]:
+                if r.get("trade_id") is not None:  # (a user may be both sides of a trade)
+                    fill = f" FILL order {r['order_id']} "
+                    tag = f"trade {r['trade_id']}); "
+                    assert sum(fill in x and tag in x for x in lines) == 1, (t.user, r["trade_id"])
         final = read_ledger(eng.data / "trades.jsonl")
         assert [t["trade_id"] for t in final] == list(range(1, len(ids) + 2))
         assert (eng.data / "trades.jsonl").read_bytes().startswith(ledger_bytes)
