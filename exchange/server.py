@@ -135,7 +135,7 @@ class ExchangeServer:
             mark=self.journal.mark, durable=self.journal.durable,
         )
         self.journal.on_durable.append(self.audit.seal)
-        self.persistence.before_trim = self.audit.flush_through
+        self.persistence.before_snapshot = self.audit.flush_through
         self.gateway.listeners.append(self.ledger)
         self.gateway.listeners.append(self.audit)
         self._server: asyncio.base_events.Server | None = None
@@ -168,8 +168,11 @@ class ExchangeServer:
                 reuse_address=True,
             )
         except OSError as exc:
-            await self.persistence.close()
-            await self.audit.close()
+            try:
+                await self.persistence.close(release_lock=False)
+                await self.audit.close()
+            finally:
+                self.persistence.dir_lock.release()
             raise StartupError(
                 f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror or exc}"
             ) from None
@@ -220,8 +223,11 @@ class ExchangeServer:
             except asyncio.TimeoutError:
                 log.warning("some connections did not close in time")
             self._server = None
-        await self.persistence.close()
-        await self.audit.close()
+        try:
+            await self.persistence.close(release_lock=False)
+            await self.audit.close()
+        finally:
+            self.persistence.dir_lock.release()  # last: the audit files are written too
 
 
 def parse_balances(text: str) -> dict[str, str]:

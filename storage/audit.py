@@ -103,7 +103,8 @@ class AuditLog:
         self._rebuild: dict[str, list[str]] = {}
         self._rebuild_lines = 0
         self._rebuilt = 0
-        self._deduped: set[str] = set()
+        self._seen: dict[str, set[str]] = {}
+        self._torn: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
@@ -180,8 +181,8 @@ class AuditLog:
     async def flush_through(self, lsn: int) -> None:
         """Until every line of the commands up to journal position ``lsn`` is in the files.
 
-        Called before journal segments are removed after a snapshot: from then on those
-        commands could no longer be replayed to rebuild lost lines.
+        Called before a snapshot at ``lsn`` is written: from then on recovery never replays
+        those commands, so their lines could no longer be rebuilt.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5.0
@@ -232,6 +233,9 @@ class AuditLog:
         if self._rebuilt:
             log.warning("audit log: rebuilt %d lines of commands acknowledged before a crash",
                         self._rebuilt)
+        if self._written is not None and self._written > lsn:
+            log.warning("audit log: its position (record %d) was ahead of the journal (record "
+                        "%d): lines of commands up to it were not rebuilt", self._written, lsn)
         self._written = lsn
         self._save_position(lsn)
 
@@ -326,18 +330,30 @@ class AuditLog:
 
     def _append_rebuilt(self, lines: dict[str, list[str]], upto: int) -> None:
         """Rebuilt lines, minus those a crash left written but not yet counted in the position
-        (appended, then killed before the position file was updated): a user's first
-        rebuilt lines are compared with the end of the file and the overlap skipped. Lines
-        carry microsecond stamps and ids, so a match is the same line, not a look-alike."""
+        (appended, then killed before the position file was updated).
+
+        The first time a user comes up, the end of their file back to the stamp of their
+        first rebuilt line is read (before anything is appended): every line there is of a
+        command after the position, or of a request that was never journaled, and any
+        rebuilt line found there is skipped. Lines carry microsecond stamps and ids, so a
+        match is the same line, not a look-alike.
+        """
+        out: dict[str, list[str]] = {}
         for user, user_lines in lines.items():
-            if user in self._deduped:
-                continue
-            self._deduped.add(user)
-            overlap = _overlap(_tail_lines(self.directory / f"{user}.log"), user_lines)
-            if overlap:
-                self._rebuilt -= overlap
-                del user_lines[:overlap]
-        self._append({u: ls for u, ls in lines.items() if ls}, upto)
+            seen = self._seen.get(user)
+            if seen is None:
+                seen, torn = _written_since(self.directory / f"{user}.log", user_lines[0][:_STAMP_LEN])
+                self._seen[user] = seen
+                if torn:
+                    self._torn.add(user)
+            fresh = [line for line in user_lines if line not in seen] if seen else user_lines
+            self._rebuilt -= len(user_lines) - len(fresh)
+            if fresh:
+                if user in self._torn:  # a line cut short by the crash: start a line of our own
+                    self._torn.discard(user)
+                    fresh[0] = "\n" + fresh[0]
+                out[user] = fresh
+        self._append(out, upto)
 
     def _append(self, lines: dict[str, list[str]], upto: int | None = None) -> None:
         """Append each user's lines (worker thread), then record the position they reach."""
@@ -353,30 +369,45 @@ class AuditLog:
         self._save_position(upto)
 
 
-def _tail_lines(path: Path, limit: int = 1 << 20) -> list[str]:
-    """The complete lines in the last ``limit`` bytes of ``path`` (none if it is missing)."""
+_STAMP_LEN = len("2026-01-01T00:00:00.000000Z")
+
+
+def _written_since(path: Path, stamp: str, chunk: int = 1 << 20) -> tuple[set[str], bool]:
+    """The complete lines at the end of ``path`` stamped ``stamp`` or later (read backwards
+    a chunk at a time until an older line shows up), and whether the file ends in the middle
+    of a line."""
     try:
-        with open(path, "rb") as fh:
-            size = fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, size - limit))
-            data = fh.read()
+        fh = open(path, "rb")
     except OSError:
-        return []
-    lines = data.decode("utf-8", "replace").split("\n")
-    if size > limit:
-        lines = lines[1:]  # the first one is cut
-    return lines[:-1]  # after the last newline: nothing, or a line never finished
-
-
-def _overlap(tail: list[str], lines: list[str]) -> int:
-    """The largest k such that ``tail`` ends with ``lines[:k]``."""
-    if not tail or not lines:
-        return 0
-    first = lines[0]
-    for i in range(max(0, len(tail) - len(lines)), len(tail)):
-        if tail[i] == first and tail[i:] == lines[:len(tail) - i]:
-            return len(tail) - i
-    return 0
+        return set(), False
+    with fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return set(), False
+        data = b""
+        pos = size
+        key = stamp.encode("ascii", "replace")
+        while pos > 0:
+            step = min(chunk, pos)
+            pos -= step
+            fh.seek(pos)
+            data = fh.read(step) + data
+            first_newline = data.find(b"\n")
+            if pos > 0 and first_newline < 0:
+                continue  # not one whole line yet
+            oldest = data if pos == 0 else data[first_newline + 1:]
+            if oldest[:_STAMP_LEN] < key:
+                break
+    torn = not data.endswith(b"\n")
+    lines = data.split(b"\n")
+    if pos > 0:
+        lines = lines[1:]  # cut by the chunk boundary
+    lines = lines[:-1]  # after the last newline: nothing, or a line the crash cut short
+    found = set()
+    for raw in lines:
+        if raw[:_STAMP_LEN] >= key:
+            found.add(raw.decode("utf-8", "replace"))
+    return found, torn
 
 
 def safe_user_file(user: str) -> bool:

@@ -124,8 +124,9 @@ class Persistence:
         self._task: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None
         self._last_snapshot = time.monotonic()
-        # Awaited before old journal segments are removed (the audit log's catch-up).
-        self.before_trim: Callable[[int], Awaitable[None]] | None = None
+        # Awaited before a snapshot at a journal position is written (the audit log catches
+        # up to it): from then on, recovery never replays the records it covers.
+        self.before_snapshot: Callable[[int], Awaitable[None]] | None = None
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -271,11 +272,12 @@ class Persistence:
             or content.get("state", {}).get("default_stp") != self.default_stp.value
         )
         ledger.sync_blocking()  # every trade of the state is in the ledger before the snapshot
+        if replay is not None:
+            # Before the snapshot: once it covers these records, they are never replayed again.
+            replay.replay_end(lsn)
         if needs_snapshot:
             write_snapshot(self.snapshot_path, self._content(engine, lsn, self.recovered_ts))
         self.snapshot_lsn = lsn
-        if replay is not None:
-            replay.replay_end(lsn)  # before the segments go: they are what it replays from
         for _, path in list_segments(journal_dir):
             path.unlink()  # all covered by the durable snapshot at ``lsn``
         self.journal.open(lsn + 1)
@@ -348,20 +350,24 @@ class Persistence:
             journal.rotate()
             await journal.wait_durable(lsn)
             await self.ledger.sync()
+            if self.before_snapshot is not None:
+                await self.before_snapshot(lsn)
             loop = asyncio.get_running_loop()
             size = await loop.run_in_executor(None, write_snapshot, self.snapshot_path, content)
             self.snapshot_lsn = lsn
             self._last_snapshot = time.monotonic()
-            if self.before_trim is not None:
-                await self.before_trim(lsn)
             removed = await loop.run_in_executor(None, journal.remove_before, lsn + 1)
             log.info("snapshot at journal record %d: %d open orders, %d bytes, %.2f s; %d old "
                      "journal segments removed", lsn, len(self.engine.orders), size,
                      time.perf_counter() - started, removed)
             return True
 
-    async def close(self) -> None:
-        """Final snapshot, then the journal and the ledger, durable and closed."""
+    async def close(self, release_lock: bool = True) -> None:
+        """Final snapshot, then the journal and the ledger, durable and closed.
+
+        ``release_lock=False`` keeps the data directory locked: the server still has the
+        audit log to close, and another exchange must not start on it meanwhile.
+        """
         if self._task is not None:
             self._task.cancel()
             try:
@@ -377,4 +383,5 @@ class Persistence:
             await self.journal.close()
             await self.ledger.close()
         finally:
-            self.dir_lock.release()
+            if release_lock:
+                self.dir_lock.release()

@@ -206,3 +206,77 @@ async def test_rebuilt_audit_lines_skip_what_a_crash_left_written(tmp_path) -> N
     assert [text.count(f" PLACED order {oid} ") for oid in (1, 2, 3)] == [1, 1, 1]
     assert text.index(" order 2 ") < text.index(" order 3 ")
     assert (tmp_path / ".position").read_text().strip() == "3"
+
+
+def _audit_at(tmp_path, position: dict[str, int]):  # type: ignore[no-untyped-def]
+    from exchange.markets import default_config
+    from storage.audit import AuditLog
+
+    return AuditLog(tmp_path, default_config(), mark=lambda: position["mark"],
+                    durable=lambda: position["durable"])
+
+
+async def test_rebuilt_audit_lines_skip_written_ones_around_a_rejected_request(tmp_path) -> None:
+    """A rejection is written to the audit log but never journaled, so it is never rebuilt:
+    it can sit between lines the crash left written; they must still be recognised."""
+    from exchange.engine import Exchange
+    from exchange.markets import default_config
+    from exchange.types import CancelOrder, Deposit, OrderType, PlaceOrder, Side
+
+    engine = Exchange(default_config())
+    engine.handle(Deposit(1, "alice", "USD", 10**12))
+    r1 = engine.handle(PlaceOrder(11, "alice", "BTC-USD", Side.BUY, OrderType.LIMIT, 100, 9_001))
+    rejected = engine.handle(CancelOrder(12, "alice", 999_999))
+    r2 = engine.handle(PlaceOrder(13, "alice", "BTC-USD", Side.BUY, OrderType.LIMIT, 100, 9_002))
+    r3 = engine.handle(PlaceOrder(14, "alice", "BTC-USD", Side.BUY, OrderType.LIMIT, 100, 9_003))
+    position = {"mark": 0, "durable": 0}
+    before = _audit_at(tmp_path, position)
+    position["mark"] = 1
+    before(r1)
+    before(rejected)  # not journaled: the mark stays
+    position["mark"] = 2
+    before(r2)
+    position["durable"] = 2
+    await before.close()
+    (tmp_path / ".position").write_text("0\n")  # killed between the append and the position
+    after = _audit_at(tmp_path, position)
+    after.replay_begin(0)
+    for lsn, events in ((1, r1), (2, r2), (3, r3)):
+        after.replay_record(lsn, events)
+    after.replay_end(3)
+    text = (tmp_path / "alice.log").read_text()
+    assert [text.count(f" PLACED order {o} ") for o in (1, 2, 3)] == [1, 1, 1]
+    assert text.count("REJECTED CancelOrder order 999999") == 1
+
+
+async def test_rebuilt_audit_lines_skip_more_than_a_mebibyte_of_written_ones(tmp_path) -> None:
+    from exchange.engine import Exchange
+    from exchange.markets import default_config
+    from exchange.types import Deposit, OrderType, PlaceOrder, Side
+
+    engine = Exchange(default_config())
+    engine.handle(Deposit(1, "alice", "USD", 10**15))
+    records = [(n, engine.handle(PlaceOrder(10 + n, "alice", "BTC-USD", Side.BUY, OrderType.LIMIT, 1,
+                                            5_000 + n % 4000))) for n in range(1, 9001)]
+    position = {"mark": 0, "durable": 0}
+    before = _audit_at(tmp_path, position)
+    for n, events in records:
+        position["mark"] = n
+        before(events)
+    position["durable"] = len(records)
+    await before.close()
+    size = (tmp_path / "alice.log").stat().st_size
+    assert size > 1 << 20
+    (tmp_path / ".position").write_text("0\n")
+    with open(tmp_path / "alice.log", "r+b") as fh:
+        fh.truncate(size - 20)  # the kill cut the last line (order 9000's) short
+    after = _audit_at(tmp_path, position)
+    after.replay_begin(0)
+    for n, events in records:
+        after.replay_record(n, events)
+    after.replay_end(len(records))
+    lines = (tmp_path / "alice.log").read_text().splitlines()
+    whole = [line for line in lines if line.endswith(", new")]
+    assert len(whole) == 9000 and len(set(whole)) == 9000  # each once, order 9000's rebuilt
+    assert len(lines) == 9001 and not lines[-2].endswith(", new")  # the cut line, on its own
+    assert all(line.count(" PLACED ") == 1 for line in lines)

@@ -363,3 +363,48 @@ async def test_a_markets_file_is_checked_against_the_journal_it_must_replay(
         err = await engine.refuse()
         assert "different market configuration" in err and "previous --markets file" in err
         assert data_files(engine.data) == files
+
+
+CRASH_AT_SNAPSHOT = r'''
+import asyncio, os, sys
+from pathlib import Path
+import orjson
+from exchange.server import ExchangeServer, ServerConfig
+
+async def main():
+    srv = ExchangeServer(ServerConfig(port=0, data_dir=Path(sys.argv[1]), stats_interval=0,
+                                      snapshot_interval=0, snapshot_records=0))
+    srv.audit.interval = 60.0  # the audit writer's next pass has not come yet
+    await srv.start()
+    r, w = await asyncio.open_connection(*srv.address)
+    w.write(b'{"op":"login","user":"alice","id":0}\n')
+    await r.readline()
+    for i in range(1, 6):
+        w.write(b'{"op":"order","id":%d,"market":"BTC-USD","side":"buy","type":"limit",'
+                b'"price":"90.00","qty":"0.01"}\n' % i)
+        while orjson.loads(await r.readline()).get("id") != i:
+            pass
+    async def killed(lsn):  # kill -9 while the snapshot waits for the audit log
+        os._exit(9)
+    srv.persistence.before_snapshot = killed
+    await srv.persistence.snapshot()
+
+asyncio.run(main())
+'''
+
+
+async def test_audit_lines_survive_a_kill_while_a_snapshot_waits_for_them(engine: Engine) -> None:
+    """A snapshot waits for the audit log to catch up before it is written: killed in
+    between, the journal still covers those commands and recovery rebuilds their lines."""
+    engine.data.mkdir(parents=True)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CRASH_AT_SNAPSHOT, str(engine.data), cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    await asyncio.wait_for(proc.communicate(), T)
+    assert proc.returncode == 9
+    assert not (engine.data / "logs" / "alice.log").exists()  # nothing written before the kill
+    await engine.start()
+    assert await engine.stop() == 0
+    text = (engine.data / "logs" / "alice.log").read_text()
+    assert [text.count(f" PLACED order {oid} ") for oid in range(1, 6)] == [1] * 5
