@@ -90,11 +90,11 @@ class AuditLog:
         self._mark = mark
         self._durable = durable
         # Formatted, not yet written, per user: the lines since the journal last reported
-        # progress (``seal``) and the position of their last command; then the older such
-        # groups, each written once its last command is durable. A position per group, not
-        # per line: a tuple per line cost 3-4 % of the gateway's throughput.
+        # progress (``seal``); then the older such groups with the journal's last position
+        # when they were sealed, each written once that position is durable. A position per
+        # group, read when it is sealed: a tuple per line cost 3-4 % of the gateway's
+        # throughput.
         self._lines: dict[str, list[str]] = {}
-        self._lines_mark = 0
         self._sealed: deque[tuple[int, dict[str, list[str]]]] = deque()
         # The journal position through which every line is in the files (``.position``,
         # rewritten after each append): recovery rebuilds the lines of the commands after it.
@@ -113,8 +113,6 @@ class AuditLog:
 
     def __call__(self, events: list[Event]) -> None:
         """Gateway listener: format the command's lines into memory; writing is later."""
-        if self._mark is not None:
-            self._lines_mark = self._mark()
         by_user = self._lines
         for ev in events:
             line = self.line(ev)
@@ -128,7 +126,8 @@ class AuditLog:
         """Journal durability callback: close the current group of lines (the next ones may
         belong to commands that are not durable yet)."""
         if self._lines:
-            self._sealed.append((self._lines_mark, self._lines))
+            # Every command whose lines are here is at or before the journal's last record.
+            self._sealed.append((self._mark() if self._mark is not None else 0, self._lines))
             self._lines = {}
 
     def _take_ready(self) -> dict[str, list[str]]:
