@@ -9,7 +9,7 @@ NATIVE ?= 1
 NATIVE_SRC := exchange/types.py exchange/markets.py exchange/book.py exchange/accounts.py \
 	exchange/engine.py exchange/protocol.py exchange/state.py exchange/gateway.py \
 	storage/audit.py storage/journal.py \
-	simulation/agents.py simulation/budget.py
+	simulation/agents.py simulation/budget.py simulation/embedded.py
 NATIVE_SO := exchange/*.so storage/*.so simulation/*.so *__mypyc*.so
 
 .PHONY: setup run test bench native pure clean

@@ -83,7 +83,7 @@ def native_modules() -> list[str]:
     for name in ("exchange.types", "exchange.markets", "exchange.book", "exchange.accounts",
                  "exchange.engine", "exchange.protocol", "exchange.state", "exchange.gateway",
                  "storage.audit",
-                 "storage.journal", "simulation.agents", "simulation.budget"):
+                 "storage.journal", "simulation.agents", "simulation.budget", "simulation.embedded"):
         module = importlib.import_module(name)
         if not str(module.__file__).endswith(".py"):
             names.append(name.split(".", 1)[1])

@@ -254,7 +254,7 @@ class SimKernel:
             except Exception as exc:
                 box["error"] = exc
 
-        self.spawn(wrapper())
+        _ = self.spawn(wrapper())
         until = None if timeout_ns is None else self.now + timeout_ns
         self.run(until, stop=lambda: bool(box), tick_every=1)
         if "error" in box:
@@ -331,7 +331,7 @@ class EmbeddedExchange:
         self._arrivals: dict[str, int] = {}  # account -> when the last command's reports arrive
         self.stats = {"orders": 0, "trades": 0, "commands": 0}
         self.data_dir = Path(data_dir) if data_dir is not None else None
-        self._ledger = None
+        self._ledger: Any = None
         self._ledger_trades: list[Trade] = []  # formatted a batch at a time by ``flush_ledger``
         self._line = LedgerLines(self.config)
         self._dir_lock: DataDirLock | None = None
