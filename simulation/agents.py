@@ -149,6 +149,11 @@ class Agent:
         self.stats = AgentStats()
         self.funded = False
         self.done = False
+        self.setup()
+
+    def setup(self) -> None:
+        """A kind's own state, from ``self.params``: one hook rather than an ``__init__``
+        per kind repeating the whole signature (mypyc cannot forward ``*args`` to super)."""
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -355,12 +360,7 @@ class RandomTrader(Agent):
 
     kind = "random"
 
-    def __init__(
-        self, name: str, gateway: Gateway, control: RunControl, markets: list[str],
-        seed: int = 0, funding: dict[str, str] | None = None, interval: float = 0.1,
-        params: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(name, gateway, control, markets, seed, funding, interval, params)
+    def setup(self) -> None:
         p = self.params
         self.cancel_ratio = p.get("cancel_ratio", 0.25)
         self.max_open = p.get("max_open", 20)
@@ -399,12 +399,7 @@ class MarketMaker(Agent):
 
     kind = "mm"
 
-    def __init__(
-        self, name: str, gateway: Gateway, control: RunControl, markets: list[str],
-        seed: int = 0, funding: dict[str, str] | None = None, interval: float = 0.1,
-        params: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(name, gateway, control, markets, seed, funding, interval, params)
+    def setup(self) -> None:
         self.quotes: dict[tuple[str, Side], int] = {}  # (market, side) -> order id
         self.quote_times: dict[int, int] = {}
         self.refreshes = 0
@@ -502,12 +497,7 @@ class TwapExecutor(Agent):
 
     kind = "twap"
 
-    def __init__(
-        self, name: str, gateway: Gateway, control: RunControl, markets: list[str],
-        seed: int = 0, funding: dict[str, str] | None = None, interval: float = 0.1,
-        params: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(name, gateway, control, markets, seed, funding, interval, params)
+    def setup(self) -> None:
         p = self.params
         self.market = p.get("market") or self.markets[0]
         self.side = _SELL if p.get("side") == "sell" else _BUY
@@ -584,12 +574,7 @@ class PassiveBuyer(Agent):
 
     kind = "passive"
 
-    def __init__(
-        self, name: str, gateway: Gateway, control: RunControl, markets: list[str],
-        seed: int = 0, funding: dict[str, str] | None = None, interval: float = 0.1,
-        params: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(name, gateway, control, markets, seed, funding, interval, params)
+    def setup(self) -> None:
         p = self.params
         self.market = p.get("market") or self.markets[0]
         profile = self.control.profiles[self.market]

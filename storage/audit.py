@@ -77,8 +77,8 @@ class AuditLog:
         formatter: Formatter | None = None,
         mark: Callable[[], int] | None = None, durable: Callable[[], int] | None = None,
     ) -> None:
-        """``mark`` and ``durable``: the journal's position of the command being handled and
-        how far the journal is durable (and register ``seal`` as a durability callback).
+        """``mark`` and ``durable``: the journal's last record and how far the journal is
+        durable (and register ``seal`` as a durability callback).
         With them, a line is written only once its command is durable, like the ledger's
         trades: a crash cannot leave a line in a user's audit trail for an order the
         recovered exchange never had (whose id it then reuses)."""
@@ -113,7 +113,11 @@ class AuditLog:
 
     def __call__(self, events: list[Event]) -> None:
         """Gateway listener: format the command's lines into memory; writing is later."""
-        by_user = self._lines
+        self._collect(events, self._lines)
+
+    def _collect(self, events: list[Event], by_user: dict[str, list[str]]) -> int:
+        """Add the lines of one command's events to ``by_user``; returns how many."""
+        added = 0
         for ev in events:
             line = self.line(ev)
             if line is not None:
@@ -121,6 +125,8 @@ class AuditLog:
                 if lines is None:
                     lines = by_user[ev.account] = []  # type: ignore[attr-defined]
                 lines.append(line)
+                added += 1
+        return added
 
     def seal(self, _upto: int = 0) -> None:
         """Journal durability callback: close the current group of lines (the next ones may
@@ -208,18 +214,11 @@ class AuditLog:
         """A replayed command: write its lines if the files stopped before it (a crash)."""
         if self._written is not None and lsn <= self._written:
             return
-        by_user = self._rebuild
-        for ev in events:
-            line = self.line(ev)
-            if line is not None:
-                lines = by_user.get(ev.account)  # type: ignore[attr-defined]
-                if lines is None:
-                    lines = by_user[ev.account] = []  # type: ignore[attr-defined]
-                lines.append(line)
-                self._rebuilt += 1
-                self._rebuild_lines += 1
+        added = self._collect(events, self._rebuild)
+        self._rebuilt += added
+        self._rebuild_lines += added
         if self._rebuild_lines >= 20_000:  # a long journal: write as it goes, position too
-            self._append_rebuilt(by_user, lsn)
+            self._append_rebuilt(self._rebuild, lsn)
             self._rebuild = {}
             self._rebuild_lines = 0
             self._written = lsn

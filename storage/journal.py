@@ -432,20 +432,16 @@ class Journal:
         fut = loop.run_in_executor(self._executor, self._write, batch)
         fut.add_done_callback(lambda f: self._written(f, upto))
 
-    def _write(self, batch: list[Any]) -> None:
-        """Worker thread: write the batch, rotating where marked, fsync per policy."""
-        policy = self.policy
+    def _write(self, batch: list[Any], sync: bool = True) -> None:
+        """Write the batch, cutting segments where marked; with ``sync`` (the worker
+        thread's way) also fsync per policy, without (the loop's) leave that to AIO."""
+        policy = self.policy if sync else "off"
         chunk: list[bytes] = []
         for item in batch:
             if item.__class__ is _Rotate:
                 self._flush_chunk(chunk)
                 chunk = []
-                assert self._fd is not None
-                if policy != "off":
-                    os.fsync(self._fd)
-                os.close(self._fd)
-                self._fd = None
-                self._open_segment(item.lsn)
+                self._cut_segment(item.lsn)
             elif policy == "always":
                 self._flush_chunk([item])
                 os.fsync(self._fd)  # type: ignore[arg-type]
@@ -471,16 +467,8 @@ class Journal:
         """Write the batch from the loop; off: that is all, batch: start an fdatasync."""
         batch, self._buf = self._buf, []
         upto = self.last_lsn
-        chunk: list[bytes] = []
         try:
-            for item in batch:
-                if item.__class__ is _Rotate:
-                    self._flush_chunk(chunk)
-                    chunk = []
-                    self._rotate_now(item.lsn)
-                else:
-                    chunk.append(item)
-            self._flush_chunk(chunk)
+            self._write(batch, sync=False)
         except OSError as exc:
             self._fail(exc)
             return
@@ -491,17 +479,15 @@ class Journal:
             self._start_sync()
         # else: _synced starts the next fdatasync, covering this batch too
 
-    def _rotate_now(self, lsn: int) -> None:
-        """Close the segment (made durable first) and open the next. Blocking, but only once
-        per snapshot; an fdatasync still running on the old file only reports late."""
+    def _cut_segment(self, lsn: int) -> None:
+        """Close the segment, made durable first whatever ran before (a later fdatasync goes
+        to the new file), and open the next. Blocking, but only once per snapshot."""
         assert self._fd is not None
         if self.policy != "off":
             os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
         self._open_segment(lsn)
-        if self.policy != "off":
-            self._mark_durable(lsn - 1)
 
     def _start_sync(self) -> None:
         aio = self._aio
