@@ -207,6 +207,16 @@ class Agent:
 
     # -- order entry ------------------------------------------------------------------
 
+    def _reserve(self, asset: str, commit: int) -> bool:
+        """Set aside what an order may cost and count it against the run; False: not sent."""
+        if not self.wallet.reserve(asset, commit):
+            self.stats.skipped_for_budget += 1
+            return False
+        if not self.control.take_order():
+            self.wallet.release(asset, commit)
+            return False
+        return True
+
     async def limit(
         self, market: str, side: Side, lots: int, price: int, *, tif: str | None = None,
         post_only: bool = False,
@@ -214,11 +224,7 @@ class Agent:
         """Send a limit order if the budget allows; returns the first report or None if not sent."""
         spec = self.config.markets[market]
         asset, commit = self.wallet.order_commit(spec, side, price, lots)
-        if not self.wallet.reserve(asset, commit):
-            self.stats.skipped_for_budget += 1
-            return None
-        if not self.control.take_order():
-            self.wallet.release(asset, commit)
+        if not self._reserve(asset, commit):
             return None
         kind = "post_only" if post_only else (tif or "limit")
         self.stats.orders[kind] += 1
@@ -244,11 +250,7 @@ class Agent:
             asset, commit = spec.quote.name, cost
         else:
             asset, commit = spec.base.name, lots * spec.base_per_lot
-        if not self.wallet.reserve(asset, commit):
-            self.stats.skipped_for_budget += 1
-            return None
-        if not self.control.take_order():
-            self.wallet.release(asset, commit)
+        if not self._reserve(asset, commit):
             return None
         self.stats.orders["market"] += 1
         try:
