@@ -5,18 +5,19 @@ Theory of operation
 Each side is a plain ascending ``SortedDict`` from price (ticks) to a ``Level``; the best
 ask is ``peekitem(0)`` and the best bid ``peekitem(-1)``, so neither needs a scan (an
 ascending dict for both sides avoids the ~20 % a ``key=`` function costs). A level keeps
-its orders in an ``OrderedDict`` keyed by order id, which gives FIFO priority, removal of
-any order without scanning, and a front that stays cheap to pop however deep the queue is
-(a plain dict drained from the front slows down as it grows). The level's total quantity
-is kept up to date at every change so level-2 views and deltas never sum a queue.
+its orders in a doubly linked list threaded through the orders themselves (``prev`` and
+``next``): FIFO priority, removal of any order without scanning, and a front that is
+always one attribute away, with no per-level dictionary to look up, grow or rehash. With
+hundreds of thousands of resting orders those dictionaries (an ``OrderedDict`` per level
+before) were the largest cost growing with the book; see docs/performance.md. The level's
+total quantity is kept up to date at every change so level-2 views and deltas never sum
+a queue.
 
 The engine finds an order by id in its own index and reaches its level through the
 order's price; the book itself makes no trading decisions.
 """
 
 from __future__ import annotations
-
-from collections import OrderedDict
 
 from sortedcontainers import SortedDict
 
@@ -43,6 +44,7 @@ class Order:
         "id", "account", "market", "side", "order_type", "tif", "price", "qty", "filled",
         "remaining", "cost", "locked", "fee_basis", "fee_paid", "stp", "post_only",
         "client_order_id", "status", "ts", "lock", "base_bal", "quote_bal", "priority",
+        "prev", "next",
     )
 
     def __init__(
@@ -85,6 +87,9 @@ class Order:
         self.quote_bal = quote_bal
         self.lock = quote_bal if side is _BUY else base_bal
         self.priority = 0  # set by the engine each time the order joins the back of a level
+        # Neighbours in its level's queue while it rests (None at either end and out of the book).
+        self.prev: Order | None = None
+        self.next: Order | None = None
 
     def __repr__(self) -> str:
         return (
@@ -94,11 +99,50 @@ class Order:
 
 
 class Level:
-    __slots__ = ("orders", "total")
+    """The orders at one price, oldest first, and their total remaining quantity."""
+
+    __slots__ = ("head", "tail", "count", "total")
 
     def __init__(self) -> None:
-        self.orders: OrderedDict[int, Order] = OrderedDict()
+        self.head: Order | None = None
+        self.tail: Order | None = None
+        self.count = 0
         self.total = 0
+
+    def append(self, order: Order) -> None:
+        """Queue ``order`` at the back; the caller adds its quantity to ``total``."""
+        tail = self.tail
+        order.prev = tail
+        order.next = None
+        if tail is None:
+            self.head = order
+        else:
+            tail.next = order
+        self.tail = order
+        self.count += 1
+
+    def unlink(self, order: Order) -> None:
+        """Take ``order`` out of the queue wherever it is; the caller adjusts ``total``."""
+        prev, nxt = order.prev, order.next
+        if prev is None:
+            self.head = nxt
+        else:
+            prev.next = nxt
+        if nxt is None:
+            self.tail = prev
+        else:
+            nxt.prev = prev
+        order.prev = order.next = None
+        self.count -= 1
+
+    def orders(self) -> list[Order]:
+        """The queue as a list, oldest first (views and checks; the matcher walks the links)."""
+        out: list[Order] = []
+        order = self.head
+        while order is not None:
+            out.append(order)
+            order = order.next
+        return out
 
 
 class OrderBook:
@@ -145,7 +189,7 @@ class OrderBook:
         if level is None:
             level = levels[order.price] = Level()
             self.level_added(order.side is _BUY, order.price)
-        level.orders[order.id] = order
+        level.append(order)
         level.total += order.remaining
         return level.total
 
@@ -153,9 +197,9 @@ class OrderBook:
         """Take ``order`` out of its level; returns the level's new total (0: level gone)."""
         levels = self.bids if order.side is _BUY else self.asks
         level: Level = levels[order.price]
-        del level.orders[order.id]
+        level.unlink(order)
         level.total -= order.remaining
-        if not level.orders:
+        if level.head is None:
             del levels[order.price]
             self.level_removed(order.side is _BUY, order.price)
             return 0
@@ -183,7 +227,7 @@ class OrderBook:
         out = []
         for i in idx:
             price, level = levels.peekitem(i)
-            out.append((price, level.total, len(level.orders)))
+            out.append((price, level.total, level.count))
         return out
 
     def level3(self, depth: int | None = None) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
@@ -196,7 +240,7 @@ class OrderBook:
             for n, (price, level) in enumerate(self.levels(side)):
                 if depth is not None and n >= depth:
                     break
-                out.extend((o.id, price, o.remaining) for o in level.orders.values())
+                out.extend((o.id, price, o.remaining) for o in level.orders())
             return out
 
         return side_view(Side.BUY), side_view(Side.SELL)
@@ -205,10 +249,12 @@ class OrderBook:
         """Quantity resting ahead of ``order`` at its price level (time priority)."""
         level = self.side(order.side)[order.price]
         ahead = 0
-        for other in level.orders.values():
+        other = level.head
+        while other is not None:
             if other is order:
                 return ahead
             ahead += other.remaining
+            other = other.next
         raise KeyError(order.id)  # pragma: no cover - callers pass resting orders only
 
     def check_invariants(self, index: dict[int, Order]) -> None:
@@ -216,12 +262,17 @@ class OrderBook:
         for side, levels in ((Side.BUY, self.bids), (Side.SELL, self.asks)):
             level: Level
             for price, level in levels.items():
-                assert level.orders, f"{self.symbol}: empty level {side} {price}"
-                assert level.total == sum(o.remaining for o in level.orders.values()), (
+                queue = level.orders()
+                assert queue, f"{self.symbol}: empty level {side} {price}"
+                assert level.count == len(queue), f"{self.symbol}: level {side} {price} count drifted"
+                assert level.tail is queue[-1] and queue[0].prev is None, f"{self.symbol}: broken queue ends"
+                assert all(b.prev is a for a, b in zip(queue, queue[1:])), f"{self.symbol}: broken back links"
+                assert level.total == sum(o.remaining for o in queue), (
                     f"{self.symbol}: level {side} {price} total drifted"
                 )
                 last_priority = -1
-                for oid, queued in level.orders.items():
+                for queued in queue:
+                    oid = queued.id
                     assert index.get(oid) is queued, f"order {oid} missing from the index"
                     assert queued.side is side and queued.price == price
                     assert queued.remaining > 0

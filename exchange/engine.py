@@ -288,9 +288,11 @@ class Exchange:
         for price, level in items:
             if price > hi or price < lo:
                 break
-            for maker in level.orders.values():
+            maker = level.head
+            while maker is not None:
                 if maker.account == account and stp is not _STP_NONE:
                     if stp is _STP_RESTING:
+                        maker = maker.next
                         continue
                     return qty - need, notional_ticks * ms.qptl
                 take = maker.remaining if maker.remaining < need else need
@@ -298,6 +300,7 @@ class Exchange:
                 notional_ticks += take * price
                 if not need:
                     return qty, notional_ticks * ms.qptl
+                maker = maker.next
         return qty - need, notional_ticks * ms.qptl
 
     # ------------------------------------------------------------------ matching
@@ -329,14 +332,15 @@ class Exchange:
             if not price or price > hi or price < lo:
                 break
             level: Level = levels[price]
-            queue = level.orders
             start_total = level.total
-            while queue:
-                maker = queue[next(iter(queue))]
+            while True:
+                maker = level.head
+                if maker is None:
+                    break
                 if maker.account == account and stp is not _STP_NONE:
                     # Self-trade prevention.
                     if stp is not _STP_INCOMING:  # cancel_resting, cancel_both
-                        queue.popitem(last=False)
+                        level.unlink(maker)
                         level.total -= maker.remaining
                         self._unindex(maker)
                         self._finish(maker, _X_STP, _CANCELED, events, ts)
@@ -410,7 +414,7 @@ class Exchange:
                     maker.status = _PARTIAL
                 else:
                     maker.status = _FILLED
-                    queue.popitem(last=False)
+                    level.unlink(maker)
                     del orders[maker.id]
                     del by_account[maker.account][maker.id]
                 append(ExecReport(
@@ -432,7 +436,7 @@ class Exchange:
                 if not taker.remaining:
                     break
             # One delta per level this sweep changed.
-            if not queue:
+            if level.head is None:
                 del levels[price]
                 book.level_removed(not buy, price)
                 book.seq += 1
@@ -474,7 +478,7 @@ class Exchange:
             level = levels[price] = Level()
             book.level_added(order.side is _BUY, price)
         oid = order.id
-        level.orders[oid] = order
+        level.append(order)
         level.total += order.remaining
         self.orders[oid] = order
         by_account = self.open_by_account.get(order.account)
@@ -531,8 +535,8 @@ class Exchange:
         levels = book.bids if order.side is _BUY else book.asks
         level = levels[price]
         oid = order.id
-        del level.orders[oid]
-        if level.orders:
+        level.unlink(order)
+        if level.head is not None:
             level.total -= order.remaining
             total = level.total
         else:
@@ -697,7 +701,7 @@ class Exchange:
         locked: dict[tuple[str, str], int] = {}
         for ms in self.markets.values():
             ms.book.check_invariants(self.orders)
-        count = sum(len(lvl.orders) for ms in self.markets.values()
+        count = sum(lvl.count for ms in self.markets.values()
                     for side in (ms.book.bids, ms.book.asks) for lvl in side.values())
         assert count == len(self.orders), "order index and books disagree"
         assert sum(len(v) for v in self.open_by_account.values()) == len(self.orders)

@@ -94,7 +94,7 @@ def export_state(ex: Exchange) -> dict[str, Any]:
         live: list[Order] = []
         for levels in (book.bids, book.asks):
             for level in levels.values():
-                live.extend(level.orders.values())
+                live.extend(level.orders())
         live.sort(key=_priority)
         rows = [_order_row(o) for o in live]
         markets[symbol] = {
@@ -264,7 +264,7 @@ def _import(config: MarketConfig, data: Any) -> Exchange:
         if level is None:
             level = levels[order.price] = Level()
             book.level_added(buy, order.price)
-        level.orders[order.id] = order
+        level.append(order)
         level.total += order.remaining
         ex.orders[order.id] = order
         per = by_account.get(order.account)
