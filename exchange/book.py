@@ -44,7 +44,7 @@ class Order:
         "id", "account", "market", "side", "order_type", "tif", "price", "qty", "filled",
         "remaining", "cost", "locked", "fee_basis", "fee_paid", "stp", "post_only",
         "client_order_id", "status", "ts", "lock", "base_bal", "quote_bal", "priority",
-        "prev", "next",
+        "prev", "next", "acct_prev", "acct_next", "acct_orders",
     )
 
     def __init__(
@@ -90,6 +90,10 @@ class Order:
         # Neighbours in its level's queue while it rests (None at either end and out of the book).
         self.prev: Order | None = None
         self.next: Order | None = None
+        # The same for its account's list of resting orders, and that list.
+        self.acct_prev: Order | None = None
+        self.acct_next: Order | None = None
+        self.acct_orders: AccountOrders | None = None
 
     def __repr__(self) -> str:
         return (
@@ -143,6 +147,62 @@ class Level:
             out.append(order)
             order = order.next
         return out
+
+
+class AccountOrders:
+    """One account's resting orders in the order they came to rest (all markets).
+
+    Linked through the orders like a level's queue, for the same reason: a dictionary per
+    account cost about a tenth of the engine's time once the book held 250,000 orders.
+    """
+
+    __slots__ = ("head", "tail", "count")
+
+    def __init__(self) -> None:
+        self.head: Order | None = None
+        self.tail: Order | None = None
+        self.count = 0
+
+    def append(self, order: Order) -> None:
+        tail = self.tail
+        order.acct_prev = tail
+        order.acct_next = None
+        order.acct_orders = self
+        if tail is None:
+            self.head = order
+        else:
+            tail.acct_next = order
+        self.tail = order
+        self.count += 1
+
+    def unlink(self, order: Order) -> None:
+        prev, nxt = order.acct_prev, order.acct_next
+        if prev is None:
+            self.head = nxt
+        else:
+            prev.acct_next = nxt
+        if nxt is None:
+            self.tail = prev
+        else:
+            nxt.acct_prev = prev
+        order.acct_prev = order.acct_next = None
+        order.acct_orders = None
+        self.count -= 1
+
+    def orders(self) -> list[Order]:
+        out: list[Order] = []
+        order = self.head
+        while order is not None:
+            out.append(order)
+            order = order.acct_next
+        return out
+
+
+def leave_account(order: Order) -> None:
+    """Take a resting order out of its account's list (it is leaving the book)."""
+    holder = order.acct_orders
+    if holder is not None:
+        holder.unlink(order)
 
 
 class OrderBook:

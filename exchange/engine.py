@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from exchange.accounts import FEE_ACCOUNT, Accounts, Balance
-from exchange.book import Level, Order, OrderBook
+from exchange.book import AccountOrders, Level, Order, OrderBook, leave_account
 from exchange.markets import BPS, Market, MarketConfig, default_config
 from exchange.types import (
     REJECT_MESSAGES,
@@ -122,7 +122,7 @@ class Exchange:
         }
         # Resting orders only: by id, and by account for "my open orders" queries.
         self.orders: dict[int, Order] = {}
-        self.open_by_account: dict[str, dict[int, Order]] = {}
+        self.open_by_account: dict[str, AccountOrders] = {}
         self.next_order_id = 1
         self.next_trade_id = 1
         self.next_priority = 1
@@ -323,7 +323,6 @@ class Exchange:
         symbol = ms.symbol
         append = events.append
         orders = self.orders
-        by_account = self.open_by_account
         max_bps = ms.max_bps
         maker_side = _SELL if buy else _BUY
         stopped = False
@@ -416,7 +415,7 @@ class Exchange:
                     maker.status = _FILLED
                     level.unlink(maker)
                     del orders[maker.id]
-                    del by_account[maker.account][maker.id]
+                    leave_account(maker)
                 append(ExecReport(
                     _X_TRADE, taker.id, account, symbol, taker.side, taker.order_type, taker.tif,
                     taker.client_order_id, taker.price or None, taker.qty, taker.filled, taker.remaining,
@@ -483,14 +482,14 @@ class Exchange:
         self.orders[oid] = order
         by_account = self.open_by_account.get(order.account)
         if by_account is None:
-            by_account = self.open_by_account[order.account] = {}
-        by_account[oid] = order
+            by_account = self.open_by_account[order.account] = AccountOrders()
+        by_account.append(order)
         book.seq += 1
         events.append(BookDelta(ms.symbol, book.seq, order.side, price, level.total, ts))
 
     def _unindex(self, order: Order) -> None:
         del self.orders[order.id]
-        del self.open_by_account[order.account][order.id]
+        leave_account(order)
 
     @staticmethod
     def _release(order: Order) -> None:
@@ -544,7 +543,7 @@ class Exchange:
             book.level_removed(order.side is _BUY, price)
             total = 0
         del self.orders[oid]
-        del self.open_by_account[order.account][oid]
+        leave_account(order)
         lock = order.lock
         lock.locked -= order.locked
         lock.available += order.locked
@@ -663,7 +662,8 @@ class Exchange:
 
     def open_orders(self, account: str, market: str | None = None) -> list[Order]:
         """The account's resting orders, oldest id first. Read-only views: do not mutate."""
-        orders = self.open_by_account.get(account, {}).values()
+        holder = self.open_by_account.get(account)
+        orders = holder.orders() if holder is not None else []
         return sorted(
             (o for o in orders if market is None or o.market == market), key=lambda o: o.id
         )
@@ -704,10 +704,18 @@ class Exchange:
         count = sum(lvl.count for ms in self.markets.values()
                     for side in (ms.book.bids, ms.book.asks) for lvl in side.values())
         assert count == len(self.orders), "order index and books disagree"
-        assert sum(len(v) for v in self.open_by_account.values()) == len(self.orders)
+        listed: set[int] = set()
+        for account, holder in self.open_by_account.items():
+            mine = holder.orders()
+            assert holder.count == len(mine), f"{account}: open order count drifted"
+            assert holder.tail is (mine[-1] if mine else None), f"{account}: broken order list"
+            for order in mine:
+                assert order.account == account and order.acct_orders is holder
+                assert self.orders.get(order.id) is order, f"order {order.id} listed but not resting"
+                listed.add(order.id)
+        assert len(listed) == len(self.orders), "an account's order list misses a resting order"
         for order in self.orders.values():
             ms = self.markets[order.market]
-            assert self.open_by_account[order.account][order.id] is order
             asset = ms.quote if order.side is _BUY else ms.base
             if order.side is _BUY:
                 rest = order.price * order.remaining * ms.qptl

@@ -11,14 +11,14 @@ reads them into a dict of ints, strings and lists (JSON-ready) and builds a new
 ``Exchange`` from such a dict.
 
 Sans-I/O like the engine: no files, no clock. ``storage/snapshot.py`` decides where the
-bytes go. It is deliberately *not* compiled with mypyc and may reach into the engine's
-internals (the book's levels, ``open_by_account``): restoring state is the one job that
-has to set what ``handle`` otherwise owns.
+bytes go. It may reach into the engine's internals (the book's levels,
+``open_by_account``): restoring state is the one job that has to set what ``handle``
+otherwise owns.
 
 Order of things, and why it is exact:
 
-* ``Exchange.orders`` and each ``open_by_account[account]`` get an order every time it
-  joins the back of a level, which is also when its ``priority`` is drawn, so their
+* ``Exchange.orders`` and each account's list in ``open_by_account`` get an order every
+  time it joins the back of a level, which is also when its ``priority`` is drawn, so their
   insertion order *is* ascending priority. Orders are exported per market in priority
   order; import inserts them (all markets merged) in that order again, which rebuilds the
   levels' FIFO queues and both indexes exactly.
@@ -37,7 +37,7 @@ from __future__ import annotations
 from typing import Any
 
 from exchange.accounts import FEE_ACCOUNT, Balance
-from exchange.book import Level, Order
+from exchange.book import AccountOrders, Level, Order
 from exchange.engine import Exchange
 from exchange.markets import MarketConfig
 from exchange.types import OrderStatus, OrderType, Side, STPMode, TimeInForce
@@ -247,7 +247,7 @@ def _import(config: MarketConfig, data: Any) -> Exchange:
 
     by_account = ex.open_by_account
     for account in data["open_accounts"]:
-        by_account[account] = {}
+        by_account[account] = AccountOrders()
     seen_ids: set[int] = set()
     for order in built:
         if order.id in seen_ids:
@@ -269,8 +269,8 @@ def _import(config: MarketConfig, data: Any) -> Exchange:
         ex.orders[order.id] = order
         per = by_account.get(order.account)
         if per is None:
-            per = by_account[order.account] = {}
-        per[order.id] = order
+            per = by_account[order.account] = AccountOrders()
+        per.append(order)
 
     ex.check_invariants()
     return ex

@@ -198,7 +198,7 @@ def fingerprint(ex: Exchange) -> dict[str, Any]:
             )
             for oid, o in ex.orders.items()
         },
-        "open_by_account": {acct: list(orders) for acct, orders in ex.open_by_account.items()},
+        "open_by_account": {acct: [o.id for o in held.orders()] for acct, held in ex.open_by_account.items()},
     }
 
 
