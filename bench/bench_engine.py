@@ -10,6 +10,11 @@ balance settlement included.
     python bench/bench_engine.py                    # 10k, 100k, 1M ops, shallow and deep book
     python bench/bench_engine.py --ops 200000 --runs 5 --book shallow
     python bench/bench_engine.py --ops 100000 --compare-plain   # compiled vs plain Python, same run
+    python bench/bench_engine.py --book shallow --reference      # and a bare matcher on the same streams
+
+``--reference`` also times a bare price-time matcher (plain Python: no balances, no fees, no
+events, no validation, lazy cancels) on each stream, to tell what part of the cost's rise
+with the stream's length comes from the engine and what part from the growing book itself.
 
 With ``--compare-plain`` each case is also run by a subprocess that imports a copy of the
 sources with no compiled modules beside them, so the two builds are measured side by side.
@@ -40,6 +45,8 @@ from exchange.runtime import tune_gc  # noqa: E402
 from exchange.types import (  # noqa: E402
     CancelOrder, Command, Deposit, ExecReport, ExecType, OrderType, PlaceOrder, Side,
 )
+from sortedcontainers import SortedDict  # noqa: E402
+from collections import deque  # noqa: E402
 
 MARKET = "BTC-USD"
 ACCOUNTS = [f"acct{i:03d}" for i in range(100)]
@@ -131,6 +138,64 @@ def timed_run(cmds: list[Command], skip: int) -> tuple[float, int, int, Exchange
     return elapsed, trades, events, ex
 
 
+class BareOrder:
+    __slots__ = ("id", "qty", "dead")
+
+    def __init__(self, order_id: int, qty: int) -> None:
+        self.id = order_id
+        self.qty = qty
+        self.dead = False
+
+
+def bare_run(cmds: list[Command], skip: int) -> float:
+    """Seconds a bare price-time matcher takes over ``cmds[skip:]`` (after an untimed prefix)."""
+    bids: SortedDict = SortedDict()
+    asks: SortedDict = SortedDict()
+    index: dict[int, BareOrder] = {}
+    next_id = 1
+    buy_side, limit_type = Side.BUY, OrderType.LIMIT
+    t0 = time.perf_counter()
+    for i, cmd in enumerate(cmds):
+        if i == skip:
+            t0 = time.perf_counter()
+        if cmd.__class__ is PlaceOrder:
+            buy = cmd.side is buy_side
+            qty = cmd.qty
+            limit = cmd.price if cmd.order_type is limit_type else None
+            opposite = asks if buy else bids
+            while qty and opposite:
+                price, queue = opposite.peekitem(0 if buy else -1)
+                if limit is not None and (price > limit if buy else price < limit):
+                    break
+                while queue and qty:
+                    maker = queue[0]
+                    if maker.dead:
+                        queue.popleft()
+                        continue
+                    fill = min(qty, maker.qty)
+                    qty -= fill
+                    maker.qty -= fill
+                    if not maker.qty:
+                        queue.popleft()
+                        del index[maker.id]
+                if not queue:
+                    del opposite[price]
+            if qty and limit is not None:
+                own = bids if buy else asks
+                queue = own.get(limit)
+                if queue is None:
+                    queue = own[limit] = deque()
+                order = BareOrder(next_id, qty)
+                queue.append(order)
+                index[next_id] = order
+            next_id += 1
+        elif cmd.__class__ is CancelOrder:
+            gone = index.pop(cmd.order_id, None)
+            if gone is not None:
+                gone.dead = True
+    return time.perf_counter() - t0
+
+
 def engine_kind() -> str:
     import exchange
 
@@ -147,6 +212,8 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="check every invariant at the end")
     ap.add_argument("--compare-plain", action="store_true",
                     help="also run every case on a plain-Python copy of the engine")
+    ap.add_argument("--reference", action="store_true",
+                    help="also time a bare price-time matcher (no risk, no events) on each stream")
     ap.add_argument("--default-gc", action="store_true",
                     help="keep CPython's default collector thresholds (the server tunes them)")
     args = ap.parse_args()
@@ -159,7 +226,9 @@ def main() -> None:
     print(f"python {sys.version.split()[0]}, engine {engine_kind()}, "
           f"gc {'default' if args.default_gc else 'tuned as in the server'}, "
           f"{args.runs} runs per case, median reported")
-    print(f"{'book':8} {'ops':>9} {'ops/s':>10} {'us/op':>7} {'trades':>9} {'events/op':>9} {'resting':>8} {'peak RSS MB':>11}")
+    extra = f" {'bare ops/s':>11} {'bare us/op':>10}" if args.reference else ""
+    print(f"{'book':8} {'ops':>9} {'ops/s':>10} {'us/op':>7} {'trades':>9} {'events/op':>9} {'resting':>8} "
+          f"{'peak RSS MB':>11}{extra}")
     for book in books:
         for n in args.ops:
             cmds = build_stream(n, args.seed, book == "deep")
@@ -175,8 +244,16 @@ def main() -> None:
                 gc.collect()
             rate = statistics.median(rates)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            extra = ""
+            if args.reference:
+                bare = []
+                for _ in range(args.runs):
+                    bare.append(n / bare_run(cmds, skip))
+                    gc.collect()
+                bare_rate = statistics.median(bare)
+                extra = f" {bare_rate:>11,.0f} {1e6 / bare_rate:>10.2f}"
             print(f"{book:8} {n:>9,} {rate:>10,.0f} {1e6 / rate:>7.2f} {trades:>9,} {events / n:>9.2f} "
-                  f"{resting:>8,} {peak:>11.0f}")
+                  f"{resting:>8,} {peak:>11.0f}{extra}")
             del cmds
             gc.collect()
 
