@@ -51,6 +51,11 @@ class ExchangeConnectionError(ExchangeError):
 _CLOSED = object()
 
 
+def _time_out(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())
+
+
 class ExchangeClient:
     def __init__(
         self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, timeout: float = 10.0,
@@ -69,6 +74,7 @@ class ExchangeClient:
         self.dropped_events = 0
         self._event_ready = asyncio.Event()
         self._reader_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.closed_reason: str | None = None
 
     # -- connection -------------------------------------------------------------------
@@ -84,7 +90,10 @@ class ExchangeClient:
                 f"({getattr(exc, 'strerror', None) or type(exc).__name__}); is it running?"
             ) from None
         self.closed_reason = None
-        self._reader_task = asyncio.get_running_loop().create_task(self._read_loop(), name="client-reader")
+        # Kept: asking for the running loop costs a getpid() system call on CPython 3.11,
+        # and a request needs it twice (its future, its timer).
+        self._loop = asyncio.get_running_loop()
+        self._reader_task = self._loop.create_task(self._read_loop(), name="client-reader")
         return self
 
     async def close(self) -> None:
@@ -162,7 +171,9 @@ class ExchangeClient:
         if self._writer is None or self.closed_reason is not None:
             raise ExchangeConnectionError(self.closed_reason or "not connected")
         rid = next(self._ids)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        assert loop is not None
+        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._pending[rid] = fut
         payload = {"op": op, "id": rid}
         payload.update((k, v) for k, v in fields.items() if v is not None)
@@ -172,10 +183,21 @@ class ExchangeClient:
     async def request(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send a request and wait for its reply; an ``error`` reply raises ``ExchangeError``."""
         fut = self.send(op, **fields)
-        assert self._writer is not None
+        writer, loop = self._writer, self._loop
+        assert writer is not None and loop is not None
         try:
-            # Both the send (a server that stops reading) and the reply share the timeout.
-            reply = await asyncio.wait_for(self._drain_then(fut), self.timeout)
+            if writer.transport.get_write_buffer_size():
+                # Not all of it reached the socket (a server that stops reading): the
+                # drain and the reply share the timeout.
+                reply = await asyncio.wait_for(self._drain_then(fut), self.timeout)
+            else:
+                # The usual case. A timer rather than ``wait_for``, which would wrap every
+                # request in a task of its own (a third of a simulation agent's time).
+                timer = loop.call_later(self.timeout, _time_out, fut)
+                try:
+                    reply = await fut
+                finally:
+                    timer.cancel()
         except asyncio.TimeoutError:
             self._pending = {k: f for k, f in self._pending.items() if f is not fut}
             raise ExchangeConnectionError(f"no reply to '{op}' within {self.timeout} s") from None

@@ -55,6 +55,32 @@ async def test_client_request_honours_its_timeout_when_the_server_stops_reading(
         srv.close()
 
 
+async def test_client_request_times_out_when_the_server_reads_but_never_answers() -> None:
+    """The usual path (the request reached the socket) has its own timer: it must fire too."""
+    done = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(65536):
+            pass
+        await done.wait()
+        writer.close()
+
+    srv = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    client = ExchangeClient("127.0.0.1", port, timeout=0.3)
+    await w(client.connect())
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(ExchangeConnectionError, match="no reply to 'ping' within 0.3 s"):
+            await asyncio.wait_for(client.ping(), 4.0)
+        assert 0.25 < asyncio.get_running_loop().time() - started < 2.0
+        assert client._pending == {}  # the abandoned request is forgotten
+    finally:
+        done.set()
+        await w(client.close())
+        srv.close()
+
+
 async def test_client_sends_small_amounts_as_plain_decimals_control(server, connect) -> None:
     """Control: the same amount as a string is accepted (so the failure below is the client's)."""
     alice = await connect("alice")
