@@ -140,12 +140,18 @@ class Level:
         self.count -= 1
 
     def orders(self) -> list[Order]:
-        """The queue as a list, oldest first (views and checks; the matcher walks the links)."""
+        """The queue as a list, oldest first (views and checks; the matcher walks the links).
+
+        At most ``count + 1`` orders, so a corrupted (cyclic) list shows up as a count
+        mismatch in ``check_invariants`` instead of a walk that never ends.
+        """
         out: list[Order] = []
         order = self.head
-        while order is not None:
+        left = self.count + 1
+        while order is not None and left:
             out.append(order)
             order = order.next
+            left -= 1
         return out
 
 
@@ -190,11 +196,14 @@ class AccountOrders:
         self.count -= 1
 
     def orders(self) -> list[Order]:
+        """Oldest first; at most ``count + 1`` of them, as ``Level.orders``."""
         out: list[Order] = []
         order = self.head
-        while order is not None:
+        left = self.count + 1
+        while order is not None and left:
             out.append(order)
             order = order.acct_next
+            left -= 1
         return out
 
 

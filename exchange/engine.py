@@ -709,6 +709,8 @@ class Exchange:
             mine = holder.orders()
             assert holder.count == len(mine), f"{account}: open order count drifted"
             assert holder.tail is (mine[-1] if mine else None), f"{account}: broken order list"
+            assert not mine or mine[0].acct_prev is None, f"{account}: broken order list head"
+            assert all(b.acct_prev is a for a, b in zip(mine, mine[1:])), f"{account}: broken back links"
             for order in mine:
                 assert order.account == account and order.acct_orders is holder
                 assert self.orders.get(order.id) is order, f"order {order.id} listed but not resting"

@@ -1288,3 +1288,41 @@ def test_assets_are_conserved_with_the_fee_account_included() -> None:
         total = sum(b[asset]["available"] + b[asset]["locked"] for b in snap["balances"].values() if asset in b)
         assert total == net
     assert fee_usd(desk) > 0
+
+
+# ====================================================================== the invariant checker itself
+
+
+def _three_resting(desk: Desk) -> list:
+    desk.fund("a", "USD", "10000")
+    for price in ("99.00", "99.00", "98.00"):
+        desk.limit("a", BUY, "1", price)
+    return [desk.ex.orders[oid] for oid in sorted(desk.ex.orders)]
+
+
+def test_check_invariants_catches_a_broken_account_back_link() -> None:
+    desk = Desk()
+    first, second, third = _three_resting(desk)
+    third.acct_prev = first
+    with pytest.raises(AssertionError, match="back links"):
+        desk.ex.check_invariants()
+
+
+def test_check_invariants_catches_a_broken_level_back_link() -> None:
+    desk = Desk()
+    first, second, _ = _three_resting(desk)
+    second.prev = None
+    with pytest.raises(AssertionError, match="back links"):
+        desk.ex.check_invariants()
+
+
+def test_a_cyclic_list_fails_the_check_instead_of_hanging() -> None:
+    desk = Desk()
+    first, second, third = _three_resting(desk)
+    second.next = first  # the 99.00 level now loops
+    with pytest.raises(AssertionError):
+        desk.ex.check_invariants()
+    second.next = None
+    third.acct_next = first  # and now the account's list
+    with pytest.raises(AssertionError):
+        desk.ex.check_invariants()
