@@ -31,7 +31,7 @@ from simulation.embedded import EmbeddedExchange, parse_duration_ns, parse_laten
 from storage.lock import DataDirBusy
 from simulation.gateway import Gateway, GatewayConnectionError
 from simulation.report import build_report, format_report, last_prices
-from simulation.tcp import TcpGateway, fetch_config
+from simulation.tcp import BookMirror, TcpGateway, fetch_config
 
 DEFAULT_AGENTS = {"random": 20, "mm": 2, "twap": 1, "passive": 1}
 DEFAULT_PROFILES: dict[str, dict[str, str]] = {
@@ -271,7 +271,8 @@ async def run_tcp(
     cfg: SimConfig, stream: TextIO | None = sys.stderr, stop_event: asyncio.Event | None = None,
     out: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the agents against a running exchange, one connection each; return the report.
+    """Run the agents against a running exchange, one connection each (plus the shared book
+    mirror's); return the report.
 
     ``stop_event`` replaces the Ctrl-C handler (set it to stop early); ``out`` receives the
     ``agents``.
@@ -291,10 +292,18 @@ async def run_tcp(
     names: list[str] = []
     agents = build_agents(cfg, config, lambda name: names.append(name) or _Placeholder(name, config), control)  # type: ignore[func-returns-value]
     try:
+        mirror = await BookMirror.start(cfg.host, cfg.port, config)
+    except GatewayConnectionError as exc:
+        raise SimulationError(
+            f"cannot reach the exchange at {cfg.host}:{cfg.port}: {exc.message}. "
+            "Start it with: python run/start_engine.py (or use --embedded)"
+        ) from None
+    try:
         gateways = await asyncio.gather(*(
-            TcpGateway.connect(cfg.host, cfg.port, name, config) for name in names
+            TcpGateway.connect(cfg.host, cfg.port, name, config, mirror=mirror) for name in names
         ))
     except GatewayConnectionError as exc:
+        await mirror.close()
         raise SimulationError(
             f"cannot reach the exchange at {cfg.host}:{cfg.port}: {exc.message}. "
             "Start it with: python run/start_engine.py (or use --embedded)"
@@ -348,13 +357,13 @@ async def run_tcp(
                 failures.append(f"{task.get_name()}: {task.exception()!r}")
         elapsed = time.perf_counter() - wall
         await asyncio.wait_for(asyncio.gather(*(a.shutdown() for a in agents), return_exceptions=True), 30)
-        tops = await asyncio.wait_for(_tcp_tops(observer, config), 10)
+        tops = await asyncio.wait_for(_tcp_tops(observer, config, exact=True), 10)
         progress.update(agents, control, tops, force=True)
         progress.done()
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
-        await asyncio.gather(*(gw.close() for gw in gateways), return_exceptions=True)
+        await asyncio.gather(mirror.close(), *(gw.close() for gw in gateways), return_exceptions=True)
     latencies = [ns for gw in gateways for ns in gw.ack_latencies_ns]
     report = build_report(
         agents, config, mode="tcp", elapsed_s=elapsed, sim_elapsed_s=None,
@@ -366,7 +375,13 @@ async def run_tcp(
     return report
 
 
-async def _tcp_tops(gw: Gateway, config: MarketConfig) -> dict[str, tuple[int | None, int | None]]:
+async def _tcp_tops(
+    gw: Gateway, config: MarketConfig, exact: bool = False,
+) -> dict[str, tuple[int | None, int | None]]:
+    """Best prices per market: the book mirror's while running; ``exact`` asks the exchange."""
+    if exact:
+        views = [await gw.book(m, 1) for m in config.markets]
+        return {v.market: (v.best_bid, v.best_ask) for v in views}
     return {m: await gw.top(m) for m in config.markets}
 
 

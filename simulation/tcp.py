@@ -4,7 +4,8 @@
 back into the engine's vocabulary (``exchange.types`` events with integer units) once, at
 this edge, so agents compute with the same integers as in embedded mode. Time is the wall
 clock and ``sleep`` is ``asyncio.sleep``. The latency of every order's acknowledgement
-(request written to first report read) is recorded for the report's p50/p99.
+(request written to first report read) is recorded for the report's p50/p99. ``top()``
+reads a ``BookMirror`` shared by the run's gateways when there is one (see its docstring).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import time
 from collections import deque
 from decimal import Decimal
 from typing import Any
+
+from sortedcontainers import SortedDict
 
 from client.client import ExchangeClient, ExchangeConnectionError, ExchangeError
 from exchange.markets import Market, MarketConfig, build_config
@@ -100,13 +103,127 @@ def _decimals(text: str) -> int:
     return len(frac.rstrip("0"))
 
 
+class BookMirror:
+    """Every market's book, kept from one shared ``book`` subscription, for ``top()``.
+
+    An agent asks for the best prices before nearly every order; asking the exchange each
+    time doubled the round trips of a simulation step. One extra connection subscribes to
+    every market's book (a full snapshot, then deltas that cover every level) and all the
+    run's gateways read the best prices from it. The view is as fresh as the last delta
+    received, which is what a trader with a market-data feed sees: a delta caused by an
+    agent's own order may arrive just after that order's acknowledgement. A gap in the
+    sequence numbers resubscribes (a fresh snapshot); until the snapshot arrives, and
+    after the connection is lost, ``top`` returns None and the gateway asks the exchange.
+    """
+
+    def __init__(self, client: ExchangeClient, config: MarketConfig) -> None:
+        self.client = client
+        self.config = config
+        self.bids: dict[str, SortedDict] = {}
+        self.asks: dict[str, SortedDict] = {}
+        self.seq: dict[str, int] = {}  # markets whose book is known, with its last sequence
+        self.resyncs = 0
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(
+        cls, host: str, port: int, config: MarketConfig, timeout: float = DEFAULT_TIMEOUT,
+    ) -> BookMirror:
+        client = ExchangeClient(host, port, timeout=timeout)
+        try:
+            await client.connect()
+            mirror = cls(client, config)
+            for market in config.markets:
+                await client.subscribe("book", market)
+        except ExchangeConnectionError as exc:
+            await client.close()
+            raise GatewayConnectionError(exc.message) from None
+        except ExchangeError as exc:
+            await client.close()
+            raise GatewayError(exc.code, exc.message) from None
+        mirror._task = asyncio.get_running_loop().create_task(mirror._follow(), name="book-mirror")
+        return mirror
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self.seq.clear()
+        await self.client.close()
+
+    def top(self, market: str) -> tuple[int | None, int | None] | None:
+        """Best bid and ask in ticks, or None if this market's book is not known right now."""
+        if market not in self.seq:
+            return None
+        bids, asks = self.bids[market], self.asks[market]
+        return (bids.peekitem(-1)[0] if bids else None, asks.peekitem(0)[0] if asks else None)
+
+    async def _follow(self) -> None:
+        try:
+            async for msg in self.client.events():
+                self.apply(msg)
+        finally:
+            self.seq.clear()  # the feed is gone: gateways ask the exchange again
+
+    def apply(self, msg: dict[str, Any]) -> None:
+        """Take one pushed message: a ``book`` snapshot or a ``book_update`` delta."""
+        kind = msg.get("type")
+        market = msg.get("market")
+        spec = self.config.markets.get(market) if isinstance(market, str) else None
+        if spec is None:
+            return
+        if kind == "book":
+            price_ticks = spec.price_ticks
+            self.bids[spec.symbol] = SortedDict((price_ticks(p), q) for p, q, _ in msg["bids"])
+            self.asks[spec.symbol] = SortedDict((price_ticks(p), q) for p, q, _ in msg["asks"])
+            self.seq[spec.symbol] = msg["seq"]
+        elif kind == "book_update":
+            last = self.seq.get(spec.symbol)
+            if last is None:
+                return  # waiting for the snapshot a resync asked for
+            if msg["seq"] != last + 1:
+                self._resync(spec.symbol)
+                return
+            self.seq[spec.symbol] = last + 1
+            levels = self.bids[spec.symbol] if msg["side"] == "buy" else self.asks[spec.symbol]
+            price = spec.price_ticks(msg["price"])
+            qty = msg["qty"]
+            if qty == "0":
+                levels.pop(price, None)
+            else:
+                levels[price] = qty
+
+    def _resync(self, market: str) -> None:
+        del self.seq[market]
+        self.resyncs += 1
+        try:
+            reply = self.client.send("subscribe", channel="book", market=market)  # a fresh snapshot
+        except ExchangeConnectionError:
+            return
+        reply.add_done_callback(_ignore_outcome)
+
+
+def _ignore_outcome(fut: asyncio.Future[Any]) -> None:
+    """Nobody awaits a resync's ``subscribed``; taking its outcome keeps asyncio from warning."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 class TcpGateway(Gateway):
     """One logged-in session of one account (see the module docstring)."""
 
-    def __init__(self, client: ExchangeClient, account: str, config: MarketConfig) -> None:
+    def __init__(
+        self, client: ExchangeClient, account: str, config: MarketConfig,
+        mirror: BookMirror | None = None,
+    ) -> None:
         self.client = client
         self.account = account
         self.config = config
+        self.mirror = mirror
         self.ack_latencies_ns: list[int] = []
         self._costs: dict[int, int] = {}  # order id -> cumulative price x lots (avg price basis)
         self._queue: deque[Event] = deque()
@@ -114,7 +231,7 @@ class TcpGateway(Gateway):
     @classmethod
     async def connect(
         cls, host: str, port: int, account: str, config: MarketConfig,
-        timeout: float = DEFAULT_TIMEOUT,
+        timeout: float = DEFAULT_TIMEOUT, mirror: BookMirror | None = None,
     ) -> TcpGateway:
         client = ExchangeClient(host, port, timeout=timeout)
         try:
@@ -125,7 +242,7 @@ class TcpGateway(Gateway):
         except ExchangeError as exc:
             await client.close()
             raise GatewayError(exc.code, exc.message) from None
-        return cls(client, account, config)
+        return cls(client, account, config, mirror)
 
     async def close(self) -> None:
         await self.client.close()
@@ -209,6 +326,14 @@ class TcpGateway(Gateway):
             [(spec.price_ticks(p), lots_of(spec, q), n) for p, q, n in reply["bids"]],
             [(spec.price_ticks(p), lots_of(spec, q), n) for p, q, n in reply["asks"]],
         )
+
+    async def top(self, market: str) -> tuple[int | None, int | None]:
+        """From the shared book mirror when there is one and it knows the market."""
+        if self.mirror is not None:
+            best = self.mirror.top(market)
+            if best is not None:
+                return best
+        return await super().top(market)
 
     async def queue_position(self, order_id: int) -> int | None:
         try:

@@ -180,3 +180,59 @@ def test_scheduled_runs_from_the_command_line_list_and_resume(tmp_path: Path) ->
     assert run_id in listed.stdout and "completed" in listed.stdout
     again = run_cli("--embedded", "--resume", run_id, "--data-dir", str(tmp_path))
     assert again.returncode == 0 and '"completed": 4' in again.stdout
+
+
+async def _settled(mirror: Any, gw: Any, market: str) -> tuple[Any, Any]:
+    """The mirror's best prices once they agree with the exchange's answer (deltas in flight)."""
+    for _ in range(200):
+        view = await asyncio.wait_for(gw.book(market, 1), T)
+        exact = (view.best_bid, view.best_ask)
+        if mirror.top(market) == exact:
+            return exact
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"mirror {mirror.top(market)} never caught up with {exact}")
+
+
+async def test_the_book_mirror_follows_the_exchange_and_resyncs_after_a_gap(
+    engine: tuple[str, int, Path, asyncio.subprocess.Process],
+) -> None:
+    from simulation.tcp import BookMirror, TcpGateway, fetch_config
+
+    host, port, _, _ = engine
+    config = await asyncio.wait_for(fetch_config(host, port), T)
+    mirror = await asyncio.wait_for(BookMirror.start(host, port, config), T)
+    gw = await asyncio.wait_for(TcpGateway.connect(host, port, "mirror-alice", config, mirror=mirror), T)
+    try:
+        m = "BTC-USD"
+        spec = config.markets[m]
+        assert await _settled(mirror, gw, m) == (None, None)
+        for price in ("100.00", "100.50", "99.50"):
+            await asyncio.wait_for(gw.place(m, "buy", "0.1", price), T)
+        await asyncio.wait_for(gw.place(m, "sell", "0.2", "101.00"), T)
+        assert await _settled(mirror, gw, m) == (spec.price_ticks("100.50"), spec.price_ticks("101.00"))
+        assert await gw.top(m) == mirror.top(m)
+        # A sell that takes the best bid and rests: the best moves on both sides.
+        await asyncio.wait_for(gw.place(m, "sell", "0.2", "100.50"), T)
+        assert await _settled(mirror, gw, m) == (spec.price_ticks("100.00"), spec.price_ticks("100.50"))
+
+        # A delta whose sequence number skips ahead: the mirror stops answering, asks for a
+        # fresh snapshot and is right again once it arrives.
+        mirror.apply({"type": "book_update", "market": m, "seq": mirror.seq[m] + 5, "side": "buy",
+                      "price": "1.00", "qty": "5"})
+        assert mirror.top(m) is None and mirror.resyncs == 1
+        assert await gw.top(m) == (spec.price_ticks("100.00"), spec.price_ticks("100.50"))  # asked instead
+        assert await _settled(mirror, gw, m) == (spec.price_ticks("100.00"), spec.price_ticks("100.50"))
+        assert spec.price_ticks("1.00") not in mirror.bids[m]
+
+        # The feed's connection is lost: the mirror forgets, and the gateway asks the exchange.
+        await asyncio.wait_for(mirror.client.close(), T)
+        for _ in range(100):
+            if mirror.top(m) is None:
+                break
+            await asyncio.sleep(0.01)
+        assert mirror.top(m) is None
+        assert await gw.top(m) == (spec.price_ticks("100.00"), spec.price_ticks("100.50"))
+    finally:
+        await gw.close()
+        await mirror.close()
+    assert mirror.top("BTC-USD") is None  # closed: gateways would ask the exchange
