@@ -187,7 +187,27 @@ class Session(asyncio.Protocol):
         gateway.flush()
 
     def eof_received(self) -> bool | None:
-        return None  # close our side too
+        """The client is done sending (half-close): answer what it sent, then close.
+
+        A last line without its newline is still a request. Replies held for the journal
+        keep the connection half-open until they are written, so a script that shuts down
+        its sending side after its requests still reads every acknowledgement.
+        """
+        if self.closed:
+            return None
+        if self.buf.strip():
+            line = bytes(self.buf)
+            self.buf = bytearray()
+            self.gateway.handle_line(self, line)
+        if self.closed:  # the last line closed it (fatal): its goodbye is already arranged
+            return True
+        gateway = self.gateway
+        gateway.flush()
+        self.closed = True
+        if gateway.held:
+            gateway.close_after_release(self)
+            return True
+        return None  # nothing held: the transport writes what it has, then closes
 
     def pause_writing(self) -> None:
         # The client is not reading its replies: stop reading its requests until it does.

@@ -6,8 +6,9 @@ Inside the engine a price is a whole number of ticks, a quantity a whole number 
 an amount a whole number of the asset's minor units. Conversion is exact: a decimal string
 is split into an integer and a power of ten, then divided by the unit with ``divmod``; a
 remainder means the value is off the grid and is rejected, never rounded. Floats never
-take part (a JSON number arrives as a float and is read through its shortest repr, the
-same digits the sender wrote for any sane number).
+take part: the gateway hands over a JSON number's digits as written (see
+``exchange/protocol.decode_request``), and a float from a Python caller is read through
+its shortest repr.
 
 A market is valid only if every value it can produce is exact in minor units:
 ``lot`` must be a whole number of base minor units and ``tick x lot`` a whole number of quote

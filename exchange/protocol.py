@@ -19,12 +19,14 @@ docs/protocol.md documents every op, message and error code; keep the two togeth
 
 from __future__ import annotations
 
+import json
+from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Final
 
 import orjson
 
 from exchange.book import Order
-from exchange.markets import InvalidValue, Market, MarketConfig
+from exchange.markets import MAX_TEXT_LENGTH, InvalidValue, Market, MarketConfig
 from exchange.types import (
     REJECT_MESSAGES,
     BookDelta,
@@ -107,20 +109,90 @@ def decode_request(line: bytes) -> dict[str, Any]:
     """Parse one request line; raises ``ProtocolError`` for bad JSON, shape, op or id."""
     try:
         msg = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        raise ProtocolError(ErrorCode.BAD_JSON, "the line is not valid JSON") from None
+    except orjson.JSONDecodeError as exc:
+        # Valid JSON with a number beyond a double (1e400): read it exactly instead.
+        msg = _loads_exact(line) if str(exc).startswith("number is infinity") else None
+        if msg is None or not _encodable(msg):
+            raise ProtocolError(ErrorCode.BAD_JSON, "the line is not valid JSON") from None
     if type(msg) is not dict:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "a request must be a JSON object", "op")
     rid = msg.get("id")
-    if rid is not None and (type(rid) is not int and type(rid) is not str):
+    if rid is not None and (type(rid) is not int and type(rid) is not str or _too_wide(rid)):
         msg.pop("id")
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "'id' must be a string or an integer", "id")
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, "'id' must be a string or an integer of at most 64 bits", "id",
+        )
     op = msg.get("op")
     if type(op) is not str:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'op' is missing or not a string", "op", rid)
     if op not in OPS:
         raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {op[:40]!r}", "op", rid)
+    if (msg.get("qty").__class__ is float or msg.get("price").__class__ is float
+            or msg.get("amount").__class__ is float):
+        _exact_numbers(line, msg)
     return msg
+
+
+_VALUE_FIELDS: Final = ("price", "qty", "amount")
+
+
+def _exact_numbers(line: bytes, msg: dict[str, Any]) -> None:
+    """Replace the value fields a double holds with the digits the client wrote.
+
+    orjson reads a JSON number as a binary double, so ``1.00000000000000001`` would arrive
+    as ``1.0``: on the grid, and silently rounded. Requests with JSON numbers are rare,
+    so only they pay for a second, exact parse, whose numbers become plain decimal strings
+    that are then checked against the grid like any other.
+    """
+    exact = _loads_exact(line)
+    if exact is None:
+        return  # orjson read it: keep its reading (an absurd number is refused later)
+    for name in _VALUE_FIELDS:
+        if msg.get(name).__class__ is float:
+            value = exact.get(name)
+            msg[name] = value if type(value) is str else str(value)
+
+
+def _loads_exact(line: bytes) -> dict[str, Any] | None:
+    """The request with every JSON number as written: fractions as plain decimal strings,
+    integers at full width (None if the standard parser refuses it too)."""
+    try:
+        msg = json.loads(line, parse_float=_plain_number, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        return None
+    return msg if type(msg) is dict else None
+
+
+def _encodable(msg: dict[str, Any]) -> bool:
+    """No lone surrogate (which the standard parser lets through, and orjson refuses) in a
+    field the gateway might store or write back."""
+    try:
+        for key, value in msg.items():
+            key.encode()
+            if type(value) is str:
+                value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _too_wide(value: Any) -> bool:
+    """An integer no 64-bit field holds (orjson, and most clients, cannot write it back)."""
+    return type(value) is int and not -(1 << 63) <= value < (1 << 64)
+
+
+def _plain_number(text: str) -> str:
+    try:
+        value = Decimal(text)
+    except InvalidOperation:  # pragma: no cover - the JSON grammar allows only numbers here
+        return text
+    if -MAX_TEXT_LENGTH <= value.adjusted() <= MAX_TEXT_LENGTH:
+        return format(value, "f")
+    return text  # far out of range: refused as it stands, without writing out its digits
+
+
+def _no_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")
 
 
 def error_message(code: str, message: str, rid: Any = None, **extra: Any) -> dict[str, Any]:
@@ -255,7 +327,7 @@ def order_id_of(msg: dict[str, Any]) -> int:
     oid = msg.get("order_id")
     if type(oid) is str and oid.isascii() and oid.isdigit() and len(oid) < 19:
         oid = int(oid)
-    if type(oid) is not int:
+    if type(oid) is not int or _too_wide(oid):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'order_id' must be an integer", "order_id")
     return oid
 

@@ -64,9 +64,24 @@ _LABELS = {
 _UPPER = {"buy": "BUY", "sell": "SELL"}
 
 
+RAW_MAX = 40  # characters of a raw request value an audit line shows
+
+
 def _text(value: object) -> str:
-    """An enum as its wire string, anything else (a raw echoed value) as ``str``."""
-    return getattr(value, "_value_", None) or str(value)
+    """An enum as its wire string, anything else (a raw echoed value) through ``_raw``."""
+    return getattr(value, "_value_", None) or _raw(str(value))
+
+
+def _raw(text: str) -> str:
+    """A value the client wrote, made safe for a line of the log.
+
+    A rejected request's text is the client's: a newline in it would forge a line of its
+    own, so anything unprintable is escaped, and a long value is cut to ``RAW_MAX``.
+    """
+    if len(text) <= RAW_MAX and text.isprintable():
+        return text
+    shown = repr(text)[1:-1]
+    return shown if len(shown) <= RAW_MAX else shown[:RAW_MAX] + "..."
 
 
 class AuditLog:
@@ -296,7 +311,7 @@ class AuditLog:
             symbol = ev.market
             market = self.config.markets.get(symbol)
             if market is None:
-                return f"{stamp(ev.ts)} REJECTED order on unknown market {symbol}: {ev.reason}"
+                return f"{stamp(ev.ts)} REJECTED order on unknown market {_raw(symbol)}: {_text(ev.reason)}"
             price, qty = self.fmt.price, self.fmt.qty
             oid = f"order {ev.order_id}" if ev.order_id is not None else "order"
             et = ev.exec_type
@@ -310,8 +325,8 @@ class AuditLog:
                         f"{ev.status._value_}")
             # A rejected order may echo the request's raw text (an off-grid "100.001").
             at = ("market" if ev.price is None else
-                  price(symbol, ev.price) if type(ev.price) is int else str(ev.price))
-            size = qty(symbol, ev.qty) if type(ev.qty) is int else str(ev.qty)
+                  price(symbol, ev.price) if type(ev.price) is int else _text(ev.price))
+            size = qty(symbol, ev.qty) if type(ev.qty) is int else _text(ev.qty)
             if et is ExecType.REJECTED:  # may echo raw request values: format them plainly
                 what = (f"{_text(ev.side).upper()} {size} {symbol} @ {at} {_text(ev.order_type)} "
                         f"{_text(ev.tif)}")
@@ -322,7 +337,7 @@ class AuditLog:
                     f"{qty(symbol, ev.filled)}, remaining {qty(symbol, ev.remaining)}, "
                     f"{ev.status._value_}")
         if ev.__class__ is CommandRejected:
-            target = f" order {ev.order_id}" if ev.order_id is not None else ""  # type: ignore[attr-defined]
+            target = f" order {_text(ev.order_id)}" if ev.order_id is not None else ""  # type: ignore[attr-defined]
             return f"{stamp(ev.ts)} REJECTED {ev.command}{target}: {_text(ev.reason)}"  # type: ignore[attr-defined]
         return None
 

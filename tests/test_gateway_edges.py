@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import orjson
+import pytest
+
 from client import ExchangeClient
 
 
@@ -280,3 +283,88 @@ async def test_rebuilt_audit_lines_skip_more_than_a_mebibyte_of_written_ones(tmp
     assert len(whole) == 9000 and len(set(whole)) == 9000  # each once, order 9000's rebuilt
     assert len(lines) == 9001 and not lines[-2].endswith(", new")  # the cut line, on its own
     assert all(line.count(" PLACED ") == 1 for line in lines)
+
+
+@pytest.mark.parametrize("fsync", ["batch", "always", "off"])
+async def test_a_client_that_half_closes_still_reads_every_answer(tmp_path, fsync: str) -> None:
+    """A script that sends its requests and shuts down its sending side (``nc -N``) must
+    read the acknowledgement of every request carried out, in order, before the server
+    closes; a last line without its newline is a request too."""
+    from exchange.server import ExchangeServer, ServerConfig
+
+    srv = ExchangeServer(ServerConfig(port=0, data_dir=tmp_path / "data", stats_interval=0, fsync=fsync))
+    await srv.start()
+    try:
+        host, port = srv.address
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+        writer.write(
+            b'{"op":"login","user":"alice","id":"l"}\n'
+            b'{"op":"order","id":"o1","market":"BTC-USD","side":"buy","price":"100","qty":"1"}\n'
+            b'{"op":"ping","id":"p1"}\n'
+            b'{"op":"ping","id":"p2"}'
+        )
+        writer.write_eof()
+        got = []
+        while line := await asyncio.wait_for(reader.readline(), 5):
+            got.append(orjson.loads(line))
+        writer.close()
+        assert [(m["type"], m.get("id")) for m in got] == [
+            ("logged_in", "l"), ("exec", "o1"), ("pong", "p1"), ("pong", "p2"),
+        ], got
+        assert [o.price for o in srv.engine.open_orders("alice")] == [10_000]
+    finally:
+        await srv.stop()
+
+
+async def test_request_text_cannot_forge_audit_lines(server, connect) -> None:
+    """A rejected request's raw values are the client's words: a newline in them must not
+    become a line of its own in the audit log, and a huge value is cut short."""
+    alice = await connect("alice")
+    forged = "2026-01-01T00:00:00.000000Z FILL order 99 BUY 5.0000 BTC-USD @ 1.00"
+    r1 = await alice.place("X\n" + forged, "buy", "1", "1", raise_on_reject=False)
+    r2 = await alice.place("BTC-USD", "buy", "1", "1\n" + forged, raise_on_reject=False)
+    r3 = await alice.place("BTC-USD", "buy", "1" * 5000, "1", raise_on_reject=False)
+    assert (r1["reason"], r2["reason"], r3["reason"]) == ("unknown_market", "invalid_price", "invalid_quantity")
+    await server.audit.close()
+    lines = (server.config.data_dir / "logs" / "alice.log").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 3, lines
+    assert [line.split(" ")[1] for line in lines] == ["REJECTED"] * 3, lines
+    assert "X\\n2026" in lines[0] and "@ 1\\n2026" in lines[1]
+    assert max(len(line) for line in lines) < 300, lines
+
+
+@pytest.mark.parametrize(("field", "raw", "reason"), [
+    ("qty", "1.00000000000000001", "invalid_quantity"),  # a double would read 1.0
+    ("price", "100.00000000000000001", "invalid_price"),  # ... and 100.0
+    ("qty", "1e400", "invalid_quantity"),
+])
+async def test_an_off_grid_json_number_is_refused_not_rounded(server, field, raw, reason) -> None:
+    host, port = server.address
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+    values = {"price": '"100"', "qty": '"1"', field: raw}
+    writer.write(b'{"op":"login","user":"alice"}\n' + (
+        '{"op":"order","id":"n","market":"BTC-USD","side":"buy","price":%(price)s,"qty":%(qty)s}\n'
+        '{"op":"order","id":"ok","market":"BTC-USD","side":"buy","price":1e2,"qty":0.5e-3}\n'
+        % values).encode())
+    replies = {}
+    while len(replies) < 2:
+        msg = orjson.loads(await asyncio.wait_for(reader.readline(), 5))
+        if msg.get("id") in ("n", "ok"):
+            replies[msg["id"]] = msg
+    writer.close()
+    assert replies["n"]["exec_type"] == "rejected" and replies["n"]["reason"] == reason, replies["n"]
+    assert replies["n"][field] == raw
+    # Numbers on the grid are read exactly, exponents included.
+    assert (replies["ok"]["price"], replies["ok"]["qty"]) == ("100.00", "0.0005")
+
+
+async def test_an_integer_id_wider_than_64_bits_is_refused_clearly(server) -> None:
+    host, port = server.address
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+    writer.write(b'{"op":"ping","id":18446744073709551616}\n{"op":"ping","id":18446744073709551615}\n'
+                 b'{"op":"ping","id":1,"x":1e400}\n')
+    replies = [orjson.loads(await asyncio.wait_for(reader.readline(), 5)) for _ in range(3)]
+    writer.close()
+    assert replies[0]["code"] == "bad_request" and "64 bits" in replies[0]["message"]
+    assert replies[1] == {**replies[1], "type": "pong", "id": 18446744073709551615}
+    assert replies[2]["type"] == "pong" and replies[2]["id"] == 1
