@@ -199,13 +199,23 @@ class ExchangeClient:
                 finally:
                     timer.cancel()
         except asyncio.TimeoutError:
-            self._pending = {k: f for k, f in self._pending.items() if f is not fut}
+            self._forget(fut)
             raise ExchangeConnectionError(f"no reply to '{op}' within {self.timeout} s") from None
         except (ConnectionError, OSError) as exc:
+            self._forget(fut)
             raise ExchangeConnectionError(f"connection lost: {exc}") from None
         if reply.get("type") == "error":
             raise ExchangeError(reply.get("code", "error"), reply.get("message", ""), reply.get("field"), reply)
         return reply
+
+    def _forget(self, fut: asyncio.Future[dict[str, Any]]) -> None:
+        """Stop waiting for a reply whose caller already has its error: nobody else will
+        take the future's outcome, so it is settled here (no 'never retrieved' warning)."""
+        self._pending = {k: f for k, f in self._pending.items() if f is not fut}
+        if not fut.done():
+            fut.cancel()
+        elif not fut.cancelled():
+            fut.exception()
 
     async def _drain_then(self, fut: asyncio.Future[dict[str, Any]]) -> dict[str, Any]:
         assert self._writer is not None

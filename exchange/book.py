@@ -148,7 +148,7 @@ class Level:
         out: list[Order] = []
         order = self.head
         left = self.count + 1
-        while order is not None and left:
+        while order is not None and left > 0:
             out.append(order)
             order = order.next
             left -= 1
@@ -200,7 +200,7 @@ class AccountOrders:
         out: list[Order] = []
         order = self.head
         left = self.count + 1
-        while order is not None and left:
+        while order is not None and left > 0:
             out.append(order)
             order = order.acct_next
             left -= 1

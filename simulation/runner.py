@@ -29,7 +29,7 @@ from exchange.protocol import DEFAULT_PORT
 from simulation.agents import AGENT_KINDS, Agent, MarketProfile, RunControl
 from simulation.embedded import EmbeddedExchange, parse_duration_ns, parse_latency
 from storage.lock import DataDirBusy
-from simulation.gateway import Gateway, GatewayConnectionError
+from simulation.gateway import Gateway, GatewayConnectionError, GatewayError
 from simulation.report import build_report, format_report, last_prices
 from simulation.tcp import BookMirror, TcpGateway, fetch_config
 
@@ -291,6 +291,8 @@ async def run_tcp(
     control = RunControl(profiles_for(cfg, config), cfg.orders)
     names: list[str] = []
     agents = build_agents(cfg, config, lambda name: names.append(name) or _Placeholder(name, config), control)  # type: ignore[func-returns-value]
+    if not names:
+        raise SimulationError("no agents to run: give at least one, e.g. --agents random=20")
     try:
         mirror = await BookMirror.start(cfg.host, cfg.port, config)
     except GatewayConnectionError as exc:
@@ -298,16 +300,9 @@ async def run_tcp(
             f"cannot reach the exchange at {cfg.host}:{cfg.port}: {exc.message}. "
             "Start it with: python run/start_engine.py (or use --embedded)"
         ) from None
-    try:
-        gateways = await asyncio.gather(*(
-            TcpGateway.connect(cfg.host, cfg.port, name, config, mirror=mirror) for name in names
-        ))
-    except GatewayConnectionError as exc:
-        await mirror.close()
-        raise SimulationError(
-            f"cannot reach the exchange at {cfg.host}:{cfg.port}: {exc.message}. "
-            "Start it with: python run/start_engine.py (or use --embedded)"
-        ) from None
+    except GatewayError as exc:  # e.g. a --markets file naming a market it does not have
+        raise SimulationError(f"cannot follow the exchange's books: {exc.message}") from None
+    gateways = await _connect_all(cfg, config, names, mirror)
     for agent, gw in zip(agents, gateways):
         agent.gw = gw
     if out is not None:
@@ -373,6 +368,35 @@ async def run_tcp(
     report["exchange"] = f"{cfg.host}:{cfg.port}"
     _finish(cfg, report, progress, config)
     return report
+
+
+async def _connect_all(
+    cfg: SimConfig, config: MarketConfig, names: list[str], mirror: BookMirror,
+) -> list[TcpGateway]:
+    """One logged-in session per agent, or none at all: if any fails (or the run is
+    interrupted), the sessions already open and the mirror are closed before the error."""
+    connects = [
+        asyncio.ensure_future(TcpGateway.connect(cfg.host, cfg.port, name, config, mirror=mirror))
+        for name in names
+    ]
+    try:
+        return list(await asyncio.gather(*connects))
+    except BaseException as exc:
+        for connect in connects:
+            connect.cancel()
+        done = await asyncio.gather(*connects, return_exceptions=True)
+        await asyncio.gather(
+            mirror.close(), *(gw.close() for gw in done if isinstance(gw, TcpGateway)),
+            return_exceptions=True,
+        )
+        if isinstance(exc, GatewayConnectionError):
+            raise SimulationError(
+                f"cannot reach the exchange at {cfg.host}:{cfg.port}: {exc.message}. "
+                "Start it with: python run/start_engine.py (or use --embedded)"
+            ) from None
+        if isinstance(exc, GatewayError):
+            raise SimulationError(f"the exchange refused an agent's session: {exc.message}") from None
+        raise
 
 
 async def _tcp_tops(

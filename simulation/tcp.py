@@ -135,25 +135,29 @@ class BookMirror:
             mirror = cls(client, config)
             for market in config.markets:
                 await client.subscribe("book", market)
-        except ExchangeConnectionError as exc:
+        except BaseException as exc:
             await client.close()
-            raise GatewayConnectionError(exc.message) from None
-        except ExchangeError as exc:
-            await client.close()
-            raise GatewayError(exc.code, exc.message) from None
+            if isinstance(exc, ExchangeConnectionError):
+                raise GatewayConnectionError(exc.message) from None
+            if isinstance(exc, ExchangeError):
+                raise GatewayError(exc.code, exc.message) from None
+            raise
         mirror._task = asyncio.get_running_loop().create_task(mirror._follow(), name="book-mirror")
         return mirror
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-        self.seq.clear()
-        await self.client.close()
+        """Stop following and close the connection, whatever became of the feed."""
+        try:
+            if self._task is not None:
+                self._task.cancel()
+                try:
+                    await self._task
+                except (asyncio.CancelledError, Exception):  # a feed that failed has said so
+                    pass
+                self._task = None
+        finally:
+            self.seq.clear()
+            await self.client.close()
 
     def top(self, market: str) -> tuple[int | None, int | None] | None:
         """Best bid and ask in ticks, or None if this market's book is not known right now."""
@@ -237,11 +241,13 @@ class TcpGateway(Gateway):
         try:
             await client.connect()
             await client.login(account)
-        except ExchangeConnectionError as exc:
-            raise GatewayConnectionError(exc.message) from None
-        except ExchangeError as exc:
+        except BaseException as exc:  # a failed or interrupted login leaves no connection open
             await client.close()
-            raise GatewayError(exc.code, exc.message) from None
+            if isinstance(exc, ExchangeConnectionError):
+                raise GatewayConnectionError(exc.message) from None
+            if isinstance(exc, ExchangeError):
+                raise GatewayError(exc.code, exc.message) from None
+            raise
         return cls(client, account, config, mirror)
 
     async def close(self) -> None:

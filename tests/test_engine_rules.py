@@ -1326,3 +1326,36 @@ def test_a_cyclic_list_fails_the_check_instead_of_hanging() -> None:
     third.acct_next = first  # and now the account's list
     with pytest.raises(AssertionError):
         desk.ex.check_invariants()
+
+
+@pytest.mark.parametrize("corrupt", [
+    "level = desk.ex.markets['BTC-USD'].book.bids[first.price]; level.count = -2; second.next = first",
+    "holder = first.acct_orders; holder.count = -2; third.acct_next = first",
+])
+def test_a_cyclic_list_with_a_negative_count_fails_the_check_instead_of_hanging(corrupt: str) -> None:
+    """A count driven below zero (a double unlink) must still bound the walk. Run in a
+    child process with a deadline and a memory cap, so a regression fails instead of hanging."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    code = textwrap.dedent(f"""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+        sys.path[:0] = [{str(tests.parent)!r}, {str(tests)!r}]
+        from test_engine_rules import Desk, _three_resting
+        desk = Desk()
+        first, second, third = _three_resting(desk)
+        {corrupt}
+        try:
+            desk.ex.check_invariants()
+        except AssertionError as exc:
+            print("CAUGHT", exc)
+    """)
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the invariant check never ended on a cyclic list")
+    assert "CAUGHT" in done.stdout, (done.returncode, done.stdout[-300:], done.stderr[-300:])

@@ -368,3 +368,51 @@ async def test_an_integer_id_wider_than_64_bits_is_refused_clearly(server) -> No
     assert replies[0]["code"] == "bad_request" and "64 bits" in replies[0]["message"]
     assert replies[1] == {**replies[1], "type": "pong", "id": 18446744073709551615}
     assert replies[2]["type"] == "pong" and replies[2]["id"] == 1
+
+
+async def test_a_request_lost_while_its_write_drains_leaves_no_stray_error() -> None:
+    """The client's slow path (its write did not all reach the socket) waits for the drain;
+    when the peer resets the connection, the caller gets the error and nothing is left for
+    asyncio to report as 'Future exception was never retrieved'."""
+    import gc
+    import socket
+
+    from client.client import ExchangeConnectionError
+
+    loop = asyncio.get_running_loop()
+    seen: list[dict[str, Any]] = []
+    old = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, ctx: seen.append(ctx))
+    accepted: asyncio.Future[asyncio.StreamWriter] = loop.create_future()
+    release = asyncio.Event()
+
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        if not accepted.done():
+            accepted.set_result(writer)
+        await release.wait()  # never reads
+
+    srv = await asyncio.start_server(deaf, "127.0.0.1", 0)
+    client = ExchangeClient("127.0.0.1", srv.sockets[0].getsockname()[1], timeout=5.0)
+    await asyncio.wait_for(client.connect(), 5)
+    try:
+        peer = await asyncio.wait_for(accepted, 5)
+        req = asyncio.ensure_future(client.request("ping", pad="x" * (8 << 20)))
+        await asyncio.sleep(0.3)
+        assert client._writer is not None and client._writer.transport.get_write_buffer_size() > 0
+        peer.get_extra_info("socket").setsockopt(  # reset (RST), not a clean close
+            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        peer.transport.abort()
+        with pytest.raises(ExchangeConnectionError):
+            await asyncio.wait_for(req, 5)
+        await asyncio.sleep(0.2)
+        await asyncio.wait_for(client.close(), 5)
+        del req
+        for _ in range(3):
+            gc.collect()
+            await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(old)
+        release.set()
+        srv.close()
+    assert not [c for c in seen if "never retrieved" in str(c.get("message"))], seen

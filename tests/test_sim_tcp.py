@@ -236,3 +236,55 @@ async def test_the_book_mirror_follows_the_exchange_and_resyncs_after_a_gap(
         await gw.close()
         await mirror.close()
     assert mirror.top("BTC-USD") is None  # closed: gateways would ask the exchange
+
+
+async def _open_connections(host: str, port: int) -> int:
+    """Connections the exchange has open, not counting the one asking."""
+    client = ExchangeClient(host, port, timeout=T)
+    await asyncio.wait_for(client.connect(), T)
+    try:
+        return (await asyncio.wait_for(client.stats(), T))["connections"] - 1
+    finally:
+        await asyncio.wait_for(client.close(), T)
+
+
+@pytest.mark.parametrize("how", [{"prefix": "__bad-"}, {"agents": {}}], ids=["login-refused", "no-agents"])
+async def test_a_tcp_run_that_cannot_start_says_why_and_leaves_nothing_open(
+    engine: tuple[str, int, Path, asyncio.subprocess.Process], how: dict[str, Any],
+) -> None:
+    host, port, _, _ = engine
+    cfg = SimConfig(host=host, port=port, progress=False, duration_s=1.0, **how)
+    with pytest.raises(SimulationError, match="refused an agent's session|no agents"):
+        await asyncio.wait_for(run_tcp(cfg, stream=None), T)
+    await asyncio.sleep(0.2)
+    leaked = [t for t in asyncio.all_tasks() if t.get_name() == "book-mirror" and not t.done()]
+    for task in leaked:
+        task.cancel()
+    assert not leaked, "the book mirror still runs after the run failed"
+    assert await _open_connections(host, port) == 0
+
+
+async def test_the_mirror_closes_its_connection_even_after_its_feed_failed(
+    engine: tuple[str, int, Path, asyncio.subprocess.Process],
+) -> None:
+    """A markets file whose tick is coarser than the exchange's: the mirror cannot read a
+    delta's price, its feed ends (gateways fall back to asking), and close() still closes."""
+    from exchange.markets import DEFAULT_CONFIG, build_config
+    from simulation.tcp import BookMirror
+
+    host, port, _, _ = engine
+    data = {**DEFAULT_CONFIG, "markets": [dict(m) for m in DEFAULT_CONFIG["markets"]]}
+    data["markets"][0]["tick_size"] = "0.10"  # the exchange's is 0.01
+    mirror = await asyncio.wait_for(BookMirror.start(host, port, build_config(data)), T)
+    trader = ExchangeClient(host, port, timeout=T)
+    await asyncio.wait_for(trader.connect(), T)
+    await asyncio.wait_for(trader.login("tick-bob"), T)
+    await asyncio.wait_for(trader.place("BTC-USD", "buy", "0.01", "100.05"), T)
+    await asyncio.wait_for(trader.close(), T)
+    for _ in range(200):
+        if mirror._task is not None and mirror._task.done():
+            break
+        await asyncio.sleep(0.01)
+    assert mirror.top("BTC-USD") is None  # the feed is gone: the gateways ask instead
+    await asyncio.wait_for(mirror.close(), T)
+    assert await _open_connections(host, port) == 0
