@@ -119,7 +119,7 @@ class Session(asyncio.Protocol):
 
     __slots__ = (
         "gateway", "transport", "peer", "user", "admin", "buf", "out", "queued", "paused",
-        "closed", "subscriptions", "reading_paused", "tokens", "refilled",
+        "closed", "closing", "subscriptions", "reading_paused", "tokens", "refilled",
     )
 
     def __init__(self, gateway: Gateway) -> None:
@@ -134,6 +134,7 @@ class Session(asyncio.Protocol):
         self.paused = False
         self.reading_paused = False
         self.closed = False
+        self.closing = False  # closed, and its transport closes once held output is written
         self.subscriptions: set[tuple[str, str]] = set()
         self.tokens = float(gateway.options.rate_limit)  # requests it may still send now
         self.refilled = time.monotonic()
@@ -167,11 +168,8 @@ class Session(asyncio.Protocol):
         lines = buf.split(b"\n")
         rest = lines.pop()
         gateway = self.gateway
-        limit = gateway.options.rate_limit
-        if limit:  # refill once per chunk received, not per line
-            now = time.monotonic()
-            self.tokens = min(float(limit), self.tokens + (now - self.refilled) * limit)
-            self.refilled = now
+        if gateway.options.rate_limit:  # refill once per chunk received, not per line
+            self._refill()
         for line in lines:
             if len(line) > MAX_LINE:
                 self.fatal(ErrorCode.LINE_TOO_LONG, f"a line may be at most {MAX_LINE} bytes")
@@ -193,14 +191,16 @@ class Session(asyncio.Protocol):
         keep the connection half-open until they are written, so a script that shuts down
         its sending side after its requests still reads every acknowledgement.
         """
-        if self.closed:
-            return None
+        if self.closed:  # a goodbye still waiting for the journal keeps the connection
+            return True if self.closing else None
         if self.buf.strip():
             line = bytes(self.buf)
             self.buf = bytearray()
+            if self.gateway.options.rate_limit:
+                self._refill()
             self.gateway.handle_line(self, line)
-        if self.closed:  # the last line closed it (fatal): its goodbye is already arranged
-            return True
+        if self.closed:  # the last line closed it: its goodbye is already arranged
+            return True if self.closing else None
         gateway = self.gateway
         gateway.flush()
         self.closed = True
@@ -208,6 +208,13 @@ class Session(asyncio.Protocol):
             gateway.close_after_release(self)
             return True
         return None  # nothing held: the transport writes what it has, then closes
+
+    def _refill(self) -> None:
+        """The rate limit's allowance grows with the time since the last chunk."""
+        limit = self.gateway.options.rate_limit
+        now = time.monotonic()
+        self.tokens = min(float(limit), self.tokens + (now - self.refilled) * limit)
+        self.refilled = now
 
     def pause_writing(self) -> None:
         # The client is not reading its replies: stop reading its requests until it does.
@@ -385,6 +392,7 @@ class Gateway:
 
     def close_after_release(self, session: Session) -> None:
         """Close ``session`` once the output held so far (its last words included) is written."""
+        session.closing = True
         self._close_after.append((self.held[-1][0], session))
 
     # -- the door to the engine -------------------------------------------------------

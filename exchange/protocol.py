@@ -114,6 +114,7 @@ def decode_request(line: bytes) -> dict[str, Any]:
         msg = _loads_exact(line) if str(exc).startswith("number is infinity") else None
         if msg is None or not _encodable(msg):
             raise ProtocolError(ErrorCode.BAD_JSON, "the line is not valid JSON") from None
+        _settle_numbers(msg)
     if type(msg) is not dict:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "a request must be a JSON object", "op")
     rid = msg.get("id")
@@ -129,38 +130,68 @@ def decode_request(line: bytes) -> dict[str, Any]:
         raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {op[:40]!r}", "op", rid)
     if (msg.get("qty").__class__ is float or msg.get("price").__class__ is float
             or msg.get("amount").__class__ is float):
-        _exact_numbers(line, msg)
+        _exact_numbers(line, msg, rid)
     return msg
 
 
 _VALUE_FIELDS: Final = ("price", "qty", "amount")
 
 
-def _exact_numbers(line: bytes, msg: dict[str, Any]) -> None:
+class _Number:
+    """A JSON number as the client wrote it, from the standard parser."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _exact_numbers(line: bytes, msg: dict[str, Any], rid: Any) -> None:
     """Replace the value fields a double holds with the digits the client wrote.
 
     orjson reads a JSON number as a binary double, so ``1.00000000000000001`` would arrive
     as ``1.0``: on the grid, and silently rounded. Requests with JSON numbers are rare,
     so only they pay for a second, exact parse, whose numbers become plain decimal strings
-    that are then checked against the grid like any other.
+    that are then checked against the grid like any other. A line the second parser
+    cannot read (nesting deeper than it goes) is refused: never the double's reading.
     """
     exact = _loads_exact(line)
-    if exact is None:
-        return  # orjson read it: keep its reading (an absurd number is refused later)
     for name in _VALUE_FIELDS:
         if msg.get(name).__class__ is float:
-            value = exact.get(name)
-            msg[name] = value if type(value) is str else str(value)
+            value = exact.get(name) if exact is not None else None
+            if value.__class__ is _Number:
+                msg[name] = _plain_number(value.text)  # type: ignore[union-attr]
+            elif type(value) is int:
+                msg[name] = str(value)
+            else:
+                raise ProtocolError(
+                    ErrorCode.BAD_REQUEST,
+                    f"'{name}' could not be read exactly: send it as a decimal string", name, rid,
+                )
 
 
 def _loads_exact(line: bytes) -> dict[str, Any] | None:
-    """The request with every JSON number as written: fractions as plain decimal strings,
-    integers at full width (None if the standard parser refuses it too)."""
+    """The request with its numbers as written (``_Number``; integers of up to 40 digits as
+    ``int``), or None if the standard parser refuses it too."""
     try:
-        msg = json.loads(line, parse_float=_plain_number, parse_constant=_no_constant)
+        msg = json.loads(line, parse_float=_Number, parse_int=_integer, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         return None
     return msg if type(msg) is dict else None
+
+
+def _integer(text: str) -> Any:
+    return int(text) if len(text) <= 40 else _Number(text)
+
+
+def _settle_numbers(msg: dict[str, Any]) -> None:
+    """After the exact parse of a whole line: the value fields as plain decimal strings, any
+    other number as the double orjson would have made of it (so a fractional or infinite
+    ``id`` or ``order_id`` is refused exactly as it is on the usual path)."""
+    for key, value in list(msg.items()):
+        if value.__class__ is _Number:
+            text = value.text
+            msg[key] = _plain_number(text) if key in _VALUE_FIELDS else float(text)
 
 
 def _encodable(msg: dict[str, Any]) -> bool:
@@ -182,6 +213,7 @@ def _too_wide(value: Any) -> bool:
 
 
 def _plain_number(text: str) -> str:
+    """A JSON number's digits as a plain decimal string (exponent written out)."""
     try:
         value = Decimal(text)
     except InvalidOperation:  # pragma: no cover - the JSON grammar allows only numbers here

@@ -318,12 +318,18 @@ async def run_tcp(
                 installed.append(sig)
             except (NotImplementedError, RuntimeError):  # pragma: no cover
                 pass
-    observer = gateways[0]
     interrupted = False
     failures: list[str] = []
+    tasks: list[asyncio.Task[None]] = []
+    tops: dict[str, tuple[int | None, int | None]] = {m: (None, None) for m in config.markets}
     wall = time.perf_counter()
     try:
-        await asyncio.wait_for(asyncio.gather(*(a.fund() for a in agents)), 30)
+        funded = await asyncio.wait_for(
+            asyncio.gather(*(a.fund() for a in agents), return_exceptions=True), 30,
+        )
+        refused = [r for r in funded if isinstance(r, BaseException)]
+        if refused:
+            raise SimulationError(f"funding the agents failed: {refused[0]}")
         wall = time.perf_counter()
         tasks = [loop.create_task(a.run(), name=a.name) for a in agents]
         deadline = None if cfg.duration_s is None else time.monotonic() + cfg.duration_s
@@ -335,7 +341,7 @@ async def run_tcp(
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            tops = await asyncio.wait_for(_tcp_tops(observer, config), 10)
+            tops = await _tcp_tops_of_any(gateways, config, tops)
             progress.update(agents, control, tops)
             try:
                 await asyncio.wait_for(stop.wait(), 0.5)
@@ -352,12 +358,20 @@ async def run_tcp(
                 failures.append(f"{task.get_name()}: {task.exception()!r}")
         elapsed = time.perf_counter() - wall
         await asyncio.wait_for(asyncio.gather(*(a.shutdown() for a in agents), return_exceptions=True), 30)
-        tops = await asyncio.wait_for(_tcp_tops(observer, config, exact=True), 10)
+        tops = await _tcp_tops_of_any(gateways, config, tops, exact=True)
         progress.update(agents, control, tops, force=True)
         progress.done()
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+        unfinished = [t for t in tasks if not t.done()]
+        for task in unfinished:  # the run failed: its agents stop with it
+            task.cancel()
+        if unfinished:
+            await asyncio.wait(unfinished, timeout=5)
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                task.exception()  # reported in failures, or superseded by the run's error
         await asyncio.gather(mirror.close(), *(gw.close() for gw in gateways), return_exceptions=True)
     latencies = [ns for gw in gateways for ns in gw.ack_latencies_ns]
     report = build_report(
@@ -397,6 +411,20 @@ async def _connect_all(
         if isinstance(exc, GatewayError):
             raise SimulationError(f"the exchange refused an agent's session: {exc.message}") from None
         raise
+
+
+async def _tcp_tops_of_any(
+    gateways: list[TcpGateway], config: MarketConfig,
+    last: dict[str, tuple[int | None, int | None]], exact: bool = False,
+) -> dict[str, tuple[int | None, int | None]]:
+    """Best prices from the first session that answers (one agent's lost connection must
+    not end the run or its report); the last known ones if none does."""
+    for gw in gateways:
+        try:
+            return await asyncio.wait_for(_tcp_tops(gw, config, exact), 10)
+        except (GatewayError, asyncio.TimeoutError):
+            continue
+    return last
 
 
 async def _tcp_tops(

@@ -288,3 +288,46 @@ async def test_the_mirror_closes_its_connection_even_after_its_feed_failed(
     assert mirror.top("BTC-USD") is None  # the feed is gone: the gateways ask instead
     await asyncio.wait_for(mirror.close(), T)
     assert await _open_connections(host, port) == 0
+
+
+async def test_a_tcp_run_outlives_one_agents_lost_connection_and_leaves_no_task(tmp_path: Path) -> None:
+    """The exchange drops the book mirror's and one agent's connections mid-run: that agent
+    fails (and the report says so), the others trade on, the progress and the final prices
+    come from any session that still answers, and no agent task outlives the run."""
+    from exchange.server import ExchangeServer, ServerConfig
+
+    srv = ExchangeServer(ServerConfig(port=0, data_dir=tmp_path / "data", stats_interval=0))
+    await srv.start()
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict[str, Any]] = []
+    old = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, ctx: unretrieved.append(ctx))
+    try:
+        host, port = srv.address
+        out: dict[str, Any] = {}
+        stop = asyncio.Event()
+        cfg = SimConfig(agents={"random": 3}, duration_s=20.0, rate=100, host=host, port=port,
+                        progress=False)
+        run = asyncio.ensure_future(run_tcp(cfg, stream=None, stop_event=stop, out=out))
+        for _ in range(200):
+            if "agents" in out:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)
+        agents = out["agents"]
+        lost = agents[0].gw.account
+        for session in list(srv.gateway.sessions):
+            if session.user is None or session.user == lost:
+                session.transport.abort()
+        await asyncio.sleep(1.5)
+        stop.set()
+        report = await asyncio.wait_for(run, 30)
+        assert [f.split(":")[0] for f in report["agent_failures"]] == [agents[0].name], report["agent_failures"]
+        assert report["orders_sent"] > 0
+        names = {a.name for a in agents}
+        assert not [t for t in asyncio.all_tasks() if t.get_name() in names and not t.done()]
+        await asyncio.sleep(0.1)
+        assert not [c for c in unretrieved if "never retrieved" in str(c.get("message"))], unretrieved
+    finally:
+        loop.set_exception_handler(old)
+        await srv.stop()
