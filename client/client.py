@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 
 import orjson
 
-from exchange.protocol import DEFAULT_PORT
+from exchange.protocol import DEFAULT_PORT, MAX_LINE
 
 READ_LIMIT = 16 * 1024 * 1024
 
@@ -171,13 +171,18 @@ class ExchangeClient:
         if self._writer is None or self.closed_reason is not None:
             raise ExchangeConnectionError(self.closed_reason or "not connected")
         rid = next(self._ids)
+        payload = {"op": op, "id": rid}
+        payload.update((k, v) for k, v in fields.items() if v is not None)
+        line = orjson.dumps(payload)
+        if len(line) > MAX_LINE:  # the exchange would refuse it and close the connection
+            raise ExchangeError(
+                "line_too_long", f"the '{op}' request is {len(line)} bytes; at most {MAX_LINE}", None, None,
+            )
         loop = self._loop
         assert loop is not None
         fut: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._pending[rid] = fut
-        payload = {"op": op, "id": rid}
-        payload.update((k, v) for k, v in fields.items() if v is not None)
-        self._writer.write(orjson.dumps(payload) + b"\n")
+        self._writer.write(line + b"\n")
         return fut
 
     async def request(self, op: str, **fields: Any) -> dict[str, Any]:

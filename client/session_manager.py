@@ -18,7 +18,10 @@ EXPIRED, REJECTED) is never replaced by an open one. A fill is recorded once per
 
 The file is rewritten atomically after each change (a temporary file in the same
 directory, flush, fsync, ``os.replace``, then fsync of the directory), so a crash leaves
-either the old file or the new one, never half of one. A file that cannot be read as
+either the old file or the new one, never half of one. Two clients of one user (two
+terminals) share the file: each save takes a lock (``flock`` on a file beside it), reads
+what the other wrote, keeps records it does not know (a rejection is reported only to the
+terminal that sent the order) and, for a record both know, the later word, then writes. A file that cannot be read as
 history is renamed aside (``orders_<user>.json.corrupt-<time>``) with a warning and a
 fresh history is started; it is never deleted.
 
@@ -34,15 +37,22 @@ integer nanosecond timestamps and ``*_at`` the same instants in ISO 8601 (UTC) f
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import orjson
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows: saves are then not coordinated
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("client.session")
 
@@ -70,6 +80,17 @@ def history_path(data_dir: str | os.PathLike[str], user: str) -> Path:
     if not user or any(c in user for c in "/\\\x00") or user in (".", ".."):
         raise SessionError(f"user name {user!r} cannot be used in a file name")
     return Path(data_dir) / "sessions" / f"orders_{user}.json"
+
+
+def _later(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether record ``a`` holds a later word of the exchange than ``b`` (a final status
+    is never replaced by an open one)."""
+    if b.get("status") in FINAL and a.get("status") not in FINAL:
+        return False
+    if a.get("status") in FINAL and b.get("status") not in FINAL:
+        return True
+    ta, tb = a.get("updated_ts"), b.get("updated_ts")
+    return type(ta) is int and type(tb) is int and ta > tb
 
 
 def _iso(ts: Any) -> str | None:
@@ -153,14 +174,70 @@ class SessionManager:
     def _remove_stale_temp_files(self) -> None:
         # A temporary file left behind is a write that never reached os.replace: the
         # real file still holds the previous complete version, so the leftover is junk.
-        for leftover in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+        for leftover in self.path.parent.glob(f".{glob.escape(self.path.name)}.*.tmp"):
             try:
                 leftover.unlink()
             except OSError:
                 pass
 
     def save(self) -> None:
-        """Write the whole history atomically: temp file, flush, fsync, rename, fsync dir."""
+        """Write the whole history atomically: temp file, flush, fsync, rename, fsync dir;
+        under the lock, after taking in what another client of the user saved meanwhile."""
+        with self._locked():
+            self._merge_saved()
+            self._write()
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        if fcntl is None:
+            yield
+            return
+        try:
+            fd = os.open(self.path.with_name(f".{self.path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:  # a read-only directory fails in the write below, with its reason
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _merge_saved(self) -> None:
+        """Take in the records another client of this user saved since we last looked."""
+        try:
+            saved = self._parse(self.path.read_bytes())
+        except (OSError, ValueError):
+            return  # missing or unreadable: ours is written over it, as at load
+        for theirs in saved:
+            ours = self._counterpart(theirs)
+            if ours is None:
+                if theirs.get("order_id") is None and theirs.get("client_order_id") is None \
+                        and theirs in self.orders:
+                    continue  # nothing to match it by but its whole content
+                self.orders.append(theirs)
+                self._index(theirs)
+            elif ours is not theirs and _later(theirs, ours):
+                ours.clear()
+                ours.update(theirs)
+                self._index(ours)
+        self.orders.sort(key=lambda r: r.get("created_ts") if type(r.get("created_ts")) is int else 0)
+
+    def _counterpart(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        """Our record of the order another client saved as ``record``, if we have one.
+
+        An accepted order has an exchange id and a rejected one never does, so a record
+        with an id and one without are never the same order, whatever their client ids."""
+        oid, coid = record.get("order_id"), record.get("client_order_id")
+        if oid is not None:
+            ours = self._by_id.get(oid) if type(oid) is int else None
+            if ours is not None and coid is not None and ours.get("client_order_id") not in (None, coid):
+                return None  # the id reused by a restarted exchange: another order
+            return ours
+        ours = self._by_coid.get(coid) if isinstance(coid, str) else None
+        return ours if ours is not None and ours.get("order_id") is None else None
+
+    def _write(self) -> None:
         data = orjson.dumps(
             {"version": FORMAT_VERSION, "user": self.user, "orders": self.orders},
             option=orjson.OPT_INDENT_2,

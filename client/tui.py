@@ -22,7 +22,8 @@ exchange's words. ``TerminalApp`` takes prompt_toolkit ``input``/``output`` obje
 test drives the real key handling with ``create_pipe_input()`` and reads what was printed.
 
 Exit codes: 0 after ``quit``/Ctrl-D; 1 when the exchange cannot be reached, refuses the
-login, or the connection drops; 2 for bad arguments.
+login, or the connection drops; 2 for bad arguments; 3 if the client itself failed (a bug:
+the message says so rather than quitting as if asked to).
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ import itertools
 import logging
 import os
 import re
+import secrets
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Callable, Iterable, Sequence, Union
 
 from prompt_toolkit import PromptSession, print_formatted_text
 from prompt_toolkit.application import create_app_session
@@ -61,6 +63,7 @@ log = logging.getLogger("client.tui")
 EXIT_OK = 0
 EXIT_CONNECTION = 1
 EXIT_USAGE = 2
+EXIT_INTERNAL = 3
 
 # ============================================================================ parsing
 
@@ -193,8 +196,17 @@ TIFS = ("gtc", "ioc", "fok")
 POST_WORDS = ("post", "post_only", "postonly", "po")
 MARKET_WORDS = ("market", "mkt")
 
-_NUMBER = re.compile(r"^(?:\d+(?:\.\d*)?|\.\d+)$")
-_ORDER_ID = re.compile(r"^#?(\d{1,18})$")
+# ASCII digits only (``\d`` also matches ``２`` and ``٣``, which the exchange refuses), and
+# at least one digit after a point: what the exchange reads as a plain decimal.
+_NUMBER = re.compile(r"^(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)$")
+_ORDER_ID = re.compile(r"^#?([0-9]{1,18})$")
+_COUNT = re.compile(r"^[0-9]{1,9}$")
+MAX_NUMBER_LENGTH = 40  # the exchange refuses longer decimal texts (exchange/markets.py)
+
+
+def _shown(text: str, limit: int = 30) -> str:
+    """What a message repeats of the user's input: enough to recognise it, never a page."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def usage(name: str) -> str:
@@ -202,8 +214,8 @@ def usage(name: str) -> str:
 
 
 def _positive(text: str) -> bool:
-    """A plain positive decimal: 2, 0.5, 101.25 (no sign, no exponent)."""
-    if not _NUMBER.match(text):
+    """A plain positive decimal: 2, 0.5, 101.25 (no sign, no exponent, ASCII digits)."""
+    if len(text) > MAX_NUMBER_LENGTH or not _NUMBER.match(text):
         return False
     try:
         return Decimal(text) > 0
@@ -214,6 +226,38 @@ def _positive(text: str) -> bool:
 def _order_id(text: str) -> int | None:
     m = _ORDER_ID.match(text)
     return int(m.group(1)) if m else None
+
+
+class _CommandHistory(FileHistory):
+    """The command history across runs; a file it cannot read or write only costs the
+    history (one warning), never the session: prompt_toolkit reads it in a background
+    thread, where an error would print a traceback and wait for Enter."""
+
+    def __init__(self, filename: str, warn: Callable[[str], Any]) -> None:
+        super().__init__(filename)
+        self._warn = warn
+        self._failed = False
+
+    def _fail(self, exc: OSError) -> None:
+        if not self._failed:
+            self._failed = True
+            self._warn(f"command history {self.filename} is not usable ({exc.strerror or exc}); "
+                       "this session's commands are kept in memory only")
+
+    def load_history_strings(self) -> Iterable[str]:
+        try:
+            return list(super().load_history_strings())
+        except OSError as exc:
+            self._fail(exc)
+            return []
+
+    def store_string(self, string: str) -> None:
+        if self._failed:
+            return
+        try:
+            super().store_string(string)
+        except OSError as exc:
+            self._fail(exc)
 
 
 def parse_command(line: str) -> Action:
@@ -238,14 +282,14 @@ def parse_command(line: str) -> Action:
             return Invalid(f"{usage('deposit')}   (e.g. deposit USD 1000)")
         asset, amount = args[0].upper(), args[1]
         if not _positive(amount):
-            return Invalid(f"'{amount}' is not a positive amount; {usage('deposit')}")
+            return Invalid(f"'{_shown(amount)}' is not a positive amount; {usage('deposit')}")
         return Deposit(asset, amount)
     if name == "market":
         if len(args) > 1:
             return Invalid(usage("market"))
         return SwitchMarket(args[0].upper() if args else None)
     if name in ("book", "trades", "history"):
-        if len(args) > 1 or (args and (not args[0].isdigit() or int(args[0]) < 1)):
+        if len(args) > 1 or (args and (not _COUNT.match(args[0]) or int(args[0]) < 1)):
             return Invalid(f"{usage(name)}   (N a whole number, at least 1)")
         n = int(args[0]) if args else None
         if name == "book":
@@ -275,7 +319,7 @@ def _parse_place(side: str, args: list[str]) -> Action:
         return Invalid(hint)
     qty = args[0]
     if not _positive(qty):
-        return Invalid(f"'{qty}' is not a positive quantity; {hint}")
+        return Invalid(f"'{_shown(qty)}' is not a positive quantity; {hint}")
     rest = args[1:]
     if not rest:
         return Invalid(f"give a price ('@ PRICE') or 'market'; {hint}")
@@ -290,7 +334,7 @@ def _parse_place(side: str, args: list[str]) -> Action:
     else:
         price, options = rest[0], rest[1:]
     if price is not None and not _positive(price):
-        return Invalid(f"'{price}' is not a positive price; {hint}")
+        return Invalid(f"'{_shown(price)}' is not a positive price; {hint}")
     tif: str | None = None
     post_only = False
     for word in options:
@@ -332,7 +376,7 @@ def _parse_modify(args: list[str]) -> Action:
         if key in changes:
             return Invalid(f"'{key}' given twice; {hint}")
         if not _positive(value):
-            return Invalid(f"'{value[:30]}' is not a positive {key}; {hint}")
+            return Invalid(f"'{_shown(value)}' is not a positive {key}; {hint}")
         changes[key] = value
     return Modify(oid, changes.get("price"), changes.get("qty"))
 
@@ -559,7 +603,7 @@ class CommandCompleter(Completer):
         if name in ("cancel", "modify") and n == 1:
             return [
                 (str(r["order_id"]), f"{r.get('side')} {r.get('qty')} {r.get('market')} @ {r.get('price')}")
-                for r in app.history.open_orders() if r.get("order_id") is not None
+                for r in app.open_records() if r.get("order_id") is not None
             ]
         if name == "modify" and n >= 2 and n % 2 == 0:
             return [("qty", "new total quantity"), ("price", "new price")]
@@ -617,7 +661,9 @@ class TerminalApp:
         self._stale = stale or []
         self._refresh_interval = refresh_interval
         self._coids = itertools.count(1)
-        self._coid_prefix = f"tui{os.getpid() % 100000}-{int(time.time()) % 10**8}"
+        # Unique per client run (two terminals of a user share the history file, which
+        # tells their orders apart by it), whatever the process ids and clocks.
+        self._coid_prefix = f"tui-{secrets.token_hex(5)}"
         self._prompt: PromptSession[str] | None = None
         self._ask_session: PromptSession[str] | None = None
         self._quitting = False
@@ -668,7 +714,10 @@ class TerminalApp:
         history_file = self.data_dir / "sessions" / f"commands_{self.user}.history"
         try:
             history_file.parent.mkdir(parents=True, exist_ok=True)
-            line_history: Any = FileHistory(str(history_file))
+            loop = asyncio.get_running_loop()
+            line_history: Any = _CommandHistory(
+                str(history_file), lambda text: loop.call_soon_threadsafe(self.warn, text),
+            )
         except OSError:
             line_history = InMemoryHistory()
         self._prompt = PromptSession(
@@ -718,6 +767,11 @@ class TerminalApp:
                 if not task.done():
                     task.cancel()
             await asyncio.gather(repl, events, *self._background, return_exceptions=True)
+        failure = repl.exception() if repl.done() and not repl.cancelled() else None
+        if failure is not None and not isinstance(failure, _ConnectionLost):
+            log.error("the prompt failed", exc_info=failure)
+            self.error(f"internal error: {type(failure).__name__}: {failure}; exiting.")
+            return EXIT_INTERNAL
         if self._lost or not self.client.connected:
             reason = self.client.closed_reason or "connection lost"
             self.say(("class:error", f"the connection to the exchange at {self.client.host}:"
@@ -758,10 +812,10 @@ class TerminalApp:
                 continue
             except (EOFError, _ConnectionLost):
                 return EXIT_OK
-            action = parse_command(line)
-            if isinstance(action, Quit):
-                return EXIT_OK
             try:
+                action = parse_command(line)
+                if isinstance(action, Quit):
+                    return EXIT_OK
                 await self.execute(action)
             except _ConnectionLost:
                 return EXIT_CONNECTION
@@ -889,11 +943,19 @@ class TerminalApp:
     async def place(self, action: Place) -> None:
         coid = f"{self._coid_prefix}-{next(self._coids)}"
         # The reports (new, fills, rejection) arrive on the event stream and are shown there.
-        await self.client.place(
-            self.market, action.side, action.qty, action.price, type=action.order_type,
-            tif=action.tif, post_only=True if action.post_only else None,
-            client_order_id=coid, raise_on_reject=False,
-        )
+        try:
+            await self.client.place(
+                self.market, action.side, action.qty, action.price, type=action.order_type,
+                tif=action.tif, post_only=True if action.post_only else None,
+                client_order_id=coid, raise_on_reject=False,
+            )
+        except ExchangeConnectionError as exc:
+            if not self.client.connected:
+                raise
+            # Sent, but unanswered in time: the exchange may still carry it out (its report
+            # will show up here), so "failed" would invite a duplicate.
+            self.error(f"{exc.message}: the order (client id {coid}) may still be placed; "
+                       "check 'orders' before sending it again")
 
     async def show_orders(self) -> None:
         orders = await self.client.orders()
@@ -913,9 +975,17 @@ class TerminalApp:
         rows = [[asset, b.get("available"), b.get("locked")] for asset, b in balances.items()]
         self.say(table(["asset", "available", "locked"], rows, right=[False, True, True]))
 
+    def open_records(self) -> list[dict[str, Any]]:
+        """The history's open orders, less those the exchange no longer lists (they ended
+        while this client was away): they are not ours to tag in the book or to offer."""
+        if not self._stale:
+            return self.history.open_orders()
+        gone = {r.get("order_id") for r in self._stale}
+        return [r for r in self.history.open_orders() if r.get("order_id") not in gone]
+
     async def show_book(self, depth: int) -> None:
         book = await self.client.book(self.market, depth=depth)
-        mine = {(r.get("side"), r.get("price")) for r in self.history.open_orders()
+        mine = {(r.get("side"), r.get("price")) for r in self.open_records()
                 if r.get("market") == self.market}
         asks = list(reversed(book.get("asks", [])))  # worst ask on top, best just above the middle
         bids = book.get("bids", [])
@@ -968,7 +1038,7 @@ class TerminalApp:
             self.say(f"current market: {self.market} (markets: {', '.join(self.markets)})")
             return
         if symbol not in self.market_specs:
-            self.error(f"no market {symbol!r}; markets are {', '.join(self.markets)}")
+            self.error(f"no market {_shown(symbol)!r}; markets are {', '.join(self.markets)}")
             return
         if symbol == self.market:
             self.say(f"already on {symbol}.")
@@ -997,7 +1067,7 @@ class TerminalApp:
 
     async def deposit(self, action: Deposit) -> None:
         if action.asset not in self.assets:
-            self.error(f"no asset {action.asset!r}; assets are {', '.join(self.assets)}")
+            self.error(f"no asset {_shown(action.asset)!r}; assets are {', '.join(self.assets)}")
             return
         try:
             reply = await self.client.deposit(action.asset, action.amount)

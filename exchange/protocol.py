@@ -20,6 +20,7 @@ docs/protocol.md documents every op, message and error code; keep the two togeth
 from __future__ import annotations
 
 import json
+import re
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Final
 
@@ -173,11 +174,35 @@ def _exact_numbers(line: bytes, msg: dict[str, Any], rid: Any) -> None:
 def _loads_exact(line: bytes) -> dict[str, Any] | None:
     """The request with its numbers as written (``_Number``; integers of up to 40 digits as
     ``int``), or None if the standard parser refuses it too."""
+    if _nesting(line) > MAX_NESTING:
+        return None
     try:
         msg = json.loads(line, parse_float=_Number, parse_int=_integer, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         return None
     return msg if type(msg) is dict else None
+
+
+MAX_NESTING: Final = 64  # a request is a flat object; the standard parser recurses per level
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+def _nesting(line: bytes) -> int:
+    """How deeply the line's arrays and objects nest (brackets inside strings not counted).
+
+    Checked before the standard parser runs, so that a deep line is refused without a
+    RecursionError: on CPython 3.11 one leaves the interpreter's AST recursion counter
+    off, and a later ``ast.parse`` in the same thread fails."""
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_STRING.sub(b"", line)):
+        if bracket in (b"[", b"{"):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        else:
+            depth -= 1
+    return deepest
 
 
 def _integer(text: str) -> Any:

@@ -79,7 +79,8 @@ def stored(path: Path) -> dict[str, Any]:
 
 
 def files_in(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir())
+    """The directory's files, less the lock that coordinates two clients' saves."""
+    return sorted(p.name for p in directory.iterdir() if not p.name.endswith(".json.lock"))
 
 
 # ---------------------------------------------------------------------------- creation

@@ -397,8 +397,11 @@ async def test_a_request_lost_while_its_write_drains_leaves_no_stray_error() -> 
     await asyncio.wait_for(client.connect(), 5)
     try:
         peer = await asyncio.wait_for(accepted, 5)
-        req = asyncio.ensure_future(client.request("ping", pad="x" * (8 << 20)))
+        assert client._writer is not None
+        client._writer.write(b" " * (8 << 20))  # blank lines the deaf server never reads
         await asyncio.sleep(0.3)
+        req = asyncio.ensure_future(client.request("ping"))
+        await asyncio.sleep(0.1)
         assert client._writer is not None and client._writer.transport.get_write_buffer_size() > 0
         peer.get_extra_info("socket").setsockopt(  # reset (RST), not a clean close
             socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -416,3 +419,13 @@ async def test_a_request_lost_while_its_write_drains_leaves_no_stray_error() -> 
         release.set()
         srv.close()
     assert not [c for c in seen if "never retrieved" in str(c.get("message"))], seen
+
+
+async def test_the_client_refuses_a_request_line_the_exchange_would_close_on(connect) -> None:
+    from client.client import ExchangeError
+
+    alice = await connect("alice")
+    with pytest.raises(ExchangeError) as refused:
+        await alice.request("ping", pad="x" * (70 * 1024))
+    assert refused.value.code == "line_too_long"
+    assert (await alice.request("ping"))["type"] == "pong"  # nothing was sent; still connected

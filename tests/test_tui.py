@@ -229,6 +229,9 @@ class _StubApp:
     assets = ["ACME", "BTC", "USD"]
     history = _StubHistory()
 
+    def open_records(self) -> list:
+        return self.history.open_orders()
+
 
 def _complete(text: str) -> list[str]:
     completer = CommandCompleter(_StubApp())  # type: ignore[arg-type]

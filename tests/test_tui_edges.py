@@ -1,0 +1,255 @@
+"""Edges of the terminal client found by an adversarial tester: odd digits, pasted pages,
+an unusable history file, two terminals of one user, stale records, a stalled exchange.
+
+Driven like tests/test_tui.py: prompt_toolkit pipe input against a real server on 127.0.0.1
+(ephemeral port, temporary data directory, the ``server``/``connect`` fixtures of conftest),
+output read back as plain text. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output.plain_text import PlainTextOutput
+
+from client.session_manager import SessionManager
+from client.tui import EXIT_OK, ClientOptions, Invalid, parse_command, run_client
+
+WAIT = 10.0
+
+
+class Screen:
+    def __init__(self) -> None:
+        self.buffer = io.StringIO()
+        self.output = PlainTextOutput(self.buffer)
+
+    @property
+    def text(self) -> str:
+        return self.buffer.getvalue()
+
+    async def wait_for(self, pattern: str, timeout: float = WAIT, after: int = 0) -> re.Match[str]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            match = re.search(pattern, self.text[after:])
+            if match:
+                return match
+            if loop.time() > deadline:
+                raise AssertionError(f"{pattern!r} not shown within {timeout} s; screen ends with:\n"
+                                     f"{self.text[-3000:]}")
+            await asyncio.sleep(0.02)
+
+
+class Terminal:
+    """The TUI as a task with a pipe for a keyboard (as in tests/test_tui.py)."""
+
+    def __init__(self, server: Any, user: str, data_dir: Path, market: str = "BTC-USD") -> None:
+        host, port = server.address
+        self.options = ClientOptions(user=user, host=host, port=port, market=market, data_dir=data_dir, timeout=5.0)
+        self.screen = Screen()
+        self.mark = 0
+
+    async def __aenter__(self) -> Terminal:
+        self._pipe_cm = create_pipe_input()
+        self.keys = self._pipe_cm.__enter__()
+        self.task = asyncio.create_task(
+            run_client(self.options, input=self.keys, output=self.screen.output, refresh_interval=0.1)
+        )
+        await self.screen.wait_for(r"Order history: ")
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if not self.task.done():
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        self._pipe_cm.__exit__(None, None, None)
+
+    async def type(self, line: str, expect: str, timeout: float = WAIT) -> re.Match[str]:
+        self.mark = len(self.screen.text)
+        self.keys.send_text(line + "\r")
+        return await self.screen.wait_for(expect, timeout, after=self.mark)
+
+    async def assert_still_usable(self) -> None:
+        """The session is still running and answers a command."""
+        await asyncio.sleep(0.3)
+        assert not self.task.done(), f"the client ended (exit {self.task.result()}):\n{self.screen.text[-1500:]}"
+        await self.type("markets", r"fees maker/taker")
+
+
+def _records(data_dir: Path, user: str) -> list[dict[str, Any]]:
+    return orjson.loads((data_dir / "sessions" / f"orders_{user}.json").read_bytes())["orders"]
+
+
+
+@pytest.mark.parametrize("line", ["book ²", "history ²", "trades ³"])
+def test_parse_command_never_raises_on_non_ascii_digits(line: str) -> None:
+    """'²'.isdigit() is True but int('²') raises: parse_command must never raise."""
+    action = parse_command(line)
+    assert isinstance(action, Invalid)
+
+
+async def test_a_superscript_digit_in_book_depth_does_not_end_the_session(server, tmp_path: Path) -> None:
+    async with Terminal(server, "alice", tmp_path / "client") as term:
+        term.mark = len(term.screen.text)
+        term.keys.send_text("book ²\r")  # e.g. AltGr+2 on a European keyboard instead of 2
+        await term.screen.wait_for(r"error: .*usage: book", after=term.mark)
+        assert "bye." not in term.screen.text
+        await term.assert_still_usable()
+
+
+
+async def test_a_line_longer_than_the_exchange_limit_is_refused_locally(server, tmp_path: Path) -> None:
+    """A pasted number of 66,000 digits would make a request line over the exchange's
+    64 KiB limit, which closes the connection: it is refused locally instead."""
+    async with Terminal(server, "alice", tmp_path / "client") as term:
+        text = "\x1b[200~buy 1 @ " + "1" * 66_000 + "\x1b[201~"  # a bracketed paste
+        for i in range(0, len(text), 8192):  # the pipe holds 64 KiB: feed it in pieces
+            term.keys.send_text(text[i:i + 8192])
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)
+        term.mark = len(term.screen.text)
+        term.keys.send_text("\r")
+        await term.screen.wait_for(r"error:|REJECTED|was lost", after=term.mark)
+        assert "was lost" not in term.screen.text
+        await term.assert_still_usable()
+
+
+
+async def test_an_unreadable_command_history_file_gives_a_message_not_a_traceback(server, tmp_path: Path) -> None:
+    """The command history cannot be opened (here a directory; for a normal user also a file
+    left by `sudo`, mode 600 root): a warning, then the session as usual."""
+    data_dir = tmp_path / "client"
+    (data_dir / "sessions" / "commands_alice.history").mkdir(parents=True)
+    async with Terminal(server, "alice", data_dir) as term:
+        await asyncio.sleep(1.0)
+        await term.type("balance", r"asset\s+available")
+        await asyncio.sleep(0.3)
+        assert "Unhandled exception" not in term.screen.text
+        assert "Press ENTER to continue" not in term.screen.text
+        assert "Traceback" not in term.screen.text and 'File "' not in term.screen.text
+
+
+
+async def test_two_terminals_of_one_user_keep_each_others_records(server, tmp_path: Path) -> None:
+    """A rejection is reported only to the terminal that sent the order: the other
+    terminal's next save must keep it."""
+    data_dir = tmp_path / "client"
+    async with Terminal(server, "alice", data_dir) as a, Terminal(server, "alice", data_dir) as b:
+        await b.type("buy 1 @ 100.001", r"REJECTED BUY 1 BTC-USD @ 100\.001: invalid_price")
+        assert [r["status"] for r in _records(data_dir, "alice")] == ["REJECTED"]
+        await a.type("buy 1 @ 90", r"NEW order \d+ accepted")
+        await b.screen.wait_for(r"NEW order \d+ accepted", after=b.mark)
+        await asyncio.sleep(0.3)
+        statuses = sorted(r["status"] for r in _records(data_dir, "alice"))
+        assert statuses == ["NEW", "REJECTED"], statuses
+
+
+
+async def test_book_does_not_mark_a_level_as_yours_from_a_stale_history_record(server, connect, tmp_path: Path) -> None:
+    """An order filled while the client was away stays NEW in the history; 'book' must not
+    tag someone else's level at that price as '<- yours'."""
+    data_dir = tmp_path / "client"
+    async with Terminal(server, "alice", data_dir) as term:
+        await term.type("buy 1 @ 90", r"NEW order \d+ accepted")
+        await term.type("quit", r"bye\.")
+    bob = await connect("bob")
+    await bob.sell("BTC-USD", "1", "90.00")   # fills alice's order while she is away
+    await bob.buy("BTC-USD", "2", "90.00")    # bob's own bid at the same price
+    async with Terminal(server, "alice", data_dir) as term:
+        await term.type("orders", r"no open orders")
+        m = await term.type("book", r"bid\s+90\.00\s+2\.0000\s+1[^\n]*")
+        assert "yours" not in m.group(0), m.group(0)
+
+
+
+class ProcessServer:
+    """run/start_engine.py as a process (to stop it with a signal), ephemeral port, temp data dir."""
+
+    def __init__(self, tmp: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        root = Path(__file__).resolve().parent.parent
+        self.proc = subprocess.Popen(
+            [sys.executable, str(root / "run" / "start_engine.py"), "--port", str(port),
+             "--data-dir", str(tmp / "server")],
+            cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.address = ("127.0.0.1", port)
+
+    async def ready(self) -> None:
+        for _ in range(400):
+            try:
+                _, writer = await asyncio.open_connection(*self.address)
+                writer.close()
+                return
+            except OSError:
+                await asyncio.sleep(0.05)
+        raise AssertionError("the exchange did not start")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+async def test_an_order_whose_reply_times_out_is_not_reported_as_simply_failed(tmp_path: Path) -> None:
+    """The exchange stalls (overloaded, SIGSTOP, a long GC): the order was sent and is
+    placed once it resumes, so the message must not read as 'not placed'."""
+    srv = ProcessServer(tmp_path)
+    try:
+        await srv.ready()
+        async with Terminal(srv, "alice", tmp_path / "client") as term:
+            srv.proc.send_signal(signal.SIGSTOP)
+            m = await term.type("buy 1 @ 90", r"error: [^\n]*", timeout=15)
+            srv.proc.send_signal(signal.SIGCONT)
+            await term.screen.wait_for(r"NEW order \d+ accepted: BUY 1\.0000 BTC-USD @ 90\.00", after=term.mark)
+            assert re.search(r"may|might|check 'orders'", m.group(0)), m.group(0)
+    finally:
+        srv.stop()
+
+
+
+def test_a_glob_character_in_the_user_name_does_not_touch_other_users_files(tmp_path: Path) -> None:
+    """The exchange accepts '*' and '[...]' in user names: the stale temp-file clean-up
+    must not take them as patterns and delete another user's save in progress."""
+    SessionManager("bob", tmp_path)
+    in_flight = tmp_path / "sessions" / ".orders_bob.json.k3j2h1.tmp"  # bob's save() before os.replace
+    in_flight.write_bytes(b'{"version": 1, "user": "bob", "orders": []}\n')
+    SessionManager("*", tmp_path)
+    assert in_flight.exists()
+    SessionManager("[bc]ob", tmp_path)
+    assert in_flight.exists()
+
+
+
+@pytest.mark.parametrize("line", ["market " + "X" * 5000, "deposit " + "Y" * 5000 + " 1",
+                                  "buy " + "Z" * 5000 + " @ 1", "buy 1 @ " + "W" * 5000])
+async def test_error_messages_do_not_echo_unbounded_input(server, tmp_path: Path, line: str) -> None:
+    async with Terminal(server, "alice", tmp_path / "client") as term:
+        term.mark = len(term.screen.text)
+        term.keys.send_text("\x1b[200~" + line + "\x1b[201~\r")
+        m = await term.screen.wait_for(r"error: [^\n]*", after=term.mark)
+        assert len(m.group(0)) < 400, f"error line of {len(m.group(0))} characters"
+
+
+
+@pytest.mark.parametrize("line", ["buy 1. @ 100", "buy 1 @ 100.", "buy ２ @ 100", "buy 1 @ １００",
+                                  "modify 3 qty ٣"])
+def test_numbers_the_exchange_always_refuses_are_refused_locally(line: str) -> None:
+    """The help promises plain decimals: '1.' and non-ASCII digits, which the exchange
+    refuses, are refused locally instead of being stored as REJECTED orders."""
+    assert isinstance(parse_command(line), Invalid)
