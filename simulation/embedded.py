@@ -31,6 +31,7 @@ file to file. Each embedded run is a fresh exchange, so its ledger is written af
 from __future__ import annotations
 
 import heapq
+import math
 import random
 import re
 import types
@@ -133,9 +134,12 @@ def parse_latency(text: str | None) -> LatencyModel | None:
             params[key.strip()] = value.strip()
         if "mean" not in params:
             raise ValueError("gamma latency needs mean=..., e.g. gamma:mean=5ms")
-        shape = float(params.get("shape", "2"))
-        if shape <= 0:
-            raise ValueError("gamma shape must be positive")
+        try:
+            shape = float(params.get("shape", "2"))
+        except ValueError:
+            raise ValueError(f"gamma shape {params.get('shape')!r} is not a number, e.g. shape=2") from None
+        if not (math.isfinite(shape) and shape > 0):
+            raise ValueError("gamma shape must be a positive finite number, e.g. shape=2")
         mean_ns = parse_duration_ns(params["mean"])
         if mean_ns <= 0:
             raise ValueError("gamma mean must be positive (use fixed:0 for no latency)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import signal
 import sys
 import time
@@ -209,8 +210,12 @@ def run_embedded(
         exchange = EmbeddedExchange(config, seed=cfg.seed, latency=latency, data_dir=cfg.data_dir)
     except DataDirBusy as exc:
         raise SimulationError(str(exc)) from None
-    control = RunControl(profiles_for(cfg, config), cfg.orders)
-    agents = build_agents(cfg, config, exchange.session, control)
+    try:
+        control = RunControl(profiles_for(cfg, config), cfg.orders)
+        agents = _agents_or_error(cfg, config, exchange.session, control)
+    except BaseException:
+        exchange.close()
+        raise
     if out is not None:
         out.update(agents=agents, exchange=exchange, control=control)
     kernel = exchange.kernel
@@ -227,6 +232,10 @@ def run_embedded(
     for agent in agents:
         kernel.spawn(agent.fund())
     kernel.run()
+    if kernel.failures:  # as over TCP: a run whose agents cannot be funded does not start
+        why = kernel.failures[0][1]
+        exchange.close()
+        raise SimulationError(f"funding the agents failed: {why}")
     start_ns = kernel.now
     for agent in agents:
         kernel.spawn(agent.run())
@@ -290,9 +299,7 @@ async def run_tcp(
         cfg.prefix = f"sim{time.time_ns() % 10**8:08d}-"
     control = RunControl(profiles_for(cfg, config), cfg.orders)
     names: list[str] = []
-    agents = build_agents(cfg, config, lambda name: names.append(name) or _Placeholder(name, config), control)  # type: ignore[func-returns-value]
-    if not names:
-        raise SimulationError("no agents to run: give at least one, e.g. --agents random=20")
+    agents = _agents_or_error(cfg, config, lambda name: names.append(name) or _Placeholder(name, config), control)  # type: ignore[func-returns-value]
     try:
         mirror = await BookMirror.start(cfg.host, cfg.port, config)
     except GatewayConnectionError as exc:
@@ -384,8 +391,24 @@ async def run_tcp(
     return report
 
 
+def _agents_or_error(
+    cfg: SimConfig, config: MarketConfig, session: Callable[[str], Any], control: RunControl,
+) -> list[Agent]:
+    """The run's agents, or a clear error for a configuration they cannot be built from."""
+    try:
+        agents = build_agents(cfg, config, session, control)
+    except SimulationError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, ArithmeticError) as exc:
+        raise SimulationError(f"the agents cannot be set up from this configuration: "
+                              f"{type(exc).__name__}: {exc}") from None
+    if not agents:
+        raise SimulationError("no agents to run: give at least one, e.g. --agents random=20")
+    return agents
+
+
 async def _connect_all(
-    cfg: SimConfig, config: MarketConfig, names: list[str], mirror: BookMirror,
+    cfg: SimConfig, config: MarketConfig, names: list[str], mirror: BookMirror | None,
 ) -> list[TcpGateway]:
     """One logged-in session per agent, or none at all: if any fails (or the run is
     interrupted), the sessions already open and the mirror are closed before the error."""
@@ -400,7 +423,8 @@ async def _connect_all(
             connect.cancel()
         done = await asyncio.gather(*connects, return_exceptions=True)
         await asyncio.gather(
-            mirror.close(), *(gw.close() for gw in done if isinstance(gw, TcpGateway)),
+            *([mirror.close()] if mirror is not None else []),
+            *(gw.close() for gw in done if isinstance(gw, TcpGateway)),
             return_exceptions=True,
         )
         if isinstance(exc, GatewayConnectionError):
@@ -449,11 +473,21 @@ class _Placeholder:
 
 
 def _finish(cfg: SimConfig, report: dict[str, Any], progress: Progress, config: MarketConfig) -> None:
+    """Write the report and the plot; a file that cannot be written costs that file only,
+    never the run's results (the report is still printed)."""
     if cfg.report_file is not None:
-        cfg.report_file.parent.mkdir(parents=True, exist_ok=True)
-        cfg.report_file.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        try:
+            cfg.report_file.parent.mkdir(parents=True, exist_ok=True)
+            cfg.report_file.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            print(f"warning: cannot write the report to {cfg.report_file}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            cfg.report_file = None
     if cfg.plot_file is not None:
-        report["plot"] = plot(progress.samples, config, cfg.plot_file)
+        try:
+            report["plot"] = plot(progress.samples, config, cfg.plot_file)
+        except (OSError, ValueError) as exc:
+            report["plot"] = f"not drawn: {exc}"
 
 
 def plot(samples: list[dict[str, Any]], config: MarketConfig, path: Path) -> str:
@@ -597,8 +631,9 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     cfg.progress = not args.no_progress
     if cfg.latency and not cfg.embedded:
         raise SimulationError("--latency applies to --embedded runs only")
-    if cfg.rate <= 0:
-        raise SimulationError("--rate must be positive")
+    if isinstance(cfg.rate, bool) or not isinstance(cfg.rate, (int, float)) \
+            or not (math.isfinite(cfg.rate) and cfg.rate > 0):
+        raise SimulationError("--rate (or the config's rate) must be a positive finite number")
     return cfg
 
 
@@ -614,13 +649,31 @@ def apply_file_config(cfg: SimConfig, data: dict[str, Any]) -> None:
     if unknown:
         raise SimulationError(f"config file: unknown keys {sorted(unknown)} (known: {sorted(KNOWN_KEYS)})")
     if "agents" in data:
-        cfg.agents = {str(k): int(v) for k, v in data["agents"].items()}
+        agents = data["agents"]
+        if not isinstance(agents, dict) or not all(
+            k in AGENT_KINDS and type(v) is int and v >= 0 for k, v in agents.items()
+        ):
+            raise SimulationError(f"config file: 'agents' maps kinds ({', '.join(AGENT_KINDS)}) "
+                                  "to counts, e.g. {\"random\": 20}")
+        cfg.agents = dict(agents)
     if "duration" in data:
-        cfg.duration_s = parse_duration_ns(str(data["duration"])) / 1e9 if data["duration"] is not None else None
+        try:
+            cfg.duration_s = parse_duration_ns(str(data["duration"])) / 1e9 if data["duration"] is not None else None
+        except ValueError as exc:
+            raise SimulationError(f"config file: duration: {exc}") from None
     if "orders" in data:
-        cfg.orders = data["orders"]
+        orders = data["orders"]
+        if orders is not None and (type(orders) is not int or orders <= 0):
+            raise SimulationError("config file: 'orders' must be a positive whole number of orders")
+        cfg.orders = orders
         if cfg.orders is not None and "duration" not in data:
             cfg.duration_s = None
+    for key, kinds in (("latency", (str,)), ("host", (str,)), ("prefix", (str,)),
+                       ("data_dir", (str,)), ("markets_file", (str,)), ("schedule", (dict,)),
+                       ("funding", (dict,)), ("params", (dict,)), ("profiles", (dict,)),
+                       ("port", (int,)), ("seed", (int,)), ("embedded", (bool,))):
+        if data.get(key) is not None and not isinstance(data[key], kinds):
+            raise SimulationError(f"config file: {key!r} must be a {' or '.join(k.__name__ for k in kinds)}")
     for key in ("rate", "seed", "embedded", "latency", "host", "port", "prefix", "schedule"):
         if key in data:
             setattr(cfg, key, data[key])
@@ -660,4 +713,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report written to {cfg.report_file}")
     if "plot" in report:
         print(f"plot: {report['plot']}")
+    if report.get("interrupted"):
+        return 130  # as a scheduled run: stopped by the user, not finished
+    if report.get("agent_failures"):
+        print(f"error: {len(report['agent_failures'])} agent(s) failed (see 'agent failures' above)",
+              file=sys.stderr)
+        return 1
     return 0

@@ -38,6 +38,7 @@ import json
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,12 +73,38 @@ class ScheduleConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> ScheduleConfig:
         cfg = cls()
+        if data is not None and not isinstance(data, dict):
+            raise ValueError("schedule: must be a JSON object")
         for key, value in (data or {}).items():
             if not hasattr(cfg, key):
                 raise ValueError(f"schedule: unknown key {key!r}")
             if key in ("amount_range", "price_offsets"):
+                if not isinstance(value, (list, tuple)) or len(value) != 2:
+                    raise ValueError(f"schedule: {key} must be a pair, e.g. [\"0.01\", \"0.1\"]")
                 value = (str(value[0]), str(value[1]))
+            default = getattr(cfg, key)
+            if isinstance(default, list) and not (
+                isinstance(value, list) and all(isinstance(v, str) for v in value)
+            ):
+                raise ValueError(f"schedule: {key} must be a list of names")
+            if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                isinstance(value, bool) or not isinstance(value, (int, float))
+            ):
+                raise ValueError(f"schedule: {key} must be a number")
+            if isinstance(default, dict) and not isinstance(value, dict):
+                raise ValueError(f"schedule: {key} must be an object")
             setattr(cfg, key, value)
+        if len(set(cfg.accounts)) != len(cfg.accounts):
+            raise ValueError("schedule: accounts must be distinct (an account cannot cross itself)")
+        if isinstance(cfg.markets, list) and not cfg.markets:
+            raise ValueError("schedule: give at least one market")
+        from exchange.markets import split_decimal
+
+        for asset, amount in cfg.funding.items():
+            try:
+                split_decimal(amount)
+            except ValueError:
+                raise ValueError(f"schedule: funding {asset} {amount!r} is not a plain decimal amount") from None
         if cfg.strategy not in STRATEGIES:
             raise ValueError(f"schedule: strategy must be one of {', '.join(STRATEGIES)}")
         if len(cfg.accounts) < 2:
@@ -213,30 +240,59 @@ class RunStore:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
+        self.damaged: list[Path] = []  # files ``list`` could not read
+        self._locks: list[int] = []
 
     def path(self, run_id: str) -> Path:
         if not run_id or any(c in run_id for c in "/\\") or run_id.startswith("."):
             raise ValueError(f"not a run id: {run_id!r}")
         return self.folder / f"{run_id}.json"
 
+    def lock(self, run_id: str) -> Any:
+        """An exclusive hold on the run for this process (None if another has it): two
+        processes running one plan would send its orders twice. Released when the process
+        ends (the open file is kept on the store)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / f".{self.path(run_id).name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - no flock (Windows): not coordinated
+            pass
+        except OSError:
+            os.close(fd)
+            return None
+        self._locks.append(fd)
+        return fd
+
     def save(self, run: SimulationRun) -> None:
         run.updated_at = time.time()
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self.path(run.id)
-        tmp = target.with_suffix(".json.tmp")
         data = json.dumps(run.to_dict(), indent=1).encode()
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
     def load(self, run_id: str) -> SimulationRun:
         path = self.path(run_id)
         try:
-            return SimulationRun.from_dict(json.loads(path.read_text(encoding="utf-8")))
+            return _checked_run(json.loads(path.read_text(encoding="utf-8")))
         except FileNotFoundError:
             raise ValueError(f"no saved run {run_id!r} in {self.folder}") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"saved run {path} is damaged or unreadable: {type(exc).__name__}: {exc}") from None
 
     def list(self) -> list[SimulationRun]:
         if not self.folder.is_dir():
@@ -244,10 +300,41 @@ class RunStore:
         runs = []
         for path in sorted(self.folder.glob("*.json")):
             try:
-                runs.append(SimulationRun.from_dict(json.loads(path.read_text(encoding="utf-8"))))
-            except (ValueError, KeyError, TypeError):
-                continue
+                runs.append(_checked_run(json.loads(path.read_text(encoding="utf-8"))))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                self.damaged.append(path)
         return runs
+
+
+def _rewind_open_pair(run: SimulationRun) -> None:
+    """An embedded resume starts a fresh in-process exchange: a maker whose taker has not
+    run yet rests on an exchange that is gone, so the pair starts again from its maker."""
+    pos = run.position
+    if pos <= 0 or pos >= len(run.slots):
+        return
+    slot, before = run.slots[pos], run.slots[pos - 1]
+    if slot.role == "taker" and before.pair == slot.pair and before.role == "maker" \
+            and before.status == COMPLETED and slot.status in (PENDING, IN_PROGRESS) and slot.order_id is None:
+        before.status, before.order_id, before.filled_qty = PENDING, None, None
+        before.error, before.finished_at = None, None
+        run.stats["completed"] -= 1
+        run.position = pos - 1
+        print(f"slot {before.index} (the maker of pair {slot.pair}) runs again: its order rested "
+              "on the exchange of the interrupted run, which an embedded resume does not keep")
+
+
+def _checked_run(data: Any) -> SimulationRun:
+    """A saved run, with the fields ``--list`` and ``--resume`` rely on of the right shape."""
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    run = SimulationRun.from_dict(data)
+    if not isinstance(run.config, dict) or not isinstance(run.stats, dict) or not all(
+        isinstance(run.stats.get(k), int) for k in ("completed", "failed", "skipped")
+    ):
+        raise ValueError("its config or statistics are not what a saved run holds")
+    if not all(isinstance(slot, Slot) for slot in run.slots):
+        raise ValueError("its slots are not what a saved run holds")
+    return run
 
 
 # --------------------------------------------------------------------------- budgets
@@ -381,6 +468,9 @@ class SlotProcessor:
                 if decision == "quit":
                     run.status = "quit"
                     return run
+                if decision == "lost":
+                    run.status = "interrupted"
+                    return run
                 run.position += 1
                 done_now += 1
                 self.save()
@@ -416,6 +506,13 @@ class SlotProcessor:
                     self.sleeps.append(delay)
                     await self.sleep(delay)
                     continue
+                if exc.reason.startswith("connection:"):
+                    # The exchange is gone (sessions do not reconnect): skipping the rest
+                    # of the plan would throw it away. Stop here; a resume starts again here.
+                    if slot.order_id is None:
+                        slot.status = PENDING
+                    self.save()
+                    return "lost"
                 decision = self.ask(slot, exc.reason) if self.ask is not None else self.on_failure
                 if decision == "retry":
                     base = slot.attempts
@@ -505,6 +602,8 @@ def main_schedule(cfg: Any, args: Any) -> int:
     store = RunStore(Path(cfg.data_dir) / "simulations")
     if args.list:
         runs = store.list()
+        for path in store.damaged:
+            print(f"{path.name}: damaged or unreadable, skipped", file=sys.stderr)
         if not runs:
             print(f"no saved runs in {store.folder}")
         for r in runs:
@@ -525,6 +624,21 @@ def main_schedule(cfg: Any, args: Any) -> int:
             run = new_run(sched, config)
     except ValueError as exc:
         raise SimulationError(str(exc)) from None
+    if run.status == "completed":
+        print(f"run {run.id} is already complete ({run.stats['completed']} slots completed); nothing to resume")
+        return 0
+    lock = store.lock(run.id)
+    if lock is None:
+        raise SimulationError(f"run {run.id} is being run by another process; wait for it, or stop it first")
+    if cfg.embedded and args.resume is not None:
+        _rewind_open_pair(run)
+    if cfg.embedded:
+        from simulation.embedded import parse_latency
+
+        try:
+            parse_latency(cfg.latency)
+        except ValueError as exc:
+            raise SimulationError(str(exc)) from None
     ask = ask_terminal if sys.stdin.isatty() else None
 
     async def body(gateways: dict[str, Gateway], fund: bool) -> SlotProcessor:
@@ -577,13 +691,9 @@ def main_schedule(cfg: Any, args: Any) -> int:
 
 async def _tcp_schedule(cfg: Any, sched: ScheduleConfig, config: MarketConfig, run: SimulationRun,
                         body: Callable[[dict[str, Gateway], bool], Awaitable[SlotProcessor]]) -> SlotProcessor:
-    from simulation.runner import SimulationError
-    from simulation.tcp import TcpGateway
+    from simulation.runner import _connect_all
 
-    try:
-        gws = await asyncio.gather(*(TcpGateway.connect(cfg.host, cfg.port, a, config) for a in sched.accounts))
-    except GatewayConnectionError as exc:
-        raise SimulationError(f"cannot reach the exchange at {cfg.host}:{cfg.port}: {exc.message}") from None
+    gws = await _connect_all(cfg, config, list(sched.accounts), None)
     try:
         return await body(dict(zip(sched.accounts, gws)), not run.funded)
     finally:

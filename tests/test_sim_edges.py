@@ -1,0 +1,398 @@
+"""Adversarial tests of run/start_simulation.py: real subprocesses, a real engine on an
+ephemeral port, temporary data directories, every wait bounded.
+
+Each test pins one defect a user would hit; see the report that came with this file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SIM = str(ROOT / "run" / "start_simulation.py")
+ENGINE = str(ROOT / "run" / "start_engine.py")
+LISTENING = re.compile(r"Exchange listening on (\S+):(\d+)")
+ENV = {**os.environ, "EXCHANGE_PURE": "1"}
+
+
+def sim(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, SIM, *args], cwd=ROOT, env=env or ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def no_traceback(proc: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in proc.stderr, proc.stderr[-1500:]
+
+
+def start_engine(data: Path, *extra: str) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen([sys.executable, ENGINE, "--port", "0", "--data-dir", str(data),
+                             "--log-level", "WARNING", *extra], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 20
+    line = ""
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line:
+            break
+    match = LISTENING.search(line)
+    assert match, f"unexpected first line {line!r}"
+    return proc, int(match.group(2))
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(20)
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int, Path]]:
+    data = tmp_path / "engine-data"
+    proc, port = start_engine(data)
+    try:
+        yield proc, port, data
+    finally:
+        stop(proc)
+
+
+def wait_for(pred, timeout: float = 30.0, step: float = 0.02) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(step)
+    raise AssertionError("condition not reached in time")
+
+
+def saved(data_dir: Path, run_id: str) -> dict:  # type: ignore[type-arg]
+    return json.loads((data_dir / "simulations" / f"{run_id}.json").read_text())
+
+
+def run_id_of(first_line: str) -> str:
+    match = re.search(r"scheduled run (\S+):", first_line)
+    assert match, first_line
+    return match.group(1)
+
+
+
+def test_two_concurrent_resumes_of_one_run_are_refused(engine, tmp_path: Path) -> None:
+    """Two ``--resume <id>`` of the same run at once would send its orders twice: one runs, the
+    other is refused."""
+    _, port, _ = engine
+    data = tmp_path / "runs"
+    cfg = tmp_path / "sched.json"
+    cfg.write_text(json.dumps({"schedule": {"accounts": ["cc-a", "cc-b"], "trades_per_account": 60}}))
+    base = [sys.executable, SIM, "--port", str(port), "--data-dir", str(data), "--on-failure", "quit"]
+    first = subprocess.Popen(base + ["--schedule", "--config", str(cfg)], cwd=ROOT, env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert first.stdout is not None
+    run_id = run_id_of(first.stdout.readline())
+    wait_for(lambda: (data / "simulations" / f"{run_id}.json").exists()
+             and saved(data, run_id)["position"] >= 4)
+    first.send_signal(signal.SIGINT)
+    first.communicate(timeout=30)
+    assert first.returncode == 130
+    position = saved(data, run_id)["position"]
+    assert position < 120
+
+    a = subprocess.Popen(base + ["--resume", run_id], cwd=ROOT, env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    b = subprocess.Popen(base + ["--resume", run_id], cwd=ROOT, env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out_a, err_a = a.communicate(timeout=90)
+        out_b, err_b = b.communicate(timeout=90)
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    assert "Traceback" not in err_a + err_b, (err_a + err_b)[-1500:]
+    # Exactly one of them may run the slots; the other must refuse (the run is in use).
+    codes = sorted([a.returncode, b.returncode])
+    assert codes[0] == 0 and codes[1] != 0, (codes, out_a[-400:], out_b[-400:])
+    refused = err_a if a.returncode else err_b
+    assert "error:" in refused
+
+
+
+def test_scheduled_run_that_loses_the_exchange_stops_resumable(tmp_path: Path) -> None:
+    """When the exchange goes away, the run stops (exit non-zero) with its remaining slots still
+    to do for a resume, instead of retrying them on a dead connection and skipping them all."""
+    proc, port = start_engine(tmp_path / "engine-data")
+    data = tmp_path / "runs"
+    cfg = tmp_path / "sched.json"
+    cfg.write_text(json.dumps({"schedule": {
+        "accounts": ["lost-a", "lost-b"], "trades_per_account": 20,
+        "backoff_base": 0.001, "backoff_max": 0.002, "max_retries": 1}}))
+    run = subprocess.Popen([sys.executable, SIM, "--port", str(port), "--data-dir", str(data),
+                            "--schedule", "--config", str(cfg)], cwd=ROOT, env=ENV,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert run.stdout is not None
+        run_id = run_id_of(run.stdout.readline())
+        wait_for(lambda: (data / "simulations" / f"{run_id}.json").exists()
+                 and saved(data, run_id)["position"] >= 2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        out, err = run.communicate(timeout=90)
+    finally:
+        stop(proc)
+        if run.poll() is None:
+            run.kill()
+            run.wait(10)
+    state = saved(data, run_id)
+    statuses = Counter(s["status"] for s in state["slots"])
+    assert "Traceback" not in err, err[-1500:]
+    assert run.returncode != 0, out[-600:]
+    assert state["status"] != "completed", statuses
+    # Slots not attempted because the exchange is gone stay to do for a resume.
+    assert statuses["skipped"] <= 2, statuses
+
+
+
+def test_embedded_resume_between_maker_and_taker_completes_the_pair(tmp_path: Path) -> None:
+    """An embedded scheduled run stopped between a pair's maker and taker resumes on a fresh
+    in-process exchange, where the maker's order is gone: the pair starts again and trades."""
+    data = tmp_path / "runs"
+    cfg = tmp_path / "sched.json"
+    cfg.write_text(json.dumps({"embedded": True, "schedule": {
+        "accounts": ["em-a", "em-b"], "trades_per_account": 1}}))
+    first = sim("--schedule", "--config", str(cfg), "--data-dir", str(data))
+    assert first.returncode == 0, first.stderr
+    run_id = run_id_of(first.stdout.splitlines()[0])
+    path = data / "simulations" / f"{run_id}.json"
+    state = json.loads(path.read_text())
+    # What SlotProcessor.execute saves when interrupted after slot 0 (the maker) completed.
+    taker = state["slots"][1]
+    taker.update(status="pending", attempts=0, order_id=None, filled_qty=None, error=None,
+                 started_at=None, finished_at=None)
+    state.update(status="interrupted", position=1, finished_at=None)
+    state["stats"] = {"completed": 1, "failed": 0, "skipped": 0, "retries": 0, "attempts": 1}
+    path.write_text(json.dumps(state))
+    resumed = sim("--resume", run_id, "--config", str(cfg), "--data-dir", str(data))
+    no_traceback(resumed)
+    after = json.loads(path.read_text())
+    assert after["slots"][1]["status"] == "completed", after["slots"][1]
+
+
+
+@pytest.mark.parametrize("spec", ["gamma:mean=1ms,shape=nan", "gamma:mean=1ms,shape=inf"])
+def test_gamma_latency_with_non_finite_shape_is_refused(tmp_path: Path, spec: str) -> None:
+    """``shape=nan`` or ``shape=inf`` is refused (NaN passes ``shape <= 0``, and
+    ``random.gammavariate`` would never return)."""
+    try:
+        proc = sim("--embedded", "--orders", "20", "--no-progress", "--latency", spec,
+                   "--data-dir", str(tmp_path / "d"), timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"--latency {spec} hangs the run")
+    assert proc.returncode == 2 and "error:" in proc.stderr, proc.stderr[-800:]
+
+
+
+BAD_CONFIGS = {
+    "agents_list": {"agents": ["random"]},
+    "agents_count_text": {"agents": {"random": "x"}},
+    "rate_text": {"rate": "fast"},
+    "duration_text": {"duration": "abc"},
+    "funding_not_object": {"funding": {"random": "lots"}},
+    "latency_number": {"latency": 5},
+    "data_dir_number": {"data_dir": 5},
+    "twap_window_text": {"params": {"twap": {"window": "x"}}},
+    "twap_unknown_market": {"params": {"twap": {"market": "XYZ-USD"}}},
+    "passive_cap_text": {"params": {"passive": {"price_cap": "abc"}}},
+    "schedule_not_object": {"schedule": "x"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
+def test_bad_config_values_give_a_clear_error(tmp_path: Path, name: str) -> None:
+    """A --config value of the wrong type gets one ``error:`` line and exit code 2, not a
+    Python traceback."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"embedded": True, "orders": 20, **BAD_CONFIGS[name]}))
+    args = ["--config", str(cfg), "--no-progress", "--data-dir", str(tmp_path / "d")]
+    if name == "schedule_not_object":
+        args.append("--schedule")
+    proc = sim(*args)
+    no_traceback(proc)
+    assert proc.returncode == 2 and "error:" in proc.stderr, (proc.returncode, proc.stderr[-800:])
+
+
+BAD_SCHEDULES = {
+    "trades_per_account_text": {"trades_per_account": "4"},
+    "amount_range_text": {"amount_range": "x"},
+    "no_markets": {"markets": []},
+    "funding_not_a_number": {"funding": {"USD": "abc"}},
+    "accounts_is_a_string": {"accounts": "alice"},  # silently becomes accounts a, l, i, c, e
+    "same_account_twice": {"accounts": ["solo", "solo"]},  # an account cannot cross itself
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_SCHEDULES))
+def test_bad_schedule_values_give_a_clear_error(tmp_path: Path, name: str) -> None:
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"embedded": True, "schedule": BAD_SCHEDULES[name]}))
+    proc = sim("--schedule", "--config", str(cfg), "--data-dir", str(tmp_path / "d"))
+    no_traceback(proc)
+    assert proc.returncode == 2 and "error:" in proc.stderr, (proc.returncode, proc.stdout[-600:])
+
+
+@pytest.mark.parametrize("orders", [0, -5, "10"])
+def test_config_orders_the_command_line_refuses_are_refused_in_the_file(tmp_path: Path, orders: object) -> None:
+    """Orders the command line refuses (0, negative, text) are refused in the file too."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"embedded": True, "orders": orders}))
+    proc = sim("--config", str(cfg), "--no-progress", "--data-dir", str(tmp_path / "d"), timeout=60)
+    no_traceback(proc)
+    assert proc.returncode == 2 and "orders" in proc.stderr, (proc.returncode, proc.stdout[:300])
+
+
+
+def test_scheduled_embedded_run_with_bad_latency_is_a_clear_error(tmp_path: Path) -> None:
+    """A scheduled embedded run refuses ``--latency fixed:abc`` as an agent run does."""
+    proc = sim("--embedded", "--schedule", "--latency", "fixed:abc", "--data-dir", str(tmp_path / "d"))
+    no_traceback(proc)
+    assert proc.returncode == 2 and "not a duration" in proc.stderr
+
+
+def test_scheduled_tcp_run_refused_login_is_a_clear_error(tmp_path: Path) -> None:
+    """Against an exchange in keys mode a scheduled run says its sessions were refused, as an
+    agent run does, instead of a GatewayError traceback."""
+    token_hash = subprocess.run([sys.executable, ENGINE, "--hash-token", "s3cret"], cwd=ROOT, env=ENV,
+                                capture_output=True, text=True, timeout=30).stdout.strip()
+    accounts = tmp_path / "accounts.json"
+    accounts.write_text(json.dumps({"users": {"alice": {"token_hash": token_hash}}}))
+    proc, port = start_engine(tmp_path / "engine-data", "--auth", "keys", "--accounts", str(accounts))
+    try:
+        run = sim("--port", str(port), "--schedule", "--data-dir", str(tmp_path / "runs"))
+    finally:
+        stop(proc)
+    no_traceback(run)
+    assert run.returncode == 2 and "error:" in run.stderr
+
+
+
+@pytest.mark.parametrize("flag,name", [("--report", "nodir/r.json"), ("--report", "."),
+                                       ("--plot", "nodir/p.png"), ("--plot", "p.txt")])
+def test_report_and_plot_that_cannot_be_written_do_not_lose_the_run(tmp_path: Path, flag: str, name: str) -> None:
+    """A --report or --plot that cannot be written (a missing or blocked directory, a directory,
+    an unknown image type) costs that file, never the run's printed report."""
+    blocker = tmp_path / "nodir"
+    blocker.write_text("a file where a directory is expected")
+    target = tmp_path if name == "." else tmp_path / name
+    proc = sim("--embedded", "--orders", "50", "--no-progress", "--data-dir", str(tmp_path / "d"),
+               flag, str(target))
+    no_traceback(proc)
+    assert "Simulation (embedded)" in proc.stdout or proc.returncode == 2, proc.stdout[:200]
+
+
+
+@pytest.mark.parametrize("content", ["{}", '{"id": "x", "config": {}, "slots": [], "extra": 1}', "[1]",
+                                     '{"id": "x", "config": {}, "slots": [{"index": 0}]}'])
+def test_resume_of_a_corrupt_state_file_is_a_clear_error(tmp_path: Path, content: str) -> None:
+    folder = tmp_path / "d" / "simulations"
+    folder.mkdir(parents=True)
+    (folder / "bad.json").write_text(content)
+    proc = sim("--embedded", "--resume", "bad", "--data-dir", str(tmp_path / "d"))
+    no_traceback(proc)
+    assert proc.returncode == 2 and "bad" in proc.stderr
+
+
+def test_list_survives_corrupt_state_files(tmp_path: Path) -> None:
+    """Damaged files in the runs folder (wrong field types, a directory named *.json) are
+    skipped with a note; --list still shows every good run."""
+    data = tmp_path / "d"
+    good = sim("--embedded", "--schedule", "--data-dir", str(data))
+    assert good.returncode == 0, good.stderr
+    run_id = run_id_of(good.stdout.splitlines()[0])
+    folder = data / "simulations"
+    state = json.loads((folder / f"{run_id}.json").read_text())
+    (folder / "zz-config-list.json").write_text(json.dumps({**state, "id": "zz-config-list", "config": []}))
+    (folder / "zz-no-stats.json").write_text(json.dumps({**state, "id": "zz-no-stats", "stats": {}}))
+    (folder / "zz-dir.json").mkdir()
+    proc = sim("--list", "--data-dir", str(data))
+    no_traceback(proc)
+    assert proc.returncode == 0 and run_id in proc.stdout
+
+
+
+def test_tcp_run_that_loses_the_exchange_exits_nonzero(tmp_path: Path) -> None:
+    """The exchange stops 1.5 s into a 20 s run: every agent loses its connection, and the
+    run's exit code says so (the report is still printed)."""
+    proc, port = start_engine(tmp_path / "engine-data")
+    run = subprocess.Popen([sys.executable, SIM, "--port", str(port), "--duration", "20s",
+                            "--agents", "random=3,mm=1", "--rate", "100", "--no-progress"],
+                           cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        out, err = run.communicate(timeout=60)
+    finally:
+        stop(proc)
+        if run.poll() is None:
+            run.kill()
+            run.wait(10)
+    assert "Traceback" not in err, err[-1500:]
+    assert run.returncode != 0, out[:300]
+
+
+def test_embedded_run_whose_funding_is_refused_is_an_error(tmp_path: Path) -> None:
+    """Funding the exchange refuses stops an embedded run with 'funding the agents failed'
+    (exit 2), as over TCP."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"embedded": True, "orders": 20,
+                               "funding": {"random": {"USD": "-5"}}}))
+    proc = sim("--config", str(cfg), "--no-progress", "--data-dir", str(tmp_path / "d"))
+    no_traceback(proc)
+    assert proc.returncode == 2 and "funding" in proc.stderr, (proc.returncode, proc.stdout[:300])
+
+
+
+def test_embedded_run_without_agents_is_refused_like_tcp(tmp_path: Path) -> None:
+    """No agents: 'no agents to run' (exit 2), embedded as over TCP."""
+    proc = sim("--embedded", "--agents", "random=0,mm=0,twap=0,passive=0", "--no-progress",
+               "--data-dir", str(tmp_path / "d"))
+    assert proc.returncode == 2 and "no agents" in proc.stderr, proc.stdout[:200]
+
+
+@pytest.mark.parametrize("rate", ["nan", "inf"])
+def test_non_finite_rate_is_refused(tmp_path: Path, rate: str) -> None:
+    """``--rate nan`` and ``--rate inf`` are refused (NaN passes ``rate <= 0``)."""
+    proc = sim("--embedded", "--orders", "20", "--no-progress", "--rate", rate,
+               "--data-dir", str(tmp_path / "d"))
+    assert proc.returncode == 2 and "rate" in proc.stderr
+
+
+def test_resuming_a_completed_run_says_so_and_changes_nothing(tmp_path: Path) -> None:
+    """``--resume`` of a finished run says it is complete and touches neither its state nor
+    its ledger."""
+    data = tmp_path / "d"
+    first = sim("--embedded", "--schedule", "--data-dir", str(data))
+    assert first.returncode == 0
+    run_id = run_id_of(first.stdout.splitlines()[0])
+    before = saved(data, run_id)
+    ledger = (data / "trades.jsonl").read_bytes()
+    time.sleep(1.1)
+    again = sim("--embedded", "--resume", run_id, "--data-dir", str(data))
+    after = saved(data, run_id)
+    assert after["finished_at"] == before["finished_at"]
+    assert (data / "trades.jsonl").read_bytes() == ledger
+    assert "already" in (again.stdout + again.stderr)
