@@ -184,7 +184,7 @@ def _loads_exact(line: bytes) -> dict[str, Any] | None:
 
 
 MAX_NESTING: Final = 64  # a request is a flat object; the standard parser recurses per level
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"?')
 _BRACKETS = re.compile(rb"[\[\]{}]")
 
 
