@@ -82,6 +82,22 @@ def history_path(data_dir: str | os.PathLike[str], user: str) -> Path:
     return Path(data_dir) / "sessions" / f"orders_{user}.json"
 
 
+def _created(record: dict[str, Any]) -> int:
+    ts = record.get("created_ts")
+    return ts if type(ts) is int else 0
+
+
+def _identity(record: dict[str, Any]) -> tuple[Any, ...]:
+    """Which order a record is about, across the clients that share the file: the exchange
+    id with the client's id (unique per client run), or with the creation time where there
+    is no client id, since ids are reused after an exchange restart without its snapshot.
+    A rejected order has no exchange id and never matches an accepted one."""
+    coid = record.get("client_order_id")
+    if coid is not None:
+        return (record.get("order_id"), coid)
+    return (record.get("order_id"), None, record.get("created_ts"))
+
+
 def _later(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether record ``a`` holds a later word of the exchange than ``b`` (a final status
     is never replaced by an open one)."""
@@ -209,33 +225,27 @@ class SessionManager:
             saved = self._parse(self.path.read_bytes())
         except (OSError, ValueError):
             return  # missing or unreadable: ours is written over it, as at load
+        ours_by_key = {_identity(r): r for r in self.orders}
         for theirs in saved:
-            ours = self._counterpart(theirs)
+            ours = ours_by_key.get(_identity(theirs))
             if ours is None:
-                if theirs.get("order_id") is None and theirs.get("client_order_id") is None \
-                        and theirs in self.orders:
-                    continue  # nothing to match it by but its whole content
                 self.orders.append(theirs)
-                self._index(theirs)
+                ours_by_key[_identity(theirs)] = theirs
+                self._index_if_newer(theirs)
             elif ours is not theirs and _later(theirs, ours):
                 ours.clear()
                 ours.update(theirs)
-                self._index(ours)
         self.orders.sort(key=lambda r: r.get("created_ts") if type(r.get("created_ts")) is int else 0)
 
-    def _counterpart(self, record: dict[str, Any]) -> dict[str, Any] | None:
-        """Our record of the order another client saved as ``record``, if we have one.
-
-        An accepted order has an exchange id and a rejected one never does, so a record
-        with an id and one without are never the same order, whatever their client ids."""
-        oid, coid = record.get("order_id"), record.get("client_order_id")
-        if oid is not None:
-            ours = self._by_id.get(oid) if type(oid) is int else None
-            if ours is not None and coid is not None and ours.get("client_order_id") not in (None, coid):
-                return None  # the id reused by a restarted exchange: another order
-            return ours
-        ours = self._by_coid.get(coid) if isinstance(coid, str) else None
-        return ours if ours is not None and ours.get("order_id") is None else None
+    def _index_if_newer(self, record: dict[str, Any]) -> None:
+        """Index a record taken from the file unless we index a later order under its id
+        (ids are reused after an exchange restart without its snapshot)."""
+        for key, index in ((record.get("order_id"), self._by_id), (record.get("client_order_id"), self._by_coid)):
+            if key is None:
+                continue
+            known = index.get(key)
+            if known is None or _created(known) < _created(record):
+                index[key] = record
 
     def _write(self) -> None:
         data = orjson.dumps(

@@ -241,7 +241,6 @@ class RunStore:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.damaged: list[Path] = []  # files ``list`` could not read
-        self._locks: list[int] = []
 
     def path(self, run_id: str) -> Path:
         if not run_id or any(c in run_id for c in "/\\") or run_id.startswith("."):
@@ -249,9 +248,8 @@ class RunStore:
         return self.folder / f"{run_id}.json"
 
     def lock(self, run_id: str) -> Any:
-        """An exclusive hold on the run for this process (None if another has it): two
-        processes running one plan would send its orders twice. Released when the process
-        ends (the open file is kept on the store)."""
+        """An exclusive hold on the run (None if another process has it): two processes
+        running one plan would send its orders twice. ``release`` gives it back."""
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.folder / f".{self.path(run_id).name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -263,8 +261,10 @@ class RunStore:
         except OSError:
             os.close(fd)
             return None
-        self._locks.append(fd)
         return fd
+
+    def release(self, lock: int) -> None:
+        os.close(lock)
 
     def save(self, run: SimulationRun) -> None:
         run.updated_at = time.time()
@@ -614,22 +614,38 @@ def main_schedule(cfg: Any, args: Any) -> int:
         return 0
     config = market_config(cfg)
     try:
-        if args.resume is not None:
-            run = store.load(args.resume)
-            sched = ScheduleConfig.from_dict(run.config)
-        else:
+        # The run is held before it is read: another process may be finishing it.
+        fresh = None
+        if args.resume is None:
             sched = ScheduleConfig.from_dict(cfg.schedule)
             if args.seed is not None:
                 sched.seed = args.seed
-            run = new_run(sched, config)
+            fresh = new_run(sched, config)
+        run_id = args.resume if fresh is None else fresh.id
+        lock = store.lock(run_id)
+    except ValueError as exc:
+        raise SimulationError(str(exc)) from None
+    if lock is None:
+        raise SimulationError(f"run {run_id} is being run by another process; wait for it, or stop it first")
+    try:
+        return _main_locked(cfg, args, store, config, fresh)
+    finally:
+        store.release(lock)
+
+
+def _main_locked(cfg: Any, args: Any, store: RunStore, config: MarketConfig,
+                 fresh: SimulationRun | None) -> int:
+    """``main_schedule`` once the run is held: load (or take the fresh run) and execute."""
+    from simulation.runner import SimulationError
+
+    try:
+        run = fresh if fresh is not None else store.load(args.resume)
+        sched = ScheduleConfig.from_dict(run.config)
     except ValueError as exc:
         raise SimulationError(str(exc)) from None
     if run.status == "completed":
         print(f"run {run.id} is already complete ({run.stats['completed']} slots completed); nothing to resume")
         return 0
-    lock = store.lock(run.id)
-    if lock is None:
-        raise SimulationError(f"run {run.id} is being run by another process; wait for it, or stop it first")
     if cfg.embedded and args.resume is not None:
         _rewind_open_pair(run)
     if cfg.embedded:

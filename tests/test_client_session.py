@@ -276,3 +276,33 @@ def test_a_corrupt_file_is_set_aside_with_a_warning(tmp_path: Path, content: byt
     [new] = desk.order("alice", "buy", "1", "50.00")
     history.apply(new)
     assert SessionManager("alice", tmp_path).get(new["order_id"]) is not None
+
+
+def _report(oid: int, coid: str | None, status: str, ts: int, exec_type: str = "new") -> dict[str, Any]:
+    return {"type": "exec", "order_id": oid, "client_order_id": coid, "status": status,
+            "exec_type": exec_type, "ts": ts, "market": "BTC-USD", "side": "buy",
+            "price": "1", "qty": "1", "filled_qty": "0", "remaining_qty": "1"}
+
+
+def test_saves_after_an_exchange_restart_that_reuses_ids_do_not_duplicate_records(tmp_path: Path) -> None:
+    """An exchange restarted without its snapshot numbers orders from 1 again: the file's
+    old order 1 and the new order 1 are two records, however many saves follow."""
+    first = SessionManager("alice", tmp_path)
+    first.apply(_report(1, "tui-a-1", "new", 100))
+    first.apply(_report(1, "tui-a-1", "canceled", 200, "canceled"))
+    later = SessionManager("alice", tmp_path)
+    later.apply(_report(1, "tui-b-1", "new", 1000))
+    for t in range(5):
+        later.apply(_report(1, "tui-b-1", "partially_filled", 1001 + t, "trade") | {"trade_id": t})
+    saved = orjson.loads(later.path.read_bytes())["orders"]
+    assert len(later.orders) == 2 and len(saved) == 2
+    assert [len(r["fills"]) for r in saved] == [0, 5]
+
+
+def test_a_reused_id_without_client_ids_keeps_the_live_order(tmp_path: Path) -> None:
+    first = SessionManager("alice", tmp_path)
+    first.apply(_report(1, None, "new", 100))
+    first.apply(_report(1, None, "canceled", 200, "canceled"))
+    later = SessionManager("alice", tmp_path)
+    later.apply(_report(1, None, "new", 1000))
+    assert sorted(r["status"] for r in later.orders) == ["CANCELED", "NEW"]
