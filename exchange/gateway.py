@@ -277,6 +277,9 @@ class Gateway:
         self.accepting = True
         # Observers of every event (ledger, audit...): called after the engine, in order.
         self.listeners: list[Callable[[list[Event]], None]] = []
+        # Observers of the rejections only, which the journal does not record (with the
+        # ledger and audit logs written by the follower process, its audit lines come here).
+        self.reject_listeners: list[Callable[[list[Event]], None]] = []
         # Write-ahead journal, if any; output waiting for it: (position, [(session, data)]).
         self.journal: CommandJournal | None = None
         self.held: deque[tuple[int, list[tuple[Session, list[bytes]]]]] = deque()
@@ -416,6 +419,12 @@ class Gateway:
                 or (events[0].__class__ is ExecReport and events[0].exec_type is _REJECTED)  # type: ignore[attr-defined]
             ):
                 journal.append(command)
+            else:
+                for listener in self.reject_listeners:
+                    try:
+                        listener(events)
+                    except Exception:
+                        log.exception("a listener failed on a rejection")
         for listener in self.listeners:
             try:
                 listener(events)
@@ -570,6 +579,8 @@ class Gateway:
             reason=reason,
         )
         for listener in self.listeners:
+            listener([report])
+        for listener in self.reject_listeners:
             listener([report])
 
     def op_cancel(self, session: Session, msg: dict[str, Any], rid: Any) -> None:

@@ -36,10 +36,14 @@ from exchange.protocol import DEFAULT_PORT
 from exchange.runtime import install_event_loop_policy, tune_gc, tune_malloc
 from exchange.types import STPMode
 from storage.audit import AuditLog
+from storage.follower import FollowerProcess, wait_for_old_follower
 from storage.journal import POLICIES as FSYNC_POLICIES
-from storage.persistence import Persistence, RecoveryError
+from storage.lock import DataDirBusy
+from storage.persistence import FollowerError, Persistence, RecoveryError
 
 log = logging.getLogger("exchange.server")
+
+WRITERS = ("process", "inline")
 
 
 class StartupError(Exception):
@@ -62,6 +66,10 @@ class ServerConfig:
     fsync: str = "batch"  # journal policy: always, batch or off (see storage/journal.py)
     snapshot_interval: float = 300.0  # seconds between periodic snapshots (0: only at shutdown)
     snapshot_records: int = 1_000_000  # ... or after this many journal records
+    # Who writes the trade ledger and the audit logs: "process" (the follower, a second
+    # process replaying the journal: storage/follower.py) or "inline" (this process).
+    writer: str = "process"
+    log_level: str = "INFO"  # passed on to the follower
 
 
 def load_users(path: Path) -> dict[str, UserEntry]:
@@ -115,6 +123,8 @@ class ExchangeServer:
                 raise StartupError(f"demo balance for {asset_name}: {exc.message}") from None
         if config.fsync not in FSYNC_POLICIES:
             raise StartupError(f"unknown fsync policy {config.fsync!r} ({', '.join(FSYNC_POLICIES)})")
+        if config.writer not in WRITERS:
+            raise StartupError(f"unknown writer {config.writer!r} ({', '.join(WRITERS)})")
         if config.rate_limit < 0:
             raise StartupError("--rate-limit must be 0 (no limit) or a positive number of requests a second")
         # An empty engine until ``start`` recovers the real one from the data directory.
@@ -134,18 +144,58 @@ class ExchangeServer:
             Path(config.data_dir) / "logs", markets, formatter=self.gateway.fmt,
             mark=self.journal.mark, durable=self.journal.durable,
         )
-        self.journal.on_durable.append(self.audit.seal)
-        self.persistence.before_snapshot = self.audit.flush_through
-        self.gateway.listeners.append(self.ledger)
-        self.gateway.listeners.append(self.audit)
+        # Inline, ``audit`` writes every line; with the follower it only rebuilds lines at
+        # recovery, and ``rejections`` writes the lines of what the journal does not hold.
+        self.rejections: AuditLog | None = None
+        self.follower: FollowerProcess | None = None
+        if config.writer == "inline":
+            self._write_inline()
+        else:
+            self.rejections = AuditLog(Path(config.data_dir) / "logs", markets, formatter=self.gateway.fmt)
+            self.gateway.reject_listeners.append(self.rejections)
         self._server: asyncio.base_events.Server | None = None
         self._stats_task: asyncio.Task[None] | None = None
         self.address: tuple[str, int] | None = None
         self.failure: BaseException | None = None
         self.on_failure: Any = None  # called when the journal fails: the server must stop
 
+    def _write_inline(self) -> None:
+        """The ledger and the audit log written by this process, off the hot path."""
+        self.journal.on_durable.append(self.audit.seal)
+        self.persistence.before_snapshot = self.audit.flush_through
+        self.gateway.listeners.append(self.ledger)
+        self.gateway.listeners.append(self.audit)
+
+    async def _start_follower(self) -> None:
+        """Start the follower; if it cannot start, write inline instead (nothing is served yet)."""
+        assert self.rejections is not None
+        follower = FollowerProcess(Path(self.config.data_dir), self.config.markets_file, self.config.log_level)
+        try:
+            await follower.start()
+        except (OSError, FollowerError) as exc:
+            log.warning("the ledger and audit-log writer process cannot start (%s); writing them "
+                        "in this process instead (as with --writer inline)", exc)
+            await follower.close(0)
+            self.gateway.reject_listeners.remove(self.rejections)
+            self.rejections = None
+            self._write_inline()
+            return
+        self.follower = follower
+        self.persistence.writer = follower
+        self.journal.on_durable.append(follower.notify)
+
     async def start(self) -> tuple[str, int]:
         Path(self.config.data_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            self.persistence.dir_lock.acquire()  # first: a second exchange is refused as such
+        except DataDirBusy as exc:
+            raise StartupError(str(exc)) from None
+        if not wait_for_old_follower(Path(self.config.data_dir)):
+            self.persistence.dir_lock.release()
+            raise StartupError(
+                f"a ledger and audit-log writer of an earlier exchange still runs on "
+                f"{self.config.data_dir} (it holds {Path(self.config.data_dir) / '.follower.lock'}); "
+                "stop it first")
         try:
             engine = self.persistence.recover(replay=self.audit)
         except RecoveryError as exc:
@@ -159,8 +209,11 @@ class ExchangeServer:
         self.gateway.journal = self.journal
         self.journal.on_durable.append(self.gateway.release)
         self.journal.on_failure.append(self._journal_failed)
+        if self.rejections is not None:
+            await self._start_follower()
         self.persistence.start()
-        self.audit.start()
+        writers = self.rejections if self.rejections is not None else self.audit
+        writers.start()
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_server(
@@ -170,7 +223,7 @@ class ExchangeServer:
         except OSError as exc:
             try:
                 await self.persistence.close(release_lock=False)
-                await self.audit.close()
+                await writers.close()
             finally:
                 self.persistence.dir_lock.release()
             raise StartupError(
@@ -225,9 +278,22 @@ class ExchangeServer:
             self._server = None
         try:
             await self.persistence.close(release_lock=False)
-            await self.audit.close()
+            await (self.rejections if self.rejections is not None else self.audit).close()
         finally:
             self.persistence.dir_lock.release()  # last: the audit files are written too
+
+    async def flush_logs(self) -> None:
+        """Until the ledger and the audit logs hold everything acknowledged so far (tests,
+        tools): the follower syncs through the journal's durable end."""
+        if self.follower is not None:
+            await self.journal.wait_durable()
+            await self.follower.sync_through(self.journal.durable_lsn)
+            assert self.rejections is not None
+            await self.rejections.flush_now()
+        else:
+            await self.journal.wait_durable()
+            await self.ledger.sync()
+            await self.audit.flush_now()
 
 
 def parse_balances(text: str) -> dict[str, str]:
@@ -265,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rate-limit", type=int, default=0, metavar="N",
                     help="requests per second per connection, bursts up to N (default 0: no "
                     "limit); over it a request is answered rate_limited and not carried out")
+    ap.add_argument("--writer", choices=list(WRITERS), default="process",
+                    help="who writes the trade ledger and the audit logs: process (default; a "
+                    "second process replaying the journal, on another core) or inline (this "
+                    "process, in the background)")
     ap.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     ap.add_argument("--hash-token", metavar="TOKEN", help="print the token_hash for an accounts file and exit")
     return ap
@@ -276,6 +346,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         auth=args.auth, accounts_file=args.accounts, demo_balances=args.demo_balances,
         default_stp=STPMode(args.stp), fsync=args.fsync,
         snapshot_interval=args.snapshot_interval, rate_limit=args.rate_limit,
+        writer=args.writer, log_level=str(args.log_level).upper(),
     )
 
 

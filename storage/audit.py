@@ -122,6 +122,7 @@ class AuditLog:
         self._torn: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._write_lock: asyncio.Lock | None = None
         self._closing = False
 
     # -- hot path ---------------------------------------------------------------------
@@ -252,10 +253,22 @@ class AuditLog:
         self._written = lsn
         self._save_position(lsn)
 
+    def write_through(self, lsn: int) -> None:
+        """The follower's periodic write: the lines gathered by ``replay_record`` so far
+        (every command through journal position ``lsn``), then the position."""
+        if self._rebuild:
+            self._append_rebuilt(self._rebuild, lsn)
+            self._rebuild = {}
+            self._rebuild_lines = 0
+        else:
+            self._save_position(lsn)
+        self._written = lsn
+
     # -- background -------------------------------------------------------------------
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._write_lock = asyncio.Lock()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="audit-writer")
 
     async def _run(self) -> None:
@@ -273,13 +286,24 @@ class AuditLog:
                 return
 
     async def _write_ready(self, loop: asyncio.AbstractEventLoop) -> None:
-        lines = self._take_ready()
-        upto = self._written
-        if lines or upto != self._saved:
-            try:
-                await loop.run_in_executor(None, self._append, lines, upto)
-            except OSError:
-                log.exception("cannot write the audit log in %s", self.directory)
+        assert self._write_lock is not None
+        async with self._write_lock:  # groups reach the files in the order they were taken
+            lines = self._take_ready()
+            upto = self._written
+            if lines or upto != self._saved:
+                try:
+                    await loop.run_in_executor(None, self._append, lines, upto)
+                except OSError:
+                    log.exception("cannot write the audit log in %s", self.directory)
+
+    async def flush_now(self) -> None:
+        """Write the lines whose commands are durable now, not at the next interval."""
+        if self._task is None:
+            lines = self._take_ready()
+            if lines or self._written != self._saved:
+                self._append(lines, self._written)
+            return
+        await self._write_ready(asyncio.get_running_loop())
 
     async def close(self) -> None:
         """Write every line whose command is durable (close the journal first), then stop."""

@@ -315,15 +315,30 @@ class TradeLedger:
 
     def sync_blocking(self) -> None:
         """``sync`` without an event loop (start-up, before the writer task runs)."""
+        self.write_blocking(True)
+
+    def write_blocking(self, fsync: bool) -> None:
+        """Write every eligible trade now, without an event loop (start-up; the follower)."""
         trades = self._take_eligible()
         data = self._unwritten + b"".join(trade_line(t, self.config) for t in trades)
         self._unwritten = b""
+        if not data and not fsync:
+            return
         try:
-            self._append(data, True)
+            self._append(data, fsync)
         except OSError as exc:
             self._unwritten = exc.rest if isinstance(exc, LedgerWriteError) else data
             raise
         self.written += len(trades)
+
+    def close_blocking(self) -> None:
+        """Write what is eligible, fsync and close, without an event loop."""
+        if self._fd is not None:
+            try:
+                self.sync_blocking()
+            finally:
+                os.close(self._fd)
+                self._fd = None
 
     @property
     def backlog(self) -> int:

@@ -36,7 +36,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 from exchange.engine import Exchange
 from exchange.markets import MarketConfig
@@ -51,7 +51,15 @@ from storage.snapshot import (
     SNAPSHOT_FILE, SnapshotError, read_snapshot, remove_leftover_temp_files, write_snapshot,
 )
 
+if TYPE_CHECKING:
+    from storage.follower import FollowerProcess
+
 log = logging.getLogger("storage.persistence")
+
+
+class FollowerError(Exception):
+    """The follower process cannot do what was asked (message says why); the journal keeps
+    everything, and the next start rebuilds what it did not write."""
 
 
 class RecoveryError(Exception):
@@ -127,6 +135,9 @@ class Persistence:
         # Awaited before a snapshot at a journal position is written (the audit log catches
         # up to it): from then on, recovery never replays the records it covers.
         self.before_snapshot: Callable[[int], Awaitable[None]] | None = None
+        # The follower process writing the ledger and the audit logs (storage/follower.py),
+        # when the server uses one: set before ``start``; the ledger is then its to write.
+        self.writer: FollowerProcess | None = None
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -310,7 +321,10 @@ class Persistence:
     def start(self) -> None:
         """Start the ledger writer and the periodic snapshots (after ``recover``)."""
         self._lock = asyncio.Lock()
-        self.ledger.start()
+        if self.writer is not None:
+            self.ledger.close_blocking()  # recovery left it complete; the follower appends
+        else:
+            self.ledger.start()
         if self.snapshot_interval > 0 or self.snapshot_records > 0:
             self._task = asyncio.get_running_loop().create_task(self._periodic(), name="snapshots")
 
@@ -349,9 +363,12 @@ class Persistence:
             content = self._content(self.engine, lsn, self.last_ts())
             journal.rotate()
             await journal.wait_durable(lsn)
-            await self.ledger.sync()
-            if self.before_snapshot is not None:
-                await self.before_snapshot(lsn)
+            if self.writer is not None:
+                await self.writer.sync_through(lsn)
+            else:
+                await self.ledger.sync()
+                if self.before_snapshot is not None:
+                    await self.before_snapshot(lsn)
             loop = asyncio.get_running_loop()
             size = await loop.run_in_executor(None, write_snapshot, self.snapshot_path, content)
             self.snapshot_lsn = lsn
@@ -378,9 +395,14 @@ class Persistence:
         if self.journal.failed is None:
             await self.journal.wait_durable()
             if self.engine is not None and self._lock is not None:
-                await self.snapshot()
+                try:
+                    await self.snapshot()
+                except FollowerError as exc:
+                    log.error("no final snapshot: %s; the next start replays the journal", exc)
         try:
             await self.journal.close()
+            if self.writer is not None:
+                await self.writer.close(self.journal.durable_lsn)
             await self.ledger.close()
         finally:
             if release_lock:

@@ -1215,7 +1215,7 @@ async def test_audit_log_records_each_order_event(server, connect) -> None:
     await w(alice.place(BTC, "buy", "100000", "100.00", raise_on_reject=False))
     with pytest.raises(ExchangeError):
         await w(alice.cancel(999))
-    await w(server.audit.close())
+    await w(server.flush_logs())
 
     logs = Path(server.config.data_dir) / "logs"
     lines = (logs / "alice.log").read_text(encoding="utf-8").splitlines()

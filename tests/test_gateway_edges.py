@@ -36,7 +36,7 @@ async def test_an_order_refused_before_the_engine_is_in_the_audit_log(server, co
     alice = await connect("alice")
     reply = await alice.place("BTC-USD", "buy", "1", "100.001", raise_on_reject=False)
     assert reply["reason"] == "invalid_price"
-    await server.audit.close()
+    await server.flush_logs()
     log = (server.config.data_dir / "logs" / "alice.log").read_text()
     assert "REJECTED BUY 1 BTC-USD @ 100.001" in log and "invalid_price" in log
 
@@ -325,7 +325,7 @@ async def test_request_text_cannot_forge_audit_lines(server, connect) -> None:
     r2 = await alice.place("BTC-USD", "buy", "1", "1\n" + forged, raise_on_reject=False)
     r3 = await alice.place("BTC-USD", "buy", "1" * 5000, "1", raise_on_reject=False)
     assert (r1["reason"], r2["reason"], r3["reason"]) == ("unknown_market", "invalid_price", "invalid_quantity")
-    await server.audit.close()
+    await server.flush_logs()
     lines = (server.config.data_dir / "logs" / "alice.log").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 3, lines
     assert [line.split(" ")[1] for line in lines] == ["REJECTED"] * 3, lines

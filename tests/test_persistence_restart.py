@@ -156,8 +156,8 @@ async def test_graceful_restart_restores_books_balances_and_orders_then_trades_o
     await engine.start()
     await place_resting_orders(engine)
     before = await view(engine)
+    await ledger_holds(engine, 2)  # written by the follower process, a moment later
     ledger_before = (engine.data / "trades.jsonl").read_bytes()
-    assert len(read_ledger(engine.data / "trades.jsonl")) == 2
     assert await engine.stop() == 0
     assert b"Traceback" not in engine.stderr
 
@@ -195,11 +195,22 @@ async def test_graceful_restart_restores_books_balances_and_orders_then_trades_o
     assert (engine.data / "trades.jsonl").read_bytes().startswith(ledger_before)
 
 
+async def ledger_holds(engine: Engine, count: int) -> None:
+    """Until the ledger holds ``count`` trades (exactly that many, in the end)."""
+    path = engine.data / "trades.jsonl"
+    for _ in range(int(T / 0.02)):
+        if path.exists() and len(read_ledger(path)) >= count:
+            break
+        await asyncio.sleep(0.02)
+    assert len(read_ledger(path)) == count
+
+
 async def crash_with_journal(engine: Engine) -> dict[str, Any]:
     """Orders, then kill -9: the state after the start-up snapshot lives only in the journal."""
     await engine.start()
     await place_resting_orders(engine)
     before = await view(engine)
+    await ledger_holds(engine, 2)
     await engine.kill()
     segments = jr.list_segments(engine.data / "journal")
     assert len(segments) == 1 and segments[0][1].stat().st_size > 100
@@ -373,7 +384,7 @@ from exchange.server import ExchangeServer, ServerConfig
 
 async def main():
     srv = ExchangeServer(ServerConfig(port=0, data_dir=Path(sys.argv[1]), stats_interval=0,
-                                      snapshot_interval=0, snapshot_records=0))
+                                      snapshot_interval=0, snapshot_records=0, writer="inline"))
     srv.audit.interval = 60.0  # the audit writer's next pass has not come yet
     await srv.start()
     r, w = await asyncio.open_connection(*srv.address)

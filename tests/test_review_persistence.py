@@ -82,8 +82,10 @@ async def test_sigterm_during_a_periodic_snapshot_keeps_the_data_recoverable(
 
 
 async def test_a_transient_ledger_write_error_does_not_lose_trades(tmp_path: Path) -> None:
+    """The in-process ledger writer (with the follower process, an error stops the follower
+    and it is restarted: test_follower.py)."""
     data = tmp_path / "data"
-    srv = _server(data)
+    srv = _server(data, writer="inline")
     await asyncio.wait_for(srv.start(), T)
     ledger = srv.ledger
     real_append = ledger._append
@@ -111,7 +113,7 @@ async def test_a_transient_ledger_write_error_does_not_lose_trades(tmp_path: Pat
         _abort(alice, bob)
         await asyncio.wait_for(srv.stop(), T)  # final snapshot, journal segments removed
 
-    again = _server(data)
+    again = _server(data, writer="inline")
     await asyncio.wait_for(again.start(), T)  # recovery: the ledger should be complete
     await asyncio.wait_for(again.stop(), T)
     ids = [t["trade_id"] for t in read_ledger(data / "trades.jsonl")]

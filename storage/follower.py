@@ -1,0 +1,529 @@
+"""The follower: a second process that writes the trade ledger and the audit logs from the journal.
+
+Why a process. With the ledger and the audit log written by the server itself, holding
+each command's events and formatting their lines took about a third of the server's one
+busy core: the pipelined gateway benchmark acknowledged ~74,000 orders a second with them
+and ~105,000 without (docs/performance.md). The engine is deterministic and every accepted
+command is in the journal, so a second process can replay the journal through its own
+engine, get exactly the server's events, and write both files on the machine's other core.
+Crash recovery already rebuilds audit lines and ledger trades that way; the follower simply
+never stops doing it.
+
+Theory of operation
+-------------------
+The server starts the follower after its own recovery (``python -m storage.follower``), so
+the follower begins from a consistent directory: ``snapshot.json`` at journal record ``S``,
+a ledger holding every trade of that state, audit logs written through ``logs/.position``.
+It loads the snapshot, then reads the journal after ``S`` as it grows, and for each record
+runs the command through its engine: trades above the ledger's last id go to the ledger,
+lines of records after the audit position go to the users' files (the same code as
+recovery's rebuild, which also skips lines a crash left written but uncounted).
+
+The server talks to it over its standard input and output, one short line each way:
+
+* ``d <lsn>``: the journal is durable through ``lsn``. The follower reads only that far, so
+  the files never hold a trade or a line of a command that a crash could still take back
+  (the same rule the in-process writers follow).
+* ``s <lsn>``: before a snapshot at ``lsn``: write and fsync everything through ``lsn``,
+  then answer ``synced <lsn>``. Only then does the server write the snapshot and delete
+  the journal segments it covers (``storage/persistence.py``, rule 2).
+* end of input: the server is stopping: finish through the last durable record, fsync,
+  exit 0. The follower also dies with the server (``PR_SET_PDEATHSIG``), and holds
+  ``<data>/.follower.lock`` while it runs, so a server restarted after a crash recovers
+  only once the old follower is gone.
+
+Commands refused by the engine are not journaled; the server writes their audit lines
+itself (``AuditLog`` without a journal gate), as it writes nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import select
+import signal
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Callable
+
+from exchange.markets import ConfigError, MarketConfig, default_config, load_config
+from exchange.protocol import Formatter
+from exchange.state import StateError, import_state
+from exchange.types import Trade
+from storage.audit import AuditLog
+from storage.journal import HEADER, JOURNAL_DIR, MAGIC, MAX_RECORD, JournalError, decode, segment_name
+from storage.ledger import LEDGER_FILE, TradeLedger
+from storage.persistence import FollowerError, config_fingerprint, same_config
+from storage.snapshot import SNAPSHOT_FILE, SnapshotError, read_snapshot
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on POSIX
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("storage.follower")
+
+LOCK_FILE = ".follower.lock"
+LEDGER_INTERVAL = 0.05  # seconds between ledger appends while records arrive
+AUDIT_INTERVAL = 0.2  # seconds between audit-log appends (one open and write per user)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class JournalTail:
+    """Reads the journal's records in order as they are written, across segment rotations.
+
+    Only records the caller says are complete (``upto``, from the server's durability
+    notices) are read, so a record is never seen half-written; a record found damaged is
+    an error, not a torn tail.
+    """
+
+    def __init__(self, directory: Path, after: int) -> None:
+        self.directory = directory
+        self.expected = after + 1  # the next record to read
+        self._fd: int | None = None
+        self._buf = b""
+
+    def _open(self) -> bool:
+        path = self.directory / segment_name(self.expected)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        magic = os.read(fd, len(MAGIC))
+        if magic != MAGIC:
+            os.close(fd)
+            raise FollowerError(f"journal {path} does not start with the journal header")
+        self._fd = fd
+        self._buf = b""
+        return True
+
+    def read(self, upto: int, sink: Callable[[int, bytes], None]) -> int:
+        """Feed ``sink(lsn, payload)`` every record up to ``upto``; returns how many."""
+        fed = 0
+        hsize = HEADER.size
+        crc32 = zlib.crc32
+        data = self._buf
+        pos = 0
+        while self.expected <= upto:
+            size = len(data)
+            if size - pos >= hsize:
+                length, lsn, crc, hcrc = HEADER.unpack_from(data, pos)
+                if crc32(memoryview(data)[pos:pos + 16]) != hcrc or lsn != self.expected or length > MAX_RECORD:
+                    raise FollowerError(f"journal record {self.expected} is damaged or out of order")
+                end = pos + hsize + length
+                if end <= size:
+                    payload = data[pos + hsize:end]
+                    if crc32(payload) != crc:
+                        raise FollowerError(f"journal record {lsn} is damaged (checksum mismatch)")
+                    sink(lsn, payload)
+                    fed += 1
+                    self.expected = lsn + 1
+                    pos = end
+                    continue
+            # Not a whole record in hand: read on (the server wrote it before saying durable).
+            if self._fd is None and not self._open():
+                raise FollowerError(
+                    f"journal record {self.expected} is durable but no segment "
+                    f"{segment_name(self.expected)} holds it")
+            assert self._fd is not None
+            chunk = os.read(self._fd, 1 << 20)
+            if chunk:
+                data = data[pos:] + chunk
+                pos = 0
+                continue
+            if pos < len(data):
+                raise FollowerError(
+                    f"journal segment ends inside record {self.expected} although the server "
+                    "reported it durable")
+            # The rest is in the next segment: the server rotated after a snapshot.
+            os.close(self._fd)
+            self._fd = None
+            data, pos = b"", 0
+            if not self._open():
+                raise FollowerError(
+                    f"journal record {self.expected} is durable but no segment "
+                    f"{segment_name(self.expected)} holds it")
+        self._buf = data[pos:]
+        return fed
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class Follower:
+    """The follower's state: an engine at the journal's position, and the two writers."""
+
+    def __init__(self, data_dir: Path, config: MarketConfig) -> None:
+        self.data_dir = Path(data_dir)
+        self.config = config
+        self.ledger = TradeLedger(self.data_dir / LEDGER_FILE, config)
+        # A journal gate that is always open: the follower only reads durable records.
+        self.audit = AuditLog(self.data_dir / "logs", config, formatter=Formatter(config),
+                              mark=lambda: 0, durable=None)
+        self.lsn = 0
+        self._trades: list[Trade] = []
+        self._tail: JournalTail | None = None
+        self._engine = None
+
+    def start(self) -> int:
+        """Load the snapshot and open the files; returns the journal position it starts at."""
+        path = self.data_dir / SNAPSHOT_FILE
+        try:
+            content = read_snapshot(path)
+        except SnapshotError as exc:
+            raise FollowerError(str(exc)) from None
+        if content is None:
+            raise FollowerError(f"no snapshot in {self.data_dir}: the server writes one at start-up")
+        if not same_config(content.get("config"), config_fingerprint(self.config)):
+            raise FollowerError("the snapshot was written under another market configuration")
+        try:
+            self._engine = import_state(self.config, content["state"])
+        except (StateError, KeyError, TypeError) as exc:
+            raise FollowerError(f"snapshot {path} cannot be restored: {exc}") from None
+        self.lsn = int(content["journal_lsn"])
+        self.ledger.open()
+        self.audit.replay_begin(self.lsn)
+        self._tail = JournalTail(self.data_dir / JOURNAL_DIR, self.lsn)
+        return self.lsn
+
+    def advance(self, upto: int) -> int:
+        """Run the durable records up to ``upto``; returns how many."""
+        assert self._tail is not None
+        return self._tail.read(upto, self._apply)
+
+    def _apply(self, lsn: int, payload: bytes) -> None:
+        try:
+            command = decode(payload)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise JournalError(f"journal record {lsn} cannot be decoded: {exc}") from None
+        events = self._engine.handle(command)  # type: ignore[union-attr]
+        trades = self._trades
+        for ev in events:
+            if ev.__class__ is Trade:
+                trades.append(ev)  # type: ignore[arg-type]
+        self.audit.replay_record(lsn, events)
+        self.lsn = lsn
+
+    def write_ledger(self, fsync: bool = False) -> None:
+        if self._trades or fsync:
+            self.ledger.add(self._trades)
+            self._trades = []
+            self.ledger.write_blocking(fsync)
+
+    def write_audit(self) -> None:
+        self.audit.write_through(self.lsn)
+
+    def close(self) -> None:
+        self.write_ledger(fsync=True)
+        self.write_audit()
+        if self._tail is not None:
+            self._tail.close()
+        self.ledger.close_blocking()
+
+
+def _die_with_parent() -> None:
+    """Linux: be killed when the server dies, however it dies."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux: end of input still works
+        pass
+
+
+def _lock(data_dir: Path) -> int | None:
+    """Hold ``.follower.lock`` for the process's life (the kernel drops it at exit)."""
+    if fcntl is None:  # pragma: no cover
+        return None
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def wait_for_old_follower(data_dir: Path, timeout: float = 10.0) -> bool:
+    """Until no follower of an earlier server holds the directory; False on timeout."""
+    if fcntl is None:  # pragma: no cover
+        return True
+    path = Path(data_dir) / LOCK_FILE
+    if not path.exists():
+        return True
+    fd = os.open(path, os.O_RDWR)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except OSError:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.01)
+    finally:
+        os.close(fd)  # drops the lock if we took it
+
+
+def run(data_dir: Path, config: MarketConfig, parent: int | None) -> int:
+    """The follower's loop (see the module docstring for the protocol)."""
+    lock = _lock(data_dir)
+    follower = Follower(data_dir, config)
+    out = sys.stdout.buffer
+    try:
+        start = follower.start()
+    except (FollowerError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    out.write(b"ready %d\n" % start)
+    out.flush()
+    durable = start
+    syncs: list[int] = []
+    last_ledger = last_audit = time.monotonic()
+    dirty = False
+    stdin = sys.stdin.fileno()
+    pending = b""
+    eof = False
+    try:
+        while not eof:
+            ready, _, _ = select.select([stdin], [], [], LEDGER_INTERVAL if dirty else 1.0)
+            if ready:
+                data = os.read(stdin, 1 << 16)
+                if not data:
+                    eof = True
+                pending += data
+                lines = pending.split(b"\n")
+                pending = lines.pop()
+                for line in lines:
+                    kind, _, value = line.partition(b" ")
+                    if kind == b"d":
+                        durable = max(durable, int(value))
+                    elif kind == b"s":
+                        syncs.append(int(value))
+            elif parent is not None and os.getppid() != parent:
+                return 0  # the server is gone (PR_SET_PDEATHSIG missing): recovery takes over
+            if follower.advance(durable):
+                dirty = True
+            now = time.monotonic()
+            if syncs or eof:
+                follower.write_ledger(fsync=True)
+                follower.write_audit()
+                done = [lsn for lsn in syncs if lsn <= follower.lsn]
+                syncs = [lsn for lsn in syncs if lsn > follower.lsn]
+                for lsn in done:
+                    out.write(b"synced %d\n" % lsn)
+                out.flush()
+                last_ledger = last_audit = now
+                dirty = False
+                continue
+            if dirty and now - last_ledger >= LEDGER_INTERVAL:
+                follower.write_ledger()
+                last_ledger = now
+            if dirty and now - last_audit >= AUDIT_INTERVAL:
+                follower.write_audit()
+                last_audit = now
+                dirty = False
+    except (FollowerError, JournalError, OSError) as exc:
+        log.error("stopped: %s (the journal keeps everything; the next start rebuilds it)", exc)
+        return 1
+    finally:
+        try:
+            follower.close()
+        finally:
+            if lock is not None:
+                os.close(lock)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m storage.follower", description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", type=Path, required=True)
+    ap.add_argument("--markets", type=Path, default=None)
+    ap.add_argument("--parent", type=int, default=None, help="the server's pid")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
+    _die_with_parent()
+    if args.parent is not None and os.getppid() != args.parent:
+        return 0
+    from exchange.runtime import tune_gc, tune_malloc
+
+    tune_malloc()
+    tune_gc()
+    try:
+        config = load_config(args.markets) if args.markets else default_config()
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    return run(args.data_dir, config, args.parent)
+
+
+class FollowerProcess:
+    """The server's handle on its follower: starts it, tells it what is durable, asks it
+    to sync before a snapshot, restarts it if it dies, stops it last."""
+
+    RESTART_DELAY = 1.0  # first restart; doubles while restarts keep failing, up to 30 s
+
+    def __init__(self, data_dir: Path, markets_file: Path | None, log_level: str = "INFO") -> None:
+        self.data_dir = Path(data_dir)
+        self.markets_file = markets_file
+        self.log_level = log_level
+        self.durable = 0
+        self.synced = 0
+        self.restarts = 0
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._notify: asyncio.TimerHandle | None = None
+        self._sent = 0
+        self._closing = False
+        self._restart: asyncio.TimerHandle | None = None
+        self._ready: asyncio.Future[int] | None = None
+        self._delay = self.RESTART_DELAY
+
+    async def start(self, timeout: float = 60.0) -> None:
+        """Start it and wait until it has loaded the snapshot (``FollowerError`` if it cannot)."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        cmd = [sys.executable, "-m", "storage.follower", "--data-dir", str(self.data_dir),
+               "--parent", str(os.getpid()), "--log-level", self.log_level]
+        if self.markets_file is not None:
+            cmd += ["--markets", str(self.markets_file)]
+        self._sent = 0
+        self._proc = await asyncio.create_subprocess_exec(
+            *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
+        )
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        self._reader = loop.create_task(self._read(self._proc), name="follower")
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+        except asyncio.TimeoutError:
+            self._proc.kill()
+            raise FollowerError(f"the ledger and audit-log writer did not start in {timeout:.0f} s") from None
+        self._delay = self.RESTART_DELAY
+        self._send()
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                break
+            kind, _, value = line.strip().partition(b" ")
+            if kind == b"ready":
+                if self._ready is not None and not self._ready.done():
+                    self._ready.set_result(int(value))
+            elif kind == b"synced":
+                self.synced = max(self.synced, int(value))
+                still = []
+                for lsn, fut in self._waiters:
+                    if lsn <= self.synced:
+                        if not fut.done():
+                            fut.set_result(None)
+                    else:
+                        still.append((lsn, fut))
+                self._waiters = still
+        code = await proc.wait()
+        failure = FollowerError(f"the ledger and audit-log writer exited with code {code} (its "
+                                "reason is logged above)")
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(failure)
+            self._ready.exception()  # retrieved: ``start`` may have given up waiting already
+        self._fail_waiters(failure)
+        if not self._closing and proc is self._proc:
+            log.error("the ledger and audit-log writer (pid %d) exited with code %s; restarting "
+                      "it in %.0f s (the journal keeps everything meanwhile)", proc.pid, code,
+                      self._delay)
+            self.restarts += 1
+            loop = asyncio.get_running_loop()
+            self._restart = loop.call_later(self._delay, lambda: loop.create_task(self._respawn()))
+            self._delay = min(30.0, self._delay * 2)
+
+    async def _respawn(self) -> None:
+        self._restart = None
+        if self._closing:
+            return
+        try:
+            await self.start()
+        except (OSError, FollowerError) as exc:
+            log.error("cannot restart the ledger and audit-log writer: %s", exc)
+
+    def _fail_waiters(self, exc: BaseException) -> None:
+        for _, fut in self._waiters:
+            if not fut.done():
+                fut.set_exception(exc)
+        self._waiters = []
+
+    def notify(self, durable: int) -> None:
+        """Journal durability callback: tell the follower soon (one line per 2 ms at most)."""
+        self.durable = durable
+        if self._notify is None:
+            self._notify = asyncio.get_running_loop().call_later(0.002, self._send)
+
+    def _send(self, extra: bytes = b"") -> None:
+        self._notify = None
+        proc = self._proc
+        if proc is None or proc.stdin is None or proc.returncode is not None or proc.stdin.is_closing():
+            return
+        line = b"d %d\n" % self.durable if self.durable != self._sent else b""
+        self._sent = self.durable
+        if line or extra:
+            proc.stdin.write(line + extra)
+
+    async def sync_through(self, lsn: int, timeout: float = 60.0) -> None:
+        """Until the ledger and the audit logs hold everything through ``lsn``, fsynced."""
+        if not self.alive:
+            raise FollowerError("the ledger and audit-log writer is not running")
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((lsn, fut))
+        self.durable = max(self.durable, lsn)
+        self._send(b"s %d\n" % lsn)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except asyncio.TimeoutError:
+            raise FollowerError(f"the ledger and audit-log writer did not sync through record "
+                                f"{lsn} in {timeout:.0f} s") from None
+
+    async def close(self, durable: int, timeout: float = 60.0) -> None:
+        """Let it finish through ``durable`` and exit."""
+        self._closing = True
+        if self._restart is not None:
+            self._restart.cancel()
+            self._restart = None
+        if self._notify is not None:
+            self._notify.cancel()
+        self.durable = max(self.durable, durable)
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.returncode is None and proc.stdin is not None:
+            self._send()
+            proc.stdin.close()
+        try:
+            code = await asyncio.wait_for(proc.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.error("the ledger and audit-log writer did not finish in %.0f s; stopping it (the "
+                      "next start rebuilds what it did not write)", timeout)
+            proc.kill()
+            code = await proc.wait()
+        if self._reader is not None:
+            await self._reader
+            self._reader = None
+        if code != 0:
+            log.error("the ledger and audit-log writer ended with code %s; the next start rebuilds "
+                      "what it did not write from the journal", code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
