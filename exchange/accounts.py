@@ -24,9 +24,9 @@ not needed by the money rules.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
-FEE_ACCOUNT = "__fees__"
+FEE_ACCOUNT: Final = "__fees__"
 
 
 class Balance:

@@ -25,7 +25,7 @@ commands always produce the same events and the same state.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Final
 
 from exchange.accounts import FEE_ACCOUNT, Accounts, Balance
 from exchange.book import AccountOrders, Level, Order, OrderBook, leave_account
@@ -54,24 +54,39 @@ from exchange.types import (
     Withdraw,
 )
 
-NO_LIMIT = 1 << 62  # an upper price bound no real price reaches
+NO_LIMIT: Final = 1 << 62  # an upper price bound no real price reaches
 # Integer inputs beyond this many ticks, lots or minor units are refused (the decimal edge
 # already refuses values over 10**12 whole units; this guards direct callers).
-MAX_UNITS = 10**24
+MAX_UNITS: Final = 10**24
 
 # Enum members bound to module names: on CPython 3.11 ``Side.BUY`` is a class attribute
 # lookup through the enum metaclass and costs about 100 ns, a module global about 7 ns.
-_BUY, _SELL = Side.BUY, Side.SELL
-_LIMIT, _MARKET = OrderType.LIMIT, OrderType.MARKET
-_GTC, _IOC, _FOK = TimeInForce.GTC, TimeInForce.IOC, TimeInForce.FOK
-_NEW, _PARTIAL, _FILLED = OrderStatus.NEW, OrderStatus.PARTIALLY_FILLED, OrderStatus.FILLED
-_CANCELED, _EXPIRED = OrderStatus.CANCELED, OrderStatus.EXPIRED
-_X_NEW, _X_TRADE, _X_CANCELED = ExecType.NEW, ExecType.TRADE, ExecType.CANCELED
-_X_EXPIRED, _X_REPLACED, _X_STP = ExecType.EXPIRED, ExecType.REPLACED, ExecType.SELF_TRADE_PREVENTED
-_MAKER, _TAKER = Liquidity.MAKER, Liquidity.TAKER
-_STP_NONE, _STP_RESTING = STPMode.NONE, STPMode.CANCEL_RESTING
-_STP_INCOMING = STPMode.CANCEL_INCOMING
-_STP_MODES = frozenset(STPMode)
+# ``Final`` (here and in the other compiled modules): mypyc then reads the name from a C
+# static instead of looking it up in the module's dictionary on every use (~10 ns each).
+_BUY: Final = Side.BUY
+_SELL: Final = Side.SELL
+_LIMIT: Final = OrderType.LIMIT
+_MARKET: Final = OrderType.MARKET
+_GTC: Final = TimeInForce.GTC
+_IOC: Final = TimeInForce.IOC
+_FOK: Final = TimeInForce.FOK
+_NEW: Final = OrderStatus.NEW
+_PARTIAL: Final = OrderStatus.PARTIALLY_FILLED
+_FILLED: Final = OrderStatus.FILLED
+_CANCELED: Final = OrderStatus.CANCELED
+_EXPIRED: Final = OrderStatus.EXPIRED
+_X_NEW: Final = ExecType.NEW
+_X_TRADE: Final = ExecType.TRADE
+_X_CANCELED: Final = ExecType.CANCELED
+_X_EXPIRED: Final = ExecType.EXPIRED
+_X_REPLACED: Final = ExecType.REPLACED
+_X_STP: Final = ExecType.SELF_TRADE_PREVENTED
+_MAKER: Final = Liquidity.MAKER
+_TAKER: Final = Liquidity.TAKER
+_STP_NONE: Final = STPMode.NONE
+_STP_RESTING: Final = STPMode.CANCEL_RESTING
+_STP_INCOMING: Final = STPMode.CANCEL_INCOMING
+_STP_MODES: Final = frozenset(STPMode)
 
 
 class MarketState:

@@ -38,7 +38,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Final, Protocol
 
 from exchange.engine import Exchange
 from exchange.protocol import (
@@ -76,8 +76,8 @@ from exchange.types import (
 
 log = logging.getLogger("exchange.gateway")
 
-DEFAULT_MAX_BUFFER = 8 * 1024 * 1024
-DEFAULT_DEMO_BALANCES = {"USD": "100000", "BTC": "10", "ACME": "1000"}
+DEFAULT_MAX_BUFFER: Final = 8 * 1024 * 1024
+DEFAULT_DEMO_BALANCES: Final = {"USD": "100000", "BTC": "10", "ACME": "1000"}
 
 
 def hash_token(token: str) -> str:
@@ -94,7 +94,7 @@ class CommandJournal(Protocol):
     def append(self, command: Command) -> int: ...
 
 
-_REJECTED = ExecType.REJECTED
+_REJECTED: Final = ExecType.REJECTED
 
 
 @dataclass

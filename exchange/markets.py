@@ -28,18 +28,18 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from exchange.types import RejectReason
 
 # No price, quantity or amount may exceed this many whole units: far beyond anything real,
 # small enough that products of them stay cheap integers.
-MAX_WHOLE_UNITS = 10**12
-MAX_TEXT_LENGTH = 40
-BPS = 10_000
-_POW10 = [10**i for i in range(64)]  # powers of ten as ints (``10**n`` is typed as Any)
-MAX_FEE_BPS = 1_000
-CONVERSION_CACHE_LIMIT = 50_000
+MAX_WHOLE_UNITS: Final = 10**12
+MAX_TEXT_LENGTH: Final = 40
+BPS: Final = 10_000
+_POW10: Final = [10**i for i in range(64)]  # powers of ten as ints (``10**n`` is typed as Any)
+MAX_FEE_BPS: Final = 1_000
+CONVERSION_CACHE_LIMIT: Final = 50_000
 
 
 class InvalidValue(ValueError):

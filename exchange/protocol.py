@@ -46,19 +46,19 @@ from exchange.types import (
     Withdraw,
 )
 
-MAX_LINE = 64 * 1024
-DEFAULT_PORT = 7001
-DEFAULT_DEPTH = 20
-MAX_DEPTH = 10_000
-MAX_USER_LENGTH = 64
-MAX_CLIENT_ORDER_ID = 64
+MAX_LINE: Final = 64 * 1024
+DEFAULT_PORT: Final = 7001
+DEFAULT_DEPTH: Final = 20
+MAX_DEPTH: Final = 10_000
+MAX_USER_LENGTH: Final = 64
+MAX_CLIENT_ORDER_ID: Final = 64
 
-OPS = frozenset({
+OPS: Final = frozenset({
     "login", "markets", "order", "cancel", "modify", "balances", "orders", "book",
     "subscribe", "unsubscribe", "deposit", "withdraw", "ping", "stats", "queue_position",
 })
-PUBLIC_OPS = frozenset({"login", "ping", "markets", "book", "subscribe", "unsubscribe", "stats"})
-CHANNELS = ("trades", "book")
+PUBLIC_OPS: Final = frozenset({"login", "ping", "markets", "book", "subscribe", "unsubscribe", "stats"})
+CHANNELS: Final = ("trades", "book")
 
 
 class ErrorCode:
@@ -101,15 +101,21 @@ class OrderRejected(Exception):
 # ---------------------------------------------------------------------------- framing
 
 
+# Bound once: compiled, ``orjson.dumps`` would be an attribute lookup on the module per call.
+_dumps: Final = orjson.dumps
+_loads: Final = orjson.loads
+_NEWLINE: Final = orjson.OPT_APPEND_NEWLINE
+
+
 def encode(message: dict[str, Any]) -> bytes:
-    """One message as one line."""
-    return orjson.dumps(message) + b"\n"
+    """One message as one line (orjson appends the newline: no second copy)."""
+    return _dumps(message, None, _NEWLINE)  # type: ignore[no-any-return]
 
 
 def decode_request(line: bytes) -> dict[str, Any]:
     """Parse one request line; raises ``ProtocolError`` for bad JSON, shape, op or id."""
     try:
-        msg = orjson.loads(line)
+        msg = _loads(line)
     except orjson.JSONDecodeError as exc:
         # Valid JSON with a number beyond a double (1e400): read it exactly instead.
         msg = _loads_exact(line) if str(exc).startswith("number is infinity") else None
@@ -184,8 +190,8 @@ def _loads_exact(line: bytes) -> dict[str, Any] | None:
 
 
 MAX_NESTING: Final = 64  # a request is a flat object; the standard parser recurses per level
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"?')
-_BRACKETS = re.compile(rb"[\[\]{}]")
+_STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*"?')
+_BRACKETS: Final = re.compile(rb"[\[\]{}]")
 
 
 def _nesting(line: bytes) -> int:
@@ -276,7 +282,7 @@ def _field(msg: dict[str, Any], name: str, kind: type | tuple[type, ...], requir
     return value
 
 
-_NUMBER = (str, int, float)
+_NUMBER: Final = (str, int, float)
 
 
 def _number(msg: dict[str, Any], name: str, required: bool = True) -> Any:
@@ -304,13 +310,16 @@ def market_of(config: MarketConfig, msg: dict[str, Any]) -> Market:
     return market
 
 
-_BUY, _SELL = Side.BUY, Side.SELL
-_LIMIT, _MARKET = OrderType.LIMIT, OrderType.MARKET
-_GTC, _IOC = TimeInForce.GTC, TimeInForce.IOC
-_SIDES = {"buy": _BUY, "sell": _SELL}
-_TYPES = {"limit": _LIMIT, "market": _MARKET}
-_TIFS = {t.value: t for t in TimeInForce}
-_STPS = {s.value: s for s in STPMode}
+_BUY: Final = Side.BUY
+_SELL: Final = Side.SELL
+_LIMIT: Final = OrderType.LIMIT
+_MARKET: Final = OrderType.MARKET
+_GTC: Final = TimeInForce.GTC
+_IOC: Final = TimeInForce.IOC
+_SIDES: Final = {"buy": _BUY, "sell": _SELL}
+_TYPES: Final = {"limit": _LIMIT, "market": _MARKET}
+_TIFS: Final = {t.value: t for t in TimeInForce}
+_STPS: Final = {s.value: s for s in STPMode}
 
 
 def order_command(config: MarketConfig, msg: dict[str, Any], account: str, ts: int) -> PlaceOrder:
@@ -377,7 +386,7 @@ def order_command(config: MarketConfig, msg: dict[str, Any], account: str, ts: i
     return PlaceOrder(ts, account, symbol, side, otype, qty, price, tif, post_only, stp, coid)
 
 
-_NUMBER_TYPES = frozenset({str, int, float})
+_NUMBER_TYPES: Final = frozenset({str, int, float})
 
 
 def order_id_of(msg: dict[str, Any]) -> int:

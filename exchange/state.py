@@ -34,7 +34,7 @@ wrong raises ``StateError`` with a message saying what, never a half-built engin
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from exchange.accounts import FEE_ACCOUNT, Balance
 from exchange.book import AccountOrders, Level, Order
@@ -42,7 +42,7 @@ from exchange.engine import Exchange
 from exchange.markets import MarketConfig
 from exchange.types import OrderStatus, OrderType, Side, STPMode, TimeInForce
 
-STATE_VERSION = 1
+STATE_VERSION: Final = 1
 
 ORDER_FIELDS: tuple[str, ...] = (
     "id", "account", "side", "order_type", "tif", "price", "qty", "filled", "remaining",
@@ -54,7 +54,7 @@ BALANCE_FIELDS: tuple[str, ...] = (
 )
 # What must match between the snapshot's markets and the running config for the stored
 # integers (ticks, lots, minor units) to mean the same thing.
-_UNIT_FIELDS = ("base", "quote", "tick_size", "lot_size")
+_UNIT_FIELDS: Final = ("base", "quote", "tick_size", "lot_size")
 
 
 
@@ -74,7 +74,7 @@ def _balance_row(b: Balance) -> list[int]:
 def _priority(o: Order) -> int:
     return o.priority
 
-_INT_ORDER_FIELDS = ("id", "price", "qty", "filled", "remaining", "cost", "locked", "fee_basis",
+_INT_ORDER_FIELDS: Final = ("id", "price", "qty", "filled", "remaining", "cost", "locked", "fee_basis",
                      "fee_paid", "ts", "priority")
 
 
@@ -276,13 +276,13 @@ def _import(config: MarketConfig, data: Any) -> Exchange:
     return ex
 
 
-_I = {name: i for i, name in enumerate(ORDER_FIELDS)}
-_SIDES = {m.value: m for m in Side}
-_TYPES = {m.value: m for m in OrderType}
-_TIFS = {m.value: m for m in TimeInForce}
-_STPS = {m.value: m for m in STPMode}
-_STATUSES = {m.value: m for m in (OrderStatus.NEW, OrderStatus.PARTIALLY_FILLED)}
-_INT_POSITIONS = tuple(_I[name] for name in _INT_ORDER_FIELDS)
+_I: Final = {name: i for i, name in enumerate(ORDER_FIELDS)}
+_SIDES: Final = {m.value: m for m in Side}
+_TYPES: Final = {m.value: m for m in OrderType}
+_TIFS: Final = {m.value: m for m in TimeInForce}
+_STPS: Final = {m.value: m for m in STPMode}
+_STATUSES: Final = {m.value: m for m in (OrderStatus.NEW, OrderStatus.PARTIALLY_FILLED)}
+_INT_POSITIONS: Final = tuple(_I[name] for name in _INT_ORDER_FIELDS)
 
 
 def _order_from_row(ex: Exchange, symbol: str, row: list[Any]) -> Order:

@@ -29,19 +29,20 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from exchange.markets import Market, MarketConfig
 from exchange.types import ExecReport, ExecType, OrderStatus, RejectReason, Side
 from simulation.budget import Tracked, Wallet, walk_cost
 from simulation.gateway import Gateway, GatewayConnectionError, GatewayError, MarketTexts
 
-_BUY, _SELL = Side.BUY, Side.SELL
-_REJECTED = ExecType.REJECTED
-_INSUFFICIENT = RejectReason.INSUFFICIENT_FUNDS
-_SIDE_TEXT = {_BUY: _BUY.value, _SELL: _SELL.value}  # an enum's .value is a Python property
+_BUY: Final = Side.BUY
+_SELL: Final = Side.SELL
+_REJECTED: Final = ExecType.REJECTED
+_INSUFFICIENT: Final = RejectReason.INSUFFICIENT_FUNDS
+_SIDE_TEXT: Final = {_BUY: _BUY.value, _SELL: _SELL.value}  # an enum's .value is a Python property
 # The final statuses the report counts, with their names.
-_FINAL_COUNTED = {
+_FINAL_COUNTED: Final = {
     s: s.value for s in (OrderStatus.FILLED, OrderStatus.CANCELED, OrderStatus.EXPIRED)
 }
 

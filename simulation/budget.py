@@ -21,18 +21,18 @@ after funding, then follows every execution report of the account:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from exchange.markets import BPS, Market, MarketConfig
 from exchange.types import Event, ExecReport, ExecType, Liquidity, OrderStatus, Side
 from simulation.gateway import FINAL_STATUSES, Holding
 
-_BUY = Side.BUY
-_TRADE = ExecType.TRADE
-_REPLACED = ExecType.REPLACED
-_FINAL = FINAL_STATUSES
-_REJECTED = OrderStatus.REJECTED
-_MAKER = Liquidity.MAKER
+_BUY: Final = Side.BUY
+_TRADE: Final = ExecType.TRADE
+_REPLACED: Final = ExecType.REPLACED
+_FINAL: Final = FINAL_STATUSES
+_REJECTED: Final = OrderStatus.REJECTED
+_MAKER: Final = Liquidity.MAKER
 
 
 def percent(part: int, whole: int) -> str:

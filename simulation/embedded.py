@@ -39,7 +39,7 @@ from collections import deque
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Generator
+from typing import Any, Callable, Coroutine, Final, Generator
 
 import orjson
 
@@ -76,15 +76,16 @@ from simulation.gateway import (
 )
 
 # Simulated time starts here (2024-01-01T00:00:00Z): fixed, so ledgers compare byte for byte.
-SIM_EPOCH_NS = 1_704_067_200 * 10**9
-LEDGER_BATCH = 4096
+SIM_EPOCH_NS: Final = 1_704_067_200 * 10**9
+LEDGER_BATCH: Final = 4096
 
-_SIDES = {"buy": Side.BUY, "sell": Side.SELL}
-_SIDE_TEXT = {Side.BUY: Side.BUY.value, Side.SELL: Side.SELL.value}
-_TYPES = {"limit": OrderType.LIMIT, "market": OrderType.MARKET}
-_TIFS = {t.value: t for t in TimeInForce}
-_GTC, _IOC = TimeInForce.GTC, TimeInForce.IOC
-_LIMIT = OrderType.LIMIT
+_SIDES: Final = {"buy": Side.BUY, "sell": Side.SELL}
+_SIDE_TEXT: Final = {Side.BUY: Side.BUY.value, Side.SELL: Side.SELL.value}
+_TYPES: Final = {"limit": OrderType.LIMIT, "market": OrderType.MARKET}
+_TIFS: Final = {t.value: t for t in TimeInForce}
+_GTC: Final = TimeInForce.GTC
+_IOC: Final = TimeInForce.IOC
+_LIMIT: Final = OrderType.LIMIT
 
 
 # --------------------------------------------------------------------------- latency
@@ -105,8 +106,8 @@ class LatencyModel:
         return max(1, int(rng.gammavariate(self.shape, self.mean_ns / self.shape)))
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s)?\s*$")
-_UNIT_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000, None: 1_000_000_000}
+_DURATION: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s)?\s*$")
+_UNIT_NS: Final = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000, None: 1_000_000_000}
 
 
 def parse_duration_ns(text: str) -> int:

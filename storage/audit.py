@@ -18,7 +18,7 @@ import os
 from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Final
 
 from exchange.markets import MarketConfig
 from exchange.protocol import Formatter
@@ -26,7 +26,7 @@ from exchange.types import CommandRejected, Event, ExecReport, ExecType
 
 log = logging.getLogger("storage.audit")
 
-POSITION_FILE = ".position"  # in the logs directory: the journal position written through
+POSITION_FILE: Final = ".position"  # in the logs directory: the journal position written through
 
 
 class _Clock:
@@ -56,15 +56,15 @@ class _Clock:
         return text
 
 
-_LABELS = {
+_LABELS: Final = {
     ExecType.NEW.value: "PLACED", ExecType.CANCELED.value: "CANCELED",
     ExecType.EXPIRED.value: "EXPIRED", ExecType.REPLACED.value: "MODIFIED",
     ExecType.SELF_TRADE_PREVENTED.value: "SELF-TRADE-PREVENTED",
 }
-_UPPER = {"buy": "BUY", "sell": "SELL"}
+_UPPER: Final = {"buy": "BUY", "sell": "SELL"}
 
 
-RAW_MAX = 40  # characters of a raw request value an audit line shows
+RAW_MAX: Final = 40  # characters of a raw request value an audit line shows
 
 
 def _text(value: object) -> str:
@@ -406,7 +406,7 @@ class AuditLog:
         self._save_position(upto)
 
 
-_STAMP_LEN = len("2026-01-01T00:00:00.000000Z")
+_STAMP_LEN: Final = len("2026-01-01T00:00:00.000000Z")
 
 
 def _written_since(path: Path, stamp: str, chunk: int = 1 << 20) -> tuple[set[str], bool]:
