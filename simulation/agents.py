@@ -40,7 +40,6 @@ _BUY: Final = Side.BUY
 _SELL: Final = Side.SELL
 _REJECTED: Final = ExecType.REJECTED
 _INSUFFICIENT: Final = RejectReason.INSUFFICIENT_FUNDS
-_SIDE_TEXT: Final = {_BUY: _BUY.value, _SELL: _SELL.value}  # an enum's .value is a Python property
 # The final statuses the report counts, with their names.
 _FINAL_COUNTED: Final = {
     s: s.value for s in (OrderStatus.FILLED, OrderStatus.CANCELED, OrderStatus.EXPIRED)
@@ -231,10 +230,8 @@ class Agent:
         self.stats.orders[kind] += 1
         texts = self.texts[market]
         try:
-            rep = await self.gw.place(
-                market, _SIDE_TEXT[side], texts.qty(lots), texts.price(price), tif=tif,
-                post_only=post_only,
-            )
+            rep = await self.gw.place_units(market, side, lots, price, texts, tif=tif,
+                                            post_only=post_only)
         except BaseException:
             self.wallet.release(asset, commit)
             raise
@@ -255,9 +252,7 @@ class Agent:
             return None
         self.stats.orders["market"] += 1
         try:
-            rep = await self.gw.place(
-                market, _SIDE_TEXT[side], self.texts[market].qty(lots), order_type="market",
-            )
+            rep = await self.gw.place_units(market, side, lots, None, self.texts[market])
         except BaseException:
             self.wallet.release(asset, commit)
             raise
@@ -294,7 +289,7 @@ class Agent:
             return False
         self.stats.modifies += 1
         try:
-            await self.gw.modify(t.order_id, price=self.texts[t.market].price(price))
+            await self.gw.reprice_units(t.order_id, price, self.texts[t.market])
         except GatewayConnectionError:
             raise
         except GatewayError as exc:

@@ -84,6 +84,7 @@ _SIDE_TEXT: Final = {Side.BUY: Side.BUY.value, Side.SELL: Side.SELL.value}
 _TYPES: Final = {"limit": OrderType.LIMIT, "market": OrderType.MARKET}
 _TIFS: Final = {t.value: t for t in TimeInForce}
 _GTC: Final = TimeInForce.GTC
+_MARKET: Final = OrderType.MARKET
 _IOC: Final = TimeInForce.IOC
 _LIMIT: Final = OrderType.LIMIT
 
@@ -561,6 +562,36 @@ class EmbeddedGateway(Gateway):
             return exchange.execute(cmd)[0]  # type: ignore[return-value]
         events = await exchange.submit(cmd)
         return events[0]  # type: ignore[return-value]
+
+    async def place_units(
+        self, market: str, side: Side, lots: int, ticks: int | None, texts: MarketTexts, *,
+        tif: str | None = None, post_only: bool = False,
+    ) -> ExecReport:
+        """The grid values go to the engine as they are; it checks them as it checks every
+        command (positive, within its limits, the market's minimum size)."""
+        otype = _LIMIT if ticks is not None else _MARKET
+        if tif is None:
+            tif_enum = _GTC if otype is _LIMIT else _IOC
+        else:
+            tif_enum = _TIFS.get(tif)  # type: ignore[assignment]
+            if tif_enum is None:
+                raise GatewayError("bad_request", "'tif' must be gtc|ioc|fok")
+        if market not in self.config.markets:
+            return self._rejected(market, side, otype, tif_enum, None, RejectReason.UNKNOWN_MARKET)
+        exchange = self.exchange
+        exchange.stats["orders"] += 1
+        cmd = PlaceOrder(0, self.account, market, side, otype, lots, ticks, tif_enum, post_only,
+                         None, None)
+        if exchange.latency is None:
+            return exchange.execute(cmd)[0]  # type: ignore[return-value]
+        events = await exchange.submit(cmd)
+        return events[0]  # type: ignore[return-value]
+
+    async def reprice_units(self, order_id: int, ticks: int, texts: MarketTexts) -> ExecReport:
+        if self.engine.order(self.account, order_id) is None:
+            raise GatewayError("unknown_order", "no such open order for this account")
+        events = await self.exchange.submit(ModifyOrder(0, self.account, order_id, ticks, None))
+        return self._first_report(events)
 
     def _rejected(
         self, market: str, side: Side, otype: OrderType, tif: TimeInForce,

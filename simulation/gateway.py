@@ -37,7 +37,7 @@ from typing import Any
 
 from exchange.markets import Asset, Market, MarketConfig, format_scaled, split_decimal
 from exchange.protocol import Formatter
-from exchange.types import BookDelta, Event, ExecReport, OrderStatus, Trade
+from exchange.types import BookDelta, Event, ExecReport, OrderStatus, Side, Trade
 
 PriceLike = str | Decimal
 FINAL_STATUSES = frozenset({
@@ -133,6 +133,24 @@ class Gateway(ABC):
     ) -> ExecReport:
         """Place an order; returns its first report (``new`` or ``rejected``), never raises on a reject."""
 
+    async def place_units(
+        self, market: str, side: Side, lots: int, ticks: int | None, texts: MarketTexts, *,
+        tif: str | None = None, post_only: bool = False,
+    ) -> ExecReport:
+        """``place`` with the size and the limit price on the market's grid (lots and ticks;
+        no ticks: a market order), the way agents hold them. Here they are written as the
+        wire's decimal strings (``texts``: the market's); the embedded gateway hands them to
+        its engine as they are, which saves formatting and parsing them on every order."""
+        if ticks is None:
+            return await self.place(market, _SIDE_TEXT[side], texts.qty(lots), order_type="market",
+                                    tif=tif, post_only=post_only)
+        return await self.place(market, _SIDE_TEXT[side], texts.qty(lots), texts.price(ticks),
+                                tif=tif, post_only=post_only)
+
+    async def reprice_units(self, order_id: int, ticks: int, texts: MarketTexts) -> ExecReport:
+        """``modify`` of the price only, given in ticks (see ``place_units``)."""
+        return await self.modify(order_id, price=texts.price(ticks))
+
     @abstractmethod
     async def cancel(self, order_id: int) -> ExecReport:
         """Cancel a resting order; ``GatewayError('unknown_order')`` if it is no longer open."""
@@ -216,6 +234,8 @@ def wire_message(fmt: Formatter, event: Event) -> dict[str, Any]:
 # be fast; the name stays for the callers and tests that use it.
 scaled_text = format_scaled
 
+
+_SIDE_TEXT = {Side.BUY: "buy", Side.SELL: "sell"}  # an enum's ``.value`` is a Python property
 
 TEXT_CACHE_MAX = 1 << 16  # entries per cache of ``MarketTexts``, then it starts afresh
 
