@@ -24,9 +24,14 @@ The server talks to it over its standard input and output, one short line each w
 * ``d <lsn>``: the journal is durable through ``lsn``. The follower reads only that far, so
   the files never hold a trade or a line of a command that a crash could still take back
   (the same rule the in-process writers follow).
-* ``s <lsn>``: before a snapshot at ``lsn``: write and fsync everything through ``lsn``,
-  then answer ``synced <lsn>``. Only then does the server write the snapshot and delete
-  the journal segments it covers (``storage/persistence.py``, rule 2).
+* ``s <lsn>``: write and fsync everything through ``lsn``, then answer ``synced <lsn>``
+  (``ExchangeServer.flush_logs``).
+* ``n <lsn> <ts>``: write the snapshot (the server cut the journal after ``lsn``): the
+  follower holds the same state as the server, so it writes and fsyncs the ledger and the
+  audit logs, exports its own engine at its position (``lsn`` or a little later) and
+  writes ``snapshot.json``, then answers ``snapshot <position>``; the server then deletes
+  the journal segments it covers (``storage/persistence.py``, rule 2). Exporting a large
+  book takes a fraction of a second, which the server's event loop no longer pauses for.
 * end of input: the server is stopping: finish through the last durable record, fsync,
   exit 0. The follower also dies with the server (``PR_SET_PDEATHSIG``), and holds
   ``<data>/.follower.lock`` while it runs, so a server restarted after a crash recovers
@@ -52,13 +57,13 @@ from typing import Callable
 
 from exchange.markets import ConfigError, MarketConfig, default_config, load_config
 from exchange.protocol import Formatter
-from exchange.state import StateError, import_state
+from exchange.state import StateError, export_state, import_state
 from exchange.types import Trade
 from storage.audit import AuditLog
 from storage.journal import HEADER, JOURNAL_DIR, MAGIC, MAX_RECORD, JournalError, decode, segment_name
 from storage.ledger import LEDGER_FILE, TradeLedger
 from storage.persistence import FollowerError, config_fingerprint, same_config
-from storage.snapshot import SNAPSHOT_FILE, SnapshotError, read_snapshot
+from storage.snapshot import SNAPSHOT_FILE, SnapshotError, read_snapshot, write_snapshot
 
 try:
     import fcntl
@@ -168,6 +173,7 @@ class Follower:
                               mark=lambda: 0, durable=None)
         self.lsn = 0
         self._trades: list[Trade] = []
+        self._last_ts = 0
         self._tail: JournalTail | None = None
         self._engine = None
 
@@ -187,6 +193,7 @@ class Follower:
         except (StateError, KeyError, TypeError) as exc:
             raise FollowerError(f"snapshot {path} cannot be restored: {exc}") from None
         self.lsn = int(content["journal_lsn"])
+        self._last_ts = int(content.get("last_ts", 0))
         self.ledger.open()
         self.audit.replay_begin(self.lsn)
         self._tail = JournalTail(self.data_dir / JOURNAL_DIR, self.lsn)
@@ -209,6 +216,23 @@ class Follower:
                 trades.append(ev)  # type: ignore[arg-type]
         self.audit.replay_record(lsn, events)
         self.lsn = lsn
+        self._last_ts = command.ts
+
+    def snapshot(self, last_ts: int) -> int:
+        """Write ``snapshot.json`` of the state at the current position, once the ledger and
+        the audit logs hold (fsynced) everything it covers; returns that position. The
+        export runs here, so the server's event loop never pauses for it."""
+        self.write_ledger(fsync=True)
+        self.write_audit()
+        content = {
+            "journal_lsn": self.lsn,
+            "last_ts": max(last_ts, self._last_ts),
+            "written_ns": time.time_ns(),
+            "config": config_fingerprint(self.config),
+            "state": export_state(self._engine),  # type: ignore[arg-type]
+        }
+        write_snapshot(self.data_dir / SNAPSHOT_FILE, content)
+        return self.lsn
 
     def write_ledger(self, fsync: bool = False) -> None:
         if self._trades or fsync:
@@ -283,6 +307,7 @@ def run(data_dir: Path, config: MarketConfig, parent: int | None) -> int:
     out.flush()
     durable = start
     syncs: list[int] = []
+    snaps: list[tuple[int, int]] = []  # snapshot requests: (through lsn, the server's clock)
     last_ledger = last_audit = time.monotonic()
     dirty = False
     stdin = sys.stdin.fileno()
@@ -304,11 +329,23 @@ def run(data_dir: Path, config: MarketConfig, parent: int | None) -> int:
                         durable = max(durable, int(value))
                     elif kind == b"s":
                         syncs.append(int(value))
+                    elif kind == b"n":
+                        lsn_text, _, ts_text = value.partition(b" ")
+                        snaps.append((int(lsn_text), int(ts_text or b"0")))
             elif parent is not None and os.getppid() != parent:
                 return 0  # the server is gone (PR_SET_PDEATHSIG missing): recovery takes over
             if follower.advance(durable):
                 dirty = True
             now = time.monotonic()
+            while snaps and snaps[0][0] <= follower.lsn:
+                _, last_ts = snaps.pop(0)
+                try:
+                    out.write(b"snapshot %d\n" % follower.snapshot(last_ts))
+                except (OSError, ValueError) as exc:
+                    log.error("cannot write the snapshot: %s", exc)
+                    out.write(b"snapfail\n")
+                out.flush()
+                last_ledger = last_audit = now
             if syncs or eof:
                 follower.write_ledger(fsync=True)
                 follower.write_audit()
@@ -386,6 +423,7 @@ class FollowerProcess:
         self._restart: asyncio.TimerHandle | None = None
         self._ready: asyncio.Future[int] | None = None
         self._delay = self.RESTART_DELAY
+        self._snapshots: list[asyncio.Future[int]] = []  # answered in the order asked
 
     async def start(self, timeout: float = 60.0) -> None:
         """Start it and wait until it has loaded the snapshot (``FollowerError`` if it cannot)."""
@@ -424,6 +462,14 @@ class FollowerProcess:
             if kind == b"ready":
                 if self._ready is not None and not self._ready.done():
                     self._ready.set_result(int(value))
+            elif kind in (b"snapshot", b"snapfail"):
+                fut = self._snapshots.pop(0) if self._snapshots else None
+                if fut is not None and not fut.done():
+                    if kind == b"snapshot":
+                        fut.set_result(int(value))
+                    else:
+                        fut.set_exception(FollowerError("the follower could not write the snapshot "
+                                                        "(its reason is logged above)"))
             elif kind == b"synced":
                 self.synced = max(self.synced, int(value))
                 still = []
@@ -464,6 +510,10 @@ class FollowerProcess:
             if not fut.done():
                 fut.set_exception(exc)
         self._waiters = []
+        for snap in self._snapshots:
+            if not snap.done():
+                snap.set_exception(exc)
+        self._snapshots = []
 
     def notify(self, durable: int) -> None:
         """Journal durability callback: tell the follower soon (one line per 2 ms at most)."""
@@ -494,6 +544,22 @@ class FollowerProcess:
         except asyncio.TimeoutError:
             raise FollowerError(f"the ledger and audit-log writer did not sync through record "
                                 f"{lsn} in {timeout:.0f} s") from None
+
+    async def snapshot_through(self, lsn: int, last_ts: int, timeout: float = 120.0) -> int:
+        """Have the follower write the snapshot, at ``lsn`` or later (``lsn`` must be
+        durable): it syncs the ledger and the audit logs first. Returns the snapshot's
+        position."""
+        if not self.alive:
+            raise FollowerError("the ledger and audit-log writer is not running")
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._snapshots.append(fut)
+        self.durable = max(self.durable, lsn)
+        self._send(b"n %d %d\n" % (lsn, last_ts))
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except asyncio.TimeoutError:
+            raise FollowerError(f"the follower did not write the snapshot through record {lsn} "
+                                f"in {timeout:.0f} s") from None
 
     async def close(self, durable: int, timeout: float = 60.0) -> None:
         """Let it finish through ``durable`` and exit."""

@@ -24,7 +24,9 @@ covers, and opens a new segment: the next start replays only what happens from n
 ``snapshot()`` (periodic and at shutdown): export the state and cut the journal at the
 same instant (both on the event loop, between two commands), wait until the cut is
 durable and the ledger synced, write the snapshot atomically in a worker thread, then
-delete the old segments.
+delete the old segments. With the follower process (``storage/follower.py``), the journal
+is cut here and the follower, which replays the same journal, writes the snapshot of its
+own state at that record or a little later, after syncing the ledger and the audit logs.
 
 Knows files and their order, not trading rules: the engine and ``exchange/state.py``
 decide what the state means.
@@ -359,6 +361,8 @@ class Persistence:
             if lsn == self.snapshot_lsn and self.snapshot_path.exists():
                 return False
             started = time.perf_counter()
+            if self.writer is not None:
+                return await self._snapshot_by_writer(lsn, started)
             # Same instant, no await between: the state is exactly records 1..lsn.
             content = self._content(self.engine, lsn, self.last_ts())
             journal.rotate()
@@ -378,6 +382,23 @@ class Persistence:
                      "journal segments removed", lsn, len(self.engine.orders), size,
                      time.perf_counter() - started, removed)
             return True
+
+    async def _snapshot_by_writer(self, lsn: int, started: float) -> bool:
+        """The follower holds the same state (it replays the same journal): it writes the
+        snapshot, at ``lsn`` or a little later, so the event loop never pauses to export a
+        large book. The journal is cut here first, so the segments before the cut can go
+        once the snapshot covers them."""
+        assert self.writer is not None
+        journal = self.journal
+        journal.rotate()
+        await journal.wait_durable(lsn)
+        at = await self.writer.snapshot_through(lsn, self.last_ts())
+        self.snapshot_lsn = at
+        self._last_snapshot = time.monotonic()
+        removed = await asyncio.get_running_loop().run_in_executor(None, journal.remove_before, at + 1)
+        log.info("snapshot at journal record %d (written by the follower), %.2f s; %d old journal "
+                 "segments removed", at, time.perf_counter() - started, removed)
+        return True
 
     async def close(self, release_lock: bool = True) -> None:
         """Final snapshot, then the journal and the ledger, durable and closed.

@@ -10,14 +10,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from client import ExchangeClient, ExchangeError
 from exchange.server import ExchangeServer, ServerConfig
+from exchange.state import export_state
 from exchange.types import CancelOrder, Deposit
 from storage.follower import JournalTail, wait_for_old_follower
 from storage.journal import MAGIC, encode, frame, segment_name
 from storage.ledger import read_ledger
+from storage.snapshot import read_snapshot
 from storage.persistence import FollowerError
 
 T = 20.0
@@ -163,8 +166,15 @@ async def test_the_follower_writes_exactly_what_the_exchange_did(tmp_path: Path)
         await asyncio.wait_for(srv.flush_logs(), T)
         assert len(seen.trades) > 20 and sum(len(r) for r in seen.reports.values()) > 400
         check_files(data, seen)
-        # A snapshot waits for the follower, then removes the journal it covers.
+        # The follower writes the snapshot, from its own engine: the same state as the
+        # server's, at the same journal position; the journal it covers is removed.
+        segments = sorted((data / "journal").iterdir())
         assert await asyncio.wait_for(srv.persistence.snapshot(), T)
+        snap = read_snapshot(data / "snapshot.json")
+        assert snap is not None and snap["journal_lsn"] == srv.journal.last_lsn > 0
+        assert snap["state"] == orjson.loads(orjson.dumps(export_state(srv.engine)))
+        assert snap["last_ts"] >= max(t["ts"] for t in seen.trades)
+        assert not any(p.exists() for p in segments)
     finally:
         await asyncio.wait_for(srv.stop(), T)
     check_files(data, seen)
@@ -205,6 +215,7 @@ import asyncio, os, sys
 from pathlib import Path
 import orjson
 from exchange.server import ExchangeServer, ServerConfig
+from exchange.state import export_state
 
 async def main():
     srv = ExchangeServer(ServerConfig(port=0, data_dir=Path(sys.argv[1]), stats_interval=0,
@@ -220,9 +231,9 @@ async def main():
             pass
     if sys.argv[2] == "synced":
         await srv.flush_logs()  # the lines are written: recovery must not write them again
-    async def killed(lsn, timeout=0.0):  # kill -9 while the snapshot waits for the follower
+    async def killed(lsn, last_ts, timeout=0.0):  # kill -9 while the follower writes the snapshot
         os._exit(9)
-    srv.follower.sync_through = killed
+    srv.follower.snapshot_through = killed
     await srv.persistence.snapshot()
 
 asyncio.run(main())

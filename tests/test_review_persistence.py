@@ -52,7 +52,9 @@ async def test_sigterm_during_a_periodic_snapshot_keeps_the_data_recoverable(
             time.sleep(1.0)  # a large book / slow disk: the periodic write takes a while
         return real_write_snapshot(path, content, durable)
 
-    srv = _server(data, snapshot_interval=0.2)
+    # The server's own snapshot path (with the follower process, the follower writes them
+    # one request at a time, in order: test_follower.py).
+    srv = _server(data, snapshot_interval=0.2, writer="inline")
     await asyncio.wait_for(srv.start(), T)
     monkeypatch.setattr(persistence_mod, "write_snapshot", slow_first_write)
     alice = await _client(srv, "alice")
