@@ -196,6 +196,7 @@ class ExchangeServer:
                 f"a ledger and audit-log writer of an earlier exchange still runs on "
                 f"{self.config.data_dir} (it holds {Path(self.config.data_dir) / '.follower.lock'}); "
                 "stop it first")
+        self.audit.reload_position()
         try:
             engine = self.persistence.recover(replay=self.audit)
         except RecoveryError as exc:

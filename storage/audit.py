@@ -180,6 +180,12 @@ class AuditLog:
 
     # -- position and recovery ----------------------------------------------------------
 
+    def reload_position(self) -> None:
+        """Read the position again (before recovery): a follower process of an earlier
+        exchange may have moved it after this log was created."""
+        if self._mark is not None:
+            self._written = self._saved = self._read_position()
+
     def _read_position(self) -> int | None:
         try:
             return int((self.directory / POSITION_FILE).read_text(encoding="ascii").strip())

@@ -59,8 +59,10 @@ from exchange.markets import ConfigError, MarketConfig, default_config, load_con
 from exchange.protocol import Formatter
 from exchange.state import StateError, export_state, import_state
 from exchange.types import Trade
-from storage.audit import AuditLog
-from storage.journal import HEADER, JOURNAL_DIR, MAGIC, MAX_RECORD, JournalError, decode, segment_name
+from storage.audit import POSITION_FILE, AuditLog
+from storage.journal import (
+    HEADER, JOURNAL_DIR, MAGIC, MAX_RECORD, JournalError, decode, list_segments, segment_name,
+)
 from storage.ledger import LEDGER_FILE, TradeLedger
 from storage.persistence import FollowerError, config_fingerprint, same_config
 from storage.snapshot import SNAPSHOT_FILE, SnapshotError, read_snapshot, write_snapshot
@@ -89,15 +91,25 @@ class JournalTail:
     def __init__(self, directory: Path, after: int) -> None:
         self.directory = directory
         self.expected = after + 1  # the next record to read
+        self._segment = -1  # first record of the open (or last) segment
         self._fd: int | None = None
         self._buf = b""
 
     def _open(self) -> bool:
-        path = self.directory / segment_name(self.expected)
+        """Open the segment holding the next record: the last one starting at or before it
+        (after a snapshot written a little past the journal's cut, that is an earlier one)
+        and after the segment just finished."""
+        path = None
+        for start, candidate in list_segments(self.directory):
+            if start <= self.expected and start > self._segment:
+                path, found = candidate, start
+        if path is None:
+            return False
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return False
+        self._segment = found
         magic = os.read(fd, len(MAGIC))
         if magic != MAGIC:
             os.close(fd)
@@ -117,13 +129,16 @@ class JournalTail:
             size = len(data)
             if size - pos >= hsize:
                 length, lsn, crc, hcrc = HEADER.unpack_from(data, pos)
-                if crc32(memoryview(data)[pos:pos + 16]) != hcrc or lsn != self.expected or length > MAX_RECORD:
+                if crc32(memoryview(data)[pos:pos + 16]) != hcrc or lsn > self.expected or length > MAX_RECORD:
                     raise FollowerError(f"journal record {self.expected} is damaged or out of order")
                 end = pos + hsize + length
                 if end <= size:
                     payload = data[pos + hsize:end]
                     if crc32(payload) != crc:
                         raise FollowerError(f"journal record {lsn} is damaged (checksum mismatch)")
+                    if lsn < self.expected:  # covered by the snapshot this started from
+                        pos = end
+                        continue
                     sink(lsn, payload)
                     fed += 1
                     self.expected = lsn + 1
@@ -174,6 +189,7 @@ class Follower:
         self.lsn = 0
         self._trades: list[Trade] = []
         self._last_ts = 0
+        self._synced_at = 0.0  # wall time of the last audit fsync (0: fsync every file once)
         self._tail: JournalTail | None = None
         self._engine = None
 
@@ -224,6 +240,7 @@ class Follower:
         export runs here, so the server's event loop never pauses for it."""
         self.write_ledger(fsync=True)
         self.write_audit()
+        self._fsync_audit()  # the journal behind the snapshot goes: the lines must stay
         content = {
             "journal_lsn": self.lsn,
             "last_ts": max(last_ts, self._last_ts),
@@ -233,6 +250,27 @@ class Follower:
         }
         write_snapshot(self.data_dir / SNAPSHOT_FILE, content)
         return self.lsn
+
+    def _fsync_audit(self) -> None:
+        """Make the audit files written since the last snapshot durable, and the position."""
+        since = self._synced_at
+        self._synced_at = time.time() - 1.0  # mtime granularity: overlap a little
+        directory = self.audit.directory
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            return
+        for entry in entries:
+            try:
+                if entry.name.endswith(".log") or entry.name == POSITION_FILE:
+                    if entry.stat().st_mtime >= since:
+                        fd = os.open(entry.path, os.O_RDONLY)
+                        try:
+                            os.fsync(fd)
+                        finally:
+                            os.close(fd)
+            except OSError as exc:
+                log.error("cannot fsync the audit log %s: %s", entry.path, exc)
 
     def write_ledger(self, fsync: bool = False) -> None:
         if self._trades or fsync:
@@ -361,6 +399,8 @@ def run(data_dir: Path, config: MarketConfig, parent: int | None) -> int:
                 follower.write_ledger()
                 last_ledger = now
             if dirty and now - last_audit >= AUDIT_INTERVAL:
+                follower.write_ledger()  # never an audit line for a trade the ledger lacks
+                last_ledger = now
                 follower.write_audit()
                 last_audit = now
                 dirty = False
@@ -385,7 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
+    # Ctrl-C, and a SIGTERM to the whole process group (systemd, ``kill -TERM -PGID``), are
+    # the server's to handle: it stops the follower last, through end of input.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
     if args.parent is not None and os.getppid() != args.parent:
         return 0
@@ -424,6 +467,7 @@ class FollowerProcess:
         self._ready: asyncio.Future[int] | None = None
         self._delay = self.RESTART_DELAY
         self._snapshots: list[asyncio.Future[int]] = []  # answered in the order asked
+        self._started = 0.0
 
     async def start(self, timeout: float = 60.0) -> None:
         """Start it and wait until it has loaded the snapshot (``FollowerError`` if it cannot)."""
@@ -434,9 +478,15 @@ class FollowerProcess:
         if self.markets_file is not None:
             cmd += ["--markets", str(self.markets_file)]
         self._sent = 0
-        self._proc = await asyncio.create_subprocess_exec(
+        proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
         )
+        if self._closing:  # closed while this one was being started (a restart)
+            proc.kill()
+            await proc.wait()
+            raise FollowerError("the exchange is stopping")
+        self._proc = proc
+        self._started = time.monotonic()
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self._reader = loop.create_task(self._read(self._proc), name="follower")
@@ -445,7 +495,6 @@ class FollowerProcess:
         except asyncio.TimeoutError:
             self._proc.kill()
             raise FollowerError(f"the ledger and audit-log writer did not start in {timeout:.0f} s") from None
-        self._delay = self.RESTART_DELAY
         self._send()
 
     @property
@@ -488,6 +537,8 @@ class FollowerProcess:
             self._ready.exception()  # retrieved: ``start`` may have given up waiting already
         self._fail_waiters(failure)
         if not self._closing and proc is self._proc:
+            if time.monotonic() - self._started > 60.0:
+                self._delay = self.RESTART_DELAY  # it had been running: not a crash loop
             log.error("the ledger and audit-log writer (pid %d) exited with code %s; restarting "
                       "it in %.0f s (the journal keeps everything meanwhile)", proc.pid, code,
                       self._delay)

@@ -389,6 +389,8 @@ class Persistence:
         large book. The journal is cut here first, so the segments before the cut can go
         once the snapshot covers them."""
         assert self.writer is not None
+        if not self.writer.alive:  # before cutting the journal: nothing to cut it for
+            raise FollowerError("the ledger and audit-log writer is not running")
         journal = self.journal
         journal.rotate()
         await journal.wait_durable(lsn)
@@ -421,9 +423,11 @@ class Persistence:
                 except FollowerError as exc:
                     log.error("no final snapshot: %s; the next start replays the journal", exc)
         try:
-            await self.journal.close()
-            if self.writer is not None:
-                await self.writer.close(self.journal.durable_lsn)
+            try:
+                await self.journal.close()
+            finally:
+                if self.writer is not None:
+                    await self.writer.close(self.journal.durable_lsn)
             await self.ledger.close()
         finally:
             if release_lock:

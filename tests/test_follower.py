@@ -4,6 +4,7 @@ second process replaying the journal. Real servers, real subprocesses, real file
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import sys
@@ -345,3 +346,68 @@ async def test_start_engine_runs_its_follower_and_stops_it(tmp_path: Path) -> No
             proc.kill()
             await proc.wait()
     assert wait_for_old_follower(data, timeout=1.0)
+
+
+def test_the_journal_tail_starts_inside_a_segment_after_a_snapshot_past_the_cut(tmp_path: Path) -> None:
+    """The follower writes a snapshot at its own position, which may be past the journal's
+    cut: a follower restarted from it starts inside the segment that begins at the cut."""
+    records = {lsn: encode(Deposit(lsn, "alice", "USD", lsn)) for lsn in range(1, 9)}
+    _write(tmp_path / segment_name(1), MAGIC + b"".join(frame(n, records[n]) for n in (1, 2, 3)))
+    _write(tmp_path / segment_name(4), MAGIC + b"".join(frame(n, records[n]) for n in (4, 5, 6)))
+    got: list[int] = []
+    tail = JournalTail(tmp_path, 5)  # snapshot at 5, the cut at 3
+    assert tail.read(6, lambda lsn, payload: got.append(lsn)) == 1
+    _write(tmp_path / segment_name(7), MAGIC + frame(7, records[7]) + frame(8, records[8]))
+    assert tail.read(8, lambda lsn, payload: got.append(lsn)) == 2
+    assert got == [6, 7, 8]
+
+
+async def test_the_last_trades_reach_the_ledger_while_the_exchange_idles(tmp_path: Path) -> None:
+    """Short bursts, then quiet: every trade is in the ledger well within a second, whether
+    or not the audit log's write came in between (it once left the last ones waiting)."""
+    data = tmp_path / "data"
+    srv = _server(data)
+    await asyncio.wait_for(srv.start(), T)
+    clients = await _clients(srv)
+    rng = random.Random(5)
+    try:
+        for _ in range(5):
+            for _ in range(rng.randint(2, 8)):
+                await clients["alice"].sell("BTC-USD", "0.01", "100.00")
+                await clients["bob"].buy("BTC-USD", "0.01", "100.00")
+                await asyncio.sleep(0.02 + rng.random() * 0.03)
+            await asyncio.sleep(0.8)
+            trades = srv.engine.next_trade_id - 1
+            assert len(read_ledger(data / "trades.jsonl")) == trades
+    finally:
+        _abort(clients)
+        await asyncio.wait_for(srv.stop(), T)
+
+
+async def test_a_sigterm_to_the_whole_process_group_stops_cleanly(tmp_path: Path) -> None:
+    """systemd and ``kill -TERM -PGID`` signal the follower too: it leaves the stopping to
+    the server, which still ends it last, after the final snapshot."""
+    data = tmp_path / "data"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "run" / "start_engine.py"), "--port", "0", "--data-dir", str(data),
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), T)).decode()
+        port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
+        c = ExchangeClient("127.0.0.1", port, timeout=T)
+        await c.connect()
+        await c.login("alice")
+        await c.sell("BTC-USD", "1", "100.00")
+        c._writer.transport.abort()  # type: ignore[union-attr]
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), T)
+        assert proc.returncode == 0, err
+        assert b"ERROR" not in err, err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert len(list((data / "journal").iterdir())) == 1  # the final snapshot covered the rest
