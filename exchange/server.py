@@ -159,6 +159,11 @@ class ExchangeServer:
         self.failure: BaseException | None = None
         self.on_failure: Any = None  # called when the journal fails: the server must stop
 
+    @property
+    def _local_audit(self) -> AuditLog:
+        """The audit log this process writes: every line inline, the rejections' otherwise."""
+        return self.rejections if self.rejections is not None else self.audit
+
     def _write_inline(self) -> None:
         """The ledger and the audit log written by this process, off the hot path."""
         self.journal.on_durable.append(self.audit.seal)
@@ -213,8 +218,7 @@ class ExchangeServer:
         if self.rejections is not None:
             await self._start_follower()
         self.persistence.start()
-        writers = self.rejections if self.rejections is not None else self.audit
-        writers.start()
+        self._local_audit.start()
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_server(
@@ -224,7 +228,7 @@ class ExchangeServer:
         except OSError as exc:
             try:
                 await self.persistence.close(release_lock=False)
-                await writers.close()
+                await self._local_audit.close()
             finally:
                 self.persistence.dir_lock.release()
             raise StartupError(
@@ -279,22 +283,19 @@ class ExchangeServer:
             self._server = None
         try:
             await self.persistence.close(release_lock=False)
-            await (self.rejections if self.rejections is not None else self.audit).close()
+            await self._local_audit.close()
         finally:
             self.persistence.dir_lock.release()  # last: the audit files are written too
 
     async def flush_logs(self) -> None:
         """Until the ledger and the audit logs hold everything acknowledged so far (tests,
         tools): the follower syncs through the journal's durable end."""
+        await self.journal.wait_durable()
         if self.follower is not None:
-            await self.journal.wait_durable()
             await self.follower.sync_through(self.journal.durable_lsn)
-            assert self.rejections is not None
-            await self.rejections.flush_now()
         else:
-            await self.journal.wait_durable()
             await self.ledger.sync()
-            await self.audit.flush_now()
+        await self._local_audit.flush_now()
 
 
 def parse_balances(text: str) -> dict[str, str]:

@@ -535,12 +535,7 @@ class EmbeddedGateway(Gateway):
             otype = _TYPES.get(order_type)  # type: ignore[assignment]
             if otype is None:
                 raise GatewayError("bad_request", "'type' must be limit|market")
-        if tif is None:
-            tif_enum = _GTC if otype is _LIMIT else _IOC
-        else:
-            tif_enum = _TIFS.get(tif)  # type: ignore[assignment]
-            if tif_enum is None:
-                raise GatewayError("bad_request", "'tif' must be gtc|ioc|fok")
+        tif_enum = _tif_of(tif, otype)
         if otype is _LIMIT and price is None:
             raise GatewayError("bad_request", "'price' is required for a limit order")
         if otype is not _LIMIT and price is not None:
@@ -554,14 +549,10 @@ class EmbeddedGateway(Gateway):
                 price if price.__class__ is str else _text(price))
         except InvalidValue as exc:
             return self._rejected(market, side_enum, otype, tif_enum, client_order_id, exc.reason)
-        exchange = self.exchange
-        exchange.stats["orders"] += 1
-        cmd = PlaceOrder(0, self.account, market, side_enum, otype, lots, ticks, tif_enum,
-                         post_only, None, client_order_id)
-        if exchange.latency is None:
-            return exchange.execute(cmd)[0]  # type: ignore[return-value]
-        events = await exchange.submit(cmd)
-        return events[0]  # type: ignore[return-value]
+        cmd = self._order(market, side_enum, otype, lots, ticks, tif_enum, post_only, client_order_id)
+        if self.exchange.latency is None:
+            return self.exchange.execute(cmd)[0]  # type: ignore[return-value]
+        return (await self.exchange.submit(cmd))[0]  # type: ignore[return-value]
 
     async def place_units(
         self, market: str, side: Side, lots: int, ticks: int | None, texts: MarketTexts, *,
@@ -570,22 +561,22 @@ class EmbeddedGateway(Gateway):
         """The grid values go to the engine as they are; it checks them as it checks every
         command (positive, within its limits, the market's minimum size)."""
         otype = _LIMIT if ticks is not None else _MARKET
-        if tif is None:
-            tif_enum = _GTC if otype is _LIMIT else _IOC
-        else:
-            tif_enum = _TIFS.get(tif)  # type: ignore[assignment]
-            if tif_enum is None:
-                raise GatewayError("bad_request", "'tif' must be gtc|ioc|fok")
+        tif_enum = _tif_of(tif, otype)
         if market not in self.config.markets:
             return self._rejected(market, side, otype, tif_enum, None, RejectReason.UNKNOWN_MARKET)
-        exchange = self.exchange
-        exchange.stats["orders"] += 1
-        cmd = PlaceOrder(0, self.account, market, side, otype, lots, ticks, tif_enum, post_only,
-                         None, None)
-        if exchange.latency is None:
-            return exchange.execute(cmd)[0]  # type: ignore[return-value]
-        events = await exchange.submit(cmd)
-        return events[0]  # type: ignore[return-value]
+        cmd = self._order(market, side, otype, lots, ticks, tif_enum, post_only, None)
+        if self.exchange.latency is None:
+            return self.exchange.execute(cmd)[0]  # type: ignore[return-value]
+        return (await self.exchange.submit(cmd))[0]  # type: ignore[return-value]
+
+    def _order(
+        self, market: str, side: Side, otype: OrderType, lots: int, ticks: int | None,
+        tif: TimeInForce, post_only: bool, client_order_id: str | None,
+    ) -> PlaceOrder:
+        """The command both ways of placing send (counted as an order sent)."""
+        self.exchange.stats["orders"] += 1
+        return PlaceOrder(0, self.account, market, side, otype, lots, ticks, tif, post_only,
+                          None, client_order_id)
 
     async def reprice_units(self, order_id: int, ticks: int, texts: MarketTexts) -> ExecReport:
         if self.engine.order(self.account, order_id) is None:
@@ -708,6 +699,16 @@ class EmbeddedGateway(Gateway):
         wait, self.waiter = self.waiter, None
         if wait is not None:
             self.exchange.kernel.resolve(wait, None, self.exchange.kernel.now)
+
+
+def _tif_of(tif: str | None, otype: OrderType) -> TimeInForce:
+    """A request's time in force, or the order type's default (as the exchange decides it)."""
+    if tif is None:
+        return _GTC if otype is _LIMIT else _IOC
+    tif_enum = _TIFS.get(tif)
+    if tif_enum is None:
+        raise GatewayError("bad_request", "'tif' must be gtc|ioc|fok")
+    return tif_enum
 
 
 def _timeout(gw: EmbeddedGateway, wait: _Wait) -> None:

@@ -238,8 +238,7 @@ class Follower:
         """Write ``snapshot.json`` of the state at the current position, once the ledger and
         the audit logs hold (fsynced) everything it covers; returns that position. The
         export runs here, so the server's event loop never pauses for it."""
-        self.write_ledger(fsync=True)
-        self.write_audit()
+        self.sync()
         self._fsync_audit()  # the journal behind the snapshot goes: the lines must stay
         content = {
             "journal_lsn": self.lsn,
@@ -272,6 +271,11 @@ class Follower:
             except OSError as exc:
                 log.error("cannot fsync the audit log %s: %s", entry.path, exc)
 
+    def sync(self) -> None:
+        """Everything run so far in the files; the ledger fsynced."""
+        self.write_ledger(fsync=True)
+        self.write_audit()
+
     def write_ledger(self, fsync: bool = False) -> None:
         if self._trades or fsync:
             self.ledger.add(self._trades)
@@ -282,8 +286,7 @@ class Follower:
         self.audit.write_through(self.lsn)
 
     def close(self) -> None:
-        self.write_ledger(fsync=True)
-        self.write_audit()
+        self.sync()
         if self._tail is not None:
             self._tail.close()
         self.ledger.close_blocking()
@@ -385,8 +388,7 @@ def run(data_dir: Path, config: MarketConfig, parent: int | None) -> int:
                 out.flush()
                 last_ledger = last_audit = now
             if syncs or eof:
-                follower.write_ledger(fsync=True)
-                follower.write_audit()
+                follower.sync()
                 done = [lsn for lsn in syncs if lsn <= follower.lsn]
                 syncs = [lsn for lsn in syncs if lsn > follower.lsn]
                 for lsn in done:

@@ -367,12 +367,9 @@ class Persistence:
             content = self._content(self.engine, lsn, self.last_ts())
             journal.rotate()
             await journal.wait_durable(lsn)
-            if self.writer is not None:
-                await self.writer.sync_through(lsn)
-            else:
-                await self.ledger.sync()
-                if self.before_snapshot is not None:
-                    await self.before_snapshot(lsn)
+            await self.ledger.sync()
+            if self.before_snapshot is not None:
+                await self.before_snapshot(lsn)
             loop = asyncio.get_running_loop()
             size = await loop.run_in_executor(None, write_snapshot, self.snapshot_path, content)
             self.snapshot_lsn = lsn

@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from client import ExchangeClient, ExchangeError
+from crash_scripts import five_orders_then
 from exchange.server import ExchangeServer, ServerConfig
 from exchange.state import export_state
 from exchange.types import CancelOrder, Deposit
@@ -211,34 +212,13 @@ async def test_a_killed_follower_is_restarted_and_misses_nothing(tmp_path: Path,
     assert files(data) == await reference(tmp_path / "inline", (2, 3), 150)
 
 
-CRASH_AT_SYNC = r'''
-import asyncio, os, sys
-from pathlib import Path
-import orjson
-from exchange.server import ExchangeServer, ServerConfig
-from exchange.state import export_state
-
-async def main():
-    srv = ExchangeServer(ServerConfig(port=0, data_dir=Path(sys.argv[1]), stats_interval=0,
-                                      snapshot_interval=0, snapshot_records=0))
-    await srv.start()
-    r, w = await asyncio.open_connection(*srv.address)
-    w.write(b'{"op":"login","user":"alice","id":0}\n')
-    await r.readline()
-    for i in range(1, 6):
-        w.write(b'{"op":"order","id":%d,"market":"BTC-USD","side":"buy","type":"limit",'
-                b'"price":"90.00","qty":"0.01"}\n' % i)
-        while orjson.loads(await r.readline()).get("id") != i:
-            pass
-    if sys.argv[2] == "synced":
-        await srv.flush_logs()  # the lines are written: recovery must not write them again
-    async def killed(lsn, last_ts, timeout=0.0):  # kill -9 while the follower writes the snapshot
-        os._exit(9)
-    srv.follower.snapshot_through = killed
-    await srv.persistence.snapshot()
-
-asyncio.run(main())
-'''
+CRASH_AT_SYNC = five_orders_then(
+    "    if sys.argv[2] == 'synced':\n"
+    "        await srv.flush_logs()  # the lines are written: recovery must not write them again\n"
+    "    async def killed(lsn, last_ts, timeout=0.0):  # kill -9 while the follower writes the snapshot\n"
+    "        os._exit(9)\n"
+    "    srv.follower.snapshot_through = killed\n"
+)
 
 
 @pytest.mark.parametrize("when", ["synced", "unsynced"])

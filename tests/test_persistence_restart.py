@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from client import ExchangeClient
+from crash_scripts import five_orders_then
 from storage import journal as jr
 from storage.ledger import read_ledger
 from storage.lock import LOCK_FILE
@@ -376,32 +377,13 @@ async def test_a_markets_file_is_checked_against_the_journal_it_must_replay(
         assert data_files(engine.data) == files
 
 
-CRASH_AT_SNAPSHOT = r'''
-import asyncio, os, sys
-from pathlib import Path
-import orjson
-from exchange.server import ExchangeServer, ServerConfig
-
-async def main():
-    srv = ExchangeServer(ServerConfig(port=0, data_dir=Path(sys.argv[1]), stats_interval=0,
-                                      snapshot_interval=0, snapshot_records=0, writer="inline"))
-    srv.audit.interval = 60.0  # the audit writer's next pass has not come yet
-    await srv.start()
-    r, w = await asyncio.open_connection(*srv.address)
-    w.write(b'{"op":"login","user":"alice","id":0}\n')
-    await r.readline()
-    for i in range(1, 6):
-        w.write(b'{"op":"order","id":%d,"market":"BTC-USD","side":"buy","type":"limit",'
-                b'"price":"90.00","qty":"0.01"}\n' % i)
-        while orjson.loads(await r.readline()).get("id") != i:
-            pass
-    async def killed(lsn):  # kill -9 while the snapshot waits for the audit log
-        os._exit(9)
-    srv.persistence.before_snapshot = killed
-    await srv.persistence.snapshot()
-
-asyncio.run(main())
-'''
+CRASH_AT_SNAPSHOT = five_orders_then(
+    "    async def killed(lsn):  # kill -9 while the snapshot waits for the audit log\n"
+    "        os._exit(9)\n"
+    "    srv.persistence.before_snapshot = killed\n",
+    config=", writer='inline'",
+    setup="    srv.audit.interval = 60.0  # the audit writer's next pass has not come yet\n",
+)
 
 
 async def test_audit_lines_survive_a_kill_while_a_snapshot_waits_for_them(engine: Engine) -> None:
