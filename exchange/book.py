@@ -19,6 +19,7 @@ order's price; the book itself makes no trading decisions.
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Final
 
 from sortedcontainers import SortedDict
@@ -290,19 +291,29 @@ class OrderBook:
 
     @staticmethod
     def _l2(levels: SortedDict, depth: int, reverse: bool) -> list[tuple[int, int, int]]:
-        # One ``islice`` walk, not a ``peekitem`` per level: each positional lookup goes
-        # through the sorted list's Python index arithmetic (35 µs against 6 µs for 50 levels).
-        n = len(levels)
-        if depth <= 0 or not n:
+        # The sorted dict's own iterators are chains over its sublists, built in C; its
+        # ``islice`` first runs index arithmetic in Python (1.6 µs against 0.9 µs for five
+        # levels), and ``peekitem`` per level far more.
+        if depth <= 0 or not levels:
             return []
-        if reverse:
-            prices = levels.islice(max(n - depth, 0), n, reverse=True)
-        else:
-            prices = levels.islice(0, min(depth, n))
         out = []
-        for price in prices:
+        for price in islice(reversed(levels) if reverse else iter(levels), depth):
             level = levels[price]
             out.append((price, level.total, level.count))
+        return out
+
+    def asks_for(self, lots: int, depth: int) -> list[tuple[int, int, int]]:
+        """The ask levels, best first, that a buy of ``lots`` would walk (at most ``depth``):
+        what a trader sizing a market buy needs, without building the rest of the book."""
+        out = []
+        asks = self.asks
+        left = lots
+        for price in islice(iter(asks), depth):
+            level = asks[price]
+            out.append((price, level.total, level.count))
+            left -= level.total
+            if left <= 0:
+                break
         return out
 
     def level3(self, depth: int | None = None) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:

@@ -700,6 +700,10 @@ class Exchange:
         bids, asks = book.level2(depth)
         return book.seq, bids, asks
 
+    def asks_for(self, market: str, lots: int, depth: int = 50) -> list[tuple[int, int, int]]:
+        """The ask levels a buy of ``lots`` would walk, best first (see ``OrderBook.asks_for``)."""
+        return self.markets[market].book.asks_for(lots, depth)
+
     def book_l3(self, market: str, depth: int | None = None) -> tuple[int, list[tuple[int, int, int]], list[tuple[int, int, int]]]:
         """(seq, bids, asks): every order in priority order as (order id, price, remaining)."""
         book = self.markets[market].book

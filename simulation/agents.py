@@ -241,8 +241,8 @@ class Agent:
         """A market order; a buy is sized against the current asks so its cost is known."""
         spec = self.config.markets[market]
         if side is _BUY:
-            book = await self.gw.book(market, 50)
-            fillable, cost = walk_cost(spec, book.asks, lots)
+            asks = await self.gw.asks_for(market, lots, 50)
+            fillable, cost = walk_cost(spec, asks, lots)
             if not fillable:
                 return None  # nothing to buy: not worth an order
             asset, commit = spec.quote.name, cost
@@ -331,12 +331,12 @@ def pnl_of(wallet: Wallet, config: MarketConfig, marks: dict[str, int]) -> dict[
         by_quote.setdefault(quote, 0)
         if quote not in valued:
             valued.add(quote)
-            by_quote[quote] += wallet.holdings[quote] - initial.get(quote, 0)
+            by_quote[quote] += wallet.pots[quote].holdings - initial.get(quote, 0)
         mark = marks.get(symbol)
         if base in valued or mark is None:
             continue
         valued.add(base)
-        delta_base = wallet.holdings[base] - initial.get(base, 0)
+        delta_base = wallet.pots[base].holdings - initial.get(base, 0)
         # base minor units -> lots -> quote units at the mark (floor toward zero)
         quote_units = (delta_base * mark * spec.quote_per_tick_lot) // spec.base_per_lot if delta_base >= 0 else -((-delta_base * mark * spec.quote_per_tick_lot) // spec.base_per_lot)
         by_quote[quote] += quote_units
@@ -448,7 +448,7 @@ class MarketMaker(Agent):
         requote = p.get("requote_ticks") or max(1, half // 4)
         max_age_ns = int(p.get("max_age", 2.0) * 1e9)
         max_inv = p.get("max_inventory_lots") or size * 10
-        inventory = (self.wallet.holdings[spec.base.name] - (self.wallet.initial or {}).get(spec.base.name, 0)) // spec.base_per_lot
+        inventory = (self.wallet.pots[spec.base.name].holdings - (self.wallet.initial or {}).get(spec.base.name, 0)) // spec.base_per_lot
         now = self.gw.now_ns()
         resting = 0
         for side, price, allowed in (
@@ -511,8 +511,8 @@ class TwapExecutor(Agent):
         spec = self.config.markets[self.market]
         asset = spec.base.name
         if self.side is _BUY:
-            return self.wallet.bought[asset] // spec.base_per_lot
-        return self.wallet.sold[asset] // spec.base_per_lot
+            return self.wallet.pots[asset].bought // spec.base_per_lot
+        return self.wallet.pots[asset].sold // spec.base_per_lot
 
     async def run(self) -> None:
         if not self.funded:
@@ -586,7 +586,7 @@ class PassiveBuyer(Agent):
     @property
     def filled(self) -> int:
         spec = self.config.markets[self.market]
-        return self.wallet.bought[spec.base.name] // spec.base_per_lot
+        return self.wallet.pots[spec.base.name].bought // spec.base_per_lot
 
     async def step(self) -> None:
         left = self.target - self.filled

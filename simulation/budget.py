@@ -64,6 +64,47 @@ def walk_cost(spec: Market, asks: list[tuple[int, int, int]], lots: int) -> tupl
     return lots - left, notional - ((-notional * bps) // BPS)
 
 
+class Pot:
+    """One asset of the account, in minor units: native fields, so following a fill is
+    integer arithmetic on attributes rather than a boxed read-modify-write of six dicts
+    keyed by asset name (that was a tenth of an embedded run)."""
+
+    __slots__ = ("name", "holdings", "committed", "spent", "fees", "bought", "sold")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.holdings = 0  # available + locked at the exchange
+        self.committed = 0  # what our open and in-flight orders may still spend
+        self.spent = 0  # delivered through trades, and fees
+        self.fees = 0
+        self.bought = 0  # received through trades
+        self.sold = 0  # delivered through trades (fees apart)
+
+
+class Leg:
+    """One market as the account follows it: its two pots, its constants and its tallies."""
+
+    __slots__ = (
+        "base", "quote", "per_tick_lot", "per_lot", "bps", "notional", "taker_volume",
+        "taker_cost", "taker_fills", "last_trade_id", "last_price",
+    )
+
+    def __init__(self, spec: Market, base: Pot, quote: Pot) -> None:
+        self.base = base
+        self.quote = quote
+        self.per_tick_lot = spec.quote_per_tick_lot
+        self.per_lot = spec.base_per_lot
+        self.bps = max(spec.maker_fee_bps, spec.taker_fee_bps)  # what a buy limit commits for fees
+        self.notional = 0  # quote units traded
+        # Counted on the taker side only, so that a trade between two of our agents is
+        # counted once: lots, price_ticks x lots (for the VWAP) and fills.
+        self.taker_volume = 0
+        self.taker_cost = 0
+        self.taker_fills = 0
+        self.last_trade_id = 0  # 0: no trade seen yet (trade ids start at 1)
+        self.last_price = 0
+
+
 @dataclass(slots=True)
 class Tracked:
     """An order of ours that may still spend: what it commits and how to recompute it."""
@@ -73,77 +114,110 @@ class Tracked:
     side: Side
     price: int | None  # None: a market order
     remaining: int
-    asset: str
+    pot: Pot  # the asset it spends
     commit: int
+    leg: Leg
     placed_ns: int = 0
+
+    @property
+    def asset(self) -> str:
+        return self.pot.name
 
 
 class Wallet:
     """One account's holdings and commitments (see the module docstring)."""
 
-    __slots__ = (
-        "config", "holdings", "committed", "initial", "spent", "fees", "orders", "bought",
-        "sold", "trades", "maker_trades", "notional", "taker_volume", "taker_cost", "taker_fills",
-        "last_trade", "legs",
-    )
+    __slots__ = ("config", "pots", "legs", "initial", "orders", "trades", "maker_trades")
 
     def __init__(self, config: MarketConfig) -> None:
         self.config = config
-        assets = list(config.assets)
-        self.holdings: dict[str, int] = {a: 0 for a in assets}
-        self.committed: dict[str, int] = {a: 0 for a in assets}
+        self.pots: dict[str, Pot] = {a: Pot(a) for a in config.assets}
+        self.legs: dict[str, Leg] = {
+            m: Leg(spec, self.pots[spec.base.name], self.pots[spec.quote.name])
+            for m, spec in config.markets.items()
+        }
         self.initial: dict[str, int] | None = None
-        self.spent: dict[str, int] = {a: 0 for a in assets}  # delivered through trades + fees
-        self.fees: dict[str, int] = {a: 0 for a in assets}
-        self.bought: dict[str, int] = {a: 0 for a in assets}  # received through trades
-        self.sold: dict[str, int] = {a: 0 for a in assets}
         self.orders: dict[int, Tracked] = {}
         self.trades = 0
         self.maker_trades = 0
-        self.notional: dict[str, int] = {m: 0 for m in config.markets}  # quote units per market
-        # Per market, counted on the taker side only so that a trade between two of our
-        # agents is counted once: lots, and price_ticks x lots (for the VWAP).
-        self.taker_volume: dict[str, int] = {m: 0 for m in config.markets}
-        self.taker_cost: dict[str, int] = {m: 0 for m in config.markets}
-        self.taker_fills: dict[str, int] = {m: 0 for m in config.markets}
-        self.last_trade: dict[str, tuple[int, int]] = {}  # market -> (trade id, price ticks)
-        # market -> (quote per tick-lot, base per lot, quote asset, base asset, commit fee bps):
-        # what ``apply`` needs of a market, read once (it runs for every report)
-        self.legs: dict[str, tuple[int, int, str, str, int]] = {
-            m: (spec.quote_per_tick_lot, spec.base_per_lot, spec.quote.name, spec.base.name,
-                max(spec.maker_fee_bps, spec.taker_fee_bps))
-            for m, spec in config.markets.items()
-        }
+
+    # -- read-only views by name (reports and tests; the hot paths use the pots) -------
+
+    @property
+    def holdings(self) -> dict[str, int]:
+        return {a: p.holdings for a, p in self.pots.items()}
+
+    @property
+    def committed(self) -> dict[str, int]:
+        return {a: p.committed for a, p in self.pots.items()}
+
+    @property
+    def spent(self) -> dict[str, int]:
+        return {a: p.spent for a, p in self.pots.items()}
+
+    @property
+    def fees(self) -> dict[str, int]:
+        return {a: p.fees for a, p in self.pots.items()}
+
+    @property
+    def bought(self) -> dict[str, int]:
+        return {a: p.bought for a, p in self.pots.items()}
+
+    @property
+    def sold(self) -> dict[str, int]:
+        return {a: p.sold for a, p in self.pots.items()}
+
+    @property
+    def taker_volume(self) -> dict[str, int]:
+        return {m: leg.taker_volume for m, leg in self.legs.items()}
+
+    @property
+    def taker_cost(self) -> dict[str, int]:
+        return {m: leg.taker_cost for m, leg in self.legs.items()}
+
+    @property
+    def taker_fills(self) -> dict[str, int]:
+        return {m: leg.taker_fills for m, leg in self.legs.items()}
+
+    @property
+    def last_trade(self) -> dict[str, tuple[int, int]]:
+        """market -> (trade id, price ticks) of the last fill seen there."""
+        return {m: (leg.last_trade_id, leg.last_price) for m, leg in self.legs.items() if leg.last_trade_id}
 
     # -- state from the exchange ------------------------------------------------------
 
     def load(self, balances: dict[str, Holding]) -> None:
         """Take the exchange's balances as the truth (after funding, or to resynchronise)."""
+        pots = self.pots
         for asset, bal in balances.items():
-            if asset in self.holdings:
-                self.holdings[asset] = bal.available + bal.locked
+            pot = pots.get(asset)
+            if pot is not None:
+                pot.holdings = bal.available + bal.locked
         if self.initial is None:
-            self.initial = dict(self.holdings)
+            self.initial = self.holdings
 
     # -- spending ---------------------------------------------------------------------
 
     def free(self, asset: str) -> int:
-        return self.holdings[asset] - self.committed[asset]
+        pot = self.pots[asset]
+        return pot.holdings - pot.committed
 
     def reserve(self, asset: str, amount: int) -> bool:
         """Commit ``amount`` if it is free; False (and nothing committed) otherwise."""
-        if amount > self.holdings[asset] - self.committed[asset]:
+        pot = self.pots[asset]
+        if amount > pot.holdings - pot.committed:
             return False
-        self.committed[asset] += amount
+        pot.committed += amount
         return True
 
     def release(self, asset: str, amount: int) -> None:
-        self.committed[asset] -= amount
+        self.pots[asset].committed -= amount
 
     def track(self, report: ExecReport, asset: str, commit: int, placed_ns: int = 0) -> Tracked:
         """Remember an accepted order whose ``commit`` was reserved before it was sent."""
-        t = Tracked(report.order_id, report.market, report.side, report.price,  # type: ignore[arg-type]
-                    report.remaining, asset, commit, placed_ns)
+        market = report.market
+        t = Tracked(report.order_id, market, report.side, report.price,  # type: ignore[arg-type]
+                    report.remaining, self.pots[asset], commit, self.legs[market], placed_ns)
         self.orders[report.order_id] = t  # type: ignore[index]
         return t
 
@@ -164,59 +238,60 @@ class Wallet:
         t = self.orders.get(rep.order_id)  # type: ignore[arg-type]  # None: not ours, or no id
         exec_type = rep.exec_type
         if exec_type is _TRADE:
-            market = rep.market
-            per_tick_lot, per_lot, quote_name, base_name, _ = self.legs[market]
-            lots = rep.last_qty
-            price = rep.last_price
-            notional = price * lots * per_tick_lot  # type: ignore[operator]
-            fee = rep.fee or 0
-            base = lots * per_lot  # type: ignore[operator]
-            h = self.holdings
-            spent = self.spent
+            leg = self.legs[rep.market]
+            lots: int = rep.last_qty  # type: ignore[assignment]
+            price: int = rep.last_price  # type: ignore[assignment]
+            fee: int = rep.fee or 0
+            notional = price * lots * leg.per_tick_lot
+            units = lots * leg.per_lot
+            base = leg.base
+            quote = leg.quote
             if rep.side is _BUY:
-                h[base_name] += base
-                h[quote_name] -= notional + fee
-                self.bought[base_name] += base
-                spent[quote_name] += notional + fee
+                base.holdings += units
+                base.bought += units
+                quote.holdings -= notional + fee
+                quote.spent += notional + fee
             else:
-                h[base_name] -= base
-                h[quote_name] += notional - fee
-                self.sold[base_name] += base
-                spent[base_name] += base
-                spent[quote_name] += fee
-                self.bought[quote_name] += notional
-            self.fees[quote_name] += fee
+                base.holdings -= units
+                base.sold += units
+                base.spent += units
+                quote.holdings += notional - fee
+                quote.spent += fee
+                quote.bought += notional
+            quote.fees += fee
             self.trades += 1
-            self.notional[market] += notional
+            leg.notional += notional
             if rep.liquidity is _MAKER:
                 self.maker_trades += 1
             else:
-                self.taker_fills[market] += 1
-                self.taker_volume[market] += lots  # type: ignore[operator]
-                self.taker_cost[market] += price * lots  # type: ignore[operator]
-            self.last_trade[market] = (rep.trade_id, price)  # type: ignore[assignment]
+                leg.taker_fills += 1
+                leg.taker_volume += lots
+                leg.taker_cost += price * lots
+            leg.last_trade_id = rep.trade_id  # type: ignore[assignment]
+            leg.last_price = price
             if t is not None and t.price is None:  # market buy: commit shrinks by what it paid
                 if t.side is _BUY:
                     new = max(0, t.commit - notional - fee)
-                    self.committed[t.asset] += new - t.commit
+                    t.pot.committed += new - t.commit
                     t.commit = new
         elif exec_type is _REPLACED and t is not None:
             t.price = rep.price
         if t is None:
             return rep
         if rep.status in _FINAL:
-            self.committed[t.asset] -= t.commit
+            t.pot.committed -= t.commit
             del self.orders[t.order_id]
             return rep
         t.remaining = remaining = rep.remaining
-        if t.price is not None:
-            per_tick_lot, per_lot, _, _, bps = self.legs[t.market]
+        tprice = t.price
+        if tprice is not None:
+            leg = t.leg
             if t.side is _BUY:  # buy_commit, inline
-                notional = t.price * remaining * per_tick_lot
-                new = notional - ((-notional * bps) // BPS)
+                notional = tprice * remaining * leg.per_tick_lot
+                new = notional - ((-notional * leg.bps) // BPS)
             else:
-                new = remaining * per_lot
-            self.committed[t.asset] += new - t.commit
+                new = remaining * leg.per_lot
+            t.pot.committed += new - t.commit
             t.commit = new
         return rep
 
@@ -227,14 +302,15 @@ class Wallet:
         out: dict[str, dict[str, Any]] = {}
         initial = self.initial or {}
         for asset, spec in self.config.assets.items():
+            pot = self.pots[asset]
             start = initial.get(asset, 0)
-            if not start and not self.holdings[asset] and not self.spent[asset]:
+            if not start and not pot.holdings and not pot.spent:
                 continue
             out[asset] = {
                 "initial": spec.format(start),
-                "available": spec.format(self.free(asset)),
-                "locked": spec.format(self.committed[asset]),
-                "spent": spec.format(self.spent[asset]),
-                "utilization": percent(self.spent[asset], start),
+                "available": spec.format(pot.holdings - pot.committed),
+                "locked": spec.format(pot.committed),
+                "spent": spec.format(pot.spent),
+                "utilization": percent(pot.spent, start),
             }
         return out

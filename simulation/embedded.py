@@ -658,6 +658,11 @@ class EmbeddedGateway(Gateway):
         seq, bids, asks = self.engine.book_l2(market, depth)
         return BookView(market, seq, bids, asks)
 
+    async def asks_for(self, market: str, lots: int, depth: int = 50) -> list[tuple[int, int, int]]:
+        if market not in self.config.markets:
+            raise GatewayError("unknown_market", f"no market {market!r}")
+        return self.engine.asks_for(market, lots, depth)
+
     async def top(self, market: str) -> tuple[int | None, int | None]:
         state = self.engine.markets.get(market)
         if state is None:

@@ -176,6 +176,12 @@ class Gateway(ABC):
     @abstractmethod
     async def book(self, market: str, depth: int = 20) -> BookView: ...
 
+    async def asks_for(self, market: str, lots: int, depth: int = 50) -> list[tuple[int, int, int]]:
+        """The ask levels, best first, a buy of ``lots`` would walk (at most ``depth``): what
+        sizing a market buy needs. Over TCP that is the book's ask side; in process the
+        engine stops at the level that fills it."""
+        return (await self.book(market, depth)).asks
+
     async def top(self, market: str) -> tuple[int | None, int | None]:
         """Best bid and best ask in ticks (None for an empty side)."""
         view = await self.book(market, 1)

@@ -425,6 +425,13 @@ def test_level2_view_best_first_with_totals_and_counts() -> None:
     assert bids2 == bids[:2] and asks2 == asks
     assert desk.ex.book_l2(BTC, depth=0)[1:] == ([], [])
     assert desk.ex.book_l2(ACME) == (0, [], [])
+    # what a buy of so many lots walks: up to the level that fills it, no further
+    assert desk.ex.asks_for(BTC, 1) == asks[:1]
+    assert desk.ex.asks_for(BTC, 10_000) == asks[:1]
+    assert desk.ex.asks_for(BTC, 10_001) == asks
+    assert desk.ex.asks_for(BTC, 10**9) == asks
+    assert desk.ex.asks_for(BTC, 10**9, depth=1) == asks[:1]
+    assert desk.ex.asks_for(ACME, 1) == []
 
 
 def test_level3_view_in_priority_order_never_the_owner() -> None:

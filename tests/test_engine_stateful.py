@@ -381,6 +381,10 @@ class ExchangeMachine(RuleBasedStateMachine):
             rebuilt_asks = sorted(self.l2[m][Side.SELL].items())
             assert rebuilt_bids == [(p, q) for p, q, _ in bids], f"{m}: bids differ from deltas"
             assert rebuilt_asks == [(p, q) for p, q, _ in asks], f"{m}: asks differ from deltas"
+            walked = 0
+            for n, level in enumerate(asks[:50]):
+                walked += level[1]
+                assert ex.asks_for(m, walked) == asks[:n + 1], f"{m}: a buy of {walked} walks {n + 1} levels"
 
     # ------------------------------------------------------------------ rules: money
 

@@ -97,7 +97,7 @@ def test_an_insufficient_funds_refusal_is_counted_not_crashed_on() -> None:
 
     async def flow() -> Any:
         await agent.fund()
-        agent.wallet.holdings["USD"] += 10**12  # a stale view: it believes it is rich
+        agent.wallet.pots["USD"].holdings += 10**12  # a stale view: it believes it is rich
         return await agent.limit("BTC-USD", agent_side_buy(), 10_000, 3_000_000)
 
     rep = ex.kernel.run_until_complete(flow())
