@@ -55,7 +55,7 @@ PURE_TESTS := tests/test_engine_rules.py tests/test_engine_stateful.py \
 	tests/test_engine_differential.py tests/test_engine_determinism.py tests/test_markets.py \
 	tests/test_persistence_state.py tests/test_review_findings.py \
 	tests/test_persistence_files.py tests/test_gateway_smoke.py tests/test_sim_agents.py \
-	tests/test_follower.py
+	tests/test_follower.py tests/test_sim_ledger_writer.py
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

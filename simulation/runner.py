@@ -29,6 +29,7 @@ from exchange.markets import ConfigError, MarketConfig, default_config, load_con
 from exchange.protocol import DEFAULT_PORT
 from simulation.agents import AGENT_KINDS, Agent, MarketProfile, RunControl
 from simulation.embedded import EmbeddedExchange, parse_duration_ns, parse_latency
+from simulation.ledger_writer import LedgerWriterError
 from storage.lock import DataDirBusy
 from simulation.gateway import Gateway, GatewayConnectionError, GatewayError
 from simulation.report import build_report, format_report, last_prices
@@ -194,6 +195,15 @@ def _now(coro: Coroutine[Any, Any, Any]) -> Any:
 # --------------------------------------------------------------------------- embedded
 
 
+def close_embedded(exchange: EmbeddedExchange, failed: bool = False) -> None:
+    """Close the in-process exchange; a ledger writer that failed is the run's error."""
+    try:
+        exchange.close()
+    except LedgerWriterError as exc:
+        if not failed:
+            raise SimulationError(f"the trade ledger could not be written ({exc})") from None
+
+
 def run_embedded(
     cfg: SimConfig, stream: TextIO | None = sys.stderr, out: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -230,7 +240,7 @@ def run_embedded(
 
     # Fund everyone first (at simulated time zero), then start trading.
     for agent in agents:
-        kernel.spawn(agent.fund())
+        _ = kernel.spawn(agent.fund())
     kernel.run()
     if kernel.failures:  # as over TCP: a run whose agents cannot be funded does not start
         why = kernel.failures[0][1]
@@ -238,7 +248,7 @@ def run_embedded(
         raise SimulationError(f"funding the agents failed: {why}")
     start_ns = kernel.now
     for agent in agents:
-        kernel.spawn(agent.run())
+        _ = kernel.spawn(agent.run())
     until = None if cfg.duration_s is None else start_ns + int(cfg.duration_s * 1e9)
     wall = time.perf_counter()
     interrupted = False
@@ -246,23 +256,28 @@ def run_embedded(
         # The progress line needs a sample now and then; a plot needs enough of them to draw
         # lines even for a short run, so sample more often when one is asked for.
         every = 256 if cfg.plot_file else 4096
-        kernel.run(until, stop=lambda: control.stopping, tick=tick, tick_every=every)
+        kernel.run(until, stop=lambda: control.stopping or exchange.ledger_error is not None,
+                   tick=tick, tick_every=every)
         if control.stopping:  # the order count is used up: let in-flight requests land
             kernel.run(kernel.now + 1, tick=None)
     except KeyboardInterrupt:
         interrupted = True
-    exchange.flush_ledger()  # the ledger is formatted in batches: its last one counts too
+    try:
+        exchange.flush_ledger(wait=True)  # the ledger is written in batches: its last one counts too
+    except LedgerWriterError as exc:
+        close_embedded(exchange, failed=True)
+        raise SimulationError(f"the run stopped: the trade ledger could not be written ({exc})") from None
     elapsed = time.perf_counter() - wall
     sim_elapsed = (kernel.now - start_ns) / 1e9
     control.stopping = True
     failures = [f"{name}: {exc!r}" for name, exc in kernel.failures]
     kernel.close_all()
     for agent in agents:
-        kernel.spawn(agent.shutdown())
+        _ = kernel.spawn(agent.shutdown())
     kernel.run()
     progress.update(agents, control, tops(), sim_elapsed, force=True)
     progress.done()
-    exchange.close()
+    close_embedded(exchange)
     report = build_report(
         agents, config, mode="embedded", elapsed_s=elapsed, sim_elapsed_s=sim_elapsed,
         orders_sent=control.orders, interrupted=interrupted, seed=cfg.seed, failures=failures,

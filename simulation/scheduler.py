@@ -636,7 +636,7 @@ def main_schedule(cfg: Any, args: Any) -> int:
 def _main_locked(cfg: Any, args: Any, store: RunStore, config: MarketConfig,
                  fresh: SimulationRun | None) -> int:
     """``main_schedule`` once the run is held: load (or take the fresh run) and execute."""
-    from simulation.runner import SimulationError
+    from simulation.runner import SimulationError, close_embedded
 
     try:
         run = fresh if fresh is not None else store.load(args.resume)
@@ -686,7 +686,7 @@ def _main_locked(cfg: Any, args: Any, store: RunStore, config: MarketConfig,
                 # A fresh in-process exchange: its accounts are funded again, even on resume.
                 proc = exchange.kernel.run_until_complete(body(gateways, True))
             finally:
-                exchange.close()
+                close_embedded(exchange)
         else:
             proc = asyncio.run(_tcp_schedule(cfg, sched, config, run, body))
     except KeyboardInterrupt:
