@@ -302,7 +302,16 @@ class Agent:
 
     async def mid(self, market: str) -> int:
         """The middle of the best bid and ask; one side plus/minus a tick, or the start mid."""
-        bid, ask = await self.gw.top(market)
+        mid = self.mid_now(market)
+        return mid if mid is not None else self._mid(market, await self.gw.top(market))
+
+    def mid_now(self, market: str) -> int | None:
+        """``mid`` if the gateway knows the best prices without a round trip, else None."""
+        best = self.gw.top_now(market)
+        return None if best is None else self._mid(market, best)
+
+    def _mid(self, market: str, best: tuple[int | None, int | None]) -> int:
+        bid, ask = best
         if bid is not None and ask is not None:
             return (bid + ask) // 2
         if bid is not None:
@@ -378,7 +387,9 @@ class RandomTrader(Agent):
         side = _BUY if random() < 0.5 else _SELL
         lots = profile.qty_min + below(bits, profile.qty_max - profile.qty_min + 1)  # randint
         if random() < self.limit_ratio:
-            mid = await self.mid(market)
+            mid = self.mid_now(market)
+            if mid is None:
+                mid = await self.mid(market)
             span = max(1, mid * self.max_offset_bps // 10_000)
             price = max(1, mid - span + below(bits, 2 * span + 1))  # mid + randint(-span, span)
             await self.limit(market, side, lots, price)

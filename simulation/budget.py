@@ -20,7 +20,6 @@ after funding, then follows every execution report of the account:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Final
 
 from exchange.markets import BPS, Market, MarketConfig
@@ -105,23 +104,37 @@ class Leg:
         self.last_price = 0
 
 
-@dataclass(slots=True)
 class Tracked:
-    """An order of ours that may still spend: what it commits and how to recompute it."""
+    """An order of ours that may still spend: what it commits and how to recompute it.
 
-    order_id: int
-    market: str
-    side: Side
-    price: int | None  # None: a market order
-    remaining: int
-    pot: Pot  # the asset it spends
-    commit: int
-    leg: Leg
-    placed_ns: int = 0
+    A plain class, not a dataclass: in a mypyc build a dataclass's ``__init__`` is the one
+    ``dataclasses`` generates at run time, interpreted, and one is built per order.
+    """
+
+    __slots__ = ("order_id", "market", "side", "price", "remaining", "pot", "commit", "leg", "placed_ns")
+
+    def __init__(
+        self, order_id: int, market: str, side: Side, price: int | None, remaining: int, pot: Pot,
+        commit: int, leg: Leg, placed_ns: int = 0,
+    ) -> None:
+        self.order_id = order_id
+        self.market = market
+        self.side = side
+        self.price = price  # None: a market order
+        self.remaining = remaining
+        self.pot = pot  # the asset it spends
+        self.commit = commit
+        self.leg = leg
+        self.placed_ns = placed_ns
 
     @property
     def asset(self) -> str:
         return self.pot.name
+
+    def __repr__(self) -> str:
+        return (f"Tracked(order_id={self.order_id}, market={self.market!r}, side={self.side}, "
+                f"price={self.price}, remaining={self.remaining}, asset={self.pot.name!r}, "
+                f"commit={self.commit})")
 
 
 class Wallet:

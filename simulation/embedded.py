@@ -185,17 +185,20 @@ class SimKernel:
         self.start_ns = start_ns
         self.heap: list[tuple[int, int, Callable[[Any, Any], None], Any, Any]] = []
         self.seq = 0
-        self.live: dict[int, Coroutine[Any, Any, Any]] = {}
+        # The coroutines still running, in the order they started (a dict keyed by the object
+        # itself: hashing it is its address, with no int built as ``id()`` would).
+        self.live: dict[Coroutine[Any, Any, Any], None] = {}
         self.failures: list[tuple[str, BaseException]] = []
         self.steps = 0
+        self._resume: Callable[[Any, Any], None] = self._step  # one bound method, not one per wake-up
 
     def at(self, when: int, fn: Callable[[Any, Any], None], a: Any = None, b: Any = None) -> None:
         self.seq += 1
         heapq.heappush(self.heap, (when, self.seq, fn, a, b))
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> Coroutine[Any, Any, Any]:
-        self.live[id(coro)] = coro
-        self.at(self.now, self._step, coro, None)
+        self.live[coro] = None
+        self.at(self.now, self._resume, coro, None)
         return coro
 
     def resolve(self, wait: _Wait, value: Any, when: int) -> None:
@@ -204,22 +207,23 @@ class SimKernel:
             return
         wait.done = True
         if wait.waiter is not None:
-            self.at(when, self._step, wait.waiter, value)
+            self.at(when, self._resume, wait.waiter, value)
 
     def _step(self, coro: Coroutine[Any, Any, Any], value: Any) -> None:
-        if id(coro) not in self.live:  # closed by close_all (a stopped run): drop its wake-ups
+        if coro not in self.live:  # closed by close_all (a stopped run): drop its wake-ups
             return
         try:
             wait = coro.send(value)
         except StopIteration:
-            self.live.pop(id(coro), None)
+            self.live.pop(coro, None)
             return
         except Exception as exc:  # one broken agent must not stop the others
-            self.live.pop(id(coro), None)
+            self.live.pop(coro, None)
             self.failures.append((getattr(coro, "__qualname__", repr(coro)), exc))
             return
         if wait.__class__ is int:  # sleep: wake up then
-            self.at(wait, self._step, coro, None)  # type: ignore[arg-type]
+            self.seq += 1
+            heapq.heappush(self.heap, (wait, self.seq, self._resume, coro, None))  # type: ignore[arg-type]
         else:
             wait.waiter = coro
 
@@ -278,7 +282,7 @@ class SimKernel:
         so a following ``run()`` still delivers them and the accounts' reports stay complete.
         """
         live, self.live = self.live, {}
-        for coro in live.values():
+        for coro in live:
             coro.close()
 
 
@@ -711,6 +715,13 @@ class EmbeddedGateway(Gateway):
         if market not in self.config.markets:
             raise GatewayError("unknown_market", f"no market {market!r}")
         return self.engine.asks_for(market, lots, depth)
+
+    def top_now(self, market: str) -> tuple[int | None, int | None] | None:
+        state = self.engine.markets.get(market)
+        if state is None:
+            return None  # ``top`` says why
+        book = state.book
+        return book.best_bid(), book.best_ask()
 
     async def top(self, market: str) -> tuple[int | None, int | None]:
         state = self.engine.markets.get(market)

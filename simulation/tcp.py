@@ -333,13 +333,13 @@ class TcpGateway(Gateway):
             [(spec.price_ticks(p), lots_of(spec, q), n) for p, q, n in reply["asks"]],
         )
 
+    def top_now(self, market: str) -> tuple[int | None, int | None] | None:
+        return self.mirror.top(market) if self.mirror is not None else None
+
     async def top(self, market: str) -> tuple[int | None, int | None]:
         """From the shared book mirror when there is one and it knows the market."""
-        if self.mirror is not None:
-            best = self.mirror.top(market)
-            if best is not None:
-                return best
-        return await super().top(market)
+        best = self.top_now(market)
+        return best if best is not None else await super().top(market)
 
     async def queue_position(self, order_id: int) -> int | None:
         try:

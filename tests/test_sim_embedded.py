@@ -104,6 +104,8 @@ def test_gateway_answers_queries_and_refusals_like_the_exchange() -> None:
         assert await gw.queue_position(second.order_id) == 10_000  # 1 BTC in lots of 0.0001
         book = await gw.book("BTC-USD")
         assert book.bids == [(10_000, 30_000, 2)] and book.asks == []
+        assert gw.top_now("BTC-USD") == (10_000, None) == await gw.top("BTC-USD")
+        assert gw.top_now("DOGE-USD") is None  # unknown here: ``top`` says why
         assert [o.order_id for o in await gw.open_orders()] == [first.order_id, second.order_id]
         replaced = await gw.modify(second.order_id, price="99.00")
         assert replaced.exec_type is ExecType.REPLACED and replaced.price == 9_900

@@ -210,7 +210,7 @@ async def test_the_book_mirror_follows_the_exchange_and_resyncs_after_a_gap(
             await asyncio.wait_for(gw.place(m, "buy", "0.1", price), T)
         await asyncio.wait_for(gw.place(m, "sell", "0.2", "101.00"), T)
         assert await _settled(mirror, gw, m) == (spec.price_ticks("100.50"), spec.price_ticks("101.00"))
-        assert await gw.top(m) == mirror.top(m)
+        assert await gw.top(m) == mirror.top(m) == gw.top_now(m)
         # A sell that takes the best bid and rests: the best moves on both sides.
         await asyncio.wait_for(gw.place(m, "sell", "0.2", "100.50"), T)
         assert await _settled(mirror, gw, m) == (spec.price_ticks("100.00"), spec.price_ticks("100.50"))
@@ -219,7 +219,7 @@ async def test_the_book_mirror_follows_the_exchange_and_resyncs_after_a_gap(
         # fresh snapshot and is right again once it arrives.
         mirror.apply({"type": "book_update", "market": m, "seq": mirror.seq[m] + 5, "side": "buy",
                       "price": "1.00", "qty": "5"})
-        assert mirror.top(m) is None and mirror.resyncs == 1
+        assert mirror.top(m) is None and mirror.resyncs == 1 and gw.top_now(m) is None
         assert await gw.top(m) == (spec.price_ticks("100.00"), spec.price_ticks("100.50"))  # asked instead
         assert await _settled(mirror, gw, m) == (spec.price_ticks("100.00"), spec.price_ticks("100.50"))
         assert spec.price_ticks("1.00") not in mirror.bids[m]
