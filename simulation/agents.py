@@ -425,18 +425,22 @@ class MarketMaker(Agent):
 
     async def _fair(self, market: str) -> int:
         """The mid of the best prices that are not our own quotes."""
-        book = await self.gw.book(market, 3)
         ours = {self.wallet.orders[o].price: self.wallet.orders[o].remaining
                 for o in (self.quotes.get((market, _BUY)), self.quotes.get((market, _SELL)))
                 if o in self.wallet.orders}
+        top = self.gw.top_now(market)
+        if top is not None and top[0] not in ours and top[1] not in ours:
+            bid, ask = top  # neither best price is one of ours: no need for the levels
+        else:
+            book = await self.gw.book(market, 3)
 
-        def best(levels: list[tuple[int, int, int]]) -> int | None:
-            for price, qty, _ in levels:
-                if ours.get(price) != qty:
-                    return price
-            return None
+            def best(levels: list[tuple[int, int, int]]) -> int | None:
+                for price, qty, _ in levels:
+                    if ours.get(price) != qty:
+                        return price
+                return None
 
-        bid, ask = best(book.bids), best(book.asks)
+            bid, ask = best(book.bids), best(book.asks)
         if bid is not None and ask is not None and bid < ask:
             return (bid + ask) // 2
         if bid is not None:

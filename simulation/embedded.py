@@ -35,7 +35,6 @@ import math
 import random
 import re
 import types
-from collections import deque
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -559,7 +558,9 @@ class EmbeddedGateway(Gateway):
         self.engine = exchange.engine
         self.config = exchange.config
         self.account = account
-        self.queue: deque[Event] = deque()
+        # Events not yet taken. A list, swapped out whole by ``poll_events`` (the way agents
+        # read it, before every step) rather than copied; ``next_event`` takes from the front.
+        self.queue: list[Event] = []
         self.waiter: _Wait | None = None
         self._fmt = exchange.fmt
 
@@ -748,9 +749,8 @@ class EmbeddedGateway(Gateway):
         queue = self.queue
         if not queue:
             return []
-        out = list(queue)
-        queue.clear()
-        return out
+        self.queue = []
+        return queue
 
     async def next_event(self, timeout: float) -> Event | None:
         if not self.queue:
@@ -758,7 +758,7 @@ class EmbeddedGateway(Gateway):
             wait = self.waiter = _Wait()
             kernel.at(kernel.now + max(1, int(timeout * 1e9)), _timeout, self, wait)
             await wait
-        return self.queue.popleft() if self.queue else None
+        return self.queue.pop(0) if self.queue else None
 
     def wake(self) -> None:
         wait, self.waiter = self.waiter, None
