@@ -98,6 +98,12 @@ def _identity(record: dict[str, Any]) -> tuple[Any, ...]:
     return (record.get("order_id"), None, record.get("created_ts"))
 
 
+def _created_ts(record: dict[str, Any]) -> int:
+    """Sort key: when the order was created (0 for a record that does not say, or says nonsense)."""
+    ts = record.get("created_ts")
+    return ts if type(ts) is int else 0
+
+
 def _later(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether record ``a`` holds a later word of the exchange than ``b`` (a final status
     is never replaced by an open one)."""
@@ -235,7 +241,7 @@ class SessionManager:
             elif ours is not theirs and _later(theirs, ours):
                 ours.clear()
                 ours.update(theirs)
-        self.orders.sort(key=lambda r: r.get("created_ts") if type(r.get("created_ts")) is int else 0)
+        self.orders.sort(key=_created_ts)
 
     def _index_if_newer(self, record: dict[str, Any]) -> None:
         """Index a record taken from the file unless we index a later order under its id

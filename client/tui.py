@@ -241,7 +241,7 @@ class _CommandHistory(FileHistory):
     def _fail(self, exc: OSError) -> None:
         if not self._failed:
             self._failed = True
-            self._warn(f"command history {self.filename} is not usable ({exc.strerror or exc}); "
+            self._warn(f"command history {os.fsdecode(self.filename)} is not usable ({exc.strerror or exc}); "
                        "this session's commands are kept in memory only")
 
     def load_history_strings(self) -> Iterable[str]:

@@ -55,6 +55,7 @@ import zlib
 from pathlib import Path
 from typing import Callable
 
+from exchange.engine import Exchange
 from exchange.markets import ConfigError, MarketConfig, default_config, load_config
 from exchange.protocol import Formatter
 from exchange.state import StateError, export_state, import_state
@@ -191,7 +192,7 @@ class Follower:
         self._last_ts = 0
         self._synced_at = 0.0  # wall time of the last audit fsync (0: fsync every file once)
         self._tail: JournalTail | None = None
-        self._engine = None
+        self._engine: Exchange | None = None
 
     def start(self) -> int:
         """Load the snapshot and open the files; returns the journal position it starts at."""
@@ -205,9 +206,10 @@ class Follower:
         if not same_config(content.get("config"), config_fingerprint(self.config)):
             raise FollowerError("the snapshot was written under another market configuration")
         try:
-            self._engine = import_state(self.config, content["state"])
+            engine = import_state(self.config, content["state"])
         except (StateError, KeyError, TypeError) as exc:
             raise FollowerError(f"snapshot {path} cannot be restored: {exc}") from None
+        self._engine = engine
         self.lsn = int(content["journal_lsn"])
         self._last_ts = int(content.get("last_ts", 0))
         self.ledger.open()
@@ -225,7 +227,8 @@ class Follower:
             command = decode(payload)
         except (ValueError, KeyError, TypeError) as exc:
             raise JournalError(f"journal record {lsn} cannot be decoded: {exc}") from None
-        events = self._engine.handle(command)  # type: ignore[union-attr]
+        assert self._engine is not None
+        events = self._engine.handle(command)
         trades = self._trades
         for ev in events:
             if ev.__class__ is Trade:
@@ -524,12 +527,12 @@ class FollowerProcess:
             elif kind == b"synced":
                 self.synced = max(self.synced, int(value))
                 still = []
-                for lsn, fut in self._waiters:
+                for lsn, waiter in self._waiters:
                     if lsn <= self.synced:
-                        if not fut.done():
-                            fut.set_result(None)
+                        if not waiter.done():
+                            waiter.set_result(None)
                     else:
-                        still.append((lsn, fut))
+                        still.append((lsn, waiter))
                 self._waiters = still
         code = await proc.wait()
         failure = FollowerError(f"the ledger and audit-log writer exited with code {code} (its "
