@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from exchange import native_modules  # noqa: E402
-from exchange.runtime import install_event_loop_policy, tune_gc  # noqa: E402
+from exchange.runtime import install_event_loop_policy, tune_gc, tune_malloc  # noqa: E402
 from simulation.runner import SimConfig, run_embedded, run_tcp  # noqa: E402
 
 
@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--skip-tcp", action="store_true")
     args = ap.parse_args()
     tune_gc()
+    tune_malloc()  # as run/start_simulation.py does
     print(f"python {sys.version.split()[0]}, compiled modules: {', '.join(native_modules()) or 'none'}")
     rates = []
     for i in range(args.runs):

@@ -297,12 +297,15 @@ class Exchange:
         levels = ms.book.asks if side is _BUY else ms.book.bids
         if not levels:
             return 0, 0
-        items = levels.items() if side is _BUY else reversed(levels.items())
+        # The sorted dict's key iterators are C-level chains; its items view yields each pair
+        # from a Python generator.
+        prices = iter(levels) if side is _BUY else reversed(levels)
         need = qty
         notional_ticks = 0
-        for price, level in items:
+        for price in prices:
             if price > hi or price < lo:
                 break
+            level: Level = levels[price]
             maker = level.head
             while maker is not None:
                 if maker.account == account and stp is not _STP_NONE:

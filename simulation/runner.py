@@ -27,6 +27,7 @@ from typing import Any, Callable, Coroutine, TextIO
 
 from exchange.markets import ConfigError, MarketConfig, default_config, load_config
 from exchange.protocol import DEFAULT_PORT
+from exchange.runtime import install_event_loop_policy, tune_gc, tune_malloc
 from simulation.agents import AGENT_KINDS, Agent, MarketProfile, RunControl
 from simulation.embedded import EmbeddedExchange, parse_duration_ns, parse_latency
 from simulation.ledger_writer import LedgerWriterError
@@ -711,11 +712,13 @@ def main(argv: list[str] | None = None) -> int:
             from simulation.scheduler import main_schedule
 
             return main_schedule(cfg, args)
+        # A run allocates a few objects per order for as long as it lasts, as the server
+        # does: the same collector and allocator settings (exchange/runtime.py).
+        tune_gc()
+        tune_malloc()
         if cfg.embedded:
             report = run_embedded(cfg)
         else:
-            from exchange.runtime import install_event_loop_policy
-
             install_event_loop_policy()
             report = asyncio.run(run_tcp(cfg))
     except SimulationError as exc:
