@@ -29,6 +29,7 @@ from simulation.gateway import FINAL_STATUSES, Holding
 _BUY: Final = Side.BUY
 _TRADE: Final = ExecType.TRADE
 _REPLACED: Final = ExecType.REPLACED
+_NEW: Final = ExecType.NEW
 _FINAL: Final = FINAL_STATUSES
 _REJECTED: Final = OrderStatus.REJECTED
 _MAKER: Final = Liquidity.MAKER
@@ -289,6 +290,8 @@ class Wallet:
                     t.commit = new
         elif exec_type is _REPLACED and t is not None:
             t.price = rep.price
+        elif exec_type is _NEW and t is not None and t.remaining == rep.remaining:
+            return rep  # the acknowledgement of what ``track`` recorded: nothing to follow
         if t is None:
             return rep
         if rep.status in _FINAL:

@@ -237,6 +237,7 @@ class SimKernel:
         """
         heap = self.heap
         pop = heapq.heappop
+        resume = self._resume
         limit = until_ns if until_ns is not None else 1 << 126
         n = 0
         while heap:
@@ -246,7 +247,11 @@ class SimKernel:
                 break
             pop(heap)
             self.now = entry[0]
-            entry[2](entry[3], entry[4])
+            fn = entry[2]
+            if fn is resume:  # most entries: a direct call, not one through the bound method
+                self._step(entry[3], entry[4])
+            else:
+                fn(entry[3], entry[4])
             n += 1
             if n % tick_every == 0:
                 if tick is not None:

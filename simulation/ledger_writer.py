@@ -92,6 +92,7 @@ def start(file: BinaryIO, line: Callable[..., bytes]) -> LedgerWriter | None:
         return None
     out_r, out_w = os.pipe()
     ack_r, ack_w = os.pipe()
+    _widen(out_w)
     file.flush()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -121,6 +122,17 @@ def start(file: BinaryIO, line: Callable[..., bytes]) -> LedgerWriter | None:
     os.close(ack_w)
     file.close()
     return LedgerWriter(pid, out_w, ack_r)
+
+
+def _widen(fd: int) -> None:
+    """A batch is a few hundred kilobytes; the default 64 KiB pipe would take it in pieces,
+    each a switch to the child and back. Linux lets a pipe grow to 1 MiB unprivileged."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    except (ImportError, OSError):
+        pass  # another system, or a lower limit: the default pipe works too
 
 
 def _serve(in_fd: int, ack_fd: int, file: BinaryIO, line: Callable[..., bytes]) -> None:
