@@ -339,7 +339,6 @@ class Exchange:
         maker_bps, taker_bps = ms.maker_bps, ms.taker_bps
         fee_bal = ms.fee_bal
         symbol = ms.symbol
-        append = events.append
         orders = self.orders
         max_bps = ms.max_bps
         maker_side = _SELL if buy else _BUY
@@ -434,18 +433,18 @@ class Exchange:
                     level.unlink(maker)
                     del orders[maker.id]
                     leave_account(maker)
-                append(ExecReport(
+                events.append(ExecReport(
                     _X_TRADE, taker.id, account, symbol, taker.side, taker.order_type, taker.tif,
                     taker.client_order_id, taker.price or None, taker.qty, taker.filled, taker.remaining,
                     taker.cost, taker.status, ts, trade_id, price, qty, _TAKER, t_fee,
                 ))
-                append(ExecReport(
+                events.append(ExecReport(
                     _X_TRADE, maker.id, maker.account, symbol, maker.side, maker.order_type,
                     maker.tif, maker.client_order_id, maker.price, maker.qty, maker.filled,
                     maker.remaining, maker.cost, maker.status, ts, trade_id, price, qty, _MAKER,
                     m_fee,
                 ))
-                append(Trade(
+                events.append(Trade(
                     symbol, trade_id, price, qty, taker.side, buyer.id, seller.id,
                     buyer.account, seller.account, m_fee, t_fee, ts,
                 ))
@@ -457,10 +456,10 @@ class Exchange:
                 del levels[price]
                 book.level_removed(not buy, price)
                 book.seq += 1
-                append(BookDelta(symbol, book.seq, maker_side, price, 0, ts))
+                events.append(BookDelta(symbol, book.seq, maker_side, price, 0, ts))
             elif level.total != start_total:
                 book.seq += 1
-                append(BookDelta(symbol, book.seq, maker_side, price, level.total, ts))
+                events.append(BookDelta(symbol, book.seq, maker_side, price, level.total, ts))
             if stopped:
                 break
 

@@ -196,10 +196,10 @@ class Agent:
 
     def sync(self) -> None:
         """Follow every report received since the last look."""
-        apply = self.wallet.apply
+        wallet = self.wallet  # a direct call of the compiled method, not a bound-method object
         outcomes = self.stats.outcomes
         for ev in self.gw.poll_events():
-            rep = apply(ev)
+            rep = wallet.apply(ev)
             if rep is not None:
                 final = _FINAL_COUNTED.get(rep.status)
                 if final is not None:
