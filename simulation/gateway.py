@@ -290,10 +290,45 @@ class MarketTexts:
         return scaled_text(units, self.quote_decimals)
 
 
-def _remember(cache: dict[int, str], key: int, text: str) -> None:
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
     if len(cache) >= TEXT_CACHE_MAX:
         cache.clear()
-    cache[key] = text
+    cache[key] = value
+
+
+class WireNumbers:
+    """One market's decimal strings from the wire as integers: prices in ticks, sizes in
+    lots, quote amounts in minor units. ``MarketTexts`` the other way round, cached for the
+    same reason: over TCP every report carries four to seven of them, the same prices and
+    sizes again and again, and parsing one exactly costs a microsecond or two. Bounded as
+    ``MarketTexts`` is; amounts (fees) are parsed each time, as they rarely repeat.
+    """
+
+    __slots__ = ("spec", "prices", "sizes")
+
+    def __init__(self, spec: Market) -> None:
+        self.spec = spec
+        self.prices: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
+
+    def price(self, text: str) -> int:
+        """Ticks; ``InvalidValue`` for a price off the grid (nothing is cached then)."""
+        ticks = self.prices.get(text)
+        if ticks is None:
+            ticks = self.spec.price_ticks(text)
+            _remember(self.prices, text, ticks)
+        return ticks
+
+    def lots(self, text: str) -> int:
+        lots = self.sizes.get(text)
+        if lots is None:
+            lots = lots_of(self.spec, text)
+            _remember(self.sizes, text, lots)
+        return lots
+
+    def amount(self, text: str) -> int:
+        """Quote-asset minor units. Not cached: fees rarely repeat (a cache missed nearly always)."""
+        return units_of(self.spec.quote, text)
 
 
 def units_of(asset: Asset, text: str) -> int:

@@ -43,8 +43,8 @@ from simulation.gateway import (
     OpenOrderView,
     PriceLike,
     holdings_from_wire,
+    WireNumbers,
     lots_of,
-    units_of,
 )
 
 DEFAULT_TIMEOUT = 10.0
@@ -123,6 +123,7 @@ class BookMirror:
         self.asks: dict[str, SortedDict] = {}
         self.seq: dict[str, int] = {}  # markets whose book is known, with its last sequence
         self.resyncs = 0
+        self._numbers = {m: WireNumbers(spec) for m, spec in config.markets.items()}
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -181,7 +182,7 @@ class BookMirror:
         if spec is None:
             return
         if kind == "book":
-            price_ticks = spec.price_ticks
+            price_ticks = self._numbers[spec.symbol].price
             self.bids[spec.symbol] = SortedDict((price_ticks(p), q) for p, q, _ in msg["bids"])
             self.asks[spec.symbol] = SortedDict((price_ticks(p), q) for p, q, _ in msg["asks"])
             self.seq[spec.symbol] = msg["seq"]
@@ -194,7 +195,7 @@ class BookMirror:
                 return
             self.seq[spec.symbol] = last + 1
             levels = self.bids[spec.symbol] if msg["side"] == "buy" else self.asks[spec.symbol]
-            price = spec.price_ticks(msg["price"])
+            price = self._numbers[spec.symbol].price(msg["price"])
             qty = msg["qty"]
             if qty == "0":
                 levels.pop(price, None)
@@ -231,6 +232,7 @@ class TcpGateway(Gateway):
         self.ack_latencies_ns: list[int] = []
         self._costs: dict[int, int] = {}  # order id -> cumulative price x lots (avg price basis)
         self._queue: deque[Event] = deque()
+        self._numbers = {m: WireNumbers(spec) for m, spec in config.markets.items()}
 
     @classmethod
     async def connect(
@@ -393,15 +395,16 @@ class TcpGateway(Gateway):
         spec = self.config.markets.get(msg.get("market", ""))
         if spec is None:
             return None
+        num = self._numbers[spec.symbol]
         if kind == "trade":
             return Trade(
-                spec.symbol, msg["trade_id"], spec.price_ticks(msg["price"]),
-                lots_of(spec, msg["qty"]), _SIDES[msg["taker_side"]], 0, 0, "", "", 0, 0, msg["ts"],
+                spec.symbol, msg["trade_id"], num.price(msg["price"]),
+                num.lots(msg["qty"]), _SIDES[msg["taker_side"]], 0, 0, "", "", 0, 0, msg["ts"],
             )
         if kind == "book_update":
             return BookDelta(
-                spec.symbol, msg["seq"], _SIDES[msg["side"]], spec.price_ticks(msg["price"]),
-                lots_of(spec, msg["qty"]), msg["ts"],
+                spec.symbol, msg["seq"], _SIDES[msg["side"]], num.price(msg["price"]),
+                num.lots(msg["qty"]), msg["ts"],
             )
         return None
 
@@ -421,12 +424,13 @@ class TcpGateway(Gateway):
             return ExecReport(exec_type, oid, self.account, market, side, order_type, tif,
                               msg.get("client_order_id"), None, 0, 0, 0, 0, status, msg["ts"],
                               reason=reason)
+        num = self._numbers[spec.symbol]
         try:
-            price = None if msg.get("price") is None else spec.price_ticks(msg["price"])
-            qty = lots_of(spec, msg["qty"])
+            price = None if msg.get("price") is None else num.price(msg["price"])
+            qty = num.lots(msg["qty"])
         except Exception:  # an edge rejection echoes what the client sent, maybe off-grid
             price, qty = None, 0
-        filled = lots_of(spec, msg["filled_qty"])
+        filled = num.lots(msg["filled_qty"])
         trade_id = msg.get("trade_id")
         last_price = last_qty = fee = None
         liquidity = None
@@ -434,9 +438,9 @@ class TcpGateway(Gateway):
         if oid is not None:
             cost = self._costs.get(oid, 0)
         if trade_id is not None:
-            last_price = spec.price_ticks(msg["last_price"])
-            last_qty = lots_of(spec, msg["last_qty"])
-            fee = units_of(spec.quote, msg["fee"])
+            last_price = num.price(msg["last_price"])
+            last_qty = num.lots(msg["last_qty"])
+            fee = num.amount(msg["fee"])
             liquidity = _LIQUIDITY[msg["liquidity"]]
             if oid is not None and msg.get("id") is None:
                 cost = self._costs[oid] = cost + last_price * last_qty
@@ -444,6 +448,6 @@ class TcpGateway(Gateway):
             self._costs.pop(oid, None)
         return ExecReport(
             exec_type, oid, self.account, spec.symbol, side, order_type, tif,
-            msg.get("client_order_id"), price, qty, filled, lots_of(spec, msg["remaining_qty"]),
+            msg.get("client_order_id"), price, qty, filled, num.lots(msg["remaining_qty"]),
             cost, status, msg["ts"], trade_id, last_price, last_qty, liquidity, fee, reason,
         )

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from exchange.markets import default_config, format_scaled
+from exchange.markets import InvalidValue, default_config, format_scaled
 from exchange.types import ExecType, OrderStatus, Side, Trade
 from simulation.embedded import SIM_EPOCH_NS, EmbeddedExchange, LedgerLines, parse_duration_ns, parse_latency
-from simulation.gateway import GatewayError, MarketTexts, scaled_text
+from simulation.gateway import GatewayError, MarketTexts, WireNumbers, scaled_text
 from storage.ledger import trade_line
 from simulation.runner import SimConfig, run_embedded
 
@@ -157,6 +157,21 @@ def test_scaled_text_and_market_texts_are_the_markets_own_formatting() -> None:
             assert texts.price(n) == spec.format_price(n)
             assert texts.qty(n) == spec.format_qty(n)
             assert texts.amount(n) == spec.quote.format(n)
+
+
+def test_wire_numbers_parse_as_the_market_does_and_refuse_what_it_refuses() -> None:
+    for spec in default_config().markets.values():
+        num, texts = WireNumbers(spec), MarketTexts(spec)
+        for n in [1, 5, 10, 99, 100, 12345, 3_000_000] * 2:  # twice: cached the second time
+            assert num.price(texts.price(n)) == n == spec.price_ticks(spec.format_price(n))
+            assert num.lots(texts.qty(n)) == n
+            assert num.amount(texts.amount(n)) == n
+        assert num.lots("0") == 0 and num.amount("0") == 0
+        off_grid = spec.format_price(100) + "1"
+        for _ in range(2):  # a refusal is not remembered as a value
+            with pytest.raises(InvalidValue):
+                num.price(off_grid)
+        assert off_grid not in num.prices
 
 
 def test_an_embedded_run_refuses_an_exchanges_data_directory(tmp_path: Path) -> None:
