@@ -409,6 +409,13 @@ class MarketMaker(Agent):
     kind = "mm"
 
     def setup(self) -> None:
+        p = self.params
+        # Read once: ``_quote`` runs for every market at every step.
+        self.spread_bps: Any = p.get("spread_bps", 20)  # as given: checked where used, as before
+        self.size_lots: Any = p.get("size_lots")
+        self.requote_ticks: Any = p.get("requote_ticks")
+        self.max_age_ns: Any = int(p.get("max_age", 2.0) * 1e9)
+        self.max_inventory_lots: Any = p.get("max_inventory_lots")
         self.quotes: dict[tuple[str, Side], int] = {}  # (market, side) -> order id
         self.quote_times: dict[int, int] = {}
         self.refreshes = 0
@@ -454,15 +461,14 @@ class MarketMaker(Agent):
         return self.control.profiles[market].mid
 
     async def _quote(self, market: str) -> bool:
-        p = self.params
         profile = self.control.profiles[market]
         spec = profile.spec
         fair = await self._fair(market)
-        half = max(1, fair * p.get("spread_bps", 20) // 20_000)
-        size = p.get("size_lots") or profile.qty_max
-        requote = p.get("requote_ticks") or max(1, half // 4)
-        max_age_ns = int(p.get("max_age", 2.0) * 1e9)
-        max_inv = p.get("max_inventory_lots") or size * 10
+        half = max(1, fair * self.spread_bps // 20_000)
+        size = self.size_lots or profile.qty_max
+        requote = self.requote_ticks or max(1, half // 4)
+        max_age_ns = self.max_age_ns
+        max_inv = self.max_inventory_lots or size * 10
         inventory = (self.wallet.pots[spec.base.name].holdings - (self.wallet.initial or {}).get(spec.base.name, 0)) // spec.base_per_lot
         now = self.gw.now_ns()
         resting = 0

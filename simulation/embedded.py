@@ -640,7 +640,9 @@ class EmbeddedGateway(Gateway):
     async def reprice_units(self, order_id: int, ticks: int, texts: MarketTexts) -> ExecReport:
         if self.engine.order(self.account, order_id) is None:
             raise GatewayError("unknown_order", "no such open order for this account")
-        events = await self.exchange.submit(ModifyOrder(0, self.account, order_id, ticks, None))
+        cmd = ModifyOrder(0, self.account, order_id, ticks, None)
+        ex = self.exchange  # no latency: done now, without a coroutine for ``submit``
+        events = ex.execute(cmd) if ex.latency is None else await ex.submit(cmd)
         return self._first_report(events)
 
     def _rejected(
@@ -656,7 +658,9 @@ class EmbeddedGateway(Gateway):
         return report
 
     async def cancel(self, order_id: int) -> ExecReport:
-        events = await self.exchange.submit(CancelOrder(0, self.account, order_id))
+        cmd = CancelOrder(0, self.account, order_id)
+        ex = self.exchange
+        events = ex.execute(cmd) if ex.latency is None else await ex.submit(cmd)
         return self._first_report(events)
 
     async def modify(
@@ -673,7 +677,9 @@ class EmbeddedGateway(Gateway):
             lots = spec.qty_lots(_text(qty)) if qty is not None else None
         except InvalidValue as exc:
             raise GatewayError(exc.reason.value, exc.message) from None
-        events = await self.exchange.submit(ModifyOrder(0, self.account, order_id, ticks, lots))
+        cmd = ModifyOrder(0, self.account, order_id, ticks, lots)
+        ex = self.exchange
+        events = ex.execute(cmd) if ex.latency is None else await ex.submit(cmd)
         return self._first_report(events)
 
     @staticmethod
