@@ -503,8 +503,9 @@ class EmbeddedExchange:
         if writer is not None:
             try:
                 if trades:
-                    writer.send(list(map(ledger_row, trades)))
-                    trades.clear()
+                    rows = list(map(ledger_row, trades))
+                    trades.clear()  # before sending: a batch is handed over once, never twice
+                    writer.send(rows)
                 if wait:
                     writer.sync()
             except LedgerWriterError as exc:

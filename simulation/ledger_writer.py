@@ -28,6 +28,8 @@ import traceback
 from typing import Any, BinaryIO, Callable
 
 _HEAD = 4
+# This process's ends of its live writers' pipes, closed in every later child.
+_PARENT_FDS: set[int] = set()
 
 
 class LedgerWriterError(OSError):
@@ -58,6 +60,7 @@ class LedgerWriter:
         if self._closed:
             return
         self._closed = True
+        _PARENT_FDS.difference_update((self._out, self._ack))
         os.close(self._out)
         os.close(self._ack)
         _, status = os.waitpid(self.pid, 0)
@@ -69,11 +72,17 @@ class LedgerWriter:
         if self._closed:
             raise LedgerWriterError(f"the trade ledger's writer (pid {self.pid}) has stopped")
         view = memoryview(data)
+        # A frame goes whole or not at all: a Ctrl-C while the pipe is full would otherwise
+        # leave half a frame, and the next one would be read as its rest. SIGINT is held
+        # back meanwhile and lands as soon as the frame is in.
+        mask = _hold_sigint()
         try:
             while view:
                 view = view[os.write(self._out, view):]
         except BrokenPipeError:
             self._failed()
+        finally:
+            _release_sigint(mask)
 
     def _failed(self) -> None:
         try:
@@ -99,15 +108,23 @@ def start(file: BinaryIO, line: Callable[..., bytes]) -> LedgerWriter | None:
     # SIGINT is held back across the fork: a Ctrl-C landing before the child ignores it would
     # raise KeyboardInterrupt in the child while it still runs the parent's code. The parent
     # gets a held one as soon as the mask is restored.
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    pid = os.fork()
+    mask = _hold_sigint()
+    try:
+        pid = os.fork()
+    except OSError:  # no process to spare (EAGAIN, ENOMEM): the caller writes inline
+        _release_sigint(mask)
+        for fd in (out_r, out_w, ack_r, ack_w):
+            os.close(fd)
+        return None
     if pid == 0:  # the child: never returns
         code = 1
         try:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            os.close(out_w)
-            os.close(ack_r)
+            _release_sigint(mask)
+            # Not the parent's ends of other writers' pipes: an inherited copy would keep
+            # such a writer's input open, and its close() waiting, until this child ends.
+            for fd in (out_w, ack_r, *_PARENT_FDS):
+                os.close(fd)
             _serve(out_r, ack_w, file, line)
             code = 0
         except BaseException:
@@ -117,11 +134,24 @@ def start(file: BinaryIO, line: Callable[..., bytes]) -> LedgerWriter | None:
                 sys.stderr.flush()
             finally:
                 os._exit(code)
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    _release_sigint(mask)
     os.close(out_r)
     os.close(ack_w)
     file.close()
+    _PARENT_FDS.update((out_w, ack_r))
     return LedgerWriter(pid, out_w, ack_r)
+
+
+def _hold_sigint() -> Any:
+    """Block SIGINT for this thread; returns the mask to restore (None where there are no masks)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+def _release_sigint(mask: Any) -> None:
+    if mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _widen(fd: int) -> None:

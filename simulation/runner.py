@@ -196,6 +196,15 @@ def _now(coro: Coroutine[Any, Any, Any]) -> Any:
 # --------------------------------------------------------------------------- embedded
 
 
+def _on_sigint(handler: Any) -> Any:
+    """Install ``handler`` for SIGINT; returns the one it replaces (None where this thread may
+    not set handlers, and nothing changes)."""
+    try:
+        return signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        return None
+
+
 def close_embedded(exchange: EmbeddedExchange, failed: bool = False) -> None:
     """Close the in-process exchange; a ledger writer that failed is the run's error."""
     try:
@@ -252,17 +261,26 @@ def run_embedded(
         _ = kernel.spawn(agent.run())
     until = None if cfg.duration_s is None else start_ns + int(cfg.duration_s * 1e9)
     wall = time.perf_counter()
-    interrupted = False
+    # Ctrl-C sets a flag the kernel looks at between steps, rather than raising
+    # KeyboardInterrupt wherever the run happens to be: inside a compiled agent coroutine
+    # that leaves the coroutine broken (closing it then failed, or aborted the process),
+    # and inside a hand-over to the ledger's writer it would cut a batch in two.
+    ctrl_c: list[bool] = []
+    previous = _on_sigint(lambda *_: ctrl_c.append(True))
     try:
         # The progress line needs a sample now and then; a plot needs enough of them to draw
         # lines even for a short run, so sample more often when one is asked for.
         every = 256 if cfg.plot_file else 4096
-        kernel.run(until, stop=lambda: control.stopping or exchange.ledger_error is not None,
+        kernel.run(until, stop=lambda: control.stopping or bool(ctrl_c) or exchange.ledger_error is not None,
                    tick=tick, tick_every=every)
-        if control.stopping:  # the order count is used up: let in-flight requests land
+        if control.stopping and not ctrl_c:  # the order count is used up: let in-flight requests land
             kernel.run(kernel.now + 1, tick=None)
     except KeyboardInterrupt:
-        interrupted = True
+        ctrl_c.append(True)  # a second Ctrl-C while the first one's stop is on its way
+    finally:
+        if previous is not None:
+            _on_sigint(previous)
+    interrupted = bool(ctrl_c)
     try:
         exchange.flush_ledger(wait=True)  # the ledger is written in batches: its last one counts too
     except LedgerWriterError as exc:

@@ -685,8 +685,10 @@ def _main_locked(cfg: Any, args: Any, store: RunStore, config: MarketConfig,
             try:
                 # A fresh in-process exchange: its accounts are funded again, even on resume.
                 proc = exchange.kernel.run_until_complete(body(gateways, True))
-            finally:
-                close_embedded(exchange)
+            except BaseException:
+                close_embedded(exchange, failed=True)  # what went wrong first is what is told
+                raise
+            close_embedded(exchange)
         else:
             proc = asyncio.run(_tcp_schedule(cfg, sched, config, run, body))
     except KeyboardInterrupt:

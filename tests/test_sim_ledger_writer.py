@@ -130,3 +130,62 @@ def test_a_run_whose_ledger_writer_dies_stops_with_a_clear_error(tmp_path: Path)
         run_embedded(cfg, stream=None, out=KillTheWriter())
     again = EmbeddedExchange(data_dir=tmp_path)  # nothing left holding the directory
     again.close()
+
+
+def test_closing_one_exchange_does_not_wait_for_another(tmp_path: Path) -> None:
+    """A second writer must not hold the first one's pipe open (it would never see the end)."""
+    a = funded(tmp_path / "a", in_child=True)
+    b = funded(tmp_path / "b", in_child=True)
+    trade(a, 10)
+    start = time.monotonic()
+    a.close()
+    assert time.monotonic() - start < 5
+    assert (tmp_path / "a" / "trades.jsonl").read_bytes().count(b"\n") == 10
+    b.close()
+
+
+def test_ctrl_c_stops_an_embedded_run_with_its_report_and_whole_ledger(tmp_path: Path) -> None:
+    """SIGINT to the whole process group, as a terminal sends it: the run stops cleanly (no
+    traceback from a compiled agent cut mid-step), the writer finishes the file, and every
+    trade the report counts is in it exactly once."""
+    data, report = tmp_path / "d", tmp_path / "r.json"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run" / "start_simulation.py"), "--embedded", "--no-progress",
+         "--duration", "3600s", "--rate", "200000", "--data-dir", str(data), "--report", str(report)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        ledger = data / "trades.jsonl"
+        while time.monotonic() < deadline and (not ledger.exists() or ledger.stat().st_size < 2_000_000):
+            time.sleep(0.05)  # several batches handed over already
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    assert proc.returncode == 130, (out + err)[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    import json
+
+    trades = json.loads(report.read_text())["trades"]
+    ids = [json.loads(line)["trade_id"] for line in ledger.read_bytes().splitlines()]
+    assert trades > LEDGER_BATCH and len(ids) == trades == len(set(ids))
+
+
+def test_no_process_to_spare_means_writing_inline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    def no_fork() -> int:
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    fds = len(os.listdir("/proc/self/fd"))
+    ex = funded(tmp_path, in_child=True)
+    assert ex._writer is None
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())  # Ctrl-C still works
+    trade(ex, 100)
+    ex.close()
+    assert (tmp_path / "trades.jsonl").read_bytes().count(b"\n") == 100
+    assert len(os.listdir("/proc/self/fd")) == fds  # the pipes were closed
