@@ -737,11 +737,10 @@ class EmbeddedGateway(Gateway):
         return book.best_bid(), book.best_ask()
 
     async def top(self, market: str) -> tuple[int | None, int | None]:
-        state = self.engine.markets.get(market)
-        if state is None:
+        best = self.top_now(market)
+        if best is None:
             raise GatewayError("unknown_market", f"no market {market!r}")
-        book = state.book
-        return book.best_bid(), book.best_ask()
+        return best
 
     async def queue_position(self, order_id: int) -> int | None:
         return self.engine.queue_position(self.account, order_id)
