@@ -998,11 +998,12 @@ class TerminalApp:
             out.append(("class:sell", f"  ask {price.rjust(width)}  {qty.rjust(qwidth)}  {str(count).rjust(6)}{tag}\n"))
         if not asks:
             out.append(("class:dim", "  (no asks)\n"))
+        middle = []
         if asks and bids:
-            spread = Decimal(book["asks"][0][0]) - Decimal(bids[0][0])
-            out.append(("class:dim", f"  ----- spread {spread} -----\n"))
-        else:
-            out.append(("class:dim", "  -----\n"))
+            middle.append(f"spread {Decimal(book['asks'][0][0]) - Decimal(bids[0][0])}")
+        if book.get("reference_price"):  # the last trade (the configured reference before one)
+            middle.append(f"last {book['reference_price']}")
+        out.append(("class:dim", f"  ----- {' · '.join(middle)} -----\n" if middle else "  -----\n"))
         for price, qty, count in bids:
             tag = "  <- yours" if ("buy", price) in mine else ""
             out.append(("class:buy", f"  bid {price.rjust(width)}  {qty.rjust(qwidth)}  {str(count).rjust(6)}{tag}\n"))

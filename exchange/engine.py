@@ -715,6 +715,11 @@ class Exchange:
     def band(self, market: str) -> tuple[int, int] | None:
         return self.markets[market].band_limits()
 
+    def reference_price(self, market: str) -> int | None:
+        """The last trade price, or the configured reference before the first trade: where a
+        client that finds the book empty should start quoting (the band is around it)."""
+        return self.markets[market].reference
+
     # ------------------------------------------------------------------ invariants
 
     def check_invariants(self) -> None:

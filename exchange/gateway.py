@@ -649,7 +649,7 @@ class Gateway:
             seq, bids, asks = self.engine.book_l2(market, depth or 1 << 30)
         else:
             seq, bids, asks = self.engine.book_l3(market, depth)
-        return self.fmt.book(market, seq, bids, asks, level)
+        return self.fmt.book(market, seq, bids, asks, level, self.engine.reference_price(market))
 
     def op_subscribe(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
         channel, market = subscription(self.config, msg)

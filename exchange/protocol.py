@@ -593,7 +593,7 @@ class Formatter:
         return msg
 
     def book(self, market: str, seq: int, bids: list[tuple[int, int, int]],
-             asks: list[tuple[int, int, int]], level: int) -> dict[str, Any]:
+             asks: list[tuple[int, int, int]], level: int, reference: int | None = None) -> dict[str, Any]:
         if level == 2:
             def rows(levels: list[tuple[int, int, int]]) -> list[list[Any]]:
                 return [[self.price(market, p), self.qty(market, q), n] for p, q, n in levels]
@@ -601,7 +601,8 @@ class Formatter:
             def rows(levels: list[tuple[int, int, int]]) -> list[list[Any]]:
                 return [[oid, self.price(market, p), self.qty(market, q)] for oid, p, q in levels]
         return {"type": "book", "market": market, "seq": seq, "level": level,
-                "bids": rows(bids), "asks": rows(asks)}
+                "bids": rows(bids), "asks": rows(asks),
+                "reference_price": None if reference is None else self.price(market, reference)}
 
     def balances(self, balances: dict[str, Any]) -> dict[str, Any]:
         out = {}

@@ -722,7 +722,7 @@ class EmbeddedGateway(Gateway):
         if market not in self.config.markets:
             raise GatewayError("unknown_market", f"no market {market!r}")
         seq, bids, asks = self.engine.book_l2(market, depth)
-        return BookView(market, seq, bids, asks)
+        return BookView(market, seq, bids, asks, self.engine.reference_price(market))
 
     async def asks_for(self, market: str, lots: int, depth: int = 50) -> list[tuple[int, int, int]]:
         if market not in self.config.markets:

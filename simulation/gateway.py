@@ -77,12 +77,17 @@ class Holding:
 
 @dataclass(slots=True)
 class BookView:
-    """A level-2 book: levels best first as ``(price_ticks, qty_lots, order_count)``."""
+    """A level-2 book: levels best first as ``(price_ticks, qty_lots, order_count)``.
+
+    ``reference``: the last trade price in ticks (the configured reference before the first
+    trade, None without either), where the price band is centred.
+    """
 
     market: str
     seq: int
     bids: list[tuple[int, int, int]]
     asks: list[tuple[int, int, int]]
+    reference: int | None = None
 
     @property
     def best_bid(self) -> int | None:

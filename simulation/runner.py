@@ -34,7 +34,7 @@ from simulation.ledger_writer import LedgerWriterError
 from storage.lock import DataDirBusy
 from simulation.gateway import Gateway, GatewayConnectionError, GatewayError
 from simulation.report import build_report, format_report, last_prices
-from simulation.tcp import BookMirror, TcpGateway, fetch_config
+from simulation.tcp import BookMirror, TcpGateway, fetch_config, market_prices
 
 DEFAULT_AGENTS = {"random": 20, "mm": 2, "twap": 1, "passive": 1}
 DEFAULT_PROFILES: dict[str, dict[str, str]] = {
@@ -331,7 +331,16 @@ async def run_tcp(
             ) from None
     if cfg.prefix is None:
         cfg.prefix = f"sim{time.time_ns() % 10**8:08d}-"
-    control = RunControl(profiles_for(cfg, config), cfg.orders)
+    profiles = profiles_for(cfg, config)
+    try:
+        prices = await market_prices(cfg.host, cfg.port, config)
+    except GatewayConnectionError as exc:
+        raise SimulationError(f"cannot reach the exchange at {cfg.host}:{cfg.port}: {exc.message}") from None
+    except GatewayError as exc:  # e.g. a --markets file naming a market it does not have
+        raise SimulationError(f"cannot read the exchange's books: {exc.message}") from None
+    for market, ticks in prices.items():
+        profiles[market].mid = ticks  # where the market is, not where a fresh one would start
+    control = RunControl(profiles, cfg.orders)
     names: list[str] = []
     agents = _agents_or_error(cfg, config, lambda name: names.append(name) or _Placeholder(name, config), control)  # type: ignore[func-returns-value]
     try:

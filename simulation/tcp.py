@@ -98,6 +98,38 @@ async def fetch_config(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -
     return build_config({"assets": assets, "markets": markets})
 
 
+async def market_prices(
+    host: str, port: int, config: MarketConfig, timeout: float = DEFAULT_TIMEOUT,
+) -> dict[str, int]:
+    """Where each market trades now, in ticks: the middle of a two-sided book, else the last
+    trade price (the band's reference), else its one best price. Markets with none of these
+    are left out. A run against an exchange that has traded before starts from here, not
+    from a configured mid the market may have left (outside the band, every order is refused).
+    """
+    client = ExchangeClient(host, port, timeout=timeout)
+    try:
+        await client.connect()
+        out = {}
+        for market, spec in config.markets.items():
+            reply = await client.book(market, depth=1)
+            bid = spec.price_ticks(reply["bids"][0][0]) if reply["bids"] else None
+            ask = spec.price_ticks(reply["asks"][0][0]) if reply["asks"] else None
+            ref = reply.get("reference_price")
+            if bid is not None and ask is not None:
+                out[market] = (bid + ask) // 2
+            elif ref is not None:
+                out[market] = spec.price_ticks(ref)
+            elif bid is not None or ask is not None:
+                out[market] = bid if bid is not None else ask  # type: ignore[assignment]
+        return out
+    except ExchangeConnectionError as exc:
+        raise GatewayConnectionError(exc.message) from None
+    except ExchangeError as exc:
+        raise GatewayError(exc.code, exc.message) from None
+    finally:
+        await client.close()
+
+
 def _decimals(text: str) -> int:
     _, _, frac = text.partition(".")
     return len(frac.rstrip("0"))
@@ -333,6 +365,7 @@ class TcpGateway(Gateway):
             market, reply["seq"],
             [(spec.price_ticks(p), lots_of(spec, q), n) for p, q, n in reply["bids"]],
             [(spec.price_ticks(p), lots_of(spec, q), n) for p, q, n in reply["asks"]],
+            None if reply.get("reference_price") is None else spec.price_ticks(reply["reference_price"]),
         )
 
     def top_now(self, market: str) -> tuple[int | None, int | None] | None:

@@ -331,3 +331,41 @@ async def test_a_tcp_run_outlives_one_agents_lost_connection_and_leaves_no_task(
     finally:
         loop.set_exception_handler(old)
         await srv.stop()
+
+
+async def _trade_at(host: str, port: int, market: str, price: str, qty: str) -> None:
+    """One trade between two fresh demo users at ``price``: moves the market's reference."""
+    seller, buyer = ExchangeClient(host, port, timeout=T), ExchangeClient(host, port, timeout=T)
+    try:
+        for client, user in ((seller, "mover-s"), (buyer, "mover-b")):
+            await asyncio.wait_for(client.connect(), T)
+            await asyncio.wait_for(client.login(user), T)
+        await asyncio.wait_for(seller.place(market, "sell", qty, price=price), T)
+        await asyncio.wait_for(buyer.place(market, "buy", qty, price=price), T)
+    finally:
+        await seller.close()
+        await buyer.close()
+
+
+async def test_a_tcp_run_starts_where_the_market_trades_not_at_the_configured_mid(
+    engine: tuple[str, int, Path, asyncio.subprocess.Process], tmp_path: Path,
+) -> None:
+    """ACME-USD has a 10 % band around its last trade. Walked down from 100 to 77 by earlier
+    trades, the configured mid (100.00) is outside the band: a run quoting around it would
+    have nearly every order refused. It starts at the last trade instead."""
+    host, port, _, _ = engine
+    for price in ("92.00", "84.00", "77.00"):
+        await _trade_at(host, port, "ACME-USD", price, "1")
+    probe = ExchangeClient(host, port, timeout=T)
+    await asyncio.wait_for(probe.connect(), T)
+    book = await asyncio.wait_for(probe.book("ACME-USD"), T)
+    await probe.close()
+    assert book["bids"] == [] and book["asks"] == [] and book["reference_price"] == "77.00"
+
+    cfg = SimConfig(agents={"random": 4, "mm": 1}, duration_s=1.5, orders=None, rate=300,
+                    host=host, port=port, progress=False, trade_markets=["ACME-USD"])
+    report = await asyncio.wait_for(run_tcp(cfg, stream=None), 60)
+    assert report["orders_sent"] > 30 and report["trades"] > 0
+    out_of_band = sum(n for k, n in report["outcomes"].items() if k.endswith("price_out_of_band"))
+    assert out_of_band == 0, report["outcomes"]
+    assert Decimal("69.30") <= Decimal(report["markets"]["ACME-USD"]["vwap"]) <= Decimal("84.70")
