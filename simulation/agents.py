@@ -172,6 +172,7 @@ class Agent:
         gw = self.gw
         control = self.control
         while not control.stopping and not self.done:
+            started = gw.now_ns()
             self.sync()
             try:
                 await self.step()
@@ -179,10 +180,20 @@ class Agent:
                 raise
             except GatewayError as exc:
                 self.stats.errors[exc.code] += 1
-            await gw.sleep(interval * (0.5 + rng_random()))
+            # The pause runs from the step's start: the time the step waited for the
+            # exchange (an acknowledgement, a latency model) is part of it, so the agent
+            # keeps its pace however slow the answers. A step that used up its pause
+            # (time passed, so it yielded) goes straight on.
+            pause = interval * self.pace() * (0.5 + rng_random()) - (gw.now_ns() - started) * 1e-9
+            if pause > 0:
+                await gw.sleep(pause)
 
     async def step(self) -> None:
         raise NotImplementedError
+
+    def pace(self) -> float:
+        """How much of ``interval`` the next pause takes (a kind may step faster)."""
+        return 1.0
 
     async def shutdown(self) -> None:
         """Cancel everything still resting (the run is over)."""
@@ -373,11 +384,20 @@ class RandomTrader(Agent):
         self.max_open = p.get("max_open", 20)
         self.limit_ratio = p.get("limit_ratio", 0.85)
         self.max_offset_bps = p.get("max_offset_bps", 50)
+        self.steps = 0
+        self.cancel_steps = 0
+
+    def pace(self) -> float:
+        """``interval`` is the time between orders, but some steps cancel instead: step
+        faster by the share of steps that were not cancels so far (at least 1 in 20)."""
+        return max(0.05, (self.steps - self.cancel_steps + 1) / (self.steps + 1))
 
     async def step(self) -> None:
         random, bits = self.rng.random, self.rng.getrandbits
         orders = self.wallet.orders
+        self.steps += 1
         if orders and (random() < self.cancel_ratio or len(orders) >= self.max_open):
+            self.cancel_steps += 1
             oids = list(orders)
             await self.cancel(oids[below(bits, len(oids))])
             return
@@ -511,7 +531,8 @@ class TwapExecutor(Agent):
 
     params: ``market`` (default the first), ``side`` (buy), ``qty_lots`` (parent), ``window``
     (seconds), ``slices``, ``slice_type`` (``market`` | ``limit``), ``limit_ticks`` (limit
-    slices: how far through the best opposite price they may trade).
+    slices: how far through the best opposite price they may trade). A slice the book could
+    not fill is caught up by the next; after the last, by retries until the window ends.
     """
 
     kind = "twap"
@@ -547,22 +568,33 @@ class TwapExecutor(Agent):
             wait_ns = start + i * step_ns - gw.now_ns()
             if wait_ns > 0:
                 await gw.sleep(wait_ns / 1e9)
-            self.sync()
-            due = self.target * (i + 1) // self.slices - self.filled
-            if due > 0:
-                self.slices_sent += 1
-                try:
-                    await self._slice(due)
-                except GatewayConnectionError:
-                    raise
-                except GatewayError as exc:
-                    self.stats.errors[exc.code] += 1
-            self.sync()
+            await self._catch_up(self.target * (i + 1) // self.slices)
             if self.filled >= self.target:
                 break
+        # The last slice goes out a step before the window ends: if the book was too thin
+        # for it, use that step to finish, a quarter step at a time.
+        end = start + int(self.window * 1e9)
+        retry_ns = max(1, step_ns // 4)
+        while not self.control.stopping and self.filled < self.target and gw.now_ns() + retry_ns <= end:
+            await gw.sleep(retry_ns / 1e9)
+            await self._catch_up(self.target)
         self.sync()
         self.finished_ns = gw.now_ns()
         self.done = True
+
+    async def _catch_up(self, due_total: int) -> None:
+        """Send what is due by now (``due_total`` lots in all, less what is filled)."""
+        self.sync()
+        due = due_total - self.filled
+        if due > 0:
+            self.slices_sent += 1
+            try:
+                await self._slice(due)
+            except GatewayConnectionError:
+                raise
+            except GatewayError as exc:
+                self.stats.errors[exc.code] += 1
+        self.sync()
 
     async def _slice(self, lots: int) -> None:
         if self.params.get("slice_type", "market") == "limit":

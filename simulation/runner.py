@@ -96,6 +96,12 @@ def build_agents(
             raise SimulationError(f"unknown market {m!r} (have {', '.join(config.markets)})")
     total = sum(n for kind, n in cfg.agents.items() if kind in ("random", "mm", "passive")) or 1
     interval = total / cfg.rate if cfg.rate > 0 else 0.1
+    # The random traders carry --rate: each sends rate / n of the orders (the market makers',
+    # the TWAP's and the passive buyer's come on top: a few per cent with the default mix).
+    n_random = cfg.agents.get("random", 0)
+    pace = {"mm": max(interval, 0.05)}
+    if cfg.rate > 0 and n_random > 0:
+        pace["random"] = n_random / cfg.rate
     prefix = cfg.prefix if cfg.prefix is not None else ""
     agents: list[Agent] = []
     for kind, count in cfg.agents.items():
@@ -111,8 +117,7 @@ def build_agents(
             if kind in ("twap", "passive") and "market" not in params:
                 agent_markets = [markets[i % len(markets)]]
             agent = cls(name, gateways(name), control, agent_markets, seed=cfg.seed,
-                        funding=funding, interval=interval if kind != "mm" else max(interval, 0.05),
-                        params=params)
+                        funding=funding, interval=pace.get(kind, interval), params=params)
             agents.append(agent)
     return agents
 
@@ -353,8 +358,10 @@ async def run_tcp(
     except GatewayError as exc:  # e.g. a --markets file naming a market it does not have
         raise SimulationError(f"cannot follow the exchange's books: {exc.message}") from None
     gateways = await _connect_all(cfg, config, names, mirror)
+    halt = asyncio.Event()
     for agent, gw in zip(agents, gateways):
         agent.gw = gw
+        gw.halt = halt
     if out is not None:
         out.update(agents=agents, control=control, config=config)
     progress = Progress(stream if cfg.progress else None, config)
@@ -393,11 +400,13 @@ async def run_tcp(
                 break
             tops = await _tcp_tops_of_any(gateways, config, tops)
             progress.update(agents, control, tops)
+            tick = 0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic()))
             try:
-                await asyncio.wait_for(stop.wait(), 0.5)
+                await asyncio.wait_for(stop.wait(), tick)
             except asyncio.TimeoutError:
                 pass
         control.stopping = True
+        halt.set()
         done, pending = await asyncio.wait(tasks, timeout=5)
         for task in pending:
             task.cancel()
@@ -619,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--duration", type=parse_seconds, default=None, help="how long, e.g. 30s (default 30s)")
     group.add_argument("--orders", type=int, default=None, help="stop after this many orders")
-    ap.add_argument("--rate", type=float, default=None, help="orders per second over all agents (default 500)")
+    ap.add_argument("--rate", type=float, default=None, help="the random traders' orders per second, together (default 500; the "
+                         "market makers' quotes and the others' orders come on top)")
     ap.add_argument("--seed", type=int, default=None, help="random seed (default 1)")
     ap.add_argument("--latency", default=None, help="embedded only: fixed:500us or gamma:mean=5ms")
     ap.add_argument("--markets", type=Path, default=None, help="markets JSON file (as for start_engine.py)")

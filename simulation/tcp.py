@@ -261,6 +261,7 @@ class TcpGateway(Gateway):
         self.account = account
         self.config = config
         self.mirror = mirror
+        self.halt: asyncio.Event | None = None  # set when the run ends: long sleeps end early
         self.ack_latencies_ns: list[int] = []
         self._costs: dict[int, int] = {}  # order id -> cumulative price x lots (avg price basis)
         self._queue: deque[Event] = deque()
@@ -293,7 +294,15 @@ class TcpGateway(Gateway):
         return time.time_ns()
 
     async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+        halt = self.halt
+        if halt is None or seconds < 0.05:
+            await asyncio.sleep(seconds)
+            return
+        # A TWAP waits for its next slice up to window / slices: the run's end must not.
+        try:
+            await asyncio.wait_for(halt.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
 
     # -- requests ---------------------------------------------------------------------
 

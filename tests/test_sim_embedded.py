@@ -207,3 +207,19 @@ def test_an_embedded_run_refuses_an_exchanges_data_directory(tmp_path: Path) -> 
                            text=True, timeout=60)
     assert fresh.returncode == 0, fresh.stderr
     assert (tmp_path / "sim" / "trades.jsonl").stat().st_size > 0
+
+
+def _random_orders(report: dict[str, Any]) -> int:
+    return sum(a["orders"] for a in report["agents"].values() if a["kind"] == "random")
+
+
+@pytest.mark.parametrize("latency", [None, "gamma:mean=5ms"], ids=["no-latency", "gamma-5ms"])
+def test_the_random_traders_send_the_rate_asked_for_in_simulated_time(tmp_path: Path, latency: str | None) -> None:
+    """``--rate 200`` for 10 simulated seconds: about 2,000 random orders, although a quarter
+    of their steps cancel and, with a latency model, each request waits 5 ms on average for
+    its acknowledgement (a pause counted from the step's end would lose both)."""
+    cfg = SimConfig(agents=dict(AGENTS), orders=None, duration_s=10.0, rate=200, seed=3,
+                    embedded=True, latency=latency, data_dir=tmp_path, progress=False)
+    report = run_embedded(cfg, stream=None)
+    assert report["simulated_s"] == pytest.approx(10.0, abs=0.1)
+    assert 1_850 <= _random_orders(report) <= 2_150, _random_orders(report)

@@ -369,3 +369,20 @@ async def test_a_tcp_run_starts_where_the_market_trades_not_at_the_configured_mi
     out_of_band = sum(n for k, n in report["outcomes"].items() if k.endswith("price_out_of_band"))
     assert out_of_band == 0, report["outcomes"]
     assert Decimal("69.30") <= Decimal(report["markets"]["ACME-USD"]["vwap"]) <= Decimal("84.70")
+
+
+async def test_a_tcp_run_keeps_its_rate_and_its_duration(
+    engine: tuple[str, int, Path, asyncio.subprocess.Process], tmp_path: Path,
+) -> None:
+    """``--rate 400`` for 2 s sends about 800 random orders (the pauses absorb the round
+    trips and the cancels), and the run ends on time although the TWAP is waiting for a
+    slice due 5 s later."""
+    host, port, _, _ = engine
+    cfg = SimConfig(agents={"random": 8, "mm": 1, "twap": 1}, duration_s=2.0, orders=None,
+                    rate=400, host=host, port=port, progress=False,
+                    params={"twap": {"window": 10.0, "slices": 2}})
+    report = await asyncio.wait_for(run_tcp(cfg, stream=None), 60)
+    assert not report["agent_failures"]
+    assert report["elapsed_s"] < 2.6, report["elapsed_s"]
+    random_orders = sum(a["orders"] for a in report["agents"].values() if a["kind"] == "random")
+    assert 680 <= random_orders <= 920, random_orders
