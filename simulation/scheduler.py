@@ -362,6 +362,18 @@ class BudgetTracker:
                 if rep is not None and rep.order_id is not None:
                     self.filled[rep.order_id] = rep.filled
 
+    async def settle(self) -> None:
+        """Take in every report already on its way: one round trip per session, since the
+        exchange answers each session in order. The last slots' orders traded against
+        resting ones; those owners' fills could still be in flight, and the summary would
+        show their funds locked. A session that is gone keeps what it had."""
+        for gw in self.gateways.values():
+            try:
+                await gw.balances()
+            except GatewayError:
+                pass
+        self.sync()
+
     def need(self, slot: Slot) -> tuple[str, int]:
         spec = self.config.markets[slot.market]
         lots = spec.qty_lots(slot.qty)
@@ -452,6 +464,7 @@ class SlotProcessor:
         try:
             while run.position < len(run.slots):
                 if stop_after is not None and done_now >= stop_after:
+                    await self.budget.settle()
                     run.status = "interrupted"
                     return run
                 slot = run.slots[run.position]
@@ -466,6 +479,7 @@ class SlotProcessor:
                     continue
                 decision = await self._run_slot(slot)
                 if decision == "quit":
+                    await self.budget.settle()
                     run.status = "quit"
                     return run
                 if decision == "lost":
@@ -474,6 +488,7 @@ class SlotProcessor:
                 run.position += 1
                 done_now += 1
                 self.save()
+            await self.budget.settle()
             run.status = "completed"
             run.finished_at = self.clock()
             return run

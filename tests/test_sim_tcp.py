@@ -386,3 +386,30 @@ async def test_a_tcp_run_keeps_its_rate_and_its_duration(
     assert report["elapsed_s"] < 2.6, report["elapsed_s"]
     random_orders = sum(a["orders"] for a in report["agents"].values() if a["kind"] == "random")
     assert 680 <= random_orders <= 920, random_orders
+
+
+async def test_a_scheduled_tcp_run_summarises_the_budgets_the_exchange_holds(
+    engine: tuple[str, int, Path, asyncio.subprocess.Process], tmp_path: Path,
+) -> None:
+    """The utilization summary at the end of a scheduled run over TCP is what the exchange
+    holds: the makers' fills from the last slots are taken in first (they were shown as
+    still locked)."""
+    host, port, _, _ = engine
+    loop = asyncio.get_running_loop()
+    result = await loop.run_in_executor(None, lambda: run_cli(
+        "--schedule", "--port", str(port), "--data-dir", str(tmp_path), "--no-progress"))
+    assert result.returncode == 0, result.stderr
+    rows = re.findall(r"^  (\S+)\s+(\S+)\s+initial\s+\S+ available\s+(\S+) locked\s+(\S+) spent", result.stdout, re.M)
+    assert len(rows) >= 8, result.stdout
+    held: dict[str, dict[str, Any]] = {}
+    for account in sorted({r[0] for r in rows}):
+        client = ExchangeClient(host, port, timeout=T)
+        await asyncio.wait_for(client.connect(), T)
+        try:
+            await asyncio.wait_for(client.login(account), T)
+            held[account] = await asyncio.wait_for(client.balances(), T)
+        finally:
+            await client.close()
+    for account, asset, available, locked in rows:
+        assert (available, locked) == (held[account][asset]["available"], held[account][asset]["locked"]), (
+            account, asset)
