@@ -161,7 +161,9 @@ def format_report(report: dict[str, Any]) -> str:
         pnl = {k: v for k, v in a["pnl"].items() if k != "fees"}
         extra = ""
         if "twap" in a:
-            extra = f" twap {a['twap']['filled']}/{a['twap']['target']} in {a['twap']['took_s']} s"
+            took = a["twap"]["took_s"]
+            extra = f" twap {a['twap']['filled']}/{a['twap']['target']} " + (
+                f"in {took} s" if took is not None else "(not finished)")
         if "passive" in a:
             extra = f" bought {a['passive']['filled']}/{a['passive']['target']}"
         if "refreshes" in a:
@@ -171,5 +173,18 @@ def format_report(report: dict[str, Any]) -> str:
             f"P&L {pnl} fees {a['pnl'].get('fees', {})}{extra}"
         )
     if report["agent_failures"]:
-        lines.append(f"  agent failures: {report['agent_failures']}")
+        lines.append(f"  agent failures ({len(report['agent_failures'])}):")
+        for reason, names in failures_by_reason(report["agent_failures"]):
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            lines.append(f"    {reason}: {shown}")
     return "\n".join(lines)
+
+
+def failures_by_reason(failures: list[str]) -> list[tuple[str, list[str]]]:
+    """``"agent: reason"`` lines grouped by reason, the most frequent first: when the
+    exchange goes away, every agent fails the same way and one line says so."""
+    groups: dict[str, list[str]] = {}
+    for line in failures:
+        name, _, reason = line.partition(": ")
+        groups.setdefault(reason or name, []).append(name)
+    return sorted(groups.items(), key=lambda item: -len(item[1]))

@@ -33,7 +33,7 @@ from simulation.embedded import EmbeddedExchange, parse_duration_ns, parse_laten
 from simulation.ledger_writer import LedgerWriterError
 from storage.lock import DataDirBusy
 from simulation.gateway import Gateway, GatewayConnectionError, GatewayError
-from simulation.report import build_report, format_report, last_prices
+from simulation.report import build_report, failures_by_reason, format_report, last_prices
 from simulation.tcp import BookMirror, TcpGateway, fetch_config, market_prices
 
 DEFAULT_AGENTS = {"random": 20, "mm": 2, "twap": 1, "passive": 1}
@@ -771,7 +771,8 @@ def main(argv: list[str] | None = None) -> int:
     if report.get("interrupted"):
         return 130  # as a scheduled run: stopped by the user, not finished
     if report.get("agent_failures"):
-        print(f"error: {len(report['agent_failures'])} agent(s) failed (see 'agent failures' above)",
-              file=sys.stderr)
+        reason, _ = failures_by_reason(report["agent_failures"])[0]
+        print(f"error: {len(report['agent_failures'])} of {len(report['agents'])} agents stopped early, "
+              f"e.g. {reason} (see 'agent failures' above)", file=sys.stderr)
         return 1
     return 0

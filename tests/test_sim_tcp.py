@@ -413,3 +413,28 @@ async def test_a_scheduled_tcp_run_summarises_the_budgets_the_exchange_holds(
     for account, asset, available, locked in rows:
         assert (available, locked) == (held[account][asset]["available"], held[account][asset]["locked"]), (
             account, asset)
+
+
+async def test_when_the_exchange_goes_away_the_report_says_so_in_one_line(
+    engine: tuple[str, int, Path, asyncio.subprocess.Process], tmp_path: Path,
+) -> None:
+    """Every agent fails the same way when the exchange stops: the report groups them by
+    reason instead of printing two dozen copies, and the exit code is 1, not a traceback."""
+    _, port, _, proc = engine
+    sim = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "run" / "start_simulation.py"), "--port", str(port),
+        "--agents", "random=6,mm=1", "--duration", "20s", "--rate", "200", "--no-progress",
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    await asyncio.sleep(2.0)
+    proc.terminate()
+    out, err = await asyncio.wait_for(sim.communicate(), 60)
+    stdout, stderr = out.decode(), err.decode()
+    assert sim.returncode == 1, (stdout[-2000:], stderr[-2000:])
+    assert "Traceback" not in stderr
+    failures = re.search(r"agent failures \((\d+)\):\n((?:    .*\n?)+)", stdout)
+    assert failures, stdout[-2000:]
+    groups = failures.group(2).strip().splitlines()
+    assert int(failures.group(1)) >= 6 and 1 <= len(groups) <= 2, groups  # closed, or reset
+    assert "connection" in groups[0] and "more" in groups[0]
+    assert "agents stopped early" in stderr
