@@ -329,7 +329,13 @@ class Agent:
             return bid + 1
         if ask is not None:
             return max(1, ask - 1)
-        return self.control.profiles[market].mid
+        return self.last_price(market)
+
+    def last_price(self, market: str) -> int:
+        """Where this agent last traded in ``market``, else where the market started: for an
+        empty book, after a run has moved the price (the band is around the last trade)."""
+        leg = self.wallet.legs.get(market)
+        return leg.last_price if leg is not None and leg.last_trade_id else self.control.profiles[market].mid
 
     # -- reporting --------------------------------------------------------------------
 
@@ -478,7 +484,7 @@ class MarketMaker(Agent):
         current = [self.wallet.orders[o].price for o in (self.quotes.get((market, _BUY)), self.quotes.get((market, _SELL))) if o in self.wallet.orders]
         if len(current) == 2:
             return (current[0] + current[1]) // 2  # type: ignore[operator]
-        return self.control.profiles[market].mid
+        return self.last_price(market)
 
     async def _quote(self, market: str) -> bool:
         profile = self.control.profiles[market]

@@ -127,3 +127,15 @@ def test_below_draws_exactly_what_randrange_and_randint_draw() -> None:
             assert below(ours.getrandbits, n) == ref.randrange(n)
             assert 5 + below(ours.getrandbits, 11) == ref.randint(5, 15)
             assert -n + below(ours.getrandbits, 2 * n + 1) == ref.randint(-n, n)
+
+
+def test_an_empty_book_is_priced_at_the_agents_last_trade_not_the_start(tmp_path: Path) -> None:
+    """After the run has moved the price, a random trader that finds the book empty quotes
+    around where it last traded; where it never traded, around the market's start."""
+    _, agents, _ = run(tmp_path, {"random": 4}, duration=20.0, params={"random": {"max_offset_bps": 200}})
+    trader = max(of(agents, RandomTrader), key=lambda a: a.wallet.trades)
+    last = trader.wallet.legs["BTC-USD"].last_price
+    start = trader.control.profiles["BTC-USD"].mid
+    assert trader.wallet.trades > 0 and last != start
+    assert trader._mid("BTC-USD", (None, None)) == last
+    assert trader._mid("ACME-USD", (None, None)) == trader.control.profiles["ACME-USD"].mid  # no trade there
