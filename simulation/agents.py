@@ -183,10 +183,11 @@ class Agent:
             # The pause runs from the step's start: the time the step waited for the
             # exchange (an acknowledgement, a latency model) is part of it, so the agent
             # keeps its pace however slow the answers. A step that used up its pause
-            # (time passed, so it yielded) goes straight on.
+            # still yields (a zero sleep): a step need not have waited for anything (a
+            # budget skip), and over TCP the wall clock moves anyway, so without it an
+            # agent could hold the loop and nothing else (not even the deadline) would run.
             pause = interval * self.pace() * (0.5 + rng_random()) - (gw.now_ns() - started) * 1e-9
-            if pause > 0:
-                await gw.sleep(pause)
+            await gw.sleep(pause if pause > 0 else 0.0)
 
     async def step(self) -> None:
         raise NotImplementedError

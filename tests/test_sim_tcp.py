@@ -7,6 +7,7 @@ two seconds of wall time; every await is bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import subprocess
@@ -28,10 +29,16 @@ LISTENING = re.compile(r"Exchange listening on (\S+):(\d+)")
 
 @pytest.fixture
 async def engine(tmp_path: Path) -> AsyncIterator[tuple[str, int, Path, asyncio.subprocess.Process]]:
+    async with _engine(tmp_path) as started:
+        yield started
+
+
+@contextlib.asynccontextmanager
+async def _engine(tmp_path: Path, *extra: str) -> AsyncIterator[tuple[str, int, Path, asyncio.subprocess.Process]]:
     data = tmp_path / "engine-data"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(ROOT / "run" / "start_engine.py"), "--port", "0", "--data-dir", str(data),
-        "--log-level", "WARNING", cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        "--log-level", "WARNING", *extra, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
         assert proc.stdout is not None
@@ -438,3 +445,27 @@ async def test_when_the_exchange_goes_away_the_report_says_so_in_one_line(
     assert int(failures.group(1)) >= 6 and 1 <= len(groups) <= 2, groups  # closed, or reset
     assert "connection" in groups[0] and "more" in groups[0]
     assert "agents stopped early" in stderr
+
+
+async def test_an_agent_that_cannot_afford_any_order_does_not_hold_the_loop(tmp_path: Path) -> None:
+    """Its steps send nothing (every order skipped for budget) and so never wait; at a high
+    rate its pauses are used up at once. It must still yield, or the run never reaches its
+    deadline nor answers a signal: it spun until killed. In a subprocess, since a loop held
+    that way cannot time itself out."""
+    config = tmp_path / "spin.json"
+    config.write_text(json.dumps({"markets": ["BTC-USD"], "funding": {"random": {"USD": "1", "BTC": "0.0001"}},
+                                  "params": {"random": {"limit_ratio": 1.0}}}))
+    async with _engine(tmp_path, "--demo-balances", "USD=0.000001") as (_, port, _, _):
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(None, lambda: subprocess.run(
+                [sys.executable, str(ROOT / "run" / "start_simulation.py"), "--port", str(port),
+                 "--agents", "random=1", "--rate", "1e7", "--duration", "1s", "--no-progress",
+                 "--config", str(config), "--report", str(tmp_path / "r.json")],
+                cwd=ROOT, capture_output=True, text=True, timeout=30, check=False))
+        except subprocess.TimeoutExpired:
+            pytest.fail("the run did not end: an agent held the event loop")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["skipped_for_budget"] > 0 and report["orders_sent"] == 0
+    assert report["elapsed_s"] < 3
