@@ -586,7 +586,8 @@ class TwapExecutor(Agent):
             await gw.sleep(retry_ns / 1e9)
             await self._catch_up(self.target)
         self.sync()
-        self.finished_ns = gw.now_ns()
+        if self.filled >= self.target:  # else unfinished: stopped early, or the book was too thin
+            self.finished_ns = gw.now_ns()
         self.done = True
 
     async def _catch_up(self, due_total: int) -> None:

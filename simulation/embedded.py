@@ -186,7 +186,8 @@ class SimKernel:
         self.seq = 0
         # The coroutines still running, in the order they started (a dict keyed by the object
         # itself: hashing it is its address, with no int built as ``id()`` would).
-        self.live: dict[Coroutine[Any, Any, Any], None] = {}
+        # The value: a name for the failures list (the agent's), or None.
+        self.live: dict[Coroutine[Any, Any, Any], str | None] = {}
         self.failures: list[tuple[str, BaseException]] = []
         self.steps = 0
         self._resume: Callable[[Any, Any], None] = self._step  # one bound method, not one per wake-up
@@ -195,8 +196,8 @@ class SimKernel:
         self.seq += 1
         heapq.heappush(self.heap, (when, self.seq, fn, a, b))
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> Coroutine[Any, Any, Any]:
-        self.live[coro] = None
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> Coroutine[Any, Any, Any]:
+        self.live[coro] = name
         self.at(self.now, self._resume, coro, None)
         return coro
 
@@ -217,8 +218,8 @@ class SimKernel:
             self.live.pop(coro, None)
             return
         except Exception as exc:  # one broken agent must not stop the others
-            self.live.pop(coro, None)
-            self.failures.append((getattr(coro, "__qualname__", repr(coro)), exc))
+            name = self.live.pop(coro, None)
+            self.failures.append((name or getattr(coro, "__qualname__", repr(coro)), exc))
             return
         if wait.__class__ is int:  # sleep: wake up then
             self.seq += 1
@@ -362,6 +363,7 @@ class EmbeddedExchange:
         self.subscribers: dict[tuple[str, str], list[EmbeddedGateway]] = {}
         self.last_ts = 0
         self._arrivals: dict[str, int] = {}  # account -> when the last command's reports arrive
+        self.in_flight_until: dict[str, int] = {}  # account -> when its last scheduled report arrives
         self.stats = {"orders": 0, "trades": 0, "commands": 0}
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self._ledger: Any = None
@@ -454,9 +456,12 @@ class EmbeddedExchange:
             assert latency is not None
             kernel, rng = self.kernel, self.rng
             arrivals = self._arrivals
+            until = self.in_flight_until
             for account, evs in delayed.items():
                 when = kernel.now + latency.sample(rng)
                 arrivals[account] = when
+                if when > until.get(account, 0):
+                    until[account] = when
                 kernel.at(when, _deliver, sessions[account], evs)
         return events
 
@@ -704,6 +709,12 @@ class EmbeddedGateway(Gateway):
         return await self.balances()
 
     # -- queries ----------------------------------------------------------------------
+
+    async def settled(self) -> None:
+        # With a latency model a report can be on its way: wait for the last one scheduled.
+        when = self.exchange.in_flight_until.get(self.account, 0)
+        if when >= self.kernel.now:
+            await _until(when + 1)  # just after it: a delivery due at ``when`` has run
 
     async def balances(self) -> dict[str, Holding]:
         return {

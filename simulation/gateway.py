@@ -175,6 +175,12 @@ class Gateway(ABC):
     @abstractmethod
     async def balances(self) -> dict[str, Holding]: ...
 
+    async def settled(self) -> None:
+        """Until every report already sent to this session has arrived (then
+        ``poll_events`` has them all). Over TCP, one round trip: the exchange answers a
+        session in order."""
+        await self.balances()
+
     @abstractmethod
     async def open_orders(self, market: str | None = None) -> list[OpenOrderView]: ...
 

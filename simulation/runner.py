@@ -255,7 +255,7 @@ def run_embedded(
 
     # Fund everyone first (at simulated time zero), then start trading.
     for agent in agents:
-        _ = kernel.spawn(agent.fund())
+        _ = kernel.spawn(agent.fund(), agent.name)
     kernel.run()
     if kernel.failures:  # as over TCP: a run whose agents cannot be funded does not start
         why = kernel.failures[0][1]
@@ -263,7 +263,7 @@ def run_embedded(
         raise SimulationError(f"funding the agents failed: {why}")
     start_ns = kernel.now
     for agent in agents:
-        _ = kernel.spawn(agent.run())
+        _ = kernel.spawn(agent.run(), agent.name)
     until = None if cfg.duration_s is None else start_ns + int(cfg.duration_s * 1e9)
     wall = time.perf_counter()
     # Ctrl-C sets a flag the kernel looks at between steps, rather than raising
@@ -276,8 +276,11 @@ def run_embedded(
         # The progress line needs a sample now and then; a plot needs enough of them to draw
         # lines even for a short run, so sample more often when one is asked for.
         every = 256 if cfg.plot_file else 4096
-        kernel.run(until, stop=lambda: control.stopping or bool(ctrl_c) or exchange.ledger_error is not None,
-                   tick=tick, tick_every=every)
+        # An agent that raised is a bug or a bad parameter, never the network: the run stops
+        # there rather than go on without it (with --orders, the others might never reach
+        # the count, and simulated time would run on for good).
+        kernel.run(until, stop=lambda: control.stopping or bool(ctrl_c) or exchange.ledger_error is not None
+                   or bool(kernel.failures), tick=tick, tick_every=every)
         if control.stopping and not ctrl_c:  # the order count is used up: let in-flight requests land
             kernel.run(kernel.now + 1, tick=None)
     except KeyboardInterrupt:
@@ -297,7 +300,7 @@ def run_embedded(
     failures = [f"{name}: {exc!r}" for name, exc in kernel.failures]
     kernel.close_all()
     for agent in agents:
-        _ = kernel.spawn(agent.shutdown())
+        _ = kernel.spawn(agent.shutdown(), agent.name)
     kernel.run()
     progress.update(agents, control, tops(), sim_elapsed, force=True)
     progress.done()

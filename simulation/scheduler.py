@@ -363,13 +363,13 @@ class BudgetTracker:
                     self.filled[rep.order_id] = rep.filled
 
     async def settle(self) -> None:
-        """Take in every report already on its way: one round trip per session, since the
-        exchange answers each session in order. The last slots' orders traded against
-        resting ones; those owners' fills could still be in flight, and the summary would
-        show their funds locked. A session that is gone keeps what it had."""
+        """Take in every report already on its way (``Gateway.settled``: a round trip over
+        TCP, the last scheduled delivery with a latency model). The last slots' orders
+        traded against resting ones; those owners' fills could still be in flight, and the
+        summary would show their funds locked. A session that is gone keeps what it had."""
         for gw in self.gateways.values():
             try:
-                await gw.balances()
+                await gw.settled()
             except GatewayError:
                 pass
         self.sync()

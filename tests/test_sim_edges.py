@@ -386,3 +386,16 @@ def test_resuming_a_completed_run_says_so_and_changes_nothing(tmp_path: Path) ->
     assert after["finished_at"] == before["finished_at"]
     assert (data / "trades.jsonl").read_bytes() == ledger
     assert "already" in (again.stdout + again.stderr)
+
+
+def test_an_embedded_run_stops_when_an_agent_breaks_and_names_it(tmp_path: Path) -> None:
+    """Every random trader raises on its first step (a bad parameter). With ``--orders`` the
+    others never reach the count, and the run went on in simulated time for good; now it
+    stops, and the report names the agents (not their coroutine, ``Agent.run``)."""
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"params": {"random": {"max_offset_bps": None}}}))
+    proc = sim("--embedded", "--orders", "500", "--no-progress", "--config", str(config),
+               "--data-dir", str(tmp_path / "d"))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert re.search(r"TypeError\(.*\): random01, random02, random03 and \d+ more", proc.stdout), proc.stdout[-1500:]
+    assert "agents stopped early" in proc.stderr and "Traceback" not in proc.stderr

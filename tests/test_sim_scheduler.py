@@ -223,3 +223,23 @@ def test_bad_schedules_are_refused() -> None:
             ScheduleConfig.from_dict(bad)
     with pytest.raises(ValueError):
         build_slots(ScheduleConfig.from_dict({"markets": ["NOPE"]}), CONFIG)
+
+
+def test_the_summary_waits_for_fills_still_in_flight_under_a_latency_model(tmp_path: Path) -> None:
+    """With a latency model the last maker's fill is delivered after the taker's slot
+    completes: the budget summary must include it (it showed the funds still locked)."""
+    sched = schedule("round_robin", seed=1)
+    ex = EmbeddedExchange(CONFIG, seed=1, latency="gamma:mean=20ms")
+    gateways = fund_all(ex, sched)
+    run = new_run(sched, CONFIG)
+    proc = SlotProcessor(run, gateways, RunStore(tmp_path), CONFIG)
+    ex.kernel.run_until_complete(proc.execute())
+    ex.close()
+    assert run.status == "completed"
+    budgets = proc.summary()["budgets"]
+    for account in sched.accounts:
+        engine = ex.engine.balances(account)
+        for asset, b in budgets[account].items():
+            fmt = CONFIG.assets[asset].format
+            assert (b["available"], b["locked"]) == (fmt(engine[asset].available), fmt(engine[asset].locked)), (
+                account, asset)

@@ -393,6 +393,8 @@ async def test_a_tcp_run_keeps_its_rate_and_its_duration(
     assert report["elapsed_s"] < 2.6, report["elapsed_s"]
     random_orders = sum(a["orders"] for a in report["agents"].values() if a["kind"] == "random")
     assert 680 <= random_orders <= 920, random_orders
+    (twap,) = [a["twap"] for a in report["agents"].values() if a["kind"] == "twap"]
+    assert twap["took_s"] is None and twap["filled"] != twap["target"]  # stopped early: not finished
 
 
 async def test_a_scheduled_tcp_run_summarises_the_budgets_the_exchange_holds(
