@@ -219,7 +219,7 @@ class SimKernel:
             return
         except Exception as exc:  # one broken agent must not stop the others
             name = self.live.pop(coro, None)
-            self.failures.append((name or getattr(coro, "__qualname__", repr(coro)), exc))
+            self.failures.append((name or str(getattr(coro, "__qualname__", coro)), exc))
             return
         if wait.__class__ is int:  # sleep: wake up then
             self.seq += 1
