@@ -97,7 +97,7 @@ def build_agents(
     total = sum(n for kind, n in cfg.agents.items() if kind in ("random", "mm", "passive")) or 1
     interval = total / cfg.rate if cfg.rate > 0 else 0.1
     # The random traders carry --rate: each sends rate / n of the orders (the market makers',
-    # the TWAP's and the passive buyer's come on top: a few per cent with the default mix).
+    # the TWAP's and the passive buyer's come on top: about a tenth with the default mix).
     n_random = cfg.agents.get("random", 0)
     pace = {"mm": max(interval, 0.05)}
     if cfg.rate > 0 and n_random > 0:
@@ -346,6 +346,8 @@ async def run_tcp(
         raise SimulationError(f"cannot reach the exchange at {cfg.host}:{cfg.port}: {exc.message}") from None
     except GatewayError as exc:  # e.g. a --markets file naming a market it does not have
         raise SimulationError(f"cannot read the exchange's books: {exc.message}") from None
+    except ValueError as exc:  # a --markets file whose grid the exchange's prices are not on
+        raise SimulationError(f"the exchange's books do not fit the markets given: {exc}") from None
     for market, ticks in prices.items():
         profiles[market].mid = ticks  # where the market is, not where a fresh one would start
     control = RunControl(profiles, cfg.orders)

@@ -471,3 +471,29 @@ async def test_an_agent_that_cannot_afford_any_order_does_not_hold_the_loop(tmp_
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["skipped_for_budget"] > 0 and report["orders_sent"] == 0
     assert report["elapsed_s"] < 3
+
+
+async def test_a_markets_file_whose_grid_the_exchanges_prices_miss_is_refused_clearly(
+    engine: tuple[str, int, Path, asyncio.subprocess.Process], tmp_path: Path,
+) -> None:
+    """The exchange has a BTC-USD bid at 29999.50; a markets file with a 1.00 tick cannot
+    read it. A clear error before any agent starts, not a traceback from the first price."""
+    from exchange.markets import DEFAULT_CONFIG
+
+    host, port, _, _ = engine
+    client = ExchangeClient(host, port, timeout=T)
+    await asyncio.wait_for(client.connect(), T)
+    await asyncio.wait_for(client.login("bidder"), T)
+    await asyncio.wait_for(client.place("BTC-USD", "buy", "0.01", price="29999.50"), T)
+    coarse = json.loads(json.dumps(DEFAULT_CONFIG))
+    for market in coarse["markets"]:
+        if market["symbol"] == "BTC-USD":
+            market["tick_size"] = "1.00"
+    markets_file = tmp_path / "coarse.json"
+    markets_file.write_text(json.dumps(coarse))
+    cfg = SimConfig(agents={"random": 2}, duration_s=1.0, orders=None, host=host, port=port,
+                    progress=False, markets_file=markets_file)
+    with pytest.raises(SimulationError) as err:
+        await asyncio.wait_for(run_tcp(cfg, stream=None), T)
+    await client.close()
+    assert "do not fit the markets given" in str(err.value) and "29999.50" in str(err.value)
