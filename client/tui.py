@@ -173,7 +173,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "change an open order's total quantity and/or price"),
     "orders": ("orders", "your open orders, all markets"),
     "balance": ("balance", "your balances: available and locked"),
-    "book": ("book [DEPTH]", "the order book of the current market (asks above bids)"),
+    "book": ("book [DEPTH]", "the order book of the current market (asks above bids; between them the spread and the last trade, or the band's reference price)"),
     "trades": ("trades [N]", "recent trades in the current market"),
     "market": ("market SYMBOL", "switch the current market"),
     "markets": ("markets", "list the markets"),
@@ -1001,8 +1001,11 @@ class TerminalApp:
         middle = []
         if asks and bids:
             middle.append(f"spread {Decimal(book['asks'][0][0]) - Decimal(bids[0][0])}")
-        if book.get("reference_price"):  # the last trade (the configured reference before one)
-            middle.append(f"last {book['reference_price']}")
+        seen = [t for t in self.trades if t.get("market") == self.market]
+        if seen:
+            middle.append(f"last {seen[-1].get('price')}")
+        elif book.get("reference_price"):  # the band's reference: a trade before we watched, or the configured one
+            middle.append(f"ref {book['reference_price']}")
         out.append(("class:dim", f"  ----- {' · '.join(middle)} -----\n" if middle else "  -----\n"))
         for price, qty, count in bids:
             tag = "  <- yours" if ("buy", price) in mine else ""

@@ -110,7 +110,7 @@ async def test_book_does_not_mark_a_level_as_yours_from_a_stale_history_record(s
         assert "yours" not in m.group(0), m.group(0)
 
 
-async def test_book_shows_the_last_trade_price_between_the_sides(server, connect, tmp_path: Path) -> None:
+async def test_book_shows_the_last_trade_or_the_reference_price_between_the_sides(server, connect, tmp_path: Path) -> None:
     bob = await connect("bob")
     async with Terminal(server, "alice", tmp_path / "client") as term:
         await term.type("book", r"\(no asks\)\s+-----\s+\(no bids\)")  # BTC-USD: no trade, no reference
@@ -119,6 +119,8 @@ async def test_book_shows_the_last_trade_price_between_the_sides(server, connect
         await term.type("buy 1 @ 94", r"NEW order \d+ accepted")
         await bob.sell("BTC-USD", "1", "96.50")
         await term.type("book", r"----- spread 2\.50 · last 95\.00 -----")
+        await term.type("market ACME-USD", r"ACME-USD")
+        await term.type("book", r"----- ref 100\.00 -----")  # no trade seen: the band's reference
 
 
 
