@@ -230,16 +230,20 @@ class SimKernel:
     def run(
         self, until_ns: int | None = None, stop: Callable[[], bool] | None = None,
         tick: Callable[[], None] | None = None, tick_every: int = 2048,
+        stop_on_failure: bool = False,
     ) -> None:
         """Pop entries until the heap is empty, ``until_ns`` is reached or ``stop()`` is true.
 
         ``tick`` is called every ``tick_every`` steps (the runner's wall-clock progress line);
-        ``stop`` is checked at the same points and after the last step.
+        ``stop`` is checked at the same points and after the last step. ``stop_on_failure``:
+        stop right after the step in which a coroutine raised (at the same point whatever
+        ``tick_every`` is, so a seeded run stops at the same place with or without a plot).
         """
         heap = self.heap
         pop = heapq.heappop
         resume = self._resume
         limit = until_ns if until_ns is not None else 1 << 126
+        failures = self.failures
         n = 0
         while heap:
             entry = heap[0]
@@ -254,6 +258,8 @@ class SimKernel:
             else:
                 fn(entry[3], entry[4])
             n += 1
+            if stop_on_failure and failures:
+                break
             if n % tick_every == 0:
                 if tick is not None:
                     tick()

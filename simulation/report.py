@@ -138,7 +138,7 @@ def build_report(
 def format_report(report: dict[str, Any]) -> str:
     """The report as a few readable lines for the terminal."""
     lines = [
-        f"Simulation ({report['mode']}) {'interrupted' if report['interrupted'] else 'finished'}: "
+        f"Simulation ({report['mode']}) {_ending(report)}: "
         f"{report['orders_sent']} orders in {report['elapsed_s']} s "
         f"({report['orders_per_s']} orders/s wall"
         + (f", {report['simulated_s']} s simulated" if report.get("simulated_s") is not None else "")
@@ -178,6 +178,14 @@ def format_report(report: dict[str, Any]) -> str:
             shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             lines.append(f"    {reason}: {shown}")
     return "\n".join(lines)
+
+
+def _ending(report: dict[str, Any]) -> str:
+    if report["interrupted"]:
+        return "interrupted"
+    if report.get("stopped_early"):
+        return f"stopped early ({report['stopped_early']})"
+    return "finished"
 
 
 def failures_by_reason(failures: list[str]) -> list[tuple[str, list[str]]]:

@@ -34,7 +34,7 @@ from simulation.ledger_writer import LedgerWriterError
 from storage.lock import DataDirBusy
 from simulation.gateway import Gateway, GatewayConnectionError, GatewayError
 from simulation.report import build_report, failures_by_reason, format_report, last_prices
-from simulation.tcp import BookMirror, TcpGateway, fetch_config, market_prices
+from simulation.tcp import BookMirror, TcpGateway, fetch_config, market_differences, market_prices
 
 DEFAULT_AGENTS = {"random": 20, "mm": 2, "twap": 1, "passive": 1}
 DEFAULT_PROFILES: dict[str, dict[str, str]] = {
@@ -279,8 +279,8 @@ def run_embedded(
         # An agent that raised is a bug or a bad parameter, never the network: the run stops
         # there rather than go on without it (with --orders, the others might never reach
         # the count, and simulated time would run on for good).
-        kernel.run(until, stop=lambda: control.stopping or bool(ctrl_c) or exchange.ledger_error is not None
-                   or bool(kernel.failures), tick=tick, tick_every=every)
+        kernel.run(until, stop=lambda: control.stopping or bool(ctrl_c) or exchange.ledger_error is not None,
+                   tick=tick, tick_every=every, stop_on_failure=True)
         if control.stopping and not ctrl_c:  # the order count is used up: let in-flight requests land
             kernel.run(kernel.now + 1, tick=None)
     except KeyboardInterrupt:
@@ -301,7 +301,9 @@ def run_embedded(
     kernel.close_all()
     for agent in agents:
         _ = kernel.spawn(agent.shutdown(), agent.name)
-    kernel.run()
+    kernel.run()  # to an empty heap: every report still on its way (a latency model) arrives
+    for agent in agents:
+        agent.sync()  # and is counted
     progress.update(agents, control, tops(), sim_elapsed, force=True)
     progress.done()
     close_embedded(exchange)
@@ -309,6 +311,8 @@ def run_embedded(
         agents, config, mode="embedded", elapsed_s=elapsed, sim_elapsed_s=sim_elapsed,
         orders_sent=control.orders, interrupted=interrupted, seed=cfg.seed, failures=failures,
     )
+    if failures:
+        report["stopped_early"] = "an agent failed"
     report["latency"] = cfg.latency or "none"
     report["ledger"] = str(Path(cfg.data_dir) / "trades.jsonl")
     _finish(cfg, report, progress, config)
@@ -328,15 +332,16 @@ async def run_tcp(
     ``stop_event`` replaces the Ctrl-C handler (set it to stop early); ``out`` receives the
     ``agents``.
     """
+    try:
+        remote = await fetch_config(cfg.host, cfg.port)
+    except GatewayConnectionError as exc:
+        raise SimulationError(
+            f"{exc.message}. Start it with: python run/start_engine.py (or use --embedded)"
+        ) from None
+    config = remote
     if cfg.markets_file is not None:
         config = market_config(cfg)
-    else:
-        try:
-            config = await fetch_config(cfg.host, cfg.port)
-        except GatewayConnectionError as exc:
-            raise SimulationError(
-                f"{exc.message}. Start it with: python run/start_engine.py (or use --embedded)"
-            ) from None
+        check_markets(config, remote, f"the markets file {cfg.markets_file}")
     if cfg.prefix is None:
         cfg.prefix = f"sim{time.time_ns() % 10**8:08d}-"
     profiles = profiles_for(cfg, config)
@@ -346,8 +351,6 @@ async def run_tcp(
         raise SimulationError(f"cannot reach the exchange at {cfg.host}:{cfg.port}: {exc.message}") from None
     except GatewayError as exc:  # e.g. a --markets file naming a market it does not have
         raise SimulationError(f"cannot read the exchange's books: {exc.message}") from None
-    except ValueError as exc:  # a --markets file whose grid the exchange's prices are not on
-        raise SimulationError(f"the exchange's books do not fit the markets given: {exc}") from None
     for market, ticks in prices.items():
         profiles[market].mid = ticks  # where the market is, not where a fresh one would start
     control = RunControl(profiles, cfg.orders)
@@ -422,6 +425,10 @@ async def run_tcp(
                 failures.append(f"{task.get_name()}: {task.exception()!r}")
         elapsed = time.perf_counter() - wall
         await asyncio.wait_for(asyncio.gather(*(a.shutdown() for a in agents), return_exceptions=True), 30)
+        # Fills of the last moments may still be on their way: take them in before the report.
+        await asyncio.wait_for(asyncio.gather(*(gw.settled() for gw in gateways), return_exceptions=True), 30)
+        for agent in agents:
+            agent.sync()
         tops = await _tcp_tops_of_any(gateways, config, tops, exact=True)
         progress.update(agents, control, tops, force=True)
         progress.done()
@@ -446,6 +453,15 @@ async def run_tcp(
     report["exchange"] = f"{cfg.host}:{cfg.port}"
     _finish(cfg, report, progress, config)
     return report
+
+
+def check_markets(local: MarketConfig, remote: MarketConfig, what: str) -> None:
+    """Refuse to run with markets on another grid than the exchange's (their prices could
+    be neither read nor sent)."""
+    differences = market_differences(local, remote)
+    if differences:
+        raise SimulationError(f"{what} does not match the exchange's markets: " + "; ".join(differences[:5])
+                              + (f"; and {len(differences) - 5} more" if len(differences) > 5 else ""))
 
 
 def _agents_or_error(
@@ -777,7 +793,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130  # as a scheduled run: stopped by the user, not finished
     if report.get("agent_failures"):
         reason, _ = failures_by_reason(report["agent_failures"])[0]
-        print(f"error: {len(report['agent_failures'])} of {len(report['agents'])} agents stopped early, "
-              f"e.g. {reason} (see 'agent failures' above)", file=sys.stderr)
+        n, m = len(report["agent_failures"]), len(report["agents"])
+        what = (f"the run stopped early: {n} of {m} agents failed" if report.get("stopped_early")
+                else f"{n} of {m} agents stopped early")
+        print(f"error: {what}, e.g. {reason} (see 'agent failures' above)", file=sys.stderr)
         return 1
     return 0

@@ -130,6 +130,25 @@ async def market_prices(
         await client.close()
 
 
+def market_differences(local: MarketConfig, remote: MarketConfig) -> list[str]:
+    """How the markets a run was given (a ``--markets`` file, or the built-in ones) differ
+    from the exchange's: prices and sizes on another grid cannot be read or sent."""
+    out = []
+    for symbol, mine in local.markets.items():
+        theirs = remote.markets.get(symbol)
+        if theirs is None:
+            out.append(f"{symbol}: the exchange has no such market")
+            continue
+        if (mine.base.name, mine.quote.name) != (theirs.base.name, theirs.quote.name):
+            out.append(f"{symbol}: {mine.base.name}/{mine.quote.name} here, "
+                       f"{theirs.base.name}/{theirs.quote.name} on the exchange")
+        for attr in ("tick_size", "lot_size", "min_qty"):
+            here, there = getattr(mine, attr), getattr(theirs, attr)
+            if Decimal(here) != Decimal(there):
+                out.append(f"{symbol} {attr}: {here} here, {there} on the exchange")
+    return out
+
+
 def _decimals(text: str) -> int:
     _, _, frac = text.partition(".")
     return len(frac.rstrip("0"))

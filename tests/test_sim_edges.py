@@ -391,11 +391,40 @@ def test_resuming_a_completed_run_says_so_and_changes_nothing(tmp_path: Path) ->
 def test_an_embedded_run_stops_when_an_agent_breaks_and_names_it(tmp_path: Path) -> None:
     """Every random trader raises on its first step (a bad parameter). With ``--orders`` the
     others never reach the count, and the run went on in simulated time for good; now it
-    stops, and the report names the agents (not their coroutine, ``Agent.run``)."""
+    stops at the first failure, and the report names the agent (not its coroutine,
+    ``Agent.run``)."""
     config = tmp_path / "bad.json"
     config.write_text(json.dumps({"params": {"random": {"max_offset_bps": None}}}))
     proc = sim("--embedded", "--orders", "500", "--no-progress", "--config", str(config),
                "--data-dir", str(tmp_path / "d"))
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert re.search(r"TypeError\(.*\): random01, random02, random03 and \d+ more", proc.stdout), proc.stdout[-1500:]
-    assert "agents stopped early" in proc.stderr and "Traceback" not in proc.stderr
+    assert re.search(r"TypeError\(.*\): random01$", proc.stdout, re.M), proc.stdout[-1500:]
+    assert "the run stopped early: 1 of 24 agents failed" in proc.stderr and "Traceback" not in proc.stderr
+    assert "Simulation (embedded) stopped early (an agent failed)" in proc.stdout
+
+
+def test_a_broken_agent_stops_a_seeded_run_at_the_same_place_with_or_without_a_plot(tmp_path: Path) -> None:
+    """The stop is checked right after the failing step, not at the progress samples (every
+    4,096 steps, or 256 with ``--plot``): the same seed gives the same ledger either way."""
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"params": {"twap": {"slice_type": "limit", "limit_ticks": "x", "window": 5}}}))
+    ledgers = []
+    for name, extra in (("a", []), ("b", ["--plot", str(tmp_path / "p.png")])):
+        proc = sim("--embedded", "--duration", "20s", "--latency", "gamma:mean=5ms", "--no-progress",
+                   "--config", str(config), "--data-dir", str(tmp_path / name), *extra)
+        assert proc.returncode == 1 and "stopped early (an agent failed)" in proc.stdout, proc.stderr[-1500:]
+        assert "twap01" in proc.stdout
+        ledgers.append((tmp_path / name / "trades.jsonl").read_bytes())
+    assert ledgers[0] == ledgers[1]
+
+
+def test_reports_still_on_their_way_at_the_end_are_counted(tmp_path: Path) -> None:
+    """With a latency model the last fills reach the agents after the run's end: the
+    report counts them, so its trades equal the ledger's lines."""
+    report_file = tmp_path / "r.json"
+    proc = sim("--embedded", "--duration", "5s", "--latency", "gamma:mean=50ms,shape=0.05", "--no-progress",
+               "--data-dir", str(tmp_path / "d"), "--report", str(report_file))
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    report = json.loads(report_file.read_text())
+    lines = (tmp_path / "d" / "trades.jsonl").read_text().splitlines()
+    assert report["trades"] == len(lines) > 0

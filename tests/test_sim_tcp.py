@@ -473,11 +473,12 @@ async def test_an_agent_that_cannot_afford_any_order_does_not_hold_the_loop(tmp_
     assert report["elapsed_s"] < 3
 
 
-async def test_a_markets_file_whose_grid_the_exchanges_prices_miss_is_refused_clearly(
+async def test_a_markets_file_on_another_grid_than_the_exchanges_is_refused_clearly(
     engine: tuple[str, int, Path, asyncio.subprocess.Process], tmp_path: Path,
 ) -> None:
     """The exchange has a BTC-USD bid at 29999.50; a markets file with a 1.00 tick cannot
-    read it. A clear error before any agent starts, not a traceback from the first price."""
+    read it (nor any deeper level the agents would reach). A clear error before any agent
+    starts, not a traceback at the first price off the file's grid."""
     from exchange.markets import DEFAULT_CONFIG
 
     host, port, _, _ = engine
@@ -496,4 +497,16 @@ async def test_a_markets_file_whose_grid_the_exchanges_prices_miss_is_refused_cl
     with pytest.raises(SimulationError) as err:
         await asyncio.wait_for(run_tcp(cfg, stream=None), T)
     await client.close()
-    assert "do not fit the markets given" in str(err.value) and "29999.50" in str(err.value)
+    assert "does not match the exchange's markets: BTC-USD tick_size: 1.00 here, 0.01 on the exchange" in str(err.value)
+    # A scheduled run checks the same, before its first slot (one accepted order it could
+    # not read would otherwise be sent again on resume).
+    for market in coarse["markets"]:
+        if market["symbol"] == "BTC-USD":
+            market["tick_size"] = "0.10"  # the default schedule's price offsets fit this grid
+    markets_file.write_text(json.dumps(coarse))
+    loop = asyncio.get_running_loop()
+    result = await loop.run_in_executor(None, lambda: run_cli(
+        "--schedule", "--port", str(port), "--markets", str(markets_file), "--data-dir", str(tmp_path / "s"),
+        "--no-progress"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-1500:]
+    assert "does not match the exchange's markets" in result.stderr
