@@ -349,7 +349,7 @@ async def run_tcp(
         prices = await market_prices(cfg.host, cfg.port, config)
     except GatewayConnectionError as exc:
         raise SimulationError(f"cannot reach the exchange at {cfg.host}:{cfg.port}: {exc.message}") from None
-    except GatewayError as exc:  # e.g. a --markets file naming a market it does not have
+    except GatewayError as exc:  # the exchange refused the query
         raise SimulationError(f"cannot read the exchange's books: {exc.message}") from None
     for market, ticks in prices.items():
         profiles[market].mid = ticks  # where the market is, not where a fresh one would start
