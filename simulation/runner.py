@@ -332,16 +332,8 @@ async def run_tcp(
     ``stop_event`` replaces the Ctrl-C handler (set it to stop early); ``out`` receives the
     ``agents``.
     """
-    try:
-        remote = await fetch_config(cfg.host, cfg.port)
-    except GatewayConnectionError as exc:
-        raise SimulationError(
-            f"{exc.message}. Start it with: python run/start_engine.py (or use --embedded)"
-        ) from None
-    config = remote
-    if cfg.markets_file is not None:
-        config = market_config(cfg)
-        check_markets(config, remote, f"the markets file {cfg.markets_file}")
+    given = market_config(cfg) if cfg.markets_file is not None else None
+    config = await exchange_markets(cfg, given, f"the markets file {cfg.markets_file}")
     if cfg.prefix is None:
         cfg.prefix = f"sim{time.time_ns() % 10**8:08d}-"
     profiles = profiles_for(cfg, config)
@@ -455,13 +447,23 @@ async def run_tcp(
     return report
 
 
-def check_markets(local: MarketConfig, remote: MarketConfig, what: str) -> None:
-    """Refuse to run with markets on another grid than the exchange's (their prices could
-    be neither read nor sent)."""
-    differences = market_differences(local, remote)
+async def exchange_markets(cfg: Any, given: MarketConfig | None, what: str) -> MarketConfig:
+    """The exchange's markets; or ``given`` (``what``: a markets file, the built-in ones),
+    refused if its markets are on another grid than the exchange's (their prices could be
+    neither read nor sent)."""
+    try:
+        remote = await fetch_config(cfg.host, cfg.port)
+    except GatewayConnectionError as exc:
+        raise SimulationError(
+            f"{exc.message}. Start it with: python run/start_engine.py (or use --embedded)"
+        ) from None
+    if given is None:
+        return remote
+    differences = market_differences(given, remote)
     if differences:
         raise SimulationError(f"{what} does not match the exchange's markets: " + "; ".join(differences[:5])
                               + (f"; and {len(differences) - 5} more" if len(differences) > 5 else ""))
+    return given
 
 
 def _agents_or_error(

@@ -724,14 +724,9 @@ def _main_locked(cfg: Any, args: Any, store: RunStore, config: MarketConfig,
 
 async def _tcp_schedule(cfg: Any, sched: ScheduleConfig, config: MarketConfig, run: SimulationRun,
                         body: Callable[[dict[str, Gateway], bool], Awaitable[SlotProcessor]]) -> SlotProcessor:
-    from simulation.runner import SimulationError, _connect_all, check_markets
-    from simulation.tcp import fetch_config
+    from simulation.runner import _connect_all, exchange_markets
 
-    try:
-        remote = await fetch_config(cfg.host, cfg.port)
-    except GatewayConnectionError as exc:
-        raise SimulationError(f"{exc.message}. Start it with: python run/start_engine.py (or use --embedded)") from None
-    check_markets(config, remote, f"the markets file {cfg.markets_file}" if cfg.markets_file else "the built-in markets")
+    await exchange_markets(cfg, config, f"the markets file {cfg.markets_file}" if cfg.markets_file else "the built-in markets")
     gws = await _connect_all(cfg, config, list(sched.accounts), None)
     try:
         return await body(dict(zip(sched.accounts, gws)), not run.funded)

@@ -111,14 +111,12 @@ async def market_prices(
         await client.connect()
         out = {}
         for market, spec in config.markets.items():
-            reply = await client.book(market, depth=1)
-            bid = spec.price_ticks(reply["bids"][0][0]) if reply["bids"] else None
-            ask = spec.price_ticks(reply["asks"][0][0]) if reply["asks"] else None
-            ref = reply.get("reference_price")
+            view = book_view(spec, await client.book(market, depth=1))
+            bid, ask = view.best_bid, view.best_ask
             if bid is not None and ask is not None:
                 out[market] = (bid + ask) // 2
-            elif ref is not None:
-                out[market] = spec.price_ticks(ref)
+            elif view.reference is not None:
+                out[market] = view.reference
             elif bid is not None or ask is not None:
                 out[market] = bid if bid is not None else ask  # type: ignore[assignment]
         return out
@@ -128,6 +126,17 @@ async def market_prices(
         raise GatewayError(exc.code, exc.message) from None
     finally:
         await client.close()
+
+
+def book_view(spec: Market, reply: dict[str, Any]) -> BookView:
+    """A level-2 ``book`` reply in ticks and lots."""
+    ref = reply.get("reference_price")
+    return BookView(
+        spec.symbol, reply["seq"],
+        [(spec.price_ticks(p), lots_of(spec, q), n) for p, q, n in reply["bids"]],
+        [(spec.price_ticks(p), lots_of(spec, q), n) for p, q, n in reply["asks"]],
+        None if ref is None else spec.price_ticks(ref),
+    )
 
 
 def market_differences(local: MarketConfig, remote: MarketConfig) -> list[str]:
@@ -387,14 +396,7 @@ class TcpGateway(Gateway):
         return out
 
     async def book(self, market: str, depth: int = 20) -> BookView:
-        reply = await self._request("book", market=market, depth=depth)
-        spec = self.config.markets[market]
-        return BookView(
-            market, reply["seq"],
-            [(spec.price_ticks(p), lots_of(spec, q), n) for p, q, n in reply["bids"]],
-            [(spec.price_ticks(p), lots_of(spec, q), n) for p, q, n in reply["asks"]],
-            None if reply.get("reference_price") is None else spec.price_ticks(reply["reference_price"]),
-        )
+        return book_view(self.config.markets[market], await self._request("book", market=market, depth=depth))
 
     def top_now(self, market: str) -> tuple[int | None, int | None] | None:
         return self.mirror.top(market) if self.mirror is not None else None
