@@ -38,6 +38,21 @@ def data_files(directory: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in directory.rglob("*") if p.is_file() and p.name != LOCK_FILE}
 
 
+async def settled_files(directory: Path, timeout: float = 10.0) -> dict[Path, bytes]:
+    """``data_files`` once the follower has written what the acknowledged orders give it
+    (the audit logs, the ledger): an acknowledgement comes before those writes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    files = data_files(directory)
+    while loop.time() < deadline:
+        await asyncio.sleep(0.2)
+        again = data_files(directory)
+        if again == files and any(p.parent.name == "logs" for p in files):
+            return files
+        files = again
+    raise AssertionError(f"the files of {directory} kept changing or the audit log never came")
+
+
 class Engine:
     """One engine process on a data directory; ``start`` again after ``stop``/``kill``."""
 
@@ -73,8 +88,7 @@ class Engine:
 
     async def _drop_clients(self) -> None:
         for c in self.clients:
-            if c._writer is not None:
-                c._writer.transport.abort()
+            c.abort()
         self.clients.clear()
 
     async def stop(self, sig: int = signal.SIGTERM) -> int:
@@ -310,7 +324,7 @@ async def test_a_second_exchange_on_the_same_data_directory_is_refused(engine: E
     await engine.start()
     alice = await engine.client("alice")
     await alice.sell("BTC-USD", "1", "100.00")
-    files = data_files(engine.data)
+    files = await settled_files(engine.data)
     err = await engine.refuse()
     assert "in use by an exchange (pid" in err and str(engine.data) in err
     assert data_files(engine.data) == files
