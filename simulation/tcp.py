@@ -356,13 +356,11 @@ class TcpGateway(Gateway):
             post_only=True if post_only else None, client_order_id=client_order_id,
         )
         self.ack_latencies_ns.append(time.perf_counter_ns() - started)
-        self._take_events()
-        return self._report(reply)
+        return self._take_events(reply) or self._report(reply)
 
     async def cancel(self, order_id: int) -> ExecReport:
         reply = await self._request("cancel", order_id=order_id)
-        self._take_events()
-        return self._report(reply)
+        return self._take_events(reply) or self._report(reply)
 
     async def modify(
         self, order_id: int, price: PriceLike | None = None, qty: PriceLike | None = None,
@@ -371,8 +369,7 @@ class TcpGateway(Gateway):
             "modify", order_id=order_id, price=None if price is None else _text(price),
             qty=None if qty is None else _text(qty),
         )
-        self._take_events()
-        return self._report(reply)
+        return self._take_events(reply) or self._report(reply)
 
     async def deposit(self, asset: str, amount: PriceLike) -> dict[str, Holding]:
         reply = await self._request("deposit", asset=asset, amount=_text(amount))
@@ -420,12 +417,20 @@ class TcpGateway(Gateway):
 
     # -- events -----------------------------------------------------------------------
 
-    def _take_events(self) -> None:
-        """Move what the client received into our queue, converted, in arrival order."""
+    def _take_events(self, reply: dict[str, Any] | None = None) -> ExecReport | None:
+        """Move what the client received into our queue, converted, in arrival order.
+
+        An ``exec`` reply to a request is among them (the client delivers it both ways):
+        its conversion is returned, so the caller does not convert it a second time.
+        """
+        answer = None
         for msg in self.client.pending_events():
             event = self._event(msg)
             if event is not None:
                 self._queue.append(event)
+                if msg is reply:
+                    answer = event
+        return answer  # type: ignore[return-value]
 
     def poll_events(self) -> list[Event]:
         self._take_events()

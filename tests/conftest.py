@@ -38,5 +38,4 @@ def connect(server: ExchangeServer):
     yield _connect
     # Closing is synchronous enough for the fixture's teardown: abort the transports.
     for client in clients:
-        if client._writer is not None:
-            client._writer.transport.abort()
+        client.abort()

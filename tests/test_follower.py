@@ -49,8 +49,7 @@ async def _clients(srv: ExchangeServer) -> dict[str, ExchangeClient]:
 
 def _abort(clients: dict[str, ExchangeClient]) -> None:
     for c in clients.values():
-        if c._writer is not None:
-            c._writer.transport.abort()
+        c.abort()
 
 
 class Seen:
@@ -141,8 +140,7 @@ async def _session(srv: ExchangeServer, seen: Seen, seed: int, n: int) -> None:
         seen.take(clients, watcher)
     finally:
         _abort(clients)
-        if watcher._writer is not None:
-            watcher._writer.transport.abort()
+        watcher.abort()
 
 
 async def reference(data: Path, seeds: tuple[int, ...], n: int) -> dict[str, Any]:
@@ -381,7 +379,7 @@ async def test_a_sigterm_to_the_whole_process_group_stops_cleanly(tmp_path: Path
         await c.connect()
         await c.login("alice")
         await c.sell("BTC-USD", "1", "100.00")
-        c._writer.transport.abort()  # type: ignore[union-attr]
+        c.abort()
         os.killpg(proc.pid, signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), T)
         assert proc.returncode == 0, err

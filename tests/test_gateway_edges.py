@@ -397,12 +397,12 @@ async def test_a_request_lost_while_its_write_drains_leaves_no_stray_error() -> 
     await asyncio.wait_for(client.connect(), 5)
     try:
         peer = await asyncio.wait_for(accepted, 5)
-        assert client._writer is not None
-        client._writer.write(b" " * (8 << 20))  # blank lines the deaf server never reads
+        assert client._transport is not None
+        client._transport.write(b" " * (8 << 20))  # blank lines the deaf server never reads
         await asyncio.sleep(0.3)
         req = asyncio.ensure_future(client.request("ping"))
         await asyncio.sleep(0.1)
-        assert client._writer is not None and client._writer.transport.get_write_buffer_size() > 0
+        assert client._transport is not None and client._transport.get_write_buffer_size() > 0
         peer.get_extra_info("socket").setsockopt(  # reset (RST), not a clean close
             socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         peer.transport.abort()

@@ -49,8 +49,7 @@ async def test_client_request_honours_its_timeout_when_the_server_stops_reading(
             await asyncio.wait_for(client.ping(), 4.0)
     finally:
         stalled.set()
-        if client._writer is not None:
-            client._writer.transport.abort()
+        client.abort()
         await w(client.close())
         srv.close()
 

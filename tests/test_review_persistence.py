@@ -36,8 +36,7 @@ async def _client(srv: ExchangeServer, user: str) -> ExchangeClient:
 
 def _abort(*clients: ExchangeClient) -> None:
     for c in clients:
-        if c._writer is not None:
-            c._writer.transport.abort()
+        c.abort()
 
 
 async def test_sigterm_during_a_periodic_snapshot_keeps_the_data_recoverable(
