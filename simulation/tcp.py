@@ -227,6 +227,23 @@ class BookMirror:
         bids, asks = self.bids[market], self.asks[market]
         return (bids.peekitem(-1)[0] if bids else None, asks.peekitem(0)[0] if asks else None)
 
+    def asks_for(self, market: str, lots: int, depth: int) -> list[tuple[int, int, int]] | None:
+        """The ask levels a buy of ``lots`` would walk (at most ``depth``), best first, as
+        ``Gateway.asks_for`` gives them; None if this market's book is not known right now.
+        Level counts are not in the deltas: each level says 1."""
+        if market not in self.seq:
+            return None
+        lots_of_text = self._numbers[market].lots
+        out = []
+        left = lots
+        for price, qty in self.asks[market].items():
+            size = lots_of_text(qty)
+            out.append((price, size, 1))
+            left -= size
+            if left <= 0 or len(out) >= depth:
+                break
+        return out
+
     async def _follow(self) -> None:
         try:
             async for msg in self.client.events():
@@ -397,6 +414,15 @@ class TcpGateway(Gateway):
 
     def top_now(self, market: str) -> tuple[int | None, int | None] | None:
         return self.mirror.top(market) if self.mirror is not None else None
+
+    async def asks_for(self, market: str, lots: int, depth: int = 50) -> list[tuple[int, int, int]]:
+        """From the shared book mirror when there is one and it knows the market: sizing a
+        market buy then costs no round trip (and no 50-level reply to parse)."""
+        if self.mirror is not None:
+            asks = self.mirror.asks_for(market, lots, depth)
+            if asks is not None:
+                return asks
+        return await super().asks_for(market, lots, depth)
 
     async def top(self, market: str) -> tuple[int | None, int | None]:
         """From the shared book mirror when there is one and it knows the market."""

@@ -203,6 +203,7 @@ async def _settled(mirror: Any, gw: Any, market: str) -> tuple[Any, Any]:
 async def test_the_book_mirror_follows_the_exchange_and_resyncs_after_a_gap(
     engine: tuple[str, int, Path, asyncio.subprocess.Process],
 ) -> None:
+    from simulation.gateway import lots_of
     from simulation.tcp import BookMirror, TcpGateway, fetch_config
 
     host, port, _, _ = engine
@@ -221,6 +222,15 @@ async def test_the_book_mirror_follows_the_exchange_and_resyncs_after_a_gap(
         # A sell that takes the best bid and rests: the best moves on both sides.
         await asyncio.wait_for(gw.place(m, "sell", "0.2", "100.50"), T)
         assert await _settled(mirror, gw, m) == (spec.price_ticks("100.00"), spec.price_ticks("100.50"))
+        # Sizing a market buy reads the mirror's asks: the exchange's levels, as far as the
+        # buy would walk.
+        exact = [(p, q) for p, q, _ in (await asyncio.wait_for(gw.book(m, 50), T)).asks]
+        assert exact == [(spec.price_ticks("100.50"), lots_of(spec, "0.2")),  # own bid canceled (STP)
+                         (spec.price_ticks("101.00"), lots_of(spec, "0.2"))]
+        assert mirror.asks_for(m, lots_of(spec, "0.3"), 50) == [(p, q, 1) for p, q in exact]
+        assert mirror.asks_for(m, lots_of(spec, "0.2"), 50) == [(*exact[0], 1)]
+        assert mirror.asks_for(m, lots_of(spec, "0.3"), 1) == [(*exact[0], 1)]
+        assert await gw.asks_for(m, lots_of(spec, "1"), 50) == [(p, q, 1) for p, q in exact]
 
         # A delta whose sequence number skips ahead: the mirror stops answering, asks for a
         # fresh snapshot and is right again once it arrives.
@@ -237,8 +247,9 @@ async def test_the_book_mirror_follows_the_exchange_and_resyncs_after_a_gap(
             if mirror.top(m) is None:
                 break
             await asyncio.sleep(0.01)
-        assert mirror.top(m) is None
+        assert mirror.top(m) is None and mirror.asks_for(m, 1, 50) is None
         assert await gw.top(m) == (spec.price_ticks("100.00"), spec.price_ticks("100.50"))
+        assert [(p, q) for p, q, _ in await gw.asks_for(m, lots_of(spec, "1"), 50)] == exact
     finally:
         await gw.close()
         await mirror.close()
