@@ -57,7 +57,7 @@ def _time_out(fut: asyncio.Future[Any]) -> None:
 
 
 class _Protocol(asyncio.Protocol):
-    """The connection's callbacks, handed straight to its client.
+    """One connection's callbacks, handed to its client while it is the client's current one.
 
     A protocol rather than asyncio streams: every received chunk is split into lines and
     each reply resolves its request at once, in the callback, with no reader task to wake
@@ -67,20 +67,28 @@ class _Protocol(asyncio.Protocol):
     def __init__(self, client: ExchangeClient) -> None:
         self.client = client
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.client._protocol is self:
+            self.client._transport = transport  # type: ignore[assignment]
+
     def data_received(self, data: bytes) -> None:
-        self.client._received(data)
+        if self.client._protocol is self:
+            self.client._received(data)
 
     def eof_received(self) -> bool:
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.client._lost(self, exc)
+        if self.client._protocol is self:
+            self.client._lost(exc)
 
     def pause_writing(self) -> None:
-        self.client._write_paused = True
+        if self.client._protocol is self:
+            self.client._write_paused = True
 
     def resume_writing(self) -> None:
-        self.client._resume_writing()
+        if self.client._protocol is self:
+            self.client._resume_writing()
 
 
 class ExchangeClient:
@@ -93,10 +101,9 @@ class ExchangeClient:
         self.timeout = timeout
         self.user: str | None = None
         self._transport: asyncio.Transport | None = None
-        self._protocol: _Protocol | None = None
+        self._protocol: _Protocol | None = None  # the current connection's; None once it ended
         self._parts: list[bytes] = []  # the start of a line whose end has not arrived
         self._partial_len = 0
-        self._lost_reason: str | None = None
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._closing = False
@@ -113,44 +120,54 @@ class ExchangeClient:
     # -- connection -------------------------------------------------------------------
 
     async def connect(self) -> ExchangeClient:
+        """Connect (again, after a close or a lost connection: a live connection is dropped)."""
         # Kept: asking for the running loop costs a getpid() system call on CPython 3.11,
         # and a request needs it twice (its future, its timer).
         loop = self._loop = asyncio.get_running_loop()
-        protocol = _Protocol(self)
-        try:
-            transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: protocol, self.host, self.port), self.timeout,
-            )
-        except (OSError, OverflowError, ValueError, asyncio.TimeoutError) as exc:
-            raise ExchangeConnectionError(
-                f"cannot connect to the exchange at {self.host}:{self.port} "
-                f"({getattr(exc, 'strerror', None) or type(exc).__name__}); is it running?"
-            ) from None
-        self._transport, self._protocol = transport, protocol  # type: ignore[assignment]
-        self._parts, self._partial_len, self._lost_reason = [], 0, None
+        if self._protocol is not None:
+            self._end("the connection was replaced by a new one", abort=True)
+        # Everything is ready before the connection exists: the exchange may send a line and
+        # close (it is shutting down) before ``create_connection`` returns.
+        protocol = self._protocol = _Protocol(self)
+        self._transport = None
+        self._parts, self._partial_len = [], 0
         self._write_paused = self._closing = False
         self._closed = loop.create_future()
         self._events = deque(item for item in self._events if item is not _CLOSED)
         self.closed_reason = None
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: protocol, self.host, self.port), self.timeout)
+        except (OSError, OverflowError, ValueError, asyncio.TimeoutError) as exc:
+            reason = (f"cannot connect to the exchange at {self.host}:{self.port} "
+                      f"({getattr(exc, 'strerror', None) or type(exc).__name__}); is it running?")
+            if self._protocol is protocol:
+                self._end(reason)
+            raise ExchangeConnectionError(reason) from None
+        except BaseException:
+            if self._protocol is protocol:
+                self._end("the connection attempt was interrupted", abort=True)
+            raise
         return self
 
     async def close(self) -> None:
+        """Close cleanly (what was written is sent first), at most a second's wait; then abort."""
         transport, closed = self._transport, self._closed
-        if transport is not None and closed is not None:
-            if self.closed_reason is None:
-                self._closing = True
+        if self._protocol is not None and transport is not None and closed is not None:
+            self._closing = True
             transport.close()
             try:
                 await asyncio.wait_for(asyncio.shield(closed), 1.0)
             except asyncio.TimeoutError:
-                transport.abort()
+                pass
+        if self._protocol is not None:
+            self._end("the connection was closed", abort=True)
         self._fail_pending("the connection was closed")
 
     def abort(self) -> None:
         """Drop the connection at once, without closing it cleanly (what a crash looks like
         to the exchange); the client then behaves as after a lost connection."""
-        if self._transport is not None:
-            self._transport.abort()
+        if self._protocol is not None:
+            self._end("the connection was aborted", abort=True)
 
     async def __aenter__(self) -> ExchangeClient:
         return await self.connect()
@@ -167,16 +184,19 @@ class ExchangeClient:
             self._parts.append(data)
             self._partial_len += len(data)
             if self._partial_len > READ_LIMIT:
-                self._parts, self._partial_len = [], 0
-                self._lost_reason = f"connection lost: a line from the exchange is over {READ_LIMIT} bytes"
-                assert self._transport is not None
-                self._transport.abort()
+                self._too_long()
             return
-        if self._parts:
+        joined = bool(self._parts)
+        if joined:
             self._parts.append(data)
             data = b"".join(self._parts)
         lines = data.split(b"\n")
         tail = lines.pop()
+        # A line inside one chunk is shorter than the chunk (a few hundred kilobytes at
+        # most); only one that was gathered from pieces can be over the limit.
+        if joined and len(lines[0]) > READ_LIMIT or len(tail) > READ_LIMIT:
+            self._too_long()
+            return
         self._parts, self._partial_len = ([tail], len(tail)) if tail else ([], 0)
         loads, dispatch = orjson.loads, self._dispatch
         for line in lines:
@@ -184,19 +204,29 @@ class ExchangeClient:
                 msg = loads(line)
             except orjson.JSONDecodeError:
                 continue
-            dispatch(msg)
+            if msg.__class__ is dict:
+                dispatch(msg)
 
-    def _lost(self, protocol: _Protocol, exc: Exception | None) -> None:
-        if protocol is not self._protocol:
-            return  # a connection this client has since replaced
-        reason, self._lost_reason = self._lost_reason, None
-        if reason is None:
-            if exc is not None:
-                reason = f"connection lost: {exc}"
-            elif self._closing:
-                reason = "the connection was closed"
-            else:
-                reason = "the exchange closed the connection"
+    def _too_long(self) -> None:
+        self._parts, self._partial_len = [], 0
+        self._end(f"connection lost: a line from the exchange is over {READ_LIMIT} bytes", abort=True)
+
+    def _lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            reason = f"connection lost: {exc}"
+        elif self._closing:
+            reason = "the connection was closed"
+        else:
+            reason = "the exchange closed the connection"
+        self._end(reason)
+
+    def _end(self, reason: str, abort: bool = False) -> None:
+        """The current connection is over: say why to everyone waiting, once. ``abort`` also
+        drops the transport (its own ``connection_lost`` then finds it detached)."""
+        transport = self._transport
+        self._protocol = None
+        if abort and transport is not None:
+            transport.abort()
         self.closed_reason = reason
         self._fail_pending(reason)
         self._push(_CLOSED)
@@ -252,9 +282,12 @@ class ExchangeClient:
             )
         loop = self._loop
         assert loop is not None
+        try:
+            transport.write(line + b"\n")
+        except (RuntimeError, OSError) as exc:  # a transport closing under us
+            raise ExchangeConnectionError(self.closed_reason or f"connection lost: {exc}") from None
         fut: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._pending[rid] = fut
-        transport.write(line + b"\n")
         return fut
 
     async def request(self, op: str, **fields: Any) -> dict[str, Any]:
@@ -280,7 +313,10 @@ class ExchangeClient:
             raise ExchangeConnectionError(f"no reply to '{op}' within {self.timeout} s") from None
         except (ConnectionError, OSError) as exc:
             self._forget(fut)
-            raise ExchangeConnectionError(f"connection lost: {exc}") from None
+            raise ExchangeConnectionError(self.closed_reason or f"connection lost: {exc}") from None
+        except BaseException:  # cancelled: nobody will take the reply
+            self._forget(fut)
+            raise
         if reply.get("type") == "error":
             raise ExchangeError(reply.get("code", "error"), reply.get("message", ""), reply.get("field"), reply)
         return reply

@@ -131,3 +131,80 @@ async def test_the_server_going_away_fails_the_waiting_request_then_a_reconnect_
     finally:
         await client.close()
         srv.close()
+
+
+def test_a_connection_the_exchange_ends_before_connect_returns_is_seen_as_ended() -> None:
+    """What the exchange does while shutting down: one line, then close, at once. The end
+    may arrive before ``connect`` returns (under uvloop with a busy loop, nearly always)."""
+    import socket
+    import threading
+    import time
+
+    import uvloop
+
+    async def trial() -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+
+        def serve_one() -> None:  # another thread, as the exchange is another process
+            conn, _ = listener.accept()
+            conn.sendall(line(type="error", code="shutting_down", message="the exchange is shutting down"))
+            conn.close()
+
+        thread = threading.Thread(target=serve_one, daemon=True)
+        thread.start()
+
+        async def busy() -> None:  # other work on the loop, as a simulation's agents do
+            while True:
+                time.sleep(0.002)
+                await asyncio.sleep(0)
+
+        hog = asyncio.get_running_loop().create_task(busy())
+        client = ExchangeClient("127.0.0.1", listener.getsockname()[1], timeout=2)
+        try:
+            await client.connect()
+        finally:
+            hog.cancel()
+        try:
+            event = await asyncio.wait_for(client.next_event(), 2)
+            assert event is not None and event["code"] == "shutting_down"
+            assert await asyncio.wait_for(client.next_event(), 2) is None
+            assert not client.connected
+            assert client.closed_reason == "the exchange closed the connection"
+            with pytest.raises(ExchangeConnectionError, match="closed the connection"):
+                await asyncio.wait_for(client.ping(), 2)
+        finally:
+            await client.close()
+            listener.close()
+            thread.join(5)
+
+    for factory in (asyncio.new_event_loop, uvloop.new_event_loop):
+        for _ in range(5):
+            with asyncio.Runner(loop_factory=factory) as runner:
+                runner.run(trial())
+
+
+async def test_close_while_the_exchange_is_not_reading_ends_the_connection_at_once() -> None:
+    import socket
+
+    release = asyncio.Event()
+
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await release.wait()
+
+    srv, port = await serve(deaf)
+    client = ExchangeClient("127.0.0.1", port, timeout=5)
+    try:
+        await client.connect()
+        assert client._transport is not None
+        client._transport.write(b" " * (8 << 20))  # nothing of it is read
+        pending = client.send("ping")
+        await client.close()  # a second of trying, then abort (bounded by close itself)
+        assert not client.connected and client.closed_reason == "the connection was closed"
+        with pytest.raises(ExchangeConnectionError):
+            await pending
+        with pytest.raises(ExchangeConnectionError, match="the connection was closed"):
+            client.send("ping")
+    finally:
+        release.set()
+        srv.close()

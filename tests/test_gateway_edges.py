@@ -406,8 +406,9 @@ async def test_a_request_lost_while_its_write_drains_leaves_no_stray_error() -> 
         peer.get_extra_info("socket").setsockopt(  # reset (RST), not a clean close
             socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         peer.transport.abort()
-        with pytest.raises(ExchangeConnectionError):
+        with pytest.raises(ExchangeConnectionError) as lost:
             await asyncio.wait_for(req, 5)
+        assert lost.value.message == client.closed_reason  # said once, not twice over
         await asyncio.sleep(0.2)
         await asyncio.wait_for(client.close(), 5)
         del req
