@@ -58,7 +58,9 @@ class ServerConfig:
     markets_file: Path | None = None
     auth: str = "open"
     accounts_file: Path | None = None
-    demo_balances: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_DEMO_BALANCES))
+    # None: the built-in demo balances of the assets the markets have (a markets file
+    # without BTC must not stop the exchange from starting over BTC's demo balance).
+    demo_balances: dict[str, str] | None = None
     default_stp: STPMode = STPMode.CANCEL_RESTING
     max_buffer: int = DEFAULT_MAX_BUFFER
     rate_limit: int = 0  # requests per second per connection (0: no limit)
@@ -113,10 +115,14 @@ class ExchangeServer:
             users = load_users(config.accounts_file)
         elif config.auth != "open":
             raise StartupError(f"unknown auth mode {config.auth!r} (open or keys)")
-        for asset_name, amount in config.demo_balances.items():
+        demo = config.demo_balances
+        if demo is None:
+            demo = {a: v for a, v in DEFAULT_DEMO_BALANCES.items() if a in markets.assets}
+        for asset_name, amount in demo.items():
             asset = markets.assets.get(asset_name)
             if asset is None:
-                raise StartupError(f"demo balance for unknown asset {asset_name!r}")
+                raise StartupError(f"--demo-balances: the markets have no asset {asset_name!r} "
+                                   f"(they have {', '.join(sorted(markets.assets))})")
             try:
                 asset.to_units(amount)
             except InvalidValue as exc:
@@ -130,7 +136,7 @@ class ExchangeServer:
         # An empty engine until ``start`` recovers the real one from the data directory.
         self.engine = Exchange(markets, default_stp=config.default_stp)
         self.gateway = Gateway(self.engine, GatewayOptions(
-            auth=config.auth, users=users, demo_balances=dict(config.demo_balances),
+            auth=config.auth, users=users, demo_balances=dict(demo),
             max_buffer=config.max_buffer, rate_limit=config.rate_limit,
         ))
         self.persistence = Persistence(
@@ -319,9 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--auth", choices=["open", "keys"], default="open",
                     help="open: any user name logs in and is funded once; keys: tokens from --accounts")
     ap.add_argument("--accounts", type=Path, default=None, help="accounts file for --auth keys")
-    ap.add_argument("--demo-balances", type=parse_balances,
-                    default=dict(DEFAULT_DEMO_BALANCES),
-                    help="open mode: what a new user is credited, e.g. USD=100000,BTC=10,ACME=1000")
+    ap.add_argument("--demo-balances", type=parse_balances, default=None,
+                    help="open mode: what a new user is credited (default USD=100000,BTC=10,"
+                    "ACME=1000, for those of the assets the markets have)")
     ap.add_argument("--stp", choices=[m.value for m in STPMode], default=STPMode.CANCEL_RESTING.value,
                     help="default self-trade prevention (default cancel_resting)")
     ap.add_argument("--fsync", choices=list(FSYNC_POLICIES), default="batch",

@@ -161,3 +161,27 @@ def test_a_negative_rate_limit_is_refused(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "--rate-limit must be 0" in result.stderr
     assert "Traceback" not in result.stderr and "listening" not in result.stdout
+
+
+async def test_a_markets_file_without_the_demo_assets_starts_and_funds_what_it_has(
+    tmp_path: Path, engine: Callable[..., Awaitable[tuple[asyncio.subprocess.Process, str, int]]],
+) -> None:
+    """The built-in demo balances name BTC and ACME; a file with only ETH-USD must still start."""
+    path = tmp_path / "markets.json"
+    path.write_text(json.dumps({
+        "assets": {"USD": 6, "ETH": 4},
+        "markets": [{"symbol": "ETH-USD", "base": "ETH", "quote": "USD", "tick_size": "0.01",
+                     "lot_size": "0.001", "min_qty": "0.001"}],
+    }))
+    proc, host, port = await engine("--markets", str(path))
+    async with ExchangeClient(host, port, timeout=T) as client:
+        await client.login("alice")
+        balances = await client.balances()
+        assert balances["USD"]["available"] == "100000.000000" and balances["ETH"]["available"] == "0.0000"
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), T) == 0
+
+    refused = run_script("--data-dir", str(tmp_path / "data2"), "--markets", str(path),
+                         "--demo-balances", "USD=10,BTC=1")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "--demo-balances: the markets have no asset 'BTC' (they have ETH, USD)" in refused.stderr
