@@ -39,7 +39,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, Union
 
@@ -493,6 +493,15 @@ def describe_report(report: dict[str, Any]) -> Fragments:
     return out
 
 
+def band_range(reference: Decimal, band: Decimal, tick: Decimal) -> str:
+    """``low-high (+-10% of REF)``: the band's inclusive limits on the tick grid, rounded
+    inwards as the exchange rounds them (``Market.band_limits``)."""
+    low = max((reference * (1 - band) / tick).to_integral_value(ROUND_CEILING), Decimal(1)) * tick
+    high = (reference * (1 + band) / tick).to_integral_value(ROUND_FLOOR) * tick
+    percent = f"{band * 100:f}".rstrip("0").rstrip(".")
+    return f"{low}-{high} (+-{percent}% of {reference})"
+
+
 def plain(fragments: Iterable[tuple[str, str]]) -> str:
     return "".join(text for _, text in fragments)
 
@@ -928,7 +937,7 @@ class TerminalApp:
         elif isinstance(action, ShowTrades):
             self.show_trades(action.limit)
         elif isinstance(action, ShowMarkets):
-            self.show_markets()
+            await self.show_markets()
         elif isinstance(action, SwitchMarket):
             await self.switch_market(action.symbol)
         elif isinstance(action, ShowHistory):
@@ -944,11 +953,15 @@ class TerminalApp:
         coid = f"{self._coid_prefix}-{next(self._coids)}"
         # The reports (new, fills, rejection) arrive on the event stream and are shown there.
         try:
-            await self.client.place(
+            report = await self.client.place(
                 self.market, action.side, action.qty, action.price, type=action.order_type,
                 tif=action.tif, post_only=True if action.post_only else None,
                 client_order_id=coid, raise_on_reject=False,
             )
+            if report.get("reason") == "price_out_of_band":
+                band = await self._band_now(self.market)
+                if band:
+                    self.say(("class:dim", f"the {self.market} band now allows {band}"))
         except ExchangeConnectionError as exc:
             if not self.client.connected:
                 raise
@@ -1028,11 +1041,29 @@ class TerminalApp:
                        [_side_style(t.get("taker_side")) for t in trades],
                        [False, True, True, True, False]))
 
-    def show_markets(self) -> None:
+    async def _band_now(self, symbol: str) -> str | None:
+        """The prices the market's band allows now, around its reference (the last trade, or
+        the configured price before the first): what the exchange checks orders against."""
+        spec = self.market_specs.get(symbol, {})
+        band = spec.get("price_band")
+        if not band:
+            return None
+        try:
+            reference = (await self.client.book(symbol, depth=1)).get("reference_price")
+        except ExchangeConnectionError:
+            raise
+        except ExchangeError:
+            reference = None
+        reference = reference or spec.get("reference_price")
+        if not reference:
+            percent = f"{Decimal(band) * 100:f}".rstrip("0").rstrip(".")
+            return f"+-{percent}% of the first trade's price (no reference yet)"
+        return band_range(Decimal(reference), Decimal(band), Decimal(spec["tick_size"]))
+
+    async def show_markets(self) -> None:
         rows = []
         for sym, m in self.market_specs.items():
-            band = m.get("price_band")
-            band_text = "-" if not band else f"+-{Decimal(band) * 100:g}% of {m.get('reference_price') or 'last'}"
+            band_text = await self._band_now(sym) or "-"
             rows.append(["*" if sym == self.market else "", sym, m.get("tick_size"), m.get("lot_size"),
                          m.get("min_qty"), band_text, f"{m.get('maker_fee_bps')}/{m.get('taker_fee_bps')} bps"])
         self.say(table(["", "market", "tick", "lot", "min qty", "price band", "fees maker/taker"], rows))

@@ -124,6 +124,22 @@ async def test_book_shows_the_last_trade_or_the_reference_price_between_the_side
 
 
 
+async def test_markets_shows_the_band_around_the_last_trade_and_a_refusal_says_it(server, connect, tmp_path: Path) -> None:
+    """The band's reference moves with the last trade: ``markets`` shows today's limits,
+    not the configured reference's, and an order refused for the band is told them."""
+    bob = await connect("bob")
+    async with Terminal(server, "alice", tmp_path / "client", market="ACME-USD") as term:
+        await term.type("markets", r"ACME-USD .* 90\.00-110\.00 \(\+-10% of 100\.00\)")
+        await term.type("buy 1 @ 103.23", r"NEW order \d+ accepted")
+        await bob.sell("ACME-USD", "1", "103.23")
+        await term.screen.wait_for(r"FILL order", after=term.mark)
+        await term.type("markets", r"ACME-USD .* 92\.91-113\.55 \(\+-10% of 103\.23\)")
+        await term.type("buy 1 @ 91", r"price_out_of_band")
+        await term.screen.wait_for(r"the ACME-USD band now allows 92\.91-113\.55 \(\+-10% of 103\.23\)",
+                                   after=term.mark)
+        await term.type("buy 1 @ 112", r"NEW order \d+ accepted")  # outside the configured band, inside today's
+
+
 class ProcessServer:
     """run/start_engine.py as a process (to stop it with a signal), ephemeral port, temp data dir."""
 
