@@ -171,15 +171,20 @@ class Agent:
         interval = self.interval
         gw = self.gw
         control = self.control
+        backoff = 0.0
         while not control.stopping and not self.done:
             started = gw.now_ns()
             self.sync()
             try:
                 await self.step()
+                backoff = 0.0
             except GatewayConnectionError:
                 raise
             except GatewayError as exc:
                 self.stats.errors[exc.code] += 1
+                if exc.code == "rate_limited":  # the exchange's --rate-limit: slow down
+                    backoff = min(1.0, backoff * 2 if backoff else 0.05)
+                    await gw.sleep(backoff)
             # The pause runs from the step's start: the time the step waited for the
             # exchange (an acknowledgement, a latency model) is part of it, so the agent
             # keeps its pace however slow the answers. A step that used up its pause
@@ -196,15 +201,44 @@ class Agent:
         """How much of ``interval`` the next pause takes (a kind may step faster)."""
         return 1.0
 
-    async def shutdown(self) -> None:
-        """Cancel everything still resting (the run is over)."""
+    async def shutdown(self) -> int:
+        """Cancel everything still resting (the run is over); returns how many orders could
+        not be cancelled (the exchange stopped answering, or kept refusing for its rate limit).
+
+        The exchange is asked which orders are open, after the last reports have arrived: an
+        order whose acknowledgement had not come when the run stopped (a latency model, a
+        request on its way) is not among the agent's own, and would be left resting.
+        """
+        gw = self.gw
+        try:
+            await gw.settled()
+            self.sync()
+            ids = set(self.wallet.orders)
+            ids.update(o.order_id for o in await gw.open_orders())
+        except GatewayConnectionError:
+            return len(self.wallet.orders)
+        except GatewayError:
+            ids = set(self.wallet.orders)
+        todo = sorted(ids)
+        left = 0
+        for i, oid in enumerate(todo):
+            delay = 0.05
+            while True:
+                try:
+                    await gw.cancel(oid)
+                except GatewayConnectionError:
+                    return left + len(todo) - i
+                except GatewayError as exc:
+                    if exc.code == "rate_limited":
+                        if delay <= 1.6:
+                            await gw.sleep(delay)
+                            delay *= 2
+                            continue
+                        left += 1
+                    # else: filled or cancelled meanwhile
+                break
         self.sync()
-        for oid in list(self.wallet.orders):
-            try:
-                await self.gw.cancel(oid)
-            except GatewayError:
-                pass  # filled or cancelled meanwhile
-        self.sync()
+        return left
 
     def sync(self) -> None:
         """Follow every report received since the last look."""
@@ -244,8 +278,9 @@ class Agent:
         try:
             rep = await self.gw.place_units(market, side, lots, price, texts, tif=tif,
                                             post_only=post_only)
-        except BaseException:
+        except BaseException as exc:
             self.wallet.release(asset, commit)
+            self._refused(exc)
             raise
         return self._accepted(rep, asset, commit)
 
@@ -265,10 +300,17 @@ class Agent:
         self.stats.orders["market"] += 1
         try:
             rep = await self.gw.place_units(market, side, lots, None, self.texts[market])
-        except BaseException:
+        except BaseException as exc:
             self.wallet.release(asset, commit)
+            self._refused(exc)
             raise
         return self._accepted(rep, asset, commit, market_order=True)
+
+    def _refused(self, exc: BaseException) -> None:
+        """An order the exchange answered with an error (its rate limit, say) rather than a
+        report: it was sent and counted, so it gets an outcome too."""
+        if isinstance(exc, GatewayError) and not isinstance(exc, GatewayConnectionError):
+            self.stats.outcomes[f"error:{exc.code}"] += 1
 
     def _accepted(self, rep: ExecReport, asset: str, commit: int, market_order: bool = False) -> ExecReport:
         if rep.exec_type is _REJECTED:

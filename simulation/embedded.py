@@ -369,7 +369,7 @@ class EmbeddedExchange:
         self.subscribers: dict[tuple[str, str], list[EmbeddedGateway]] = {}
         self.last_ts = 0
         self._arrivals: dict[str, int] = {}  # account -> when the last command's reports arrive
-        self.in_flight_until: dict[str, int] = {}  # account -> when its last scheduled report arrives
+        self.in_flight_until: dict[str, int] = {}  # account -> when its last command or report in flight lands
         self.stats = {"orders": 0, "trades": 0, "commands": 0}
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self._ledger: Any = None
@@ -486,7 +486,11 @@ class EmbeddedExchange:
             return self.execute(command)
         wait = _Wait()
         kernel = self.kernel
-        kernel.at(kernel.now + self.latency.sample(self.rng), self._execute_later, command, wait)
+        when = kernel.now + self.latency.sample(self.rng)
+        until = self.in_flight_until
+        if when > until.get(command.account, 0):
+            until[command.account] = when  # on its way there counts as in flight too
+        kernel.at(when, self._execute_later, command, wait)
         return await wait  # type: ignore[no-any-return]
 
     def _execute_later(self, command: Any, wait: _Wait) -> None:
@@ -717,10 +721,13 @@ class EmbeddedGateway(Gateway):
     # -- queries ----------------------------------------------------------------------
 
     async def settled(self) -> None:
-        # With a latency model a report can be on its way: wait for the last one scheduled.
-        when = self.exchange.in_flight_until.get(self.account, 0)
-        if when >= self.kernel.now:
+        # With a latency model a command or a report can be on its way: wait for the last
+        # one scheduled, and again for what its arrival scheduled in turn (a command's reports).
+        until = self.exchange.in_flight_until
+        when = until.get(self.account, 0)
+        while when >= self.kernel.now:
             await _until(when + 1)  # just after it: a delivery due at ``when`` has run
+            when = until.get(self.account, 0)
 
     async def balances(self) -> dict[str, Holding]:
         return {

@@ -172,6 +172,10 @@ def format_report(report: dict[str, Any]) -> str:
             f"  {name:<14} {a['kind']:<8} orders {a['orders']:>6} fills {a['fills']:>6} "
             f"P&L {pnl} fees {a['pnl'].get('fees', {})}{extra}"
         )
+    if report.get("left_resting"):
+        why = ("the cancels were cut short" if report.get("cancels_cut_short")
+               else "the exchange refused or did not answer their cancels")
+        lines.append(f"  {report['left_resting']} orders left resting at the exchange ({why})")
     if report["agent_failures"]:
         lines.append(f"  agent failures ({len(report['agent_failures'])}):")
         for reason, names in failures_by_reason(report["agent_failures"]):

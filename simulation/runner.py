@@ -108,8 +108,15 @@ def build_agents(
         cls = AGENT_KINDS.get(kind)
         if cls is None:
             raise SimulationError(f"unknown agent kind {kind!r} (have {', '.join(AGENT_KINDS)})")
-        funding = {a: v for a, v in (cfg.funding.get(kind) or DEFAULT_FUNDING[kind]).items()
-                   if a in config.assets}
+        given = cfg.funding.get(kind)
+        if given:
+            unknown = [a for a in given if a not in config.assets]
+            if unknown:
+                raise SimulationError(f"funding for {kind}: the markets have no asset {unknown[0]!r} "
+                                      f"(they have {', '.join(sorted(config.assets))})")
+            funding = dict(given)
+        else:  # the built-in funding, of the assets these markets have
+            funding = {a: v for a, v in DEFAULT_FUNDING[kind].items() if a in config.assets}
         params = dict(cfg.params.get(kind, {}))
         for i in range(count):
             name = f"{prefix}{kind}{i + 1:02d}"
@@ -235,6 +242,8 @@ def run_embedded(
         exchange = EmbeddedExchange(config, seed=cfg.seed, latency=latency, data_dir=cfg.data_dir)
     except DataDirBusy as exc:
         raise SimulationError(str(exc)) from None
+    except OSError as exc:  # a file where the directory should be, no permission, ...
+        raise SimulationError(f"cannot use {cfg.data_dir} as the data directory: {_why(exc)}") from None
     try:
         control = RunControl(profiles_for(cfg, config), cfg.orders)
         agents = _agents_or_error(cfg, config, exchange.session, control)
@@ -250,8 +259,13 @@ def run_embedded(
     def tops() -> dict[str, tuple[int | None, int | None]]:
         return {m: _now(observer.top(m)) for m in config.markets}
 
+    stall = StallWatch() if cfg.duration_s is None else None
+
     def tick() -> None:
-        progress.update(agents, control, tops(), (kernel.now - kernel.start_ns) / 1e9)
+        elapsed = (kernel.now - kernel.start_ns) / 1e9
+        progress.update(agents, control, tops(), elapsed)
+        if stall is not None and stall.stalled(agents, control, elapsed):
+            control.stopping = True
 
     # Fund everyone first (at simulated time zero), then start trading.
     for agent in agents:
@@ -299,8 +313,13 @@ def run_embedded(
     control.stopping = True
     failures = [f"{name}: {exc!r}" for name, exc in kernel.failures]
     kernel.close_all()
+    left = [0]
+
+    async def wind_down(agent: Agent) -> None:
+        left[0] += await agent.shutdown()
+
     for agent in agents:
-        _ = kernel.spawn(agent.shutdown(), agent.name)
+        _ = kernel.spawn(wind_down(agent), agent.name)
     kernel.run()  # to an empty heap: every report still on its way (a latency model) arrives
     for agent in agents:
         agent.sync()  # and is counted
@@ -313,6 +332,9 @@ def run_embedded(
     )
     if failures:
         report["stopped_early"] = "an agent failed"
+    elif stall is not None and stall.fired:
+        report["stopped_early"] = stall.reason
+    report["left_resting"] = left[0]
     report["latency"] = cfg.latency or "none"
     report["ledger"] = str(Path(cfg.data_dir) / "trades.jsonl")
     _finish(cfg, report, progress, config)
@@ -368,14 +390,24 @@ async def run_tcp(
     stop = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
     installed = []
+    hurry = asyncio.Event()  # Ctrl-C again, or once the run is ending: skip the final cancels
+    ending: list[bool] = []
+
+    def on_signal() -> None:
+        if stop.is_set() or ending:
+            hurry.set()
+        stop.set()
+
     if stop_event is None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, on_signal)
                 installed.append(sig)
             except (NotImplementedError, RuntimeError):  # pragma: no cover
                 pass
     interrupted = False
+    stopped_early = ""
+    left_resting, cut_short = 0, False
     failures: list[str] = []
     tasks: list[asyncio.Task[None]] = []
     tops: dict[str, tuple[int | None, int | None]] = {m: (None, None) for m in config.markets}
@@ -390,6 +422,7 @@ async def run_tcp(
         wall = time.perf_counter()
         tasks = [loop.create_task(a.run(), name=a.name) for a in agents]
         deadline = None if cfg.duration_s is None else time.monotonic() + cfg.duration_s
+        stall = StallWatch() if deadline is None else None
         while True:
             if stop.is_set():
                 interrupted = True
@@ -397,6 +430,9 @@ async def run_tcp(
             if control.stopping or all(t.done() for t in tasks):
                 break
             if deadline is not None and time.monotonic() >= deadline:
+                break
+            if stall is not None and stall.stalled(agents, control, time.perf_counter() - wall):
+                stopped_early = stall.reason
                 break
             tops = await _tcp_tops_of_any(gateways, config, tops)
             progress.update(agents, control, tops)
@@ -406,6 +442,7 @@ async def run_tcp(
             except asyncio.TimeoutError:
                 pass
         control.stopping = True
+        ending.append(True)
         halt.set()
         done, pending = await asyncio.wait(tasks, timeout=5)
         for task in pending:
@@ -416,12 +453,13 @@ async def run_tcp(
             if task.done() and not task.cancelled() and task.exception() is not None:
                 failures.append(f"{task.get_name()}: {task.exception()!r}")
         elapsed = time.perf_counter() - wall
-        await asyncio.wait_for(asyncio.gather(*(a.shutdown() for a in agents), return_exceptions=True), 30)
-        # Fills of the last moments may still be on their way: take them in before the report.
-        await asyncio.wait_for(asyncio.gather(*(gw.settled() for gw in gateways), return_exceptions=True), 30)
+        if all(t.done() and not t.cancelled() and t.exception() is not None for t in tasks):
+            stopped_early = "every agent failed"
+        left_resting, cut_short = await _wind_down(agents, gateways, hurry)
         for agent in agents:
             agent.sync()
-        tops = await _tcp_tops_of_any(gateways, config, tops, exact=True)
+        if not cut_short:
+            tops = await _tcp_tops_of_any(gateways, config, tops, exact=True)
         progress.update(agents, control, tops, force=True)
         progress.done()
     finally:
@@ -443,8 +481,65 @@ async def run_tcp(
         seed=cfg.seed, failures=failures,
     )
     report["exchange"] = f"{cfg.host}:{cfg.port}"
+    if stopped_early:
+        report["stopped_early"] = stopped_early
+    report["left_resting"] = left_resting
+    if cut_short:
+        report["cancels_cut_short"] = True
     _finish(cfg, report, progress, config)
     return report
+
+
+class StallWatch:
+    """A run bounded by an order count whose agents can no longer afford any order would
+    go on for good (in simulated time, at full speed). It stops once no order has been sent
+    for ``STALL_S`` seconds of the run's clock while the agents kept skipping for budget."""
+
+    def __init__(self) -> None:
+        self.orders = -1
+        self.skips = 0
+        self.since = 0.0
+        self.fired = False
+        self.reason = f"no order for {STALL_S:g} s: the agents' budgets cannot pay for any"
+
+    def stalled(self, agents: list[Agent], control: RunControl, now_s: float) -> bool:
+        skips = sum(a.stats.skipped_for_budget for a in agents)
+        if control.orders != self.orders:
+            self.orders, self.skips, self.since = control.orders, skips, now_s
+            return False
+        self.fired = now_s - self.since >= STALL_S and skips > self.skips
+        return self.fired
+
+
+STALL_S = 60.0
+WIND_DOWN_S = 20.0  # at most this long for the cancels at the end (a request waits 10 s)
+
+
+async def _wind_down(agents: list[Agent], gateways: list[Any], hurry: asyncio.Event) -> tuple[int, bool]:
+    """Each agent cancels what it still has resting, then the last reports are taken in;
+    returns (orders not cancelled, whether that was cut short: a second Ctrl-C, or no end
+    within ``WIND_DOWN_S``). An exchange that stopped answering fails each agent's first
+    request, not every cancel in turn."""
+    async def both() -> int:
+        lefts = await asyncio.gather(*(a.shutdown() for a in agents), return_exceptions=True)
+        # Fills of the last moments may still be on their way: take them in before the report.
+        await asyncio.gather(*(gw.settled() for gw in gateways), return_exceptions=True)
+        return sum(n for n in lefts if isinstance(n, int))
+
+    for gw in gateways:
+        gw.halt = None  # the run's sleeps are over; a cancel's back-off must really wait
+    loop = asyncio.get_running_loop()
+    work = loop.create_task(both(), name="wind-down")
+    waiter = loop.create_task(hurry.wait())
+    try:
+        await asyncio.wait({work, waiter}, timeout=WIND_DOWN_S, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if work.done() and not work.cancelled():
+        return work.result(), False
+    work.cancel()
+    await asyncio.gather(work, return_exceptions=True)
+    return sum(len(a.wallet.orders) for a in agents), True
 
 
 async def exchange_markets(cfg: Any, given: MarketConfig | None, what: str) -> MarketConfig:
@@ -517,10 +612,18 @@ async def _tcp_tops_of_any(
     last: dict[str, tuple[int | None, int | None]], exact: bool = False,
 ) -> dict[str, tuple[int | None, int | None]]:
     """Best prices from the first session that answers (one agent's lost connection must
-    not end the run or its report); the last known ones if none does."""
+    not end the run or its report); the last known ones if none does within 10 s in all
+    (an exchange that stopped answering must not cost 10 s per session)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
     for gw in gateways:
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        if not gw.client.connected:
+            continue
         try:
-            return await asyncio.wait_for(_tcp_tops(gw, config, exact), 10)
+            return await asyncio.wait_for(_tcp_tops(gw, config, exact), left)
         except (GatewayError, asyncio.TimeoutError):
             continue
     return last
@@ -555,14 +658,21 @@ def _finish(cfg: SimConfig, report: dict[str, Any], progress: Progress, config: 
             cfg.report_file.parent.mkdir(parents=True, exist_ok=True)
             cfg.report_file.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         except OSError as exc:
-            print(f"warning: cannot write the report to {cfg.report_file}: {exc.strerror or exc}",
-                  file=sys.stderr)
+            print(f"warning: cannot write the report to {cfg.report_file}: {_why(exc)}", file=sys.stderr)
             cfg.report_file = None
     if cfg.plot_file is not None:
         try:
             report["plot"] = plot(progress.samples, config, cfg.plot_file)
         except (OSError, ValueError) as exc:
             report["plot"] = f"not drawn: {exc}"
+
+
+def _why(exc: OSError) -> str:
+    """An OSError in words; creating a directory where a file is says "File exists",
+    which names the symptom rather than the problem."""
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        return "a part of that path is a file, not a directory"
+    return exc.strerror or str(exc)
 
 
 def plot(samples: list[dict[str, Any]], config: MarketConfig, path: Path) -> str:
@@ -704,6 +814,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     cfg.embedded = cfg.embedded or args.embedded
     cfg.report_file = args.report
     cfg.plot_file = args.plot
+    if cfg.plot_file is not None and not cfg.plot_file.suffix:
+        cfg.plot_file = cfg.plot_file.with_name(cfg.plot_file.name + ".png")  # what matplotlib writes
     cfg.progress = not args.no_progress
     if cfg.latency and not cfg.embedded:
         raise SimulationError("--latency applies to --embedded runs only")
@@ -799,5 +911,8 @@ def main(argv: list[str] | None = None) -> int:
         what = (f"the run stopped early: {n} of {m} agents failed" if report.get("stopped_early")
                 else f"{n} of {m} agents stopped early")
         print(f"error: {what}, e.g. {reason} (see 'agent failures' above)", file=sys.stderr)
+        return 1
+    if report.get("stopped_early"):
+        print(f"error: the run stopped early: {report['stopped_early']}", file=sys.stderr)
         return 1
     return 0

@@ -428,3 +428,123 @@ def test_reports_still_on_their_way_at_the_end_are_counted(tmp_path: Path) -> No
     report = json.loads(report_file.read_text())
     lines = (tmp_path / "d" / "trades.jsonl").read_text().splitlines()
     assert report["trades"] == len(lines) > 0
+
+
+def _exchange_stats(port: int) -> dict:  # type: ignore[type-arg]
+    import asyncio
+
+    from client import ExchangeClient
+
+    async def ask() -> dict:  # type: ignore[type-arg]
+        async with ExchangeClient("127.0.0.1", port, timeout=10) as client:
+            await client.login("stats-peek")
+            return await client.stats()
+
+    return asyncio.run(ask())
+
+
+def test_a_rate_limited_exchange_gets_every_order_accounted_for_and_nothing_left_resting(tmp_path: Path) -> None:
+    """Against --rate-limit, refused orders are counted as sent with an outcome of their own,
+    the agents back off, and the final cancels are retried until they get through."""
+    proc, port = start_engine(tmp_path / "engine-data", "--rate-limit", "20")
+    report_file = tmp_path / "r.json"
+    try:
+        run = sim("--port", str(port), "--duration", "3s", "--agents", "random=4,mm=1", "--rate", "400",
+                  "--no-progress", "--data-dir", str(tmp_path / "d"), "--report", str(report_file))
+        no_traceback(run)
+        assert run.returncode == 0, run.stderr[-1500:]
+        report = json.loads(report_file.read_text())
+        assert report["outcomes"].get("error:rate_limited", 0) > 0, report["outcomes"]
+        assert sum(report["outcomes"].values()) == report["orders_sent"]
+        assert report["left_resting"] == 0
+        assert _exchange_stats(port)["open_orders"] == 0
+    finally:
+        stop(proc)
+
+
+def test_a_frozen_exchange_and_two_ctrl_c_end_the_run_with_its_report(tmp_path: Path) -> None:
+    """The exchange stops answering (SIGSTOP); the first Ctrl-C stops the agents, the
+    second skips the final cancels: the report comes out, says orders were left, exit 130."""
+    proc, port = start_engine(tmp_path / "engine-data")
+    run = subprocess.Popen([sys.executable, SIM, "--port", str(port), "--duration", "60s",
+                            "--agents", "random=4", "--rate", "200", "--no-progress",
+                            "--data-dir", str(tmp_path / "d")],
+                           cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.3)
+        started = time.monotonic()
+        run.send_signal(signal.SIGINT)
+        time.sleep(1)
+        run.send_signal(signal.SIGINT)
+        out, err = run.communicate(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        stop(proc)
+        if run.poll() is None:
+            run.kill()
+            run.wait(10)
+    assert "Traceback" not in err, err[-1500:]
+    assert run.returncode == 130, (out[-800:], err[-800:])
+    assert "Simulation (tcp) interrupted" in out
+    assert took < 20, took  # the agents' 5 s, not a 10 s timeout per request
+    if "left resting" in out:
+        assert "the cancels were cut short" in out
+
+
+def test_embedded_orders_still_on_their_way_at_the_end_are_cancelled(tmp_path: Path) -> None:
+    """With a latency model, orders sent just before the end land after it: the agents ask
+    the exchange what is open, so nothing stays resting and every order has an outcome."""
+    from simulation.runner import SimConfig, run_embedded
+
+    cfg = SimConfig(embedded=True, latency="fixed:200ms", duration_s=5.0, orders=None,
+                    data_dir=tmp_path / "d", progress=False)
+    out: dict = {}  # type: ignore[type-arg]
+    report = run_embedded(cfg, stream=None, out=out)
+    engine = out["exchange"].engine
+    assert [o for a in out["agents"] for o in engine.open_orders(a.name, None)] == []
+    assert sum(report["outcomes"].values()) == report["orders_sent"]
+    assert report["left_resting"] == 0
+
+
+def test_an_embedded_run_whose_agents_cannot_pay_for_any_order_stops(tmp_path: Path) -> None:
+    """Under --orders, agents that skip every order for budget would run simulated time on
+    for good: the run stops, says why, and exits non-zero."""
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"funding": {k: {"USD": "10"} for k in ("random", "mm", "twap", "passive")}}))
+    proc = sim("--embedded", "--orders", "1000", "--config", str(config), "--no-progress",
+               "--data-dir", str(tmp_path / "d"), timeout=120)
+    no_traceback(proc)
+    assert proc.returncode == 1, proc.stdout[:500]
+    assert "stopped early (no order for 60 s: the agents' budgets cannot pay for any)" in proc.stdout
+    assert "error: the run stopped early: no order for 60 s" in proc.stderr
+
+
+def test_funding_in_an_asset_the_markets_lack_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"funding": {"random": {"XYZ": "5"}}}))
+    proc = sim("--embedded", "--orders", "100", "--config", str(config), "--no-progress",
+               "--data-dir", str(tmp_path / "d"))
+    no_traceback(proc)
+    assert proc.returncode == 2
+    assert "funding for random: the markets have no asset 'XYZ' (they have ACME, BTC, USD)" in proc.stderr
+
+
+def test_a_data_dir_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
+    target = tmp_path / "a-file"
+    target.write_text("not a directory")
+    proc = sim("--embedded", "--orders", "100", "--no-progress", "--data-dir", str(target))
+    no_traceback(proc)
+    assert proc.returncode == 2
+    assert f"cannot use {target} as the data directory: a part of that path is a file" in proc.stderr
+
+
+def test_a_plot_named_without_an_extension_is_written_and_named_as_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    proc = sim("--embedded", "--orders", "300", "--no-progress", "--data-dir", str(tmp_path / "d"),
+               "--plot", str(tmp_path / "chart"))
+    assert proc.returncode == 0, proc.stderr[-800:]
+    assert (tmp_path / "chart.png").is_file()
+    assert f"plot: {tmp_path / 'chart.png'}" in proc.stdout

@@ -457,7 +457,8 @@ async def test_when_the_exchange_goes_away_the_report_says_so_in_one_line(
     groups = failures.group(2).strip().splitlines()
     assert int(failures.group(1)) >= 6 and 1 <= len(groups) <= 2, groups  # closed, or reset
     assert "connection" in groups[0] and "more" in groups[0]
-    assert "agents stopped early" in stderr
+    assert "the run stopped early: 7 of 7 agents failed" in stderr  # all of them: not "finished"
+    assert "Simulation (tcp) stopped early (every agent failed)" in stdout
 
 
 async def test_an_agent_that_cannot_afford_any_order_does_not_hold_the_loop(tmp_path: Path) -> None:
