@@ -108,15 +108,16 @@ class LatencyModel:
         return max(1, int(rng.gammavariate(self.shape, self.mean_ns / self.shape)))
 
 
-_DURATION: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s)?\s*$")
-_UNIT_NS: Final = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000, None: 1_000_000_000}
+_DURATION: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|min|m|h)?\s*$")
+_UNIT_NS: Final = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000, None: 1_000_000_000,
+                   "min": 60_000_000_000, "m": 60_000_000_000, "h": 3_600_000_000_000}
 
 
 def parse_duration_ns(text: str) -> int:
-    """``500us``, ``5ms``, ``2s``, ``1.5s`` (plain number: seconds) as integer nanoseconds."""
+    """``500us``, ``5ms``, ``2s``, ``1.5s``, ``5m``, ``1h`` (plain number: seconds) as integer nanoseconds."""
     match = _DURATION.match(text)
     if not match:
-        raise ValueError(f"not a duration: {text!r} (try 500us, 5ms or 2s)")
+        raise ValueError(f"not a duration: {text!r} (try 500us, 5ms, 2s, 5m or 1h)")
     value = Decimal(match.group(1)) * _UNIT_NS[match.group(2)]
     return int(value)
 

@@ -745,9 +745,12 @@ def parse_agents(text: str) -> dict[str, int]:
 
 def parse_seconds(text: str) -> float:
     try:
-        return parse_duration_ns(text) / 1e9
+        seconds = parse_duration_ns(text) / 1e9
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:  # as --orders 0: a run of nothing is a mistake, not a result
+        raise argparse.ArgumentTypeError("the duration must be more than zero")
+    return seconds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -759,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--agents", type=parse_agents, default=None,
                     help="agent counts, e.g. random=20,mm=2,twap=1,passive=1")
     group = ap.add_mutually_exclusive_group()
-    group.add_argument("--duration", type=parse_seconds, default=None, help="how long, e.g. 30s (default 30s)")
+    group.add_argument("--duration", type=parse_seconds, default=None, help="how long, e.g. 30s, 5m or 1h (default 30s)")
     group.add_argument("--orders", type=int, default=None, help="stop after this many orders")
     ap.add_argument("--rate", type=float, default=None, help="the random traders' orders per second, together (default 500; the "
                          "market makers' quotes and the others' orders come on top)")

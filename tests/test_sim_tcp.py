@@ -175,6 +175,8 @@ def test_the_command_line_refuses_bad_options_clearly(tmp_path: Path) -> None:
     result = run_cli("--embedded", "--config", str(bad))
     assert result.returncode == 2 and "not valid JSON" in result.stderr
     assert "Traceback" not in result.stderr
+    result = run_cli("--embedded", "--duration", "0s")
+    assert result.returncode == 2 and "the duration must be more than zero" in result.stderr
 
 
 def test_scheduled_runs_from_the_command_line_list_and_resume(tmp_path: Path) -> None:

@@ -75,3 +75,12 @@ async def test_tcp_grid_orders_match_text_orders(tmp_path: Path) -> None:
         for gw in gws:
             await gw.close()
         await asyncio.wait_for(srv.stop(), T)
+
+
+def test_durations_in_minutes_and_hours() -> None:
+    from simulation.embedded import parse_duration_ns
+
+    assert parse_duration_ns("5m") == 300 * 10**9
+    assert parse_duration_ns("1.5min") == 90 * 10**9
+    assert parse_duration_ns("1h") == 3600 * 10**9
+    assert parse_duration_ns("5ms") == 5 * 10**6  # not five minutes
