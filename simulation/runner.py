@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 from typing import Any, Callable, Coroutine, TextIO
 
@@ -115,8 +116,8 @@ def build_agents(
                 raise SimulationError(f"funding for {kind}: the markets have no asset {unknown[0]!r} "
                                       f"(they have {', '.join(sorted(config.assets))})")
             funding = dict(given)
-        else:  # the built-in funding, of the assets these markets have
-            funding = {a: v for a, v in DEFAULT_FUNDING[kind].items() if a in config.assets}
+        else:
+            funding = default_funding(kind, config, control.profiles)
         params = dict(cfg.params.get(kind, {}))
         for i in range(count):
             name = f"{prefix}{kind}{i + 1:02d}"
@@ -127,6 +128,28 @@ def build_agents(
                         funding=funding, interval=pace.get(kind, interval), params=params)
             agents.append(agent)
     return agents
+
+
+def default_funding(kind: str, config: MarketConfig, profiles: dict[str, MarketProfile]) -> dict[str, str]:
+    """The built-in funding of the assets these markets have, and for assets it does not
+    know (a --markets file's): a quote asset as many units as USD, a base asset worth half
+    of that at the market's starting mid, as BTC and ACME are. Without them the agents of
+    such a market could only ever buy, and it would never trade."""
+    builtin = DEFAULT_FUNDING[kind]
+    out = {a: v for a, v in builtin.items() if a in config.assets}
+    usd = Decimal(builtin.get("USD", "0"))
+    if not usd:
+        return out
+    for symbol, spec in config.markets.items():
+        quote, base = spec.quote, spec.base
+        if quote.name not in builtin:
+            out.setdefault(quote.name, str(usd))
+        if base.name not in builtin and kind != "passive" and symbol in profiles:
+            mid = Decimal(spec.format_price(profiles[symbol].mid))
+            qty = (usd / 2 / mid).quantize(Decimal(1).scaleb(-base.decimals), rounding=ROUND_DOWN)
+            if qty > 0 and base.name not in out:
+                out[base.name] = format(qty, "f")
+    return out
 
 
 def profiles_for(cfg: SimConfig, config: MarketConfig) -> dict[str, MarketProfile]:

@@ -548,3 +548,24 @@ def test_a_plot_named_without_an_extension_is_written_and_named_as_png(tmp_path:
     assert proc.returncode == 0, proc.stderr[-800:]
     assert (tmp_path / "chart.png").is_file()
     assert f"plot: {tmp_path / 'chart.png'}" in proc.stdout
+
+
+def test_a_markets_file_with_assets_the_built_in_funding_lacks_still_trades(tmp_path: Path) -> None:
+    """The built-in funding names USD, BTC and ACME; agents of an ETH-USD market are given
+    ETH too (worth half their USD at the starting mid), so both sides trade."""
+    from simulation.runner import SimConfig, default_funding, market_config, profiles_for, run_embedded
+
+    markets = tmp_path / "m.json"
+    markets.write_text(json.dumps({
+        "assets": {"USD": 6, "ETH": 4},
+        "markets": [{"symbol": "ETH-USD", "base": "ETH", "quote": "USD", "tick_size": "0.01",
+                     "lot_size": "0.001", "min_qty": "0.001", "price_band": "0.10",
+                     "reference_price": "2000.00"}],
+    }))
+    cfg = SimConfig(embedded=True, orders=2000, duration_s=None, markets_file=markets,
+                    data_dir=tmp_path / "d", progress=False)
+    config = market_config(cfg)
+    assert default_funding("random", config, profiles_for(cfg, config)) == {"USD": "100000", "ETH": "25.0000"}
+    report = run_embedded(cfg, stream=None)
+    assert report["markets"]["ETH-USD"]["trades"] > 100
+    assert not any(k.startswith("rejected:price_out_of_band") for k in report["outcomes"]), report["outcomes"]
