@@ -119,6 +119,9 @@ def build_agents(
         else:
             funding = default_funding(kind, config, control.profiles)
         params = dict(cfg.params.get(kind, {}))
+        if "market" in params and params["market"] not in config.markets:
+            raise SimulationError(f"params for {kind}: unknown market {params['market']!r} "
+                                  f"(have {', '.join(config.markets)})")
         for i in range(count):
             name = f"{prefix}{kind}{i + 1:02d}"
             agent_markets = markets
@@ -894,7 +897,12 @@ def apply_file_config(cfg: SimConfig, data: dict[str, Any]) -> None:
     if "markets_file" in data:
         cfg.markets_file = Path(data["markets_file"])
     if "markets" in data:
-        cfg.trade_markets = list(data["markets"])
+        chosen = data["markets"]
+        if chosen is not None and (not isinstance(chosen, list) or not chosen
+                                   or not all(isinstance(m, str) for m in chosen)):
+            raise SimulationError('config file: \'markets\' is a list of the markets to trade, '
+                                  'e.g. ["BTC-USD"] (leave it out for all of them)')
+        cfg.trade_markets = None if chosen is None else list(chosen)
     if "data_dir" in data:
         cfg.data_dir = Path(data["data_dir"])
     for key in ("profiles", "funding", "params"):

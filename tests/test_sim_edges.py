@@ -213,6 +213,8 @@ BAD_CONFIGS = {
     "twap_unknown_market": {"params": {"twap": {"market": "XYZ-USD"}}},
     "passive_cap_text": {"params": {"passive": {"price_cap": "abc"}}},
     "schedule_not_object": {"schedule": "x"},
+    "markets_a_string": {"markets": "BTC-USD"},
+    "markets_empty": {"markets": []},
 }
 
 
