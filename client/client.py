@@ -14,6 +14,7 @@ Exceptions (all ``ExchangeError``):
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import itertools
 from collections import deque
@@ -438,6 +439,17 @@ class ExchangeClient:
             if event is None:
                 return
             yield event
+
+
+def port_number(text: str) -> int:
+    """An argparse type for ``--port``: 99999 is a mistake to name, not a refused connection."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError("a port is a number from 1 to 65535")
+    return port
 
 
 def _text(value: Any) -> Any:

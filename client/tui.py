@@ -54,7 +54,7 @@ from prompt_toolkit.output import Output
 from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.styles import Style
 
-from client.client import ExchangeClient, ExchangeConnectionError, ExchangeError
+from client.client import ExchangeClient, ExchangeConnectionError, ExchangeError, port_number
 from client.session_manager import SessionError, SessionManager
 from exchange.protocol import DEFAULT_PORT, MAX_DEPTH
 
@@ -1268,16 +1268,6 @@ async def run_client(options: ClientOptions, input: Input | None = None, output:
         await client.close()
 
 
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a port number") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError("a port is a number from 1 to 65535")
-    return port
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="start_client.py",
@@ -1285,7 +1275,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--user", required=True, help="your user name (open mode: any name, funded on first login)")
     ap.add_argument("--host", default="127.0.0.1", help="exchange address (default 127.0.0.1)")
-    ap.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"exchange port (default {DEFAULT_PORT})")
+    ap.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=f"exchange port (default {DEFAULT_PORT})")
     ap.add_argument("--market", default="BTC-USD", help="market to start on (default BTC-USD)")
     ap.add_argument("--data-dir", type=Path, default=Path("data"),
                     help="where the order and command histories go (default ./data)")

@@ -26,6 +26,7 @@ from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 from typing import Any, Callable, Coroutine, TextIO
 
+from client.client import port_number
 from exchange.markets import ConfigError, MarketConfig, default_config, load_config
 from exchange.protocol import DEFAULT_PORT
 from exchange.runtime import install_event_loop_policy, tune_gc, tune_malloc
@@ -400,8 +401,7 @@ async def run_tcp(
         mirror = await BookMirror.start(cfg.host, cfg.port, config)
     except GatewayConnectionError as exc:
         raise SimulationError(
-            f"cannot reach the exchange at {cfg.host}:{cfg.port}: {exc.message}. "
-            "Start it with: python run/start_engine.py (or use --embedded)"
+            _unreachable(cfg, exc.message)
         ) from None
     except GatewayError as exc:  # e.g. a --markets file naming a market it does not have
         raise SimulationError(f"cannot follow the exchange's books: {exc.message}") from None
@@ -568,6 +568,14 @@ async def _wind_down(agents: list[Agent], gateways: list[Any], hurry: asyncio.Ev
     return sum(len(a.wallet.orders) for a in agents), True
 
 
+def _unreachable(cfg: Any, why: str) -> str:
+    """Why the exchange cannot be reached, and what to do about it."""
+    if not why.startswith("cannot connect"):
+        why = f"cannot reach the exchange at {cfg.host}:{cfg.port}: {why}"
+    end = "" if why.endswith(("?", ".", "!")) else "."
+    return f"{why}{end} Start it with: python run/start_engine.py (or use --embedded)"
+
+
 async def exchange_markets(cfg: Any, given: MarketConfig | None, what: str) -> MarketConfig:
     """The exchange's markets; or ``given`` (``what``: a markets file, the built-in ones),
     refused if its markets are on another grid than the exchange's (their prices could be
@@ -576,7 +584,7 @@ async def exchange_markets(cfg: Any, given: MarketConfig | None, what: str) -> M
         remote = await fetch_config(cfg.host, cfg.port)
     except GatewayConnectionError as exc:
         raise SimulationError(
-            f"{exc.message}. Start it with: python run/start_engine.py (or use --embedded)"
+            _unreachable(cfg, exc.message)
         ) from None
     if given is None:
         return remote
@@ -625,8 +633,7 @@ async def _connect_all(
         )
         if isinstance(exc, GatewayConnectionError):
             raise SimulationError(
-                f"cannot reach the exchange at {cfg.host}:{cfg.port}: {exc.message}. "
-                "Start it with: python run/start_engine.py (or use --embedded)"
+                _unreachable(cfg, exc.message)
             ) from None
         if isinstance(exc, GatewayError):
             raise SimulationError(f"the exchange refused an agent's session: {exc.message}") from None
@@ -800,7 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--plot", type=Path, default=None, help="draw price, spread and P&L to a PNG (matplotlib)")
     ap.add_argument("--data-dir", type=Path, default=None, help="where trades.jsonl and runs go (default ./data)")
     ap.add_argument("--host", default=None, help="exchange host (TCP mode, default 127.0.0.1)")
-    ap.add_argument("--port", type=int, default=None, help=f"exchange port (TCP mode, default {DEFAULT_PORT})")
+    ap.add_argument("--port", type=port_number, default=None, help=f"exchange port (TCP mode, default {DEFAULT_PORT})")
     ap.add_argument("--no-progress", action="store_true", help="no live progress line")
     ap.add_argument("--schedule", action="store_true", help="run the config's scheduled action slots")
     ap.add_argument("--resume", metavar="ID", default=None, help="continue a saved scheduled run")

@@ -133,6 +133,9 @@ async def test_a_friendly_error_when_the_exchange_is_not_running(unused_tcp_port
     with pytest.raises(SimulationError) as err:
         await asyncio.wait_for(run_tcp(cfg, stream=None), T)
     assert "cannot" in str(err.value) and "start_engine.py" in str(err.value)
+    assert "is it running? Start it with" in str(err.value)  # one question, then what to do
+    result = run_cli("--port", "99999", "--duration", "1s")
+    assert result.returncode == 2 and "a port is a number from 1 to 65535" in result.stderr
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
