@@ -1253,7 +1253,11 @@ async def run_client(options: ClientOptions, input: Input | None = None, output:
             _fail(f"lost the connection to the exchange at {where} while starting: {exc.message}")
             return EXIT_CONNECTION
         except ExchangeError as exc:
-            _fail(f"the exchange at {where} refused the login as {options.user!r}: {exc.message}")
+            hint = ""
+            if exc.code == "auth_failed":
+                hint = ("; this exchange wants a known user and its token: --token TOKEN" if options.token is None
+                        else "; check the user name and --token")
+            _fail(f"the exchange at {where} refused the login as {options.user!r}: {exc.message}{hint}")
             return EXIT_CONNECTION
         except OSError as exc:
             _fail(f"cannot write the order history under {options.data_dir}: {exc.strerror or exc}")

@@ -397,3 +397,29 @@ def test_start_client_requires_a_user(tmp_path: Path) -> None:
         cwd=tmp_path, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 2 and "--user" in proc.stderr and "Traceback" not in proc.stderr
+
+
+async def test_a_login_refused_by_a_keys_mode_exchange_says_what_it_wants(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+
+    from exchange.server import ExchangeServer, ServerConfig, hash_token
+
+    accounts = tmp_path / "accounts.json"
+    accounts.write_text(json.dumps({"users": {"alice": {"token_hash": hash_token("s3cret")}}}))
+    srv = ExchangeServer(ServerConfig(port=0, data_dir=tmp_path / "data", stats_interval=0,
+                                      auth="keys", accounts_file=accounts))
+    await srv.start()
+    try:
+        assert srv.address is not None
+        host, port = srv.address
+        code = await run_client(ClientOptions(user="alice", host=host, port=port, data_dir=tmp_path))
+        assert code == EXIT_CONNECTION
+        assert "this exchange wants a known user and its token: --token TOKEN" in capsys.readouterr().err
+        code = await run_client(ClientOptions(user="alice", host=host, port=port, data_dir=tmp_path, token="nope"))
+        assert code == EXIT_CONNECTION
+        assert "refused the login as 'alice': unknown user or wrong token; check the user name and --token" \
+            in capsys.readouterr().err
+    finally:
+        await srv.stop()
