@@ -6,7 +6,8 @@ exactly the bytes each test needs, which the real exchange cannot be made to do.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable
+import contextlib
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import orjson
 import pytest
@@ -26,6 +27,19 @@ async def serve(script: Script) -> tuple[asyncio.base_events.Server, int]:
 
     srv = await asyncio.start_server(handle, "127.0.0.1", 0)
     return srv, srv.sockets[0].getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def scripted(script: Script) -> AsyncIterator[ExchangeClient]:
+    """A client connected to a server that runs ``script`` for each connection."""
+    srv, port = await serve(script)
+    client = ExchangeClient("127.0.0.1", port, timeout=5)
+    try:
+        await client.connect()
+        yield client
+    finally:
+        await client.close()
+        srv.close()
 
 
 async def request_id(reader: asyncio.StreamReader) -> Any:
@@ -54,19 +68,13 @@ async def test_replies_cut_byte_by_byte_and_lines_sharing_a_chunk() -> None:
         await writer.drain()
         await reader.read()
 
-    srv, port = await serve(script)
-    client = ExchangeClient("127.0.0.1", port, timeout=5)
-    try:
-        await client.connect()
+    async with scripted(script) as client:
         assert await asyncio.wait_for(client.ping(), 5) == {"type": "pong", "id": 1}
         assert await asyncio.wait_for(client.ping(), 5) == {"type": "pong", "id": 2}
         first = await asyncio.wait_for(client.next_event(), 5)
         second = await asyncio.wait_for(client.next_event(), 5)
         assert first is not None and second is not None
         assert (first["trade_id"], second["trade_id"]) == (6, 7)
-    finally:
-        await client.close()
-        srv.close()
 
 
 async def test_a_line_over_the_limit_closes_the_connection_with_its_reason(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,19 +89,13 @@ async def test_a_line_over_the_limit_closes_the_connection_with_its_reason(monke
             await asyncio.sleep(0.01)
         await reader.read()
 
-    srv, port = await serve(script)
-    client = ExchangeClient("127.0.0.1", port, timeout=5)
-    try:
-        await client.connect()
+    async with scripted(script) as client:
         with pytest.raises(ExchangeConnectionError, match="over 1000 bytes"):
             await asyncio.wait_for(client.ping(), 5)
         assert not client.connected
         event = await asyncio.wait_for(client.next_event(), 5)
         assert event is not None and event["trade_id"] == 1  # what came before the long line
         assert await asyncio.wait_for(client.next_event(), 5) is None
-    finally:
-        await client.close()
-        srv.close()
 
 
 async def test_the_server_going_away_fails_the_waiting_request_then_a_reconnect_works() -> None:
@@ -109,10 +111,7 @@ async def test_the_server_going_away_fails_the_waiting_request_then_a_reconnect_
         await writer.drain()
         await reader.read()
 
-    srv, port = await serve(script)
-    client = ExchangeClient("127.0.0.1", port, timeout=5)
-    try:
-        await client.connect()
+    async with scripted(script) as client:
         with pytest.raises(ExchangeConnectionError, match="the exchange closed the connection"):
             await asyncio.wait_for(client.ping(), 5)
         assert client.closed_reason == "the exchange closed the connection"
@@ -128,9 +127,6 @@ async def test_the_server_going_away_fails_the_waiting_request_then_a_reconnect_
         await client.close()
         assert client.closed_reason == "the connection was closed"
         assert not client.connected
-    finally:
-        await client.close()
-        srv.close()
 
 
 def test_a_connection_the_exchange_ends_before_connect_returns_is_seen_as_ended() -> None:
