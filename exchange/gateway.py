@@ -70,6 +70,7 @@ from exchange.types import (
     ExecReport,
     ExecType,
     OrderStatus,
+    REJECT_MESSAGES,
     RejectReason,
     Trade,
 )
@@ -492,7 +493,9 @@ class Gateway:
                 raise ProtocolError(ErrorCode.NOT_LOGGED_IN, f"log in before '{op}'")
             self._ops[op](session, msg, rid)
         except ProtocolError as exc:
-            extra = {"field": exc.field} if exc.field else {}
+            extra: dict[str, Any] = {"field": exc.field} if exc.field else {}
+            if exc.order_id is not None:
+                extra["order_id"] = exc.order_id
             if rid is None:
                 rid = exc.rid
             session.send_msg(error_message(exc.code, exc.message, rid, **extra))
@@ -522,7 +525,8 @@ class Gateway:
                     "type": "logged_in", "user": user, "funded": False, "admin": session.admin,
                 })
                 return
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"this session is already logged in as {session.user}")
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"this session is already logged in as {session.user}",
+                                "user")
         admin = False
         if self.options.auth == "keys":
             token = msg.get("token")
@@ -558,6 +562,10 @@ class Gateway:
         except OrderRejected as exc:
             reply = self.fmt.rejected(msg, session.user, exc.reason, exc.message, ts)  # type: ignore[arg-type]
             self._tell_listeners_rejected(session.user, reply, exc.reason, ts)  # type: ignore[arg-type]
+            # Like every report of the user's orders, to each of its sessions (the id to the sender's).
+            for other in self.by_user.get(session.user, ()):  # type: ignore[arg-type]
+                if other is not session:
+                    other.send_msg(reply)
             if rid is not None:
                 reply["id"] = rid
             session.send_msg(reply)
@@ -632,7 +640,7 @@ class Gateway:
         order = self.engine.order(session.user, oid)  # type: ignore[arg-type]
         ahead = self.engine.queue_position(session.user, oid)  # type: ignore[arg-type]
         if order is None or ahead is None:
-            raise ProtocolError("unknown_order", "no such open order for this account")
+            raise ProtocolError(ErrorCode.UNKNOWN_ORDER, REJECT_MESSAGES[RejectReason.UNKNOWN_ORDER], order_id=oid)
         self._reply(session, rid, {
             "type": "queue_position", "order_id": oid, "market": order.market,
             "price": self.fmt.price(order.market, order.price),  # type: ignore[arg-type]

@@ -81,12 +81,16 @@ class ErrorCode:
 class ProtocolError(Exception):
     """A request the server answers with ``error``; nothing changed."""
 
-    def __init__(self, code: str, message: str, field: str | None = None, rid: Any = None) -> None:
+    def __init__(
+        self, code: str, message: str, field: str | None = None, rid: Any = None,
+        order_id: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.field = field
         self.rid = rid  # the request's id, when the error is raised before the caller has it
+        self.order_id = order_id  # the order a refused cancel, modify or query named
 
 
 class OrderRejected(Exception):
@@ -391,8 +395,8 @@ _NUMBER_TYPES: Final = frozenset({str, int, float})
 
 def order_id_of(msg: dict[str, Any]) -> int:
     oid = msg.get("order_id")
-    if type(oid) is str and oid.isascii() and oid.isdigit() and len(oid) < 19:
-        oid = int(oid)
+    if type(oid) is str and oid.isascii() and oid.isdigit() and len(oid) <= 20:
+        oid = int(oid)  # then held to 64 bits, as a JSON integer is
     if type(oid) is not int or _too_wide(oid):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'order_id' must be an integer", "order_id")
     return oid
@@ -416,13 +420,14 @@ def modify_command(
         raise ProtocolError(ErrorCode.BAD_REQUEST, "give 'price', 'qty' or both", "qty")
     order = lookup(account, oid)
     if order is None:
-        raise ProtocolError(RejectReason.UNKNOWN_ORDER.value, REJECT_MESSAGES[RejectReason.UNKNOWN_ORDER])
+        raise ProtocolError(RejectReason.UNKNOWN_ORDER.value, REJECT_MESSAGES[RejectReason.UNKNOWN_ORDER],
+                            order_id=oid)
     market = config.markets[order.market]
     try:
         price = market.price_ticks(raw_price) if raw_price is not None else None
         qty = market.qty_lots(raw_qty) if raw_qty is not None else None
     except InvalidValue as exc:
-        raise ProtocolError(exc.reason.value, exc.message) from None
+        raise ProtocolError(exc.reason.value, exc.message, order_id=oid) from None
     return ModifyOrder(ts, account, oid, price, qty)
 
 

@@ -297,6 +297,29 @@ async def test_second_session_gets_the_same_reports(connect) -> None:
     assert "id" in b1[0] and "id" not in b2[0]
 
 
+async def test_rejections_reach_every_session_and_unknown_orders_are_named(connect) -> None:
+    """A rejection made before the engine (an off-grid price) is a report like the others:
+    each of the user's sessions gets it. Every ``unknown_order`` names the order."""
+    alice1 = await w(connect("alice"))
+    alice2 = await w(connect("alice"))
+    refused = await w(alice1.place(BTC, "buy", "1", "100.001", raise_on_reject=False))
+    assert refused["reason"] == "invalid_price" and "id" in refused
+    copy = execs(await settle(alice2))
+    assert [without_id(e) for e in copy] == [without_id(refused)]
+    for op, fields in (("cancel", {}), ("modify", {"qty": "1"}), ("queue_position", {})):
+        with pytest.raises(ExchangeError) as err:
+            await w(alice1.request(op, order_id=987654, **fields))
+        assert err.value.code == "unknown_order" and err.value.reply.get("order_id") == 987654, (op, err.value.reply)
+    with pytest.raises(ExchangeError) as err:
+        await w(alice1.login("bob"))
+    assert err.value.code == "bad_request" and err.value.field == "user"
+    # An order id as a string of digits is read as the same number as a JSON integer would be.
+    for text, code in (("9223372036854775807", "unknown_order"), ("18446744073709551616", "bad_request")):
+        with pytest.raises(ExchangeError) as err:
+            await w(alice1.request("cancel", order_id=text))
+        assert err.value.code == code, (text, err.value.reply)
+
+
 async def test_id_is_echoed_on_direct_replies_only(server, raws) -> None:
     alice = await raws(server)
     bob = await raws(server)
