@@ -496,8 +496,8 @@ def describe_report(report: dict[str, Any]) -> Fragments:
 def band_range(reference: Decimal, band: Decimal, tick: Decimal) -> str:
     """``low-high (+-10% of REF)``: the band's inclusive limits on the tick grid, rounded
     inwards as the exchange rounds them (``Market.band_limits``)."""
-    low = max((reference * (1 - band) / tick).to_integral_value(ROUND_CEILING), Decimal(1)) * tick
-    high = (reference * (1 + band) / tick).to_integral_value(ROUND_FLOOR) * tick
+    low = (max((reference * (1 - band) / tick).to_integral_value(ROUND_CEILING), Decimal(1)) * tick).quantize(tick)
+    high = ((reference * (1 + band) / tick).to_integral_value(ROUND_FLOOR) * tick).quantize(tick)
     percent = f"{band * 100:f}".rstrip("0").rstrip(".")
     return f"{low}-{high} (+-{percent}% of {reference})"
 

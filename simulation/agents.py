@@ -175,16 +175,19 @@ class Agent:
         while not control.stopping and not self.done:
             started = gw.now_ns()
             self.sync()
+            limited = False
             try:
                 await self.step()
-                backoff = 0.0
             except GatewayConnectionError:
                 raise
             except GatewayError as exc:
                 self.stats.errors[exc.code] += 1
-                if exc.code == "rate_limited":  # the exchange's --rate-limit: slow down
-                    backoff = min(1.0, backoff * 2 if backoff else 0.05)
-                    await gw.sleep(backoff)
+                limited = exc.code == "rate_limited"
+            if limited:  # the exchange's --rate-limit: slow down (outside the handler)
+                backoff = min(1.0, backoff * 2 if backoff else 0.05)
+                await gw.sleep(backoff)
+            else:
+                backoff = 0.0
             # The pause runs from the step's start: the time the step waited for the
             # exchange (an acknowledgement, a latency model) is part of it, so the agent
             # keeps its pace however slow the answers. A step that used up its pause
@@ -209,36 +212,52 @@ class Agent:
         order whose acknowledgement had not come when the run stopped (a latency model, a
         request on its way) is not among the agent's own, and would be left resting.
         """
-        gw = self.gw
         try:
-            await gw.settled()
+            await self._end_request("settled")
             self.sync()
             ids = set(self.wallet.orders)
-            ids.update(o.order_id for o in await gw.open_orders())
+            ids.update(o.order_id for o in await self._end_request("open_orders"))
         except GatewayConnectionError:
+            self.sync()
             return len(self.wallet.orders)
         except GatewayError:
+            self.sync()
             ids = set(self.wallet.orders)
         todo = sorted(ids)
         left = 0
         for i, oid in enumerate(todo):
-            delay = 0.05
-            while True:
-                try:
-                    await gw.cancel(oid)
-                except GatewayConnectionError:
-                    return left + len(todo) - i
-                except GatewayError as exc:
-                    if exc.code == "rate_limited":
-                        if delay <= 1.6:
-                            await gw.sleep(delay)
-                            delay *= 2
-                            continue
-                        left += 1
-                    # else: filled or cancelled meanwhile
-                break
+            try:
+                await self._end_request("cancel", oid)
+            except GatewayConnectionError:
+                self.sync()
+                return left + len(todo) - i
+            except GatewayError as exc:
+                if exc.code == "rate_limited":
+                    left += 1
+                # else: filled or cancelled meanwhile
         self.sync()
         return left
+
+    async def _end_request(self, op: str, order_id: int = 0) -> Any:
+        """One request of the final clean-up (``settled``, ``open_orders`` or ``cancel``),
+        retried while the exchange's rate limit refuses it: 50 ms doubling, about 3 s in all.
+        A lost connection and any other refusal raise."""
+        gw = self.gw
+        delay = 0.05
+        while True:
+            try:
+                if op == "cancel":
+                    return await gw.cancel(order_id)
+                if op == "open_orders":
+                    return await gw.open_orders()
+                return await gw.settled()
+            except GatewayConnectionError:
+                raise
+            except GatewayError as exc:
+                if exc.code != "rate_limited" or delay > 1.6:
+                    raise
+            await gw.sleep(delay)  # outside the handler: the refusal does not linger as a context
+            delay *= 2
 
     def sync(self) -> None:
         """Follow every report received since the last look."""
@@ -330,7 +349,9 @@ class Agent:
             return True
         except GatewayConnectionError:
             raise
-        except GatewayError:
+        except GatewayError as exc:
+            if exc.code != "unknown_order":  # not a race with a fill: worth counting
+                self.stats.errors[f"cancel:{exc.code}"] += 1
             return False  # it traded or expired meanwhile; its reports will say so
 
     async def reprice(self, t: Tracked, price: int) -> bool:

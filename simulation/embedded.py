@@ -113,11 +113,14 @@ _UNIT_NS: Final = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_0
                    "min": 60_000_000_000, "m": 60_000_000_000, "h": 3_600_000_000_000}
 
 
-def parse_duration_ns(text: str) -> int:
-    """``500us``, ``5ms``, ``2s``, ``1.5s``, ``5m``, ``1h`` (plain number: seconds) as integer nanoseconds."""
+def parse_duration_ns(text: str, minutes: bool = True) -> int:
+    """``500us``, ``5ms``, ``2s``, ``1.5s``, ``5m``, ``1h`` (plain number: seconds) as integer
+    nanoseconds. ``minutes=False`` (a latency) refuses ``m``, ``min`` and ``h``: there "5m" is
+    far likelier a mistyped 5ms than five minutes."""
     match = _DURATION.match(text)
-    if not match:
-        raise ValueError(f"not a duration: {text!r} (try 500us, 5ms, 2s, 5m or 1h)")
+    if not match or not minutes and match.group(2) in ("m", "min", "h"):
+        raise ValueError(f"not a duration: {text!r} (try " + ("500us, 5ms, 2s, 5m or 1h)" if minutes else
+                                                               "500us, 5ms or 2s)"))
     value = Decimal(match.group(1)) * _UNIT_NS[match.group(2)]
     return int(value)
 
@@ -129,7 +132,7 @@ def parse_latency(text: str | None) -> LatencyModel | None:
     kind, _, rest = text.strip().partition(":")
     kind = kind.lower()
     if kind == "fixed":
-        ns = parse_duration_ns(rest)
+        ns = parse_duration_ns(rest, minutes=False)
         return LatencyModel("fixed", ns) if ns > 0 else None
     if kind == "gamma":
         params = {}
@@ -144,7 +147,7 @@ def parse_latency(text: str | None) -> LatencyModel | None:
             raise ValueError(f"gamma shape {params.get('shape')!r} is not a number, e.g. shape=2") from None
         if not (math.isfinite(shape) and shape > 0):
             raise ValueError("gamma shape must be a positive finite number, e.g. shape=2")
-        mean_ns = parse_duration_ns(params["mean"])
+        mean_ns = parse_duration_ns(params["mean"], minutes=False)
         if mean_ns <= 0:
             raise ValueError("gamma mean must be positive (use fixed:0 for no latency)")
         return LatencyModel("gamma", mean_ns, shape)

@@ -135,25 +135,58 @@ def build_agents(
 
 
 def default_funding(kind: str, config: MarketConfig, profiles: dict[str, MarketProfile]) -> dict[str, str]:
-    """The built-in funding of the assets these markets have, and for assets it does not
-    know (a --markets file's): a quote asset as many units as USD, a base asset worth half
-    of that at the market's starting mid, as BTC and ACME are. Without them the agents of
-    such a market could only ever buy, and it would never trade."""
+    """The built-in funding of the assets these markets have, and for an asset it does not
+    know (a --markets file's): as a quote asset, the built-in USD amount's worth (where
+    markets lead to USD at their starting mids; else as many units); as a base asset, half
+    the worth of the agent's funding in that market's quote at the starting mid (at least
+    the market's minimum order), as BTC and ACME have. Without this the agents of such a
+    market could only ever buy, and it would never trade."""
     builtin = DEFAULT_FUNDING[kind]
     out = {a: v for a, v in builtin.items() if a in config.assets}
-    usd = Decimal(builtin.get("USD", "0"))
-    if not usd:
+    budget = Decimal(builtin.get("USD", "0"))
+    if not budget:
+        return out
+    worth = _usd_worth(config, profiles)
+    for spec in config.markets.values():  # quotes first: a base is valued against its quote
+        quote = spec.quote
+        if quote.name not in out:
+            unit = Decimal(1).scaleb(-quote.decimals)
+            amount = (budget / worth.get(quote.name, Decimal(1))).quantize(unit, rounding=ROUND_DOWN)
+            if amount > 0:
+                out[quote.name] = format(amount, "f")
+    if kind == "passive":  # it only buys
         return out
     for symbol, spec in config.markets.items():
-        quote, base = spec.quote, spec.base
-        if quote.name not in builtin:
-            out.setdefault(quote.name, str(usd))
-        if base.name not in builtin and kind != "passive" and symbol in profiles:
-            mid = Decimal(spec.format_price(profiles[symbol].mid))
-            qty = (usd / 2 / mid).quantize(Decimal(1).scaleb(-base.decimals), rounding=ROUND_DOWN)
-            if qty > 0 and base.name not in out:
-                out[base.name] = format(qty, "f")
+        base = spec.base
+        if base.name in out or spec.quote.name not in out or symbol not in profiles:
+            continue
+        mid = Decimal(spec.format_price(profiles[symbol].mid))
+        unit = Decimal(1).scaleb(-base.decimals)
+        amount = (Decimal(out[spec.quote.name]) / 2 / mid).quantize(unit, rounding=ROUND_DOWN)
+        out[base.name] = format(max(amount, Decimal(spec.format_qty(spec.min_qty_lots))), "f")
     return out
+
+
+def _usd_worth(config: MarketConfig, profiles: dict[str, MarketProfile]) -> dict[str, Decimal]:
+    """Each asset's worth in USD at the markets' starting mids, where markets lead there."""
+    worth = {"USD": Decimal(1)} if "USD" in config.assets else {}
+    mids = {symbol: Decimal(spec.format_price(profiles[symbol].mid))
+            for symbol, spec in config.markets.items() if symbol in profiles}
+    changed = True
+    while changed:
+        changed = False
+        for symbol, spec in config.markets.items():
+            mid = mids.get(symbol)
+            if not mid:
+                continue
+            base, quote = spec.base.name, spec.quote.name
+            if quote in worth and base not in worth:
+                worth[base] = mid * worth[quote]
+                changed = True
+            elif base in worth and quote not in worth:
+                worth[quote] = worth[base] / mid
+                changed = True
+    return worth
 
 
 def profiles_for(cfg: SimConfig, config: MarketConfig) -> dict[str, MarketProfile]:
@@ -286,7 +319,7 @@ def run_embedded(
     def tops() -> dict[str, tuple[int | None, int | None]]:
         return {m: _now(observer.top(m)) for m in config.markets}
 
-    stall = StallWatch() if cfg.duration_s is None else None
+    stall = StallWatch(agents) if cfg.duration_s is None else None
 
     def tick() -> None:
         elapsed = (kernel.now - kernel.start_ns) / 1e9
@@ -348,6 +381,8 @@ def run_embedded(
     for agent in agents:
         _ = kernel.spawn(wind_down(agent), agent.name)
     kernel.run()  # to an empty heap: every report still on its way (a latency model) arrives
+    stopped = bool(failures)
+    failures = [f"{name}: {exc!r}" for name, exc in kernel.failures]  # the clean-up's too
     for agent in agents:
         agent.sync()  # and is counted
     progress.update(agents, control, tops(), sim_elapsed, force=True)
@@ -357,7 +392,7 @@ def run_embedded(
         agents, config, mode="embedded", elapsed_s=elapsed, sim_elapsed_s=sim_elapsed,
         orders_sent=control.orders, interrupted=interrupted, seed=cfg.seed, failures=failures,
     )
-    if failures:
+    if stopped:
         report["stopped_early"] = "an agent failed"
     elif stall is not None and stall.fired:
         report["stopped_early"] = stall.reason
@@ -448,7 +483,7 @@ async def run_tcp(
         wall = time.perf_counter()
         tasks = [loop.create_task(a.run(), name=a.name) for a in agents]
         deadline = None if cfg.duration_s is None else time.monotonic() + cfg.duration_s
-        stall = StallWatch() if deadline is None else None
+        stall = StallWatch(agents) if deadline is None else None
         while True:
             if stop.is_set():
                 interrupted = True
@@ -482,6 +517,8 @@ async def run_tcp(
         if all(t.done() and not t.cancelled() and t.exception() is not None for t in tasks):
             stopped_early = "every agent failed"
         left_resting, cut_short = await _wind_down(agents, gateways, hurry)
+        if hurry.is_set():
+            interrupted = True  # Ctrl-C during the final cancels: not a finished run
         for agent in agents:
             agent.sync()
         if not cut_short:
@@ -519,21 +556,26 @@ async def run_tcp(
 class StallWatch:
     """A run bounded by an order count whose agents can no longer afford any order would
     go on for good (in simulated time, at full speed). It stops once no order has been sent
-    for ``STALL_S`` seconds of the run's clock while the agents kept skipping for budget."""
+    for ``STALL_S`` seconds of the run's clock (or twenty of the slowest agent's steps, for a
+    slow ``--rate``) while every agent kept skipping orders for budget."""
 
-    def __init__(self) -> None:
+    def __init__(self, agents: list[Agent]) -> None:
         self.orders = -1
-        self.skips = 0
+        self.skips: list[int] = []
         self.since = 0.0
         self.fired = False
-        self.reason = f"no order for {STALL_S:g} s: the agents' budgets cannot pay for any"
+        self.patience = max([STALL_S] + [20 * a.interval for a in agents])
+        self.reason = f"no order for {self.patience:g} s: the agents' budgets cannot pay for any"
 
     def stalled(self, agents: list[Agent], control: RunControl, now_s: float) -> bool:
-        skips = sum(a.stats.skipped_for_budget for a in agents)
+        skips = [a.stats.skipped_for_budget for a in agents]
         if control.orders != self.orders:
             self.orders, self.skips, self.since = control.orders, skips, now_s
             return False
-        self.fired = now_s - self.since >= STALL_S and skips > self.skips
+        self.fired = now_s - self.since >= self.patience and all(
+            now > before for a, now, before in zip(agents, skips, self.skips)
+            if not a.done  # a TWAP or passive buyer that finished is quiet
+        )
         return self.fired
 
 
@@ -565,6 +607,8 @@ async def _wind_down(agents: list[Agent], gateways: list[Any], hurry: asyncio.Ev
         return work.result(), False
     work.cancel()
     await asyncio.gather(work, return_exceptions=True)
+    for agent in agents:
+        agent.sync()  # the cancels that did get through
     return sum(len(a.wallet.orders) for a in agents), True
 
 
@@ -885,6 +929,8 @@ def apply_file_config(cfg: SimConfig, data: dict[str, Any]) -> None:
             cfg.duration_s = parse_duration_ns(str(data["duration"])) / 1e9 if data["duration"] is not None else None
         except ValueError as exc:
             raise SimulationError(f"config file: duration: {exc}") from None
+        if cfg.duration_s is not None and cfg.duration_s <= 0:
+            raise SimulationError("config file: duration: the duration must be more than zero")
     if "orders" in data:
         orders = data["orders"]
         if orders is not None and (type(orders) is not int or orders <= 0):

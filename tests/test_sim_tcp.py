@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from client import ExchangeClient
+from simulation.gateway import GatewayError
 from simulation.runner import SimConfig, SimulationError, run_tcp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -527,3 +528,32 @@ async def test_a_markets_file_on_another_grid_than_the_exchanges_is_refused_clea
         "--no-progress"))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-1500:]
     assert "does not match the exchange's markets" in result.stderr
+
+
+async def test_the_final_cancels_outlast_the_rate_limit_and_find_orders_the_agent_never_saw(tmp_path: Path) -> None:
+    """At the end of a busy run an agent's connection is at the exchange's rate limit, and
+    an order may be open that the agent never saw acknowledged (its step was cancelled).
+    The clean-up waits the limit out, asks the exchange what is open, and cancels it."""
+    from simulation.agents import RandomTrader, RunControl
+    from simulation.runner import profiles_for
+    from simulation.tcp import TcpGateway, fetch_config
+
+    async with _engine(tmp_path, "--rate-limit", "5") as (host, port, _, _):
+        config = await asyncio.wait_for(fetch_config(host, port), T)
+        control = RunControl(profiles_for(SimConfig(), config))
+        gw = await asyncio.wait_for(TcpGateway.connect(host, port, "rl-random01", config), T)
+        try:
+            agent = RandomTrader("rl-random01", gw, control, ["ACME-USD"])
+            await asyncio.sleep(1.1)  # the login's tokens come back
+            await asyncio.wait_for(gw.place("ACME-USD", "buy", "1", "90.00"), T)  # not in the agent's wallet
+
+            async def spend() -> None:
+                with contextlib.suppress(GatewayError):
+                    await gw.balances()
+
+            await asyncio.wait_for(asyncio.gather(*(spend() for _ in range(6))), T)  # the bucket is empty
+            assert await asyncio.wait_for(agent.shutdown(), 30) == 0
+            await asyncio.sleep(1.1)
+            assert await asyncio.wait_for(gw.open_orders(), T) == []
+        finally:
+            await gw.close()
