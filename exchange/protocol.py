@@ -326,12 +326,22 @@ _TIFS: Final = {t.value: t for t in TimeInForce}
 _STPS: Final = {s.value: s for s in STPMode}
 
 
+_ORDER_FIELD_LIST: Final = ("market", "side", "type", "price", "qty", "tif", "post_only", "stp", "client_order_id")
+_ORDER_FIELDS: Final = frozenset(("op", "id") + _ORDER_FIELD_LIST)
+
+
 def order_command(config: MarketConfig, msg: dict[str, Any], account: str, ts: int) -> PlaceOrder:
     """An ``order`` request as a ``PlaceOrder``.
 
     Shape errors raise ``ProtocolError``; a market the exchange does not list or a price or
     quantity it cannot take exactly raises ``OrderRejected`` with the engine's reason.
     """
+    for key in msg:
+        if key not in _ORDER_FIELDS:  # a misspelt "time_in_force" must not become a resting GTC order
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST,
+                f"unknown field {str(key)[:40]!r} in an order (it takes {', '.join(_ORDER_FIELD_LIST)})", str(key)[:40],
+            )
     symbol = msg.get("market")
     if type(symbol) is not str:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'market' is required", "market")
@@ -339,7 +349,9 @@ def order_command(config: MarketConfig, msg: dict[str, Any], account: str, ts: i
     side = _SIDES.get(raw_side) if type(raw_side) is str else None
     if side is None:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'side' must be buy|sell", "side")
-    raw_type = msg.get("type", "limit")
+    raw_type = msg.get("type")
+    if raw_type is None:  # null is the default, as for every optional field
+        raw_type = "limit"
     otype = _TYPES.get(raw_type) if type(raw_type) is str else None
     if otype is None:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'type' must be limit|market", "type")
@@ -351,7 +363,9 @@ def order_command(config: MarketConfig, msg: dict[str, Any], account: str, ts: i
         tif = _TIFS.get(raw_tif) if type(raw_tif) is str else None
         if tif is None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "'tif' must be gtc|ioc|fok", "tif")
-    post_only = msg.get("post_only", False)
+    post_only = msg.get("post_only")
+    if post_only is None:
+        post_only = False
     if type(post_only) is not bool:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'post_only' must be true or false", "post_only")
     raw_stp = msg.get("stp")

@@ -320,6 +320,21 @@ async def test_rejections_reach_every_session_and_unknown_orders_are_named(conne
         assert err.value.code == code, (text, err.value.reply)
 
 
+async def test_an_order_with_a_misspelt_field_is_refused_and_null_means_the_default(server, raws, connect) -> None:
+    alice = await w(connect("alice"))
+    for field in ("time_in_force", "postOnly", "quantity"):
+        with pytest.raises(ExchangeError) as err:
+            await w(alice.request("order", market=BTC, side="buy", price="100.00", qty="1", **{field: "ioc"}))
+        assert err.value.code == "bad_request" and err.value.field == field, err.value.reply
+        assert "unknown field" in err.value.message and "client_order_id" in err.value.message
+    assert await w(alice.orders()) == []  # nothing was placed
+    raw = await raws(server)  # the client library leaves nulls out: say them on the wire
+    assert (await raw.request({"op": "login", "user": "alice", "id": 0}))["type"] == "logged_in"
+    new = await raw.request({"op": "order", "id": 1, "market": BTC, "side": "buy", "price": "100.00", "qty": "1",
+                             "type": None, "tif": None, "post_only": None, "stp": None, "client_order_id": None})
+    assert (new["exec_type"], new["order_type"], new["tif"]) == ("new", "limit", "gtc"), new
+
+
 async def test_id_is_echoed_on_direct_replies_only(server, raws) -> None:
     alice = await raws(server)
     bob = await raws(server)
