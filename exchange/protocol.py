@@ -336,12 +336,12 @@ def order_command(config: MarketConfig, msg: dict[str, Any], account: str, ts: i
     Shape errors raise ``ProtocolError``; a market the exchange does not list or a price or
     quantity it cannot take exactly raises ``OrderRejected`` with the engine's reason.
     """
-    for key in msg:
-        if key not in _ORDER_FIELDS:  # a misspelt "time_in_force" must not become a resting GTC order
-            raise ProtocolError(
-                ErrorCode.BAD_REQUEST,
-                f"unknown field {str(key)[:40]!r} in an order (it takes {', '.join(_ORDER_FIELD_LIST)})", str(key)[:40],
-            )
+    if not _ORDER_FIELDS.issuperset(msg):  # a misspelt "time_in_force" must not become a resting GTC order
+        key = next(k for k in msg if k not in _ORDER_FIELDS)
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"unknown field {str(key)[:40]!r} in an order (it takes {', '.join(_ORDER_FIELD_LIST)})", str(key)[:40],
+        )
     symbol = msg.get("market")
     if type(symbol) is not str:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'market' is required", "market")
