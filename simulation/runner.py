@@ -320,11 +320,18 @@ def run_embedded(
         return {m: _now(observer.top(m)) for m in config.markets}
 
     stall = StallWatch(agents) if cfg.duration_s is None else None
+    ticks = [0]
+    # The progress line needs a sample now and then; a plot needs enough of them to draw
+    # lines even for a short run, so sample more often when one is asked for.
+    every = 256 if cfg.plot_file else 4096
 
     def tick() -> None:
         elapsed = (kernel.now - kernel.start_ns) / 1e9
         progress.update(agents, control, tops(), elapsed)
-        if stall is not None and stall.stalled(agents, control, elapsed):
+        ticks[0] += 1
+        # Every 4,096 kernel steps whatever the progress sampling (a --plot samples more
+        # often): a seeded run stops at the same step with or without a plot.
+        if stall is not None and ticks[0] % (4096 // every) == 0 and stall.stalled(agents, control, elapsed):
             control.stopping = True
 
     # Fund everyone first (at simulated time zero), then start trading.
@@ -347,9 +354,6 @@ def run_embedded(
     ctrl_c: list[bool] = []
     previous = _on_sigint(lambda *_: ctrl_c.append(True))
     try:
-        # The progress line needs a sample now and then; a plot needs enough of them to draw
-        # lines even for a short run, so sample more often when one is asked for.
-        every = 256 if cfg.plot_file else 4096
         # An agent that raised is a bug or a bad parameter, never the network: the run stops
         # there rather than go on without it (with --orders, the others might never reach
         # the count, and simulated time would run on for good).

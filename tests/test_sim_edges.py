@@ -571,3 +571,21 @@ def test_a_markets_file_with_assets_the_built_in_funding_lacks_still_trades(tmp_
     report = run_embedded(cfg, stream=None)
     assert report["markets"]["ETH-USD"]["trades"] > 100
     assert not any(k.startswith("rejected:price_out_of_band") for k in report["outcomes"]), report["outcomes"]
+
+
+def test_a_stalled_seeded_run_stops_at_the_same_point_with_or_without_a_plot(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"funding": {k: {"USD": "10"} for k in ("random", "mm", "twap", "passive")}}))
+    reports = []
+    for plot in (False, True):
+        report_file = tmp_path / f"r{plot}.json"
+        args = ["--embedded", "--orders", "1000", "--config", str(config), "--no-progress",
+                "--data-dir", str(tmp_path / f"d{plot}"), "--report", str(report_file)]
+        if plot:
+            args += ["--plot", str(tmp_path / "p.png")]
+        proc = sim(*args, timeout=120)
+        assert proc.returncode == 1, proc.stderr[-500:]
+        reports.append(json.loads(report_file.read_text()))
+    assert reports[0]["simulated_s"] == reports[1]["simulated_s"]
+    assert reports[0]["skipped_for_budget"] == reports[1]["skipped_for_budget"]
