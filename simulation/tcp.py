@@ -80,7 +80,7 @@ async def fetch_config(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -
     except ExchangeConnectionError as exc:
         raise GatewayConnectionError(exc.message) from None
     try:
-        markets = await client.markets()
+        markets = (await _patiently(client, "markets"))["markets"]
     except ExchangeError as exc:
         raise GatewayConnectionError(f"the exchange at {host}:{port} did not answer: {exc}") from None
     finally:
@@ -111,7 +111,7 @@ async def market_prices(
         await client.connect()
         out = {}
         for market, spec in config.markets.items():
-            view = book_view(spec, await client.book(market, depth=1))
+            view = book_view(spec, await _patiently(client, "book", market=market, depth=1))
             bid, ask = view.best_bid, view.best_ask
             if bid is not None and ask is not None:
                 out[market] = (bid + ask) // 2
@@ -158,6 +158,29 @@ def market_differences(local: MarketConfig, remote: MarketConfig) -> list[str]:
     return out
 
 
+# Requests that change nothing or only fund (queries, subscriptions, deposits): when the
+# exchange's --rate-limit refuses one, it is sent again after a pause rather than failing the
+# run's start or its end. Orders, cancels and modifies are not: their refusal is the agent's
+# to handle (it counts it and backs off).
+_PATIENT_OPS = frozenset({"markets", "book", "subscribe", "balances", "orders", "deposit", "queue_position"})
+
+
+async def _patiently(client: ExchangeClient, op: str, **fields: Any) -> dict[str, Any]:
+    """``client.request``, sent again while the exchange's rate limit refuses it (50 ms
+    doubling, about 3 s in all) when ``op`` is one of ``_PATIENT_OPS``."""
+    delay = 0.05
+    while True:
+        try:
+            return await client.request(op, **fields)
+        except ExchangeConnectionError:
+            raise
+        except ExchangeError as exc:
+            if exc.code != "rate_limited" or op not in _PATIENT_OPS or delay > 1.6:
+                raise
+        await asyncio.sleep(delay)
+        delay *= 2
+
+
 def _decimals(text: str) -> int:
     _, _, frac = text.partition(".")
     return len(frac.rstrip("0"))
@@ -195,7 +218,7 @@ class BookMirror:
             await client.connect()
             mirror = cls(client, config)
             for market in config.markets:
-                await client.subscribe("book", market)
+                await _patiently(client, "subscribe", channel="book", market=market)
         except BaseException as exc:
             await client.close()
             if isinstance(exc, ExchangeConnectionError):
@@ -353,7 +376,7 @@ class TcpGateway(Gateway):
 
     async def _request(self, op: str, **fields: Any) -> dict[str, Any]:
         try:
-            return await self.client.request(op, **fields)
+            return await _patiently(self.client, op, **fields)
         except ExchangeConnectionError as exc:
             raise GatewayConnectionError(exc.message) from None
         except ExchangeError as exc:

@@ -589,3 +589,19 @@ def test_a_stalled_seeded_run_stops_at_the_same_point_with_or_without_a_plot(tmp
         reports.append(json.loads(report_file.read_text()))
     assert reports[0]["simulated_s"] == reports[1]["simulated_s"]
     assert reports[0]["skipped_for_budget"] == reports[1]["skipped_for_budget"]
+
+
+def test_a_run_starts_and_ends_against_a_one_request_a_second_limit(tmp_path: Path) -> None:
+    """Funding, the books and the mirror's subscriptions wait the limit out instead of
+    failing the run's start."""
+    proc, port = start_engine(tmp_path / "engine-data", "--rate-limit", "1")
+    report_file = tmp_path / "r.json"
+    try:
+        run = sim("--port", str(port), "--duration", "2s", "--agents", "random=2,mm=1", "--no-progress",
+                  "--data-dir", str(tmp_path / "d"), "--report", str(report_file))
+    finally:
+        stop(proc)
+    no_traceback(run)
+    assert run.returncode == 0, run.stderr[-1500:]
+    report = json.loads(report_file.read_text())
+    assert sum(report["outcomes"].values()) == report["orders_sent"] > 0
