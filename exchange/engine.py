@@ -171,9 +171,9 @@ class Exchange:
         return [report]
 
     @staticmethod
-    def _reject_command(cmd: Command, order_id: Any, reason: RejectReason) -> list[Event]:
+    def _reject_command(cmd: Command, order_id: Any, reason: RejectReason, message: str | None = None) -> list[Event]:
         name = type(cmd).__name__
-        return [CommandRejected(cmd.account, name, order_id, reason, REJECT_MESSAGES[reason], cmd.ts)]
+        return [CommandRejected(cmd.account, name, order_id, reason, message or REJECT_MESSAGES[reason], cmd.ts)]
 
     # ------------------------------------------------------------------ place
 
@@ -588,8 +588,14 @@ class Exchange:
             return self._reject_command(cmd, order.id, RejectReason.INVALID_ORDER)
         price = order.price if cmd.price is None else cmd.price
         qty = order.qty if cmd.qty is None else cmd.qty
-        if type(qty) is not int or qty <= order.filled or qty > MAX_UNITS:
+        if type(qty) is not int or qty <= 0 or qty > MAX_UNITS:
             return self._reject_command(cmd, order.id, RejectReason.INVALID_QUANTITY)
+        if qty <= order.filled:
+            return self._reject_command(
+                cmd, order.id, RejectReason.INVALID_QUANTITY,
+                f"qty is the order's new total and must be more than the {ms.spec.format_qty(order.filled)} "
+                "already filled",
+            )
         if qty < ms.min_qty:
             return self._reject_command(cmd, order.id, RejectReason.BELOW_MIN_QUANTITY)
         if type(price) is not int or price <= 0 or price > MAX_UNITS:
