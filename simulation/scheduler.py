@@ -91,6 +91,10 @@ class ScheduleConfig:
                 isinstance(value, bool) or not isinstance(value, (int, float))
             ):
                 raise ValueError(f"schedule: {key} must be a number")
+            if isinstance(default, int) and not isinstance(default, bool) and not isinstance(value, int):
+                raise ValueError(f"schedule: {key} must be a whole number")
+            if isinstance(default, (int, float)) and not isinstance(default, bool) and value < 0:
+                raise ValueError(f"schedule: {key} cannot be negative")
             if isinstance(default, dict) and not isinstance(value, dict):
                 raise ValueError(f"schedule: {key} must be an object")
             setattr(cfg, key, value)
@@ -458,6 +462,7 @@ class SlotProcessor:
         """Run from the saved position; ``stop_after`` slots at most (then ``interrupted``)."""
         run = self.run
         await self.budget.load()
+        await self._find_in_flight()
         run.status = "running"
         self.save()
         done_now = 0
@@ -501,6 +506,54 @@ class SlotProcessor:
             run.depleted = list(dict.fromkeys([*run.depleted, *self.budget.depleted]))
             self.save()
 
+    async def _withdraw_maker(self, taker: Slot) -> None:
+        """A taker given up on leaves its pair's maker resting, and a later pair's taker on
+        that side would trade with it instead of its own maker: cancel it."""
+        run = self.run
+        pos = run.slots.index(taker)
+        maker = run.slots[pos - 1] if pos > 0 else None
+        if taker.role != "taker" or maker is None or maker.pair != taker.pair or maker.order_id is None:
+            return
+        try:
+            await self.gateways[maker.account].cancel(maker.order_id)
+        except GatewayError:
+            pass  # it traded or ended meanwhile, or the exchange is gone: nothing to withdraw
+        self.budget.sync()
+
+    async def _find_in_flight(self) -> None:
+        """A slot saved in progress without an order id was interrupted (Ctrl-C, kill -9)
+        between sending its order and reading the answer: the order may have reached the
+        exchange. Sending it again would trade twice, so the exchange is asked first. A maker
+        that arrived rests there under the slot's client order id; a taker (IOC) never
+        rests, but if it traded, its pair's maker order is gone or partly filled."""
+        run = self.run
+        if run.position >= len(run.slots):
+            return
+        slot = run.slots[run.position]
+        if slot.status != IN_PROGRESS or slot.order_id is not None:
+            return
+        try:
+            mine = await self.gateways[slot.account].open_orders(slot.market)
+            coid = f"{run.id}-{slot.index}"[:64]
+            found = next((o for o in mine if o.client_order_id == coid), None)
+            if found is not None:
+                slot.order_id = found.order_id  # the loop counts it done, and never resends it
+                return
+            maker = run.slots[run.position - 1] if run.position > 0 else None
+            if slot.role != "taker" or maker is None or maker.pair != slot.pair or maker.order_id is None:
+                return
+            theirs = await self.gateways[maker.account].open_orders(maker.market)
+        except GatewayError:
+            return  # cannot tell: the slot runs as usual
+        resting = next((o for o in theirs if o.order_id == maker.order_id), None)
+        if resting is None or resting.filled > 0:
+            slot.status, slot.error, slot.finished_at = COMPLETED, None, self.clock()
+            slot.filled_qty = slot.qty
+            run.stats["completed"] += 1
+            run.position += 1
+            print(f"slot {slot.index} was sent before the interruption and traded with its maker: "
+                  "not sent again")
+
     async def _run_slot(self, slot: Slot) -> Decision:
         run = self.run
         slot.status = IN_PROGRESS
@@ -542,6 +595,7 @@ class SlotProcessor:
                 slot.status = SKIPPED if decision == "skip" else FAILED
                 run.stats["skipped" if decision == "skip" else "failed"] += 1
                 slot.finished_at = self.clock()
+                await self._withdraw_maker(slot)
                 return decision
             slot.status = COMPLETED
             slot.error = None

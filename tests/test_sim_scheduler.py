@@ -152,6 +152,26 @@ def test_after_max_retries_skip_or_quit_decides(tmp_path: Path) -> None:
     assert RunStore(tmp_path / "quit").load(run.id).status == "quit"
 
 
+def test_a_taker_given_up_on_withdraws_its_makers_order(tmp_path: Path) -> None:
+    """Otherwise the maker rests on, and a later pair's taker on that side trades with it
+    instead of its own maker (and reports that pair done while its maker still rests)."""
+    sched = schedule("round_robin", trades_per_account=1, markets=["BTC-USD"])
+    ex = EmbeddedExchange(CONFIG)
+    gateways = fund_all(ex, sched)
+    run = new_run(sched, CONFIG)
+    taker = run.slots[1]
+    assert taker.role == "taker"
+    gateways[taker.account] = FlakyGateway(gateways[taker.account], 99)
+
+    async def sleep(seconds: float) -> None:
+        pass
+
+    proc = SlotProcessor(run, gateways, None, CONFIG, max_retries=1, sleep=sleep, on_failure="skip")
+    ex.kernel.run_until_complete(proc.execute())
+    assert [s.status for s in run.slots[:2]] == [COMPLETED, SKIPPED]
+    assert not ex.engine.open_orders(run.slots[0].account, None)  # the maker was withdrawn
+
+
 def test_the_terminal_is_asked_and_retry_starts_over(tmp_path: Path) -> None:
     asked: list[int] = []
 
@@ -197,6 +217,34 @@ def test_an_interrupted_run_resumes_without_repeating_a_completed_slot(tmp_path:
     assert not list((tmp_path / "simulations").glob("*.tmp"))
 
 
+@pytest.mark.parametrize("position", [6, 7], ids=["maker", "taker"])
+def test_an_order_sent_just_before_an_interruption_is_not_sent_again(tmp_path: Path, position: int) -> None:
+    """Interrupted between sending a slot's order and reading the answer (saved in progress,
+    no order id): the resume asks the exchange. A maker found resting under the slot's client
+    order id, or a taker whose maker has traded, counts as done; nothing trades twice."""
+    sched = schedule("round_robin")
+    ex = EmbeddedExchange(CONFIG, data_dir=tmp_path)
+    gateways = fund_all(ex, sched)
+    store = RunStore(tmp_path / "simulations")
+    run = new_run(sched, CONFIG)
+    ex.kernel.run_until_complete(SlotProcessor(run, gateways, store, CONFIG).execute(stop_after=position))
+    saved = store.load(run.id)
+    slot = saved.slots[position]
+    assert slot.role == ("maker" if position == 6 else "taker")
+    ex.kernel.run_until_complete(gateways[slot.account].place(
+        slot.market, slot.side, slot.qty, slot.price, tif=slot.tif, client_order_id=f"{run.id}-{position}"))
+    slot.status, slot.order_id = "in_progress", None  # the answer never made it to the file
+    store.save(saved)
+
+    resumed = store.load(run.id)
+    ex.kernel.run_until_complete(SlotProcessor(resumed, gateways, store, CONFIG).execute())
+    ex.close()
+    assert resumed.status == "completed" and all(s.status == COMPLETED for s in resumed.slots)
+    assert resumed.slots[position].attempts == 0  # found at the exchange, not sent again
+    assert len((tmp_path / "trades.jsonl").read_text().splitlines()) == 8  # one trade per pair
+    assert all(not ex.engine.open_orders(a, None) for a in gateways)
+
+
 def test_budget_depletion_is_detected_and_summarised(tmp_path: Path) -> None:
     sched = schedule("round_robin", funding={"USD": "50", "BTC": "0.001", "ACME": "1"})
     ex = EmbeddedExchange(CONFIG)
@@ -218,7 +266,8 @@ def test_budget_depletion_is_detected_and_summarised(tmp_path: Path) -> None:
 
 def test_bad_schedules_are_refused() -> None:
     for bad in ({"strategy": "zigzag"}, {"accounts": ["solo"]}, {"trades_per_account": 0},
-                {"colour": "red"}):
+                {"colour": "red"}, {"trades_per_account": 2.5}, {"max_retries": -1},
+                {"backoff_base": -1}):
         with pytest.raises(ValueError):
             ScheduleConfig.from_dict(bad)
     with pytest.raises(ValueError):
