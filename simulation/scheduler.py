@@ -681,7 +681,13 @@ def main_schedule(cfg: Any, args: Any) -> int:
             print(f"no saved runs in {store.folder}")
         for r in runs:
             created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at))
-            print(f"{r.id}  {r.status:<11} {r.position}/{len(r.slots)} slots  "
+            status = r.status
+            if status == "running":  # saved so, but is anyone still running it?
+                held = store.lock(r.id)
+                if held is not None:  # nobody holds it: the process was killed
+                    store.release(held)
+                    status = "interrupted"
+            print(f"{r.id}  {status:<11} {r.position}/{len(r.slots)} slots  "
                   f"completed {r.stats['completed']} failed {r.stats['failed']} "
                   f"skipped {r.stats['skipped']}  {r.config.get('strategy')}  created {created}")
         return 0

@@ -326,6 +326,26 @@ def test_list_survives_corrupt_state_files(tmp_path: Path) -> None:
     assert proc.returncode == 0 and run_id in proc.stdout
 
 
+def test_list_shows_a_run_whose_process_was_killed_as_interrupted(tmp_path: Path) -> None:
+    """A kill -9 leaves the file saying "running"; nobody holds the run's lock any more."""
+    from simulation.scheduler import RunStore
+
+    data = tmp_path / "d"
+    good = sim("--embedded", "--schedule", "--data-dir", str(data))
+    run_id = run_id_of(good.stdout.splitlines()[0])
+    path = data / "simulations" / f"{run_id}.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "status": "running"}))
+    line = next(l for l in sim("--list", "--data-dir", str(data)).stdout.splitlines() if run_id in l)
+    assert line.split()[1] == "interrupted", line
+    store = RunStore(data / "simulations")
+    held = store.lock(run_id)  # as a live run holds it
+    try:
+        line = next(l for l in sim("--list", "--data-dir", str(data)).stdout.splitlines() if run_id in l)
+        assert line.split()[1] == "running", line
+    finally:
+        store.release(held)
+
+
 def test_tcp_run_that_loses_the_exchange_exits_nonzero(tmp_path: Path) -> None:
     """The exchange stops 1.5 s into a 20 s run: every agent loses its connection, and the
     run's exit code says so (the report is still printed)."""
