@@ -318,6 +318,15 @@ def _rewind_open_pair(run: SimulationRun) -> None:
     """An embedded resume starts a fresh in-process exchange: a maker whose taker has not
     run yet rests on an exchange that is gone, so the pair starts again from its maker."""
     pos = run.position
+    if 0 <= pos < len(run.slots):
+        slot = run.slots[pos]
+        if slot.role == "maker" and slot.status == IN_PROGRESS and slot.order_id is not None:
+            # Acknowledged before the interruption, on the exchange that is gone: over TCP it
+            # would count as done; here its taker would find nothing to cross.
+            slot.status, slot.order_id, slot.error = PENDING, None, None
+            print(f"slot {slot.index} (the maker of pair {slot.pair}) runs again: its order rested "
+                  "on the exchange of the interrupted run, which an embedded resume does not keep")
+            return
     if pos <= 0 or pos >= len(run.slots):
         return
     slot, before = run.slots[pos], run.slots[pos - 1]

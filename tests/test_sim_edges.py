@@ -189,6 +189,32 @@ def test_embedded_resume_between_maker_and_taker_completes_the_pair(tmp_path: Pa
     assert after["slots"][1]["status"] == "completed", after["slots"][1]
 
 
+def test_embedded_resume_of_an_acknowledged_maker_sends_it_again(tmp_path: Path) -> None:
+    """A maker saved in progress with its order id (acknowledged, then interrupted) rested on
+    the interrupted run's exchange: an embedded resume starts a fresh one, so the maker must
+    run again, or its taker finds nothing to cross."""
+    data = tmp_path / "runs"
+    cfg = tmp_path / "sched.json"
+    cfg.write_text(json.dumps({"embedded": True, "schedule": {
+        "accounts": ["em-a", "em-b"], "trades_per_account": 1}}))
+    first = sim("--schedule", "--config", str(cfg), "--data-dir", str(data))
+    assert first.returncode == 0, first.stderr
+    run_id = run_id_of(first.stdout.splitlines()[0])
+    path = data / "simulations" / f"{run_id}.json"
+    state = json.loads(path.read_text())
+    for slot in state["slots"]:
+        slot.update(status="pending", attempts=0, order_id=None, filled_qty=None, error=None,
+                    started_at=None, finished_at=None)
+    state["slots"][0].update(status="in_progress", attempts=1, order_id=1)
+    state.update(status="interrupted", position=0, finished_at=None)
+    state["stats"] = {"completed": 0, "failed": 0, "skipped": 0, "retries": 0, "attempts": 1}
+    path.write_text(json.dumps(state))
+    resumed = sim("--resume", run_id, "--config", str(cfg), "--data-dir", str(data))
+    no_traceback(resumed)
+    after = json.loads(path.read_text())
+    assert [s["status"] for s in after["slots"]] == ["completed"] * len(after["slots"]), after["slots"]
+
+
 @pytest.mark.parametrize("spec", ["gamma:mean=1ms,shape=nan", "gamma:mean=1ms,shape=inf"])
 def test_gamma_latency_with_non_finite_shape_is_refused(tmp_path: Path, spec: str) -> None:
     """``shape=nan`` or ``shape=inf`` is refused (NaN passes ``shape <= 0``, and
