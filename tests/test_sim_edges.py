@@ -164,9 +164,8 @@ def test_scheduled_run_that_loses_the_exchange_stops_resumable(tmp_path: Path) -
     assert statuses["skipped"] <= 2, statuses
 
 
-def test_embedded_resume_between_maker_and_taker_completes_the_pair(tmp_path: Path) -> None:
-    """An embedded scheduled run stopped between a pair's maker and taker resumes on a fresh
-    in-process exchange, where the maker's order is gone: the pair starts again and trades."""
+def _embedded_two_account_plan(tmp_path: Path) -> tuple[str, Path, Path, Path]:
+    """A finished one-pair embedded scheduled run: (its id, its state file, the config, the data dir)."""
     data = tmp_path / "runs"
     cfg = tmp_path / "sched.json"
     cfg.write_text(json.dumps({"embedded": True, "schedule": {
@@ -174,18 +173,33 @@ def test_embedded_resume_between_maker_and_taker_completes_the_pair(tmp_path: Pa
     first = sim("--schedule", "--config", str(cfg), "--data-dir", str(data))
     assert first.returncode == 0, first.stderr
     run_id = run_id_of(first.stdout.splitlines()[0])
-    path = data / "simulations" / f"{run_id}.json"
-    state = json.loads(path.read_text())
-    # What SlotProcessor.execute saves when interrupted after slot 0 (the maker) completed.
-    taker = state["slots"][1]
-    taker.update(status="pending", attempts=0, order_id=None, filled_qty=None, error=None,
-                 started_at=None, finished_at=None)
-    state.update(status="interrupted", position=1, finished_at=None)
-    state["stats"] = {"completed": 1, "failed": 0, "skipped": 0, "retries": 0, "attempts": 1}
+    return run_id, data / "simulations" / f"{run_id}.json", cfg, data
+
+
+def _resume_as_saved(run_id: str, path: Path, cfg: Path, data: Path, state: dict, position: int,  # type: ignore[type-arg]
+                     completed: int, attempts: int) -> dict:  # type: ignore[type-arg]
+    """Write ``state`` as an interrupted run at ``position``, resume it, return what it saved."""
+    state.update(status="interrupted", position=position, finished_at=None)
+    state["stats"] = {"completed": completed, "failed": 0, "skipped": 0, "retries": 0, "attempts": attempts}
     path.write_text(json.dumps(state))
     resumed = sim("--resume", run_id, "--config", str(cfg), "--data-dir", str(data))
     no_traceback(resumed)
-    after = json.loads(path.read_text())
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+def _unsent(slot: dict) -> None:  # type: ignore[type-arg]
+    slot.update(status="pending", attempts=0, order_id=None, filled_qty=None, error=None,
+                started_at=None, finished_at=None)
+
+
+def test_embedded_resume_between_maker_and_taker_completes_the_pair(tmp_path: Path) -> None:
+    """An embedded scheduled run stopped between a pair's maker and taker resumes on a fresh
+    in-process exchange, where the maker's order is gone: the pair starts again and trades."""
+    run_id, path, cfg, data = _embedded_two_account_plan(tmp_path)
+    state = json.loads(path.read_text())
+    # What SlotProcessor.execute saves when interrupted after slot 0 (the maker) completed.
+    _unsent(state["slots"][1])
+    after = _resume_as_saved(run_id, path, cfg, data, state, position=1, completed=1, attempts=1)
     assert after["slots"][1]["status"] == "completed", after["slots"][1]
 
 
@@ -193,25 +207,12 @@ def test_embedded_resume_of_an_acknowledged_maker_sends_it_again(tmp_path: Path)
     """A maker saved in progress with its order id (acknowledged, then interrupted) rested on
     the interrupted run's exchange: an embedded resume starts a fresh one, so the maker must
     run again, or its taker finds nothing to cross."""
-    data = tmp_path / "runs"
-    cfg = tmp_path / "sched.json"
-    cfg.write_text(json.dumps({"embedded": True, "schedule": {
-        "accounts": ["em-a", "em-b"], "trades_per_account": 1}}))
-    first = sim("--schedule", "--config", str(cfg), "--data-dir", str(data))
-    assert first.returncode == 0, first.stderr
-    run_id = run_id_of(first.stdout.splitlines()[0])
-    path = data / "simulations" / f"{run_id}.json"
+    run_id, path, cfg, data = _embedded_two_account_plan(tmp_path)
     state = json.loads(path.read_text())
     for slot in state["slots"]:
-        slot.update(status="pending", attempts=0, order_id=None, filled_qty=None, error=None,
-                    started_at=None, finished_at=None)
+        _unsent(slot)
     state["slots"][0].update(status="in_progress", attempts=1, order_id=1)
-    state.update(status="interrupted", position=0, finished_at=None)
-    state["stats"] = {"completed": 0, "failed": 0, "skipped": 0, "retries": 0, "attempts": 1}
-    path.write_text(json.dumps(state))
-    resumed = sim("--resume", run_id, "--config", str(cfg), "--data-dir", str(data))
-    no_traceback(resumed)
-    after = json.loads(path.read_text())
+    after = _resume_as_saved(run_id, path, cfg, data, state, position=0, completed=0, attempts=1)
     assert [s["status"] for s in after["slots"]] == ["completed"] * len(after["slots"]), after["slots"]
 
 
