@@ -498,8 +498,12 @@ def band_range(reference: Decimal, band: Decimal, tick: Decimal) -> str:
     inwards as the exchange rounds them (``Market.band_limits``)."""
     low = (max((reference * (1 - band) / tick).to_integral_value(ROUND_CEILING), Decimal(1)) * tick).quantize(tick)
     high = ((reference * (1 + band) / tick).to_integral_value(ROUND_FLOOR) * tick).quantize(tick)
-    percent = f"{band * 100:f}".rstrip("0").rstrip(".")
-    return f"{low}-{high} (+-{percent}% of {reference})"
+    return f"{low}-{high} (+-{_percent(band)} of {reference})"
+
+
+def _percent(fraction: Decimal) -> str:
+    """``0.10`` as ``10%``."""
+    return f"{fraction * 100:f}".rstrip("0").rstrip(".") + "%"
 
 
 def plain(fragments: Iterable[tuple[str, str]]) -> str:
@@ -1056,8 +1060,7 @@ class TerminalApp:
             reference = None
         reference = reference or spec.get("reference_price")
         if not reference:
-            percent = f"{Decimal(band) * 100:f}".rstrip("0").rstrip(".")
-            return f"+-{percent}% of the first trade's price (no reference yet)"
+            return f"+-{_percent(Decimal(band))} of the first trade's price (no reference yet)"
         return band_range(Decimal(reference), Decimal(band), Decimal(spec["tick_size"]))
 
     async def show_markets(self) -> None:

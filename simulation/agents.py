@@ -212,11 +212,12 @@ class Agent:
         order whose acknowledgement had not come when the run stopped (a latency model, a
         request on its way) is not among the agent's own, and would be left resting.
         """
+        gw = self.gw
         try:
-            await self._end_request("settled")
+            await gw.settled()
             self.sync()
             ids = set(self.wallet.orders)
-            ids.update(o.order_id for o in await self._end_request("open_orders"))
+            ids.update(o.order_id for o in await gw.open_orders())
         except GatewayConnectionError:
             self.sync()
             return len(self.wallet.orders)
@@ -227,7 +228,7 @@ class Agent:
         left = 0
         for i, oid in enumerate(todo):
             try:
-                await self._end_request("cancel", oid)
+                await gw.final_cancel(oid)
             except GatewayConnectionError:
                 self.sync()
                 return left + len(todo) - i
@@ -237,27 +238,6 @@ class Agent:
                 # else: filled or cancelled meanwhile
         self.sync()
         return left
-
-    async def _end_request(self, op: str, order_id: int = 0) -> Any:
-        """One request of the final clean-up (``settled``, ``open_orders`` or ``cancel``),
-        retried while the exchange's rate limit refuses it: 50 ms doubling, about 3 s in all.
-        A lost connection and any other refusal raise."""
-        gw = self.gw
-        delay = 0.05
-        while True:
-            try:
-                if op == "cancel":
-                    return await gw.cancel(order_id)
-                if op == "open_orders":
-                    return await gw.open_orders()
-                return await gw.settled()
-            except GatewayConnectionError:
-                raise
-            except GatewayError as exc:
-                if exc.code != "rate_limited" or delay > 1.6:
-                    raise
-            await gw.sleep(delay)  # outside the handler: the refusal does not linger as a context
-            delay *= 2
 
     def sync(self) -> None:
         """Follow every report received since the last look."""

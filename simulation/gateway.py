@@ -160,6 +160,11 @@ class Gateway(ABC):
     async def cancel(self, order_id: int) -> ExecReport:
         """Cancel a resting order; ``GatewayError('unknown_order')`` if it is no longer open."""
 
+    async def final_cancel(self, order_id: int) -> ExecReport:
+        """``cancel`` of a run's clean-up: one that waits out the exchange's rate limit
+        (over TCP; in process there is none). Queries already do."""
+        return await self.cancel(order_id)
+
     @abstractmethod
     async def modify(
         self, order_id: int, price: PriceLike | None = None, qty: PriceLike | None = None,

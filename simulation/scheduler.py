@@ -314,6 +314,15 @@ class RunStore:
         return runs
 
 
+def _maker_before(run: SimulationRun, pos: int) -> Slot | None:
+    """The maker of the pair whose taker is at ``pos`` (a pair's maker runs just before it)."""
+    slot = run.slots[pos]
+    before = run.slots[pos - 1] if pos > 0 else None
+    if slot.role == "taker" and before is not None and before.pair == slot.pair and before.role == "maker":
+        return before
+    return None
+
+
 def _rewind_open_pair(run: SimulationRun) -> None:
     """An embedded resume starts a fresh in-process exchange: a maker whose taker has not
     run yet rests on an exchange that is gone, so the pair starts again from its maker."""
@@ -329,9 +338,9 @@ def _rewind_open_pair(run: SimulationRun) -> None:
             return
     if pos <= 0 or pos >= len(run.slots):
         return
-    slot, before = run.slots[pos], run.slots[pos - 1]
-    if slot.role == "taker" and before.pair == slot.pair and before.role == "maker" \
-            and before.status == COMPLETED and slot.status in (PENDING, IN_PROGRESS) and slot.order_id is None:
+    slot, before = run.slots[pos], _maker_before(run, pos)
+    if before is not None and before.status == COMPLETED and slot.status in (PENDING, IN_PROGRESS) \
+            and slot.order_id is None:
         before.status, before.order_id, before.filled_qty = PENDING, None, None
         before.error, before.finished_at = None, None
         run.stats["completed"] -= 1
@@ -519,13 +528,11 @@ class SlotProcessor:
             run.depleted = list(dict.fromkeys([*run.depleted, *self.budget.depleted]))
             self.save()
 
-    async def _withdraw_maker(self, taker: Slot) -> None:
-        """A taker given up on leaves its pair's maker resting, and a later pair's taker on
+    async def _withdraw_maker(self) -> None:
+        """The taker being run, given up on, leaves its pair's maker resting, and a later pair's taker on
         that side would trade with it instead of its own maker: cancel it."""
-        run = self.run
-        pos = run.slots.index(taker)
-        maker = run.slots[pos - 1] if pos > 0 else None
-        if taker.role != "taker" or maker is None or maker.pair != taker.pair or maker.order_id is None:
+        maker = _maker_before(self.run, self.run.position)  # the slot being run is at the position
+        if maker is None or maker.order_id is None:
             return
         try:
             await self.gateways[maker.account].cancel(maker.order_id)
@@ -552,8 +559,8 @@ class SlotProcessor:
             if found is not None:
                 slot.order_id = found.order_id  # the loop counts it done, and never resends it
                 return
-            maker = run.slots[run.position - 1] if run.position > 0 else None
-            if slot.role != "taker" or maker is None or maker.pair != slot.pair or maker.order_id is None:
+            maker = _maker_before(run, run.position)
+            if maker is None or maker.order_id is None:
                 return
             theirs = await self.gateways[maker.account].open_orders(maker.market)
         except GatewayError:
@@ -608,7 +615,7 @@ class SlotProcessor:
                 slot.status = SKIPPED if decision == "skip" else FAILED
                 run.stats["skipped" if decision == "skip" else "failed"] += 1
                 slot.finished_at = self.clock()
-                await self._withdraw_maker(slot)
+                await self._withdraw_maker()
                 return decision
             slot.status = COMPLETED
             slot.error = None

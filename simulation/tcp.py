@@ -167,7 +167,7 @@ _PATIENT_OPS = frozenset({"markets", "book", "subscribe", "balances", "orders", 
 
 async def _patiently(client: ExchangeClient, op: str, **fields: Any) -> dict[str, Any]:
     """``client.request``, sent again while the exchange's rate limit refuses it (50 ms
-    doubling, about 3 s in all) when ``op`` is one of ``_PATIENT_OPS``."""
+    doubling, about 3 s in all)."""
     delay = 0.05
     while True:
         try:
@@ -175,7 +175,7 @@ async def _patiently(client: ExchangeClient, op: str, **fields: Any) -> dict[str
         except ExchangeConnectionError:
             raise
         except ExchangeError as exc:
-            if exc.code != "rate_limited" or op not in _PATIENT_OPS or delay > 1.6:
+            if exc.code != "rate_limited" or delay > 1.6:
                 raise
         await asyncio.sleep(delay)
         delay *= 2
@@ -374,9 +374,12 @@ class TcpGateway(Gateway):
 
     # -- requests ---------------------------------------------------------------------
 
-    async def _request(self, op: str, **fields: Any) -> dict[str, Any]:
+    async def _request(self, op: str, *, patient: bool = False, **fields: Any) -> dict[str, Any]:
+        """``patient`` (and every op of ``_PATIENT_OPS``): wait out the exchange's rate limit."""
         try:
-            return await _patiently(self.client, op, **fields)
+            if patient or op in _PATIENT_OPS:
+                return await _patiently(self.client, op, **fields)
+            return await self.client.request(op, **fields)
         except ExchangeConnectionError as exc:
             raise GatewayConnectionError(exc.message) from None
         except ExchangeError as exc:
@@ -400,6 +403,10 @@ class TcpGateway(Gateway):
 
     async def cancel(self, order_id: int) -> ExecReport:
         reply = await self._request("cancel", order_id=order_id)
+        return self._take_events(reply) or self._report(reply)
+
+    async def final_cancel(self, order_id: int) -> ExecReport:
+        reply = await self._request("cancel", patient=True, order_id=order_id)
         return self._take_events(reply) or self._report(reply)
 
     async def modify(
