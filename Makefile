@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 NATIVE ?= 1
 NATIVE_SRC := exchange/types.py exchange/markets.py exchange/book.py exchange/accounts.py \
 	exchange/engine.py exchange/protocol.py exchange/state.py exchange/gateway.py \
-	storage/audit.py storage/journal.py \
+	storage/audit.py storage/journal.py storage/tail.py \
 	simulation/agents.py simulation/budget.py simulation/embedded.py
 NATIVE_SO := exchange/*.so storage/*.so simulation/*.so *__mypyc*.so
 

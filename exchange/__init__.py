@@ -82,8 +82,7 @@ def native_modules() -> list[str]:
     names = []
     for name in ("exchange.types", "exchange.markets", "exchange.book", "exchange.accounts",
                  "exchange.engine", "exchange.protocol", "exchange.state", "exchange.gateway",
-                 "storage.audit",
-                 "storage.journal", "simulation.agents", "simulation.budget", "simulation.embedded"):
+                 "storage.audit", "storage.journal", "storage.tail", "simulation.agents", "simulation.budget", "simulation.embedded"):
         module = importlib.import_module(name)
         if not str(module.__file__).endswith(".py"):
             names.append(name.split(".", 1)[1])

@@ -51,22 +51,17 @@ import select
 import signal
 import sys
 import time
-import zlib
 from pathlib import Path
-from typing import Callable
 
-from exchange.engine import Exchange
 from exchange.markets import ConfigError, MarketConfig, default_config, load_config
 from exchange.protocol import Formatter
 from exchange.state import StateError, export_state, import_state
-from exchange.types import Trade
 from storage.audit import POSITION_FILE, AuditLog
-from storage.journal import (
-    HEADER, JOURNAL_DIR, MAGIC, MAX_RECORD, JournalError, decode, list_segments, segment_name,
-)
+from storage.journal import JOURNAL_DIR, JournalError
 from storage.ledger import LEDGER_FILE, TradeLedger
 from storage.persistence import FollowerError, config_fingerprint, same_config
 from storage.snapshot import SNAPSHOT_FILE, SnapshotError, read_snapshot, write_snapshot
+from storage.tail import JournalTail, Replay
 
 try:
     import fcntl
@@ -81,102 +76,6 @@ AUDIT_INTERVAL = 0.2  # seconds between audit-log appends (one open and write pe
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class JournalTail:
-    """Reads the journal's records in order as they are written, across segment rotations.
-
-    Only records the caller says are complete (``upto``, from the server's durability
-    notices) are read, so a record is never seen half-written; a record found damaged is
-    an error, not a torn tail.
-    """
-
-    def __init__(self, directory: Path, after: int) -> None:
-        self.directory = directory
-        self.expected = after + 1  # the next record to read
-        self._segment = -1  # first record of the open (or last) segment
-        self._fd: int | None = None
-        self._buf = b""
-
-    def _open(self) -> bool:
-        """Open the segment holding the next record: the last one starting at or before it
-        (after a snapshot written a little past the journal's cut, that is an earlier one)
-        and after the segment just finished."""
-        path = None
-        for start, candidate in list_segments(self.directory):
-            if start <= self.expected and start > self._segment:
-                path, found = candidate, start
-        if path is None:
-            return False
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        self._segment = found
-        magic = os.read(fd, len(MAGIC))
-        if magic != MAGIC:
-            os.close(fd)
-            raise FollowerError(f"journal {path} does not start with the journal header")
-        self._fd = fd
-        self._buf = b""
-        return True
-
-    def read(self, upto: int, sink: Callable[[int, bytes], None]) -> int:
-        """Feed ``sink(lsn, payload)`` every record up to ``upto``; returns how many."""
-        fed = 0
-        hsize = HEADER.size
-        crc32 = zlib.crc32
-        data = self._buf
-        pos = 0
-        while self.expected <= upto:
-            size = len(data)
-            if size - pos >= hsize:
-                length, lsn, crc, hcrc = HEADER.unpack_from(data, pos)
-                if crc32(memoryview(data)[pos:pos + 16]) != hcrc or lsn > self.expected or length > MAX_RECORD:
-                    raise FollowerError(f"journal record {self.expected} is damaged or out of order")
-                end = pos + hsize + length
-                if end <= size:
-                    payload = data[pos + hsize:end]
-                    if crc32(payload) != crc:
-                        raise FollowerError(f"journal record {lsn} is damaged (checksum mismatch)")
-                    if lsn < self.expected:  # covered by the snapshot this started from
-                        pos = end
-                        continue
-                    sink(lsn, payload)
-                    fed += 1
-                    self.expected = lsn + 1
-                    pos = end
-                    continue
-            # Not a whole record in hand: read on (the server wrote it before saying durable).
-            if self._fd is None and not self._open():
-                raise FollowerError(
-                    f"journal record {self.expected} is durable but no segment "
-                    f"{segment_name(self.expected)} holds it")
-            assert self._fd is not None
-            chunk = os.read(self._fd, 1 << 20)
-            if chunk:
-                data = data[pos:] + chunk
-                pos = 0
-                continue
-            if pos < len(data):
-                raise FollowerError(
-                    f"journal segment ends inside record {self.expected} although the server "
-                    "reported it durable")
-            # The rest is in the next segment: the server rotated after a snapshot.
-            os.close(self._fd)
-            self._fd = None
-            data, pos = b"", 0
-            if not self._open():
-                raise FollowerError(
-                    f"journal record {self.expected} is durable but no segment "
-                    f"{segment_name(self.expected)} holds it")
-        self._buf = data[pos:]
-        return fed
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
 class Follower:
     """The follower's state: an engine at the journal's position, and the two writers."""
 
@@ -187,12 +86,14 @@ class Follower:
         # A journal gate that is always open: the follower only reads durable records.
         self.audit = AuditLog(self.data_dir / "logs", config, formatter=Formatter(config),
                               mark=lambda: 0, durable=None)
-        self.lsn = 0
-        self._trades: list[Trade] = []
-        self._last_ts = 0
         self._synced_at = 0.0  # wall time of the last audit fsync (0: fsync every file once)
         self._tail: JournalTail | None = None
-        self._engine: Exchange | None = None
+        self._replay: Replay | None = None
+
+    @property
+    def lsn(self) -> int:
+        """The journal position the follower's engine is at."""
+        return self._replay.lsn if self._replay is not None else 0
 
     def start(self) -> int:
         """Load the snapshot and open the files; returns the journal position it starts at."""
@@ -209,33 +110,17 @@ class Follower:
             engine = import_state(self.config, content["state"])
         except (StateError, KeyError, TypeError) as exc:
             raise FollowerError(f"snapshot {path} cannot be restored: {exc}") from None
-        self._engine = engine
-        self.lsn = int(content["journal_lsn"])
-        self._last_ts = int(content.get("last_ts", 0))
+        lsn = int(content["journal_lsn"])
+        self._replay = Replay(engine, self.audit, lsn, int(content.get("last_ts", 0)))
         self.ledger.open()
-        self.audit.replay_begin(self.lsn)
-        self._tail = JournalTail(self.data_dir / JOURNAL_DIR, self.lsn)
-        return self.lsn
+        self.audit.replay_begin(lsn)
+        self._tail = JournalTail(self.data_dir / JOURNAL_DIR, lsn)
+        return lsn
 
     def advance(self, upto: int) -> int:
         """Run the durable records up to ``upto``; returns how many."""
-        assert self._tail is not None
-        return self._tail.read(upto, self._apply)
-
-    def _apply(self, lsn: int, payload: bytes) -> None:
-        try:
-            command = decode(payload)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise JournalError(f"journal record {lsn} cannot be decoded: {exc}") from None
-        assert self._engine is not None
-        events = self._engine.handle(command)
-        trades = self._trades
-        for ev in events:
-            if ev.__class__ is Trade:
-                trades.append(ev)  # type: ignore[arg-type]
-        self.audit.replay_record(lsn, events)
-        self.lsn = lsn
-        self._last_ts = command.ts
+        assert self._tail is not None and self._replay is not None
+        return self._tail.read(upto, self._replay)
 
     def snapshot(self, last_ts: int) -> int:
         """Write ``snapshot.json`` of the state at the current position, once the ledger and
@@ -243,12 +128,14 @@ class Follower:
         export runs here, so the server's event loop never pauses for it."""
         self.sync()
         self._fsync_audit()  # the journal behind the snapshot goes: the lines must stay
+        replay = self._replay
+        assert replay is not None
         content = {
-            "journal_lsn": self.lsn,
-            "last_ts": max(last_ts, self._last_ts),
+            "journal_lsn": replay.lsn,
+            "last_ts": max(last_ts, replay.last_ts),
             "written_ns": time.time_ns(),
             "config": config_fingerprint(self.config),
-            "state": export_state(self._engine),  # type: ignore[arg-type]
+            "state": export_state(replay.engine),
         }
         write_snapshot(self.data_dir / SNAPSHOT_FILE, content)
         return self.lsn
@@ -280,9 +167,12 @@ class Follower:
         self.write_audit()
 
     def write_ledger(self, fsync: bool = False) -> None:
-        if self._trades or fsync:
-            self.ledger.add(self._trades)
-            self._trades = []
+        replay = self._replay
+        trades = replay.trades if replay is not None else []
+        if trades or fsync:
+            self.ledger.add(trades)
+            if replay is not None:
+                replay.trades = []
             self.ledger.write_blocking(fsync)
 
     def write_audit(self) -> None:

@@ -19,7 +19,8 @@ from crash_scripts import five_orders_then
 from exchange.server import ExchangeServer, ServerConfig
 from exchange.state import export_state
 from exchange.types import CancelOrder, Deposit
-from storage.follower import JournalTail, wait_for_old_follower
+from storage.follower import wait_for_old_follower
+from storage.tail import JournalTail
 from storage.journal import MAGIC, encode, frame, segment_name
 from storage.ledger import read_ledger
 from storage.snapshot import read_snapshot
