@@ -374,8 +374,10 @@ class ExchangeClient:
     async def sell(self, market: str, qty: Any, price: Any = None, **kw: Any) -> dict[str, Any]:
         return await self.place(market, "sell", qty, price, **kw)
 
-    async def cancel(self, order_id: int) -> dict[str, Any]:
-        return await self.request("cancel", order_id=order_id)
+    async def cancel(self, order_id: int | None = None, *, client_order_id: str | None = None) -> dict[str, Any]:
+        """Cancel an open order named by its ``order_id`` or by the ``client_order_id`` it
+        was placed with."""
+        return await self.request("cancel", order_id=order_id, client_order_id=client_order_id)
 
     async def modify(self, order_id: int, price: Any = None, qty: Any = None) -> dict[str, Any]:
         return await self.request("modify", order_id=order_id, price=_text(price), qty=_text(qty))

@@ -163,14 +163,23 @@ class AccountOrders:
 
     Linked through the orders like a level's queue, for the same reason: a dictionary per
     account cost about a tenth of the engine's time once the book held 250,000 orders.
+    Only orders that carry a client order id are also indexed by it (``by_client_id``),
+    so a client can cancel by its own id and reuse one only once that order has left the
+    book; most order flow carries none and pays nothing.
     """
 
-    __slots__ = ("head", "tail", "count")
+    __slots__ = ("head", "tail", "count", "by_client_id", "shared_ids")
 
     def __init__(self) -> None:
         self.head: Order | None = None
         self.tail: Order | None = None
         self.count = 0
+        self.by_client_id: dict[str, Order] | None = None
+        # Orders that came to rest with a client order id already in use. The gateway
+        # refuses those, but the engine does not (a journal or a snapshot from before it did
+        # must restore as it was), so the index copes: while any is left, an order leaving
+        # hands its id to an older holder.
+        self.shared_ids = 0
 
     def append(self, order: Order) -> None:
         tail = self.tail
@@ -183,8 +192,19 @@ class AccountOrders:
             tail.acct_next = order
         self.tail = order
         self.count += 1
+        coid = order.client_order_id
+        if coid is not None:
+            index = self.by_client_id
+            if index is None:
+                index = self.by_client_id = {}
+            if coid in index:
+                self.shared_ids += 1
+            index[coid] = order  # the latest holder is the one found
 
     def unlink(self, order: Order) -> None:
+        coid = order.client_order_id
+        if coid is not None:
+            self._unindex(order, coid)
         prev, nxt = order.acct_prev, order.acct_next
         if prev is None:
             self.head = nxt
@@ -197,6 +217,25 @@ class AccountOrders:
         order.acct_prev = order.acct_next = None
         order.acct_orders = None
         self.count -= 1
+
+    def _unindex(self, order: Order, coid: str) -> None:
+        index = self.by_client_id
+        if index is None:
+            return
+        if self.shared_ids:
+            older = None
+            other = self.head
+            while other is not None:
+                if other is not order and other.client_order_id == coid:
+                    older = other  # the latest other holder, as if it had come last
+                other = other.acct_next
+            if older is not None:
+                self.shared_ids -= 1
+                if index.get(coid) is order:
+                    index[coid] = older
+                return
+        if index.get(coid) is order:
+            del index[coid]
 
     def orders(self) -> list[Order]:
         """Oldest first; at most ``count + 1`` of them, as ``Level.orders``."""

@@ -695,6 +695,12 @@ class Exchange:
         """One of the account's resting orders, or None (also for another account's order)."""
         return self._own_open_order(account, order_id)
 
+    def order_by_client_id(self, account: str, client_order_id: str) -> Order | None:
+        """The account's resting order with this client order id, or None."""
+        holder = self.open_by_account.get(account)
+        index = holder.by_client_id if holder is not None else None
+        return index.get(client_order_id) if index is not None else None
+
     def queue_position(self, account: str, order_id: int) -> int | None:
         """Quantity (lots) resting ahead of the order at its price level, or None if not open."""
         order = self._own_open_order(account, order_id)
@@ -747,6 +753,12 @@ class Exchange:
                 assert order.account == account and order.acct_orders is holder
                 assert self.orders.get(order.id) is order, f"order {order.id} listed but not resting"
                 listed.add(order.id)
+            index = holder.by_client_id or {}
+            assert all(o.acct_orders is holder and o.client_order_id == c for c, o in index.items()), \
+                f"{account}: the client order id index holds an order that left the book"
+            with_ids = [o.client_order_id for o in mine if o.client_order_id is not None]
+            assert set(with_ids) == set(index), f"{account}: the client order id index misses a resting order"
+            assert holder.shared_ids == len(with_ids) - len(index), f"{account}: shared client order ids miscounted"
         assert len(listed) == len(self.orders), "an account's order list misses a resting order"
         for order in self.orders.values():
             ms = self.markets[order.market]

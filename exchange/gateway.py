@@ -496,6 +496,8 @@ class Gateway:
             extra: dict[str, Any] = {"field": exc.field} if exc.field else {}
             if exc.order_id is not None:
                 extra["order_id"] = exc.order_id
+            if exc.client_order_id is not None:
+                extra["client_order_id"] = exc.client_order_id
             if rid is None:
                 rid = exc.rid
             session.send_msg(error_message(exc.code, exc.message, rid, **extra))
@@ -559,6 +561,12 @@ class Gateway:
         ts = self.now()
         try:
             cmd = order_command(self.config, msg, session.user, ts)  # type: ignore[arg-type]
+            coid = cmd.client_order_id
+            # Checked here, not in the engine, so that journals written before client order
+            # ids were unique replay exactly as they were acknowledged.
+            if coid is not None and self.engine.order_by_client_id(cmd.account, coid) is not None:
+                raise OrderRejected(RejectReason.DUPLICATE_CLIENT_ORDER_ID,
+                                    REJECT_MESSAGES[RejectReason.DUPLICATE_CLIENT_ORDER_ID])
         except OrderRejected as exc:
             reply = self.fmt.rejected(msg, session.user, exc.reason, exc.message, ts)  # type: ignore[arg-type]
             self._tell_listeners_rejected(session.user, reply, exc.reason, ts)  # type: ignore[arg-type]
@@ -592,7 +600,7 @@ class Gateway:
             listener([report])
 
     def op_cancel(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
-        cmd = cancel_command(msg, session.user, self.now())  # type: ignore[arg-type]
+        cmd = cancel_command(msg, session.user, self.now(), self.engine.order_by_client_id)  # type: ignore[arg-type]
         self.route(self.execute(cmd), session, rid)
 
     def op_modify(self, session: Session, msg: dict[str, Any], rid: Any) -> None:

@@ -83,7 +83,7 @@ class ProtocolError(Exception):
 
     def __init__(
         self, code: str, message: str, field: str | None = None, rid: Any = None,
-        order_id: int | None = None,
+        order_id: int | None = None, client_order_id: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -91,6 +91,7 @@ class ProtocolError(Exception):
         self.field = field
         self.rid = rid  # the request's id, when the error is raised before the caller has it
         self.order_id = order_id  # the order a refused cancel, modify or query named
+        self.client_order_id = client_order_id  # ... or the client's id it named it by
 
 
 class OrderRejected(Exception):
@@ -416,8 +417,25 @@ def order_id_of(msg: dict[str, Any]) -> int:
     return oid
 
 
-def cancel_command(msg: dict[str, Any], account: str, ts: int) -> CancelOrder:
-    return CancelOrder(ts, account, order_id_of(msg))
+def cancel_command(
+    msg: dict[str, Any], account: str, ts: int, by_client_id: Callable[[str, str], Order | None],
+) -> CancelOrder:
+    """A ``cancel`` naming the order by ``order_id`` or by the ``client_order_id`` it was
+    placed with (looked up among the account's open orders)."""
+    coid = msg.get("client_order_id")
+    if coid is None:
+        return CancelOrder(ts, account, order_id_of(msg))
+    if msg.get("order_id") is not None:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "give 'order_id' or 'client_order_id', not both",
+                            "client_order_id")
+    if type(coid) is not str:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'client_order_id' must be a string", "client_order_id")
+    order = by_client_id(account, coid)
+    if order is None:
+        raise ProtocolError(RejectReason.UNKNOWN_ORDER.value,
+                            "no open order of this account has this client_order_id",
+                            client_order_id=coid)
+    return CancelOrder(ts, account, order.id)
 
 
 def modify_command(

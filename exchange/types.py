@@ -80,6 +80,7 @@ class RejectReason(StrEnum):
     WOULD_TAKE_LIQUIDITY = "would_take_liquidity"
     UNKNOWN_ORDER = "unknown_order"
     NO_LIQUIDITY = "no_liquidity"
+    DUPLICATE_CLIENT_ORDER_ID = "duplicate_client_order_id"
 
 
 REJECT_MESSAGES: dict[RejectReason, str] = {
@@ -95,6 +96,7 @@ REJECT_MESSAGES: dict[RejectReason, str] = {
     RejectReason.WOULD_TAKE_LIQUIDITY: "post-only order would have traded immediately",
     RejectReason.UNKNOWN_ORDER: "no such open order for this account",
     RejectReason.NO_LIQUIDITY: "no liquidity to price a market order",
+    RejectReason.DUPLICATE_CLIENT_ORDER_ID: "an open order of this account already has this client_order_id",
 }
 
 

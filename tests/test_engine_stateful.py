@@ -104,6 +104,9 @@ DOMAINS: dict[str, dict[str, tuple[Any, ...]]] = {
     "rest": {
         "account": ACCOUNTS, "market": MARKETS, "side": (Side.BUY, Side.SELL),
         "away": tuple(range(7)), "units": (1, 2, 3, 4), "post_only": (False, True),
+        # The engine takes a client order id already in use (the gateway refuses it), so
+        # the index of open orders by client order id is exercised with shared ids too.
+        "client_order_id": (None, None, "a", "b"),
     },
     "cancel": {
         "account": ACCOUNTS, "whose": ("own", "own", "own", "any", "gone"),
@@ -424,7 +427,7 @@ class ExchangeMachine(RuleBasedStateMachine):
     @rule(**strategies("place"))
     def place(
         self, account: str, market: str, side: Side, kind: str, offset: int, units: int,
-        stp: STPMode | None,
+        stp: STPMode | None, client_order_id: str | None = None,
     ) -> None:
         otype = OrderType.MARKET if kind.startswith("market") else OrderType.LIMIT
         tif = {"ioc": TimeInForce.IOC, "fok": TimeInForce.FOK, "market_fok": TimeInForce.FOK}.get(
@@ -436,7 +439,7 @@ class ExchangeMachine(RuleBasedStateMachine):
             qty = 1370  # an odd size, so partial fills do not always line up
         self._run(PlaceOrder(
             0, account, market, side, otype, qty, price, tif, post_only=kind == "post_only",
-            stp=stp,
+            stp=stp, client_order_id=client_order_id,
         ))
 
     @rule(**strategies("take"))
@@ -454,11 +457,15 @@ class ExchangeMachine(RuleBasedStateMachine):
     @rule(**strategies("rest"))
     def rest(
         self, account: str, market: str, side: Side, away: int, units: int, post_only: bool,
+        client_order_id: str | None,
     ) -> None:
         """A GTC limit on its own side of 100.00, to give the book depth and queues."""
         offset = -away if side is Side.BUY else away
         kind = "post_only" if post_only else "limit"
-        self.place(account, market, side, kind, offset, units, None)
+        self.place(account, market, side, kind, offset, units, None, client_order_id)
+        if client_order_id is not None:
+            found = self.ex.order_by_client_id(account, client_order_id)
+            assert found is None or (found.account == account and found.client_order_id == client_order_id)
 
     @rule(**strategies("cancel"))
     def cancel(self, account: str, whose: str, pick: int) -> None:

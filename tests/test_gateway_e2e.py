@@ -1113,6 +1113,53 @@ async def test_orders_op_lists_own_open_orders(connect) -> None:
     assert len(await w(bob.orders())) == 1
 
 
+async def test_client_order_ids_are_unique_among_open_orders_and_cancel_by_them(connect) -> None:
+    """A client order id names one open order of its account: a second order with it is
+    refused until the first leaves the book, and ``cancel`` takes it instead of the id."""
+    alice = await w(connect("alice"))
+    alice2 = await w(connect("alice"))
+    bob = await w(connect("bob"))
+    first = await w(alice.buy(BTC, "1", "90.00", client_order_id="q1"))
+    before = await w(alice.balances())
+    again = await w(alice.sell(BTC, "1", "95.00", client_order_id="q1", raise_on_reject=False))
+    assert (again["exec_type"], again["reason"], again["client_order_id"]) == (
+        "rejected", "duplicate_client_order_id", "q1"), again
+    assert "already" in again["message"]
+    assert [without_id(e) for e in execs(await settle(alice2))][-1] == without_id(again)
+    assert await w(alice.balances()) == before  # nothing reserved, nothing placed
+    assert [o["order_id"] for o in await w(alice.orders())] == [first["order_id"]]
+    # Another account may use the same id; an order that does not rest frees nothing of Alice's.
+    await w(bob.buy(BTC, "1", "80.00", client_order_id="q1"))
+    ioc = await w(alice.buy(BTC, "1", "80.00", tif="ioc", client_order_id="q2", raise_on_reject=False))
+    assert ioc["exec_type"] == "new"
+    # Cancel by the client order id; then the id is free again.
+    done = await w(alice.cancel(client_order_id="q1"))
+    assert (done["exec_type"], done["order_id"], done["client_order_id"]) == (
+        "canceled", first["order_id"], "q1"), done
+    reused = await w(alice.buy(BTC, "1", "90.00", client_order_id="q1"))
+    assert reused["order_id"] != first["order_id"]
+    # An order that fills completely frees its id too.
+    await w(bob.sell(BTC, "1", "90.00"))
+    await settle(alice)
+    assert await w(alice.orders()) == []
+    assert (await w(alice.buy(BTC, "1", "90.00", client_order_id="q1")))["exec_type"] == "new"
+    # What a cancel by client order id refuses, with nothing changed.
+    for fields, code, field in (
+        ({"client_order_id": "nope"}, "unknown_order", None),
+        ({"client_order_id": "q1", "order_id": 1}, "bad_request", "client_order_id"),
+        ({"client_order_id": 7}, "bad_request", "client_order_id"),
+    ):
+        with pytest.raises(ExchangeError) as err:
+            await w(alice.request("cancel", **fields))
+        assert err.value.code == code and err.value.field == field, (fields, err.value.reply)
+    with pytest.raises(ExchangeError) as err:
+        await w(bob.cancel(client_order_id="q2"))  # Alice's IOC is gone, and it was hers
+    assert (err.value.code, err.value.reply.get("client_order_id")) == ("unknown_order", "q2")
+    bobs = await w(bob.cancel(client_order_id="q1"))  # his own q1, not Alice's
+    assert bobs["exec_type"] == "canceled" and bobs["price"] == "80.00"
+    assert len(await w(alice.orders())) == 1
+
+
 async def test_modify_replaces_in_place_and_a_rejection_changes_nothing(connect) -> None:
     alice = await w(connect("alice"))
     bob = await w(connect("bob"))
