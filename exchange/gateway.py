@@ -477,18 +477,24 @@ class Gateway:
         self.stats["messages_in"] += 1
         rid = None
         try:
+            # Every line counts against the rate limit, garbage too: a client must not be
+            # able to flood the exchange with lines it knows will be refused.
+            limit = self.options.rate_limit
+            over = False
+            if limit:
+                if session.tokens < 1.0:
+                    over = True
+                else:
+                    session.tokens -= 1.0
             msg = decode_request(line)
             rid = msg.get("id")
             op = msg["op"]
-            limit = self.options.rate_limit
-            if limit:
-                if session.tokens < 1.0:
-                    raise ProtocolError(
-                        ErrorCode.RATE_LIMITED,
-                        f"more than {limit} requests a second on this connection: '{op}' was "
-                        "not carried out; slow down and send it again",
-                    )
-                session.tokens -= 1.0
+            if over:
+                raise ProtocolError(
+                    ErrorCode.RATE_LIMITED,
+                    f"more than {limit} requests a second on this connection: '{op}' was "
+                    "not carried out; slow down and send it again",
+                )
             if session.user is None and op not in PUBLIC_OPS:
                 raise ProtocolError(ErrorCode.NOT_LOGGED_IN, f"log in before '{op}'")
             self._ops[op](session, msg, rid)

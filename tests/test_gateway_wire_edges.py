@@ -153,6 +153,25 @@ async def test_a_last_line_without_newline_gets_its_refilled_allowance(tmp_path)
 
 
 
+async def test_lines_the_server_refuses_count_against_the_rate_limit(tmp_path) -> None:
+    """--rate-limit 5: garbage, an unknown op and a line without one use the allowance like
+    requests do (each still answered with its own error), so the request after them is
+    ``rate_limited``; flooding refused lines cannot get around the limit."""
+    srv = ExchangeServer(ServerConfig(port=0, data_dir=tmp_path / "data", stats_interval=0, rate_limit=5))
+    await srv.start()
+    try:
+        reader, writer = await _open(srv)
+        writer.write(b'{oops\n{"op":"teleport","id":1}\n{"id":2}\n[]\n{"op":"ping","id":3}\n'
+                     b'{"op":"ping","id":4}\nnot json either\n')
+        got = [orjson.loads(await asyncio.wait_for(reader.readline(), 5)) for _ in range(7)]
+        writer.close()
+        assert [m.get("code", m["type"]) for m in got] == [
+            "bad_json", "unknown_op", "bad_request", "bad_request", "pong", "rate_limited", "bad_json"], got
+        assert got[5]["id"] == 4
+    finally:
+        await srv.stop()
+
+
 async def test_an_id_wider_than_4300_digits_is_a_bad_request_on_id_as_documented(server) -> None:
     """An integer id wider than 64 bits gets bad_request on id, however wide (orjson reads
     5000 digits as an infinite double; Python refuses such a string as an int)."""
