@@ -391,6 +391,12 @@ class ExchangeClient:
     async def book(self, market: str, depth: int | None = None, level: int | None = None) -> dict[str, Any]:
         return await self.request("book", market=market, depth=depth, level=level)
 
+    async def order_status(self, order_id: int | None = None, *, client_order_id: str | None = None) -> dict[str, Any]:
+        """One of this user's orders, open or finished since the exchange started, named by
+        ``order_id`` or by its ``client_order_id`` (``ExchangeError`` ``unknown_order`` if
+        none)."""
+        return await self.request("order_status", order_id=order_id, client_order_id=client_order_id)
+
     async def queue_position(self, order_id: int) -> dict[str, Any]:
         return await self.request("queue_position", order_id=order_id)
 

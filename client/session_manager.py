@@ -459,6 +459,26 @@ class SessionManager:
             self.save()
         return [r for r in self.orders if r.get("status") in OPEN and r.get("order_id") not in listed]
 
+    def settle(self, record: dict[str, Any], status: dict[str, Any]) -> bool:
+        """Record how an order that ended while this client was away ended, from the
+        exchange's ``order_status`` reply; False (nothing changed) unless the reply is that
+        order's final state: same market, side and client order id, not older than it."""
+        final = STATUSES.get(status.get("status"))  # type: ignore[arg-type]
+        if final not in FINAL or record.get("status") in FINAL:
+            return False
+        if (status.get("order_id"), status.get("market"), status.get("side")) != (
+                record.get("order_id"), record.get("market"), record.get("side")):
+            return False
+        if status.get("client_order_id") != record.get("client_order_id"):
+            return False
+        ts, created = status.get("ts"), record.get("created_ts")
+        if type(ts) is int and type(created) is int and ts < created:
+            return False
+        self._update(record, {**status, "exec_type": None}, final)
+        if self.autosave:
+            self.save()
+        return True
+
     # -- queries --------------------------------------------------------------------------
 
     def get(self, order_id: int) -> dict[str, Any] | None:

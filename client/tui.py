@@ -655,6 +655,7 @@ class TerminalApp:
         output: Output | None = None,
         funded: bool = False,
         stale: list[dict[str, Any]] | None = None,
+        settled: list[dict[str, Any]] | None = None,
         refresh_interval: float = 0.5,
     ) -> None:
         self.client = client
@@ -672,6 +673,7 @@ class TerminalApp:
         self._output = output
         self._funded = funded
         self._stale = stale or []
+        self._settled = settled or []
         self._refresh_interval = refresh_interval
         self._coids = itertools.count(1)
         # Unique per client run (two terminals of a user share the history file, which
@@ -810,6 +812,10 @@ class TerminalApp:
             self.warn(warning)
         n_open = len(self.history.open_orders())
         self.say(("class:dim", f"Order history: {self.history.path} ({len(self.history)} orders, {n_open} open)"))
+        if self._settled:
+            ended = ", ".join(f"{r.get('order_id')} {str(r.get('status')).lower()}" for r in self._settled[:10])
+            more = "..." if len(self._settled) > 10 else ""
+            self.say(f"While this client was away: order {ended}{more}")
         if self._stale:
             ids = ", ".join(str(r.get("order_id")) for r in self._stale[:10])
             more = "..." if len(self._stale) > 10 else ""
@@ -1223,6 +1229,30 @@ class ClientOptions:
     timeout: float = 10.0
 
 
+STATUS_QUERIES = 200  # orders that ended while away asked about at start-up, at most
+
+
+async def _ask_how_they_ended(
+    client: ExchangeClient, history: SessionManager, gone: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Of the orders the history calls open but the exchange no longer lists, record how
+    those it still remembers ended (``order_status``); returns (still unknown, settled)."""
+    unknown, settled = [], []
+    for record in gone[:STATUS_QUERIES]:
+        oid = record.get("order_id")
+        try:
+            reply = await client.order_status(oid) if type(oid) is int else None
+        except ExchangeConnectionError:
+            raise
+        except ExchangeError:  # forgotten (a restart, or long ago), or an exchange without the op
+            reply = None
+        if reply is not None and history.settle(record, reply):
+            settled.append(record)
+        else:
+            unknown.append(record)
+    return unknown + gone[STATUS_QUERIES:], settled
+
+
 def _fail(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -1251,7 +1281,7 @@ async def run_client(options: ClientOptions, input: Input | None = None, output:
             except SessionError as exc:
                 _fail(f"cannot use the order history: {exc}")
                 return EXIT_CONNECTION
-            stale = history.sync_open_orders(await client.orders())
+            stale, settled = await _ask_how_they_ended(client, history, history.sync_open_orders(await client.orders()))
         except ExchangeConnectionError as exc:
             _fail(f"lost the connection to the exchange at {where} while starting: {exc.message}")
             return EXIT_CONNECTION
@@ -1267,7 +1297,7 @@ async def run_client(options: ClientOptions, input: Input | None = None, output:
             return EXIT_CONNECTION
         app = TerminalApp(
             client, options.user, options.market, markets, history, options.data_dir,
-            input=input, output=output, funded=bool(reply.get("funded")), stale=stale,
+            input=input, output=output, funded=bool(reply.get("funded")), stale=stale, settled=settled,
             refresh_interval=refresh_interval,
         )
         return await app.run()

@@ -55,8 +55,10 @@ from exchange.protocol import (
     error_message,
     funding_command,
     modify_command,
+    no_such_client_order,
     order_command,
-    order_id_of,
+    order_ref,
+    queue_position_ref,
     subscription,
     user_name,
 )
@@ -96,6 +98,12 @@ class CommandJournal(Protocol):
 
 
 _REJECTED: Final = ExecType.REJECTED
+# Finished orders ``order_status`` still answers for, the most recent first to stay: about
+# 30 MB at most. Kept in memory since start-up only (docs/protocol.md).
+FINISHED_KEPT: Final = 100_000
+_FILLED: Final = OrderStatus.FILLED
+_CANCELED: Final = OrderStatus.CANCELED
+_EXPIRED: Final = OrderStatus.EXPIRED
 
 
 @dataclass
@@ -292,6 +300,12 @@ class Gateway:
         self.started = time.monotonic()
         self._rate_mark = (time.monotonic(), 0, 0, 0)
         self.rates = {"orders_per_sec": 0.0, "trades_per_sec": 0.0, "messages_per_sec": 0.0}
+        # The last report of each recently finished order, by order id, oldest first, and the
+        # latest by (user, client order id): what ``order_status`` answers once it is gone.
+        self.finished_kept = FINISHED_KEPT
+        self.finished: dict[int, ExecReport] = {}
+        self._finished_ids: deque[int] = deque()
+        self._finished_by_client_id: dict[tuple[str, str], ExecReport] = {}
         self._ops: dict[str, Callable[[Session, dict[str, Any], Any], None]] = {
             "login": self.op_login,
             "markets": self.op_markets,
@@ -308,6 +322,7 @@ class Gateway:
             "ping": self.op_ping,
             "stats": self.op_stats,
             "queue_position": self.op_queue_position,
+            "order_status": self.op_order_status,
         }
 
     # -- connection bookkeeping -------------------------------------------------------
@@ -440,6 +455,9 @@ class Gateway:
         for ev in events:
             cls = ev.__class__
             if cls is ExecReport:
+                status = ev.status  # type: ignore[attr-defined]
+                if status is _FILLED or status is _CANCELED or status is _EXPIRED:
+                    self._finish(ev)  # type: ignore[arg-type]
                 sessions = self.by_user.get(ev.account)  # type: ignore[attr-defined]
                 if not sessions:
                     continue
@@ -470,6 +488,23 @@ class Gateway:
                         session.send(data)
             elif cls is CommandRejected and requester is not None:
                 requester.send_msg(fmt.command_rejected(ev, rid))  # type: ignore[arg-type]
+
+    def _finish(self, ev: ExecReport) -> None:
+        """Keep a finished order's last report for ``order_status``, within ``FINISHED_KEPT``."""
+        oid = ev.order_id
+        if oid is None:
+            return
+        self.finished[oid] = ev
+        self._finished_ids.append(oid)
+        coid = ev.client_order_id
+        if coid is not None:
+            self._finished_by_client_id[(ev.account, coid)] = ev
+        while len(self._finished_ids) > self.finished_kept:
+            old = self.finished.pop(self._finished_ids.popleft(), None)
+            if old is not None and old.client_order_id is not None:
+                key = (old.account, old.client_order_id)
+                if self._finished_by_client_id.get(key) is old:
+                    del self._finished_by_client_id[key]
 
     # -- requests -------------------------------------------------------------------
 
@@ -650,7 +685,7 @@ class Gateway:
         self._reply(session, rid, {"type": "orders", "orders": [self.fmt.order(o) for o in orders]})
 
     def op_queue_position(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
-        oid = order_id_of(msg)
+        oid = queue_position_ref(msg)
         order = self.engine.order(session.user, oid)  # type: ignore[arg-type]
         ahead = self.engine.queue_position(session.user, oid)  # type: ignore[arg-type]
         if order is None or ahead is None:
@@ -661,6 +696,27 @@ class Gateway:
             "ahead_qty": self.fmt.qty(order.market, ahead),
             "remaining_qty": self.fmt.qty(order.market, order.remaining),
         })
+
+    def op_order_status(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
+        user: str = session.user  # type: ignore[assignment]
+        oid, coid = order_ref(msg)
+        if coid is None:
+            assert oid is not None
+            order = self.engine.order(user, oid)
+            done = self.finished.get(oid)
+        else:
+            order = self.engine.order_by_client_id(user, coid)
+            done = self._finished_by_client_id.get((user, coid))
+        if order is not None:
+            entry = self.fmt.order(order)
+        elif done is not None and done.account == user:
+            entry = self.fmt.finished_order(done)
+        elif coid is not None:
+            raise no_such_client_order(coid)
+        else:
+            raise ProtocolError(ErrorCode.UNKNOWN_ORDER, "no such order of this account (open, or "
+                                "finished since the exchange started)", order_id=oid)
+        self._reply(session, rid, {"type": "order_status", **entry})
 
     def op_book(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
         market, depth, level = book_request(self.config, msg)

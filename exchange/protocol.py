@@ -56,6 +56,7 @@ MAX_CLIENT_ORDER_ID: Final = 64
 OPS: Final = frozenset({
     "login", "markets", "order", "cancel", "modify", "balances", "orders", "book",
     "subscribe", "unsubscribe", "deposit", "withdraw", "ping", "stats", "queue_position",
+    "order_status",
 })
 PUBLIC_OPS: Final = frozenset({"login", "ping", "markets", "book", "subscribe", "unsubscribe", "stats"})
 CHANNELS: Final = ("trades", "book")
@@ -331,6 +332,26 @@ _ORDER_FIELD_LIST: Final = ("market", "side", "type", "price", "qty", "tif", "po
 _ORDER_FIELDS: Final = frozenset(("op", "id") + _ORDER_FIELD_LIST)
 
 
+def unknown_field(msg: dict[str, Any], allowed: frozenset[str], what: str, listed: tuple[str, ...]) -> None:
+    """Refuse the first field of ``msg`` not in ``allowed``: a misspelt field must not be
+    read as a missing one, and a field another op takes must not seem to do something."""
+    key = next(k for k in msg if k not in allowed)
+    raise ProtocolError(
+        ErrorCode.BAD_REQUEST, f"unknown field {str(key)[:40]!r} in {what} (it takes {', '.join(listed)})",
+        str(key)[:40],
+    )
+
+
+def client_order_id_of(value: Any) -> str:
+    """A client order id as a request gives it: 1 to 64 printable characters."""
+    if type(value) is not str or not 0 < len(value) <= MAX_CLIENT_ORDER_ID or not value.isprintable():
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"'client_order_id' must be a string of 1 to {MAX_CLIENT_ORDER_ID} "
+            "printable characters", "client_order_id",
+        )
+    return value
+
+
 def order_command(config: MarketConfig, msg: dict[str, Any], account: str, ts: int) -> PlaceOrder:
     """An ``order`` request as a ``PlaceOrder``.
 
@@ -338,11 +359,7 @@ def order_command(config: MarketConfig, msg: dict[str, Any], account: str, ts: i
     quantity it cannot take exactly raises ``OrderRejected`` with the engine's reason.
     """
     if not _ORDER_FIELDS.issuperset(msg):  # a misspelt "time_in_force" must not become a resting GTC order
-        key = next(k for k in msg if k not in _ORDER_FIELDS)
-        raise ProtocolError(
-            ErrorCode.BAD_REQUEST,
-            f"unknown field {str(key)[:40]!r} in an order (it takes {', '.join(_ORDER_FIELD_LIST)})", str(key)[:40],
-        )
+        unknown_field(msg, _ORDER_FIELDS, "an order", _ORDER_FIELD_LIST)
     symbol = msg.get("market")
     if type(symbol) is not str:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'market' is required", "market")
@@ -379,11 +396,8 @@ def order_command(config: MarketConfig, msg: dict[str, Any], account: str, ts: i
                 "'stp' must be cancel_resting|cancel_incoming|cancel_both|none", "stp",
             )
     coid = msg.get("client_order_id")
-    if coid is not None and (type(coid) is not str or len(coid) > MAX_CLIENT_ORDER_ID):
-        raise ProtocolError(
-            ErrorCode.BAD_REQUEST, f"'client_order_id' must be a string of at most "
-            f"{MAX_CLIENT_ORDER_ID} characters", "client_order_id",
-        )
+    if coid is not None:
+        client_order_id_of(coid)
     raw_qty = msg.get("qty")
     if raw_qty is None or type(raw_qty) not in _NUMBER_TYPES:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'qty' is required (a decimal string)", "qty")
@@ -417,25 +431,55 @@ def order_id_of(msg: dict[str, Any]) -> int:
     return oid
 
 
+_REF_FIELD_LIST: Final = ("order_id", "client_order_id")
+_REF_FIELDS: Final = frozenset(("op", "id") + _REF_FIELD_LIST)
+_ID_FIELD_LIST: Final = ("order_id",)
+_ID_FIELDS: Final = frozenset(("op", "id") + _ID_FIELD_LIST)
+_MODIFY_FIELD_LIST: Final = ("order_id", "price", "qty")
+_MODIFY_FIELDS: Final = frozenset(("op", "id") + _MODIFY_FIELD_LIST)
+
+
+def order_ref(msg: dict[str, Any]) -> tuple[int | None, str | None]:
+    """The order a ``cancel`` or ``order_status`` names: ``(order_id, None)`` or
+    ``(None, client_order_id)``."""
+    if not _REF_FIELDS.issuperset(msg):
+        unknown_field(msg, _REF_FIELDS, f"'{msg.get('op')}'", _REF_FIELD_LIST)
+    coid = msg.get("client_order_id")
+    if coid is None:
+        if msg.get("order_id") is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "give 'order_id' or 'client_order_id'", "order_id")
+        return order_id_of(msg), None
+    if msg.get("order_id") is not None:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "give 'order_id' or 'client_order_id', not both",
+                            "client_order_id")
+    return None, client_order_id_of(coid)
+
+
+def queue_position_ref(msg: dict[str, Any]) -> int:
+    """The order a ``queue_position`` names (by ``order_id`` only)."""
+    if not _ID_FIELDS.issuperset(msg):
+        unknown_field(msg, _ID_FIELDS, "'queue_position'", _ID_FIELD_LIST)
+    return order_id_of(msg)
+
+
+def no_such_client_order(coid: str) -> ProtocolError:
+    return ProtocolError(RejectReason.UNKNOWN_ORDER.value,
+                         "no open order of this account has this client_order_id", client_order_id=coid)
+
+
 def cancel_command(
     msg: dict[str, Any], account: str, ts: int, by_client_id: Callable[[str, str], Order | None],
 ) -> CancelOrder:
     """A ``cancel`` naming the order by ``order_id`` or by the ``client_order_id`` it was
     placed with (looked up among the account's open orders)."""
-    coid = msg.get("client_order_id")
-    if coid is None:
-        return CancelOrder(ts, account, order_id_of(msg))
-    if msg.get("order_id") is not None:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "give 'order_id' or 'client_order_id', not both",
-                            "client_order_id")
-    if type(coid) is not str:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "'client_order_id' must be a string", "client_order_id")
-    order = by_client_id(account, coid)
-    if order is None:
-        raise ProtocolError(RejectReason.UNKNOWN_ORDER.value,
-                            "no open order of this account has this client_order_id",
-                            client_order_id=coid)
-    return CancelOrder(ts, account, order.id)
+    oid, coid = order_ref(msg)
+    if coid is not None:
+        order = by_client_id(account, coid)
+        if order is None:
+            raise no_such_client_order(coid)
+        oid = order.id
+    assert oid is not None
+    return CancelOrder(ts, account, oid)
 
 
 def modify_command(
@@ -443,6 +487,8 @@ def modify_command(
     config: MarketConfig,
 ) -> ModifyOrder:
     """A ``modify`` request; its price and qty are read with the order's own market."""
+    if not _MODIFY_FIELDS.issuperset(msg):
+        unknown_field(msg, _MODIFY_FIELDS, "'modify'", _MODIFY_FIELD_LIST)
     oid = order_id_of(msg)
     raw_price, raw_qty = msg.get("price"), msg.get("qty")
     for name, value in (("price", raw_price), ("qty", raw_qty)):
@@ -497,6 +543,10 @@ def subscription(config: MarketConfig, msg: dict[str, Any]) -> tuple[str, Market
 
 
 # ---------------------------------------------------------------------------- outgoing
+
+
+_REPORT_ONLY: Final = ("type", "exec_type", "trade_id", "last_price", "last_qty", "liquidity", "fee",
+                       "fee_asset", "reason", "message")
 
 
 class Formatter:
@@ -627,6 +677,14 @@ class Formatter:
         }
         if order.client_order_id is not None:
             msg["client_order_id"] = order.client_order_id
+        return msg
+
+    def finished_order(self, ev: ExecReport) -> dict[str, Any]:
+        """An order's last report as an ``order_status`` entry (as ``order`` gives for an
+        open one; ``ts`` is when it finished, and ``post_only`` is not known any more)."""
+        msg = self.exec_report(ev)
+        for key in _REPORT_ONLY:
+            msg.pop(key, None)
         return msg
 
     def book(self, market: str, seq: int, bids: list[tuple[int, int, int]],

@@ -215,6 +215,25 @@ def test_sync_open_orders_adds_unknown_and_reports_stale(tmp_path: Path) -> None
     assert added is not None and added["status"] == "NEW" and added["qty"] == "3.0000"
 
 
+def test_settle_takes_only_the_same_orders_final_state(tmp_path: Path) -> None:
+    desk = WireDesk()
+    history = SessionManager("alice", tmp_path)
+    [placed] = desk.order("alice", "buy", "1", "50.00", coid="k1")
+    history.apply(placed)
+    [canceled] = desk.cancel("alice", placed["order_id"])
+    final = {k: v for k, v in canceled.items() if k not in ("type", "exec_type")}
+    record = history.get(placed["order_id"])
+    assert record is not None
+    for other in ({"status": "new"}, {"market": "ACME-USD"}, {"side": "sell"}, {"client_order_id": "k2"},
+                  {"client_order_id": None}, {"order_id": placed["order_id"] + 1}, {"ts": placed["ts"] - 1}):
+        assert not history.settle(record, {**final, **other}), other
+        assert record["status"] == "NEW"
+    assert history.settle(record, final)
+    stored_again = SessionManager("alice", tmp_path).get(placed["order_id"])
+    assert stored_again is not None and stored_again["status"] == "CANCELED"
+    assert not history.settle(record, final)  # already final: nothing to do
+
+
 # ---------------------------------------------------------------------------- atomicity
 
 

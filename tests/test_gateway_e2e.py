@@ -1158,6 +1158,91 @@ async def test_client_order_ids_are_unique_among_open_orders_and_cancel_by_them(
     bobs = await w(bob.cancel(client_order_id="q1"))  # his own q1, not Alice's
     assert bobs["exec_type"] == "canceled" and bobs["price"] == "80.00"
     assert len(await w(alice.orders())) == 1
+    # An id is 1 to 64 printable characters, wherever it is given; modify and
+    # queue_position name the order by order_id only, and say so.
+    open_id = (await w(alice.orders()))[0]["order_id"]
+    for op, fields in (
+        ("order", {"market": BTC, "side": "buy", "price": "90.00", "qty": "1", "client_order_id": ""}),
+        ("order", {"market": BTC, "side": "buy", "price": "90.00", "qty": "1", "client_order_id": "a\nb"}),
+        ("order", {"market": BTC, "side": "buy", "price": "90.00", "qty": "1", "client_order_id": "x" * 65}),
+        ("cancel", {"client_order_id": "x" * 5000}),
+        ("order_status", {"client_order_id": "\u2028"}),
+        ("modify", {"order_id": open_id, "client_order_id": "new-name", "qty": "2"}),
+        ("queue_position", {"client_order_id": "q1"}),
+        ("cancel", {"order_id": open_id, "market": BTC}),
+    ):
+        with pytest.raises(ExchangeError) as err:
+            await w(alice.request(op, **fields))
+        assert err.value.code == "bad_request", (op, fields, err.value.reply)
+        assert err.value.field in ("client_order_id", "market"), (op, fields, err.value.reply)
+        assert len(err.value.message) < 200
+    with pytest.raises(ExchangeError) as err:
+        await w(alice.request("cancel"))
+    assert "client_order_id" in err.value.message and err.value.field == "order_id"
+    assert [o["order_id"] for o in await w(alice.orders())] == [open_id]  # nothing changed
+    assert (await w(alice.orders()))[0]["qty"] == "1.0000"
+
+
+async def test_order_status_of_open_and_finished_orders(server, connect) -> None:
+    """``order_status`` answers for an open order as ``orders`` lists it, and for an order
+    that finished (filled, cancelled, expired) with its final state, by order id or client
+    order id; never for another user's order."""
+    alice = await w(connect("alice"))
+    bob = await w(connect("bob"))
+    resting = await w(alice.buy(BTC, "1", "90.00", client_order_id="r1"))
+    status = without_id(await w(alice.order_status(resting["order_id"])))
+    listed = (await w(alice.orders()))[0]
+    assert status == {"type": "order_status", **listed}
+    assert without_id(await w(alice.order_status(client_order_id="r1"))) == status
+    # Partly filled, then cancelled: the final state, with what it filled and its average.
+    await w(bob.sell(BTC, "0.4", "90.00"))
+    await w(alice.cancel(client_order_id="r1"))
+    gone = await w(alice.order_status(resting["order_id"]))
+    assert (gone["status"], gone["filled_qty"], gone["remaining_qty"], gone["avg_price"], gone["price"]) == (
+        "canceled", "0.4000", "0.6000", "90.00", "90.00"), gone
+    assert gone["client_order_id"] == "r1" and "exec_type" not in gone and "trade_id" not in gone
+    # The client order id now names the latest order placed with it, open or finished.
+    again = await w(alice.buy(BTC, "2", "80.00", client_order_id="r1"))
+    assert (await w(alice.order_status(client_order_id="r1")))["order_id"] == again["order_id"]
+    ioc = await w(alice.buy(BTC, "1", "80.00", tif="ioc"))
+    await settle(alice)
+    assert (await w(alice.order_status(ioc["order_id"])))["status"] == "expired"
+    taker = await w(bob.buy(BTC, "1", "200.00", tif="ioc", raise_on_reject=False))
+    maker_fill = await w(alice.sell(BTC, "1", "95.00"))
+    await w(bob.buy(BTC, "1", "95.00"))
+    await settle(alice)
+    filled = await w(alice.order_status(maker_fill["order_id"]))
+    assert (filled["status"], filled["filled_qty"], filled["remaining_qty"]) == ("filled", "1.0000", "0.0000")
+    # Another user's order, open or finished, and an id never used: the same unknown_order.
+    for ask in (lambda: bob.order_status(again["order_id"]), lambda: bob.order_status(maker_fill["order_id"]),
+                lambda: alice.order_status(10**9), lambda: alice.order_status(taker["order_id"])):
+        with pytest.raises(ExchangeError) as err:
+            await w(ask())
+        assert err.value.code == "unknown_order", err.value.reply
+    with pytest.raises(ExchangeError) as err:
+        await w(bob.order_status(client_order_id="r1"))
+    assert (err.value.code, err.value.reply.get("client_order_id")) == ("unknown_order", "r1")
+    with pytest.raises(ExchangeError) as err:
+        await w(alice.request("order_status", order_id=1, client_order_id="r1"))
+    assert (err.value.code, err.value.field) == ("bad_request", "client_order_id")
+
+
+async def test_order_status_forgets_the_oldest_finished_orders_beyond_its_bound(server, connect) -> None:
+    server.gateway.finished_kept = 2
+    alice = await w(connect("alice"))
+    ids = []
+    for n in range(3):
+        placed = await w(alice.buy(BTC, "1", "90.00", client_order_id=f"c{n}"))
+        await w(alice.cancel(placed["order_id"]))
+        ids.append(placed["order_id"])
+    for ask in (lambda: alice.order_status(ids[0]), lambda: alice.order_status(client_order_id="c0")):
+        with pytest.raises(ExchangeError) as err:
+            await w(ask())
+        assert err.value.code == "unknown_order"
+    for n in (1, 2):
+        assert (await w(alice.order_status(client_order_id=f"c{n}")))["order_id"] == ids[n]
+        assert (await w(alice.order_status(ids[n])))["status"] == "canceled"
+    assert len(server.gateway.finished) == 2
 
 
 async def test_modify_replaces_in_place_and_a_rejection_changes_nothing(connect) -> None:

@@ -110,6 +110,32 @@ async def test_book_does_not_mark_a_level_as_yours_from_a_stale_history_record(s
         assert "yours" not in m.group(0), m.group(0)
 
 
+async def test_orders_that_ended_while_away_are_settled_from_the_exchange(server, connect, tmp_path: Path) -> None:
+    """At start-up the client asks the exchange how the orders its history still calls open
+    ended (``order_status``), records it and says so; an order the exchange no longer
+    remembers is named as unknown and left as it was."""
+    data_dir = tmp_path / "client"
+    server.gateway.finished_kept = 2  # the exchange remembers the last two orders that finished
+    async with Terminal(server, "alice", data_dir) as term:
+        filled = int((await term.type("buy 1 @ 90", r"NEW order (\d+) accepted")).group(1))
+        canceled = int((await term.type("buy 1 @ 80", r"NEW order (\d+) accepted")).group(1))
+        forgotten = int((await term.type("buy 1 @ 70", r"NEW order (\d+) accepted")).group(1))
+        await term.type("quit", r"bye\.")
+    other = await connect("alice")
+    await other.cancel(forgotten)
+    bob = await connect("bob")
+    await bob.sell("BTC-USD", "1", "90.00")
+    await other.cancel(canceled)
+    async with Terminal(server, "alice", data_dir) as term:
+        await term.screen.wait_for(rf"While this client was away: order {filled} filled, {canceled} canceled")
+        await term.screen.wait_for(rf"orders {forgotten} are open in your history but no longer at the exchange")
+        await term.type("orders", r"no open orders")
+    records = {r["order_id"]: r for r in _records(data_dir, "alice")}
+    assert (records[filled]["status"], records[filled]["filled"]) == ("FILLED", "1.0000")
+    assert records[canceled]["status"] == "CANCELED"
+    assert records[forgotten]["status"] == "NEW"
+
+
 async def test_book_shows_the_last_trade_or_the_reference_price_between_the_sides(server, connect, tmp_path: Path) -> None:
     bob = await connect("bob")
     async with Terminal(server, "alice", tmp_path / "client") as term:
