@@ -326,8 +326,10 @@ class SessionManager:
         if coid is not None:
             record = self._by_coid.get(coid)
             # The same client id on an order the exchange numbered differently is
-            # another order (client ids are the client's, and may repeat).
-            if record is not None and (oid is None or record.get("order_id") in (None, oid)):
+            # another order (client ids are the client's, and may repeat), and so is a
+            # report without a number (a rejection) for a record that has one: an order
+            # refused for reusing an open order's client id is not that order.
+            if record is not None and record.get("order_id") in (None, oid):
                 return record
         return None
 

@@ -168,18 +168,18 @@ class AccountOrders:
     book; most order flow carries none and pays nothing.
     """
 
-    __slots__ = ("head", "tail", "count", "by_client_id", "shared_ids")
+    __slots__ = ("head", "tail", "count", "by_client_id", "shared")
 
     def __init__(self) -> None:
         self.head: Order | None = None
         self.tail: Order | None = None
         self.count = 0
         self.by_client_id: dict[str, Order] | None = None
-        # Orders that came to rest with a client order id already in use. The gateway
-        # refuses those, but the engine does not (a journal or a snapshot from before it did
-        # must restore as it was), so the index copes: while any is left, an order leaving
-        # hands its id to an older holder.
-        self.shared_ids = 0
+        # Client order ids held by more than one open order. The gateway refuses a second
+        # holder, but the engine does not (a journal or a snapshot from before it did must
+        # restore as it was), so the index copes: the latest holder is the one found, and
+        # an order that leaves hands the id back to the latest of the others.
+        self.shared: dict[str, SharedClientId] | None = None
 
     def append(self, order: Order) -> None:
         tail = self.tail
@@ -197,14 +197,19 @@ class AccountOrders:
             index = self.by_client_id
             if index is None:
                 index = self.by_client_id = {}
-            if coid in index:
-                self.shared_ids += 1
-            index[coid] = order  # the latest holder is the one found
+            held = index.get(coid)
+            if held is not None:
+                shared = self.shared
+                if shared is None:
+                    shared = self.shared = {}
+                entry = shared.get(coid)
+                if entry is None:
+                    entry = shared[coid] = SharedClientId(held)
+                entry.orders.append(order)
+                entry.live += 1
+            index[coid] = order
 
     def unlink(self, order: Order) -> None:
-        coid = order.client_order_id
-        if coid is not None:
-            self._unindex(order, coid)
         prev, nxt = order.acct_prev, order.acct_next
         if prev is None:
             self.head = nxt
@@ -217,25 +222,28 @@ class AccountOrders:
         order.acct_prev = order.acct_next = None
         order.acct_orders = None
         self.count -= 1
+        coid = order.client_order_id
+        if coid is not None:
+            self._unindex(order, coid)
 
     def _unindex(self, order: Order, coid: str) -> None:
+        """Called once ``order`` is out of the list (so it no longer counts as a holder)."""
         index = self.by_client_id
         if index is None:
             return
-        if self.shared_ids:
-            older = None
-            other = self.head
-            while other is not None:
-                if other is not order and other.client_order_id == coid:
-                    older = other  # the latest other holder, as if it had come last
-                other = other.acct_next
-            if older is not None:
-                self.shared_ids -= 1
-                if index.get(coid) is order:
-                    index[coid] = older
-                return
-        if index.get(coid) is order:
-            del index[coid]
+        shared = self.shared
+        entry = shared.get(coid) if shared is not None else None
+        if entry is None or shared is None:
+            if index.get(coid) is order:
+                del index[coid]
+            return
+        entry.live -= 1
+        holders = entry.orders
+        while holders[-1].acct_orders is not self:  # gone from the book: dropped lazily, O(1) each
+            holders.pop()
+        index[coid] = holders[-1]
+        if entry.live < 2:
+            del shared[coid]
 
     def orders(self) -> list[Order]:
         """Oldest first; at most ``count + 1`` of them, as ``Level.orders``."""
@@ -247,6 +255,18 @@ class AccountOrders:
             order = order.acct_next
             left -= 1
         return out
+
+
+class SharedClientId:
+    """The open orders of one account holding the same client order id, in the order they
+    came to rest. An order that leaves stays in ``orders`` until it is the last one (an
+    order that came back to rest after a modify is in it twice); ``live`` counts holders."""
+
+    __slots__ = ("orders", "live")
+
+    def __init__(self, first: Order) -> None:
+        self.orders: list[Order] = [first]
+        self.live = 1
 
 
 def leave_account(order: Order) -> None:

@@ -758,7 +758,14 @@ class Exchange:
                 f"{account}: the client order id index holds an order that left the book"
             with_ids = [o.client_order_id for o in mine if o.client_order_id is not None]
             assert set(with_ids) == set(index), f"{account}: the client order id index misses a resting order"
-            assert holder.shared_ids == len(with_ids) - len(index), f"{account}: shared client order ids miscounted"
+            shared = holder.shared or {}
+            for coid, entry in shared.items():
+                live = [o for o in entry.orders if o.acct_orders is holder]
+                assert entry.live == len({o.id for o in live}) > 1, f"{account}: shared id {coid!r} miscounted"
+                assert all(o.client_order_id == coid for o in live), f"{account}: shared id {coid!r}"
+                assert index[coid] is live[-1], f"{account}: {coid!r} is not its latest holder's"
+            assert sum(entry.live - 1 for entry in shared.values()) == len(with_ids) - len(index), \
+                f"{account}: shared client order ids miscounted"
         assert len(listed) == len(self.orders), "an account's order list misses a resting order"
         for order in self.orders.values():
             ms = self.markets[order.market]

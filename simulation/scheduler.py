@@ -47,7 +47,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 
 from exchange.markets import InvalidValue, MarketConfig
-from exchange.types import ExecType
+from exchange.types import ExecType, RejectReason
 from simulation.budget import Wallet, buy_commit
 from simulation.gateway import Gateway, GatewayConnectionError, GatewayError
 
@@ -553,11 +553,9 @@ class SlotProcessor:
         if slot.status != IN_PROGRESS or slot.order_id is not None:
             return
         try:
-            mine = await self.gateways[slot.account].open_orders(slot.market)
-            coid = f"{run.id}-{slot.index}"[:64]
-            found = next((o for o in mine if o.client_order_id == coid), None)
+            found = await self._resting(slot)
             if found is not None:
-                slot.order_id = found.order_id  # the loop counts it done, and never resends it
+                slot.order_id = found  # the loop counts it done, and never resends it
                 return
             maker = _maker_before(run, run.position)
             if maker is None or maker.order_id is None:
@@ -644,6 +642,16 @@ class SlotProcessor:
             raise SlotFailed(exc.code) from None
         if rep.exec_type is ExecType.REJECTED:
             wallet.release(asset, commit)
+            if rep.reason is RejectReason.DUPLICATE_CLIENT_ORDER_ID and slot.role == "maker":
+                # Sent before, and resting: an interrupted run whose resume could not ask the
+                # exchange (``_find_in_flight``). Taken as this slot's order, not sent twice.
+                try:
+                    found = await self._resting(slot)
+                except GatewayError:
+                    found = None
+                if found is not None:
+                    slot.order_id = found
+                    return
             raise SlotFailed(rep.reason.value if rep.reason else "rejected")
         wallet.track(rep, asset, commit)
         slot.order_id = rep.order_id
@@ -655,6 +663,13 @@ class SlotProcessor:
             if t_filled < spec.qty_lots(slot.qty):
                 slot.order_id = None  # the IOC rest expired: nothing to cancel, may retry
                 raise SlotFailed("not_filled")
+
+    async def _resting(self, slot: Slot) -> int | None:
+        """The order id resting under the slot's client order id, if any (``GatewayError``
+        when the exchange cannot be asked)."""
+        coid = f"{self.run.id}-{slot.index}"[:64]
+        mine = await self.gateways[slot.account].open_orders(slot.market)
+        return next((o.order_id for o in mine if o.client_order_id == coid), None)
 
     async def _filled(self, slot: Slot) -> int:
         """Lots the slot's IOC order filled, once its final report has arrived."""

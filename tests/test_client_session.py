@@ -215,6 +215,22 @@ def test_sync_open_orders_adds_unknown_and_reports_stale(tmp_path: Path) -> None
     assert added is not None and added["status"] == "NEW" and added["qty"] == "3.0000"
 
 
+def test_a_duplicate_client_id_rejection_is_not_the_open_order_it_collided_with(tmp_path: Path) -> None:
+    desk = WireDesk()
+    history = SessionManager("alice", tmp_path)
+    [placed] = desk.order("alice", "buy", "1", "50.00", coid="k1")
+    history.apply(placed)
+    refused = {**placed, "exec_type": "rejected", "order_id": None, "status": "rejected", "price": "49.00",
+               "ts": placed["ts"] + 1, "reason": "duplicate_client_order_id", "message": "in use"}
+    history.apply(refused)
+    record = history.get(placed["order_id"])
+    assert record is not None and (record["status"], record["price"]) == ("NEW", "50.00")
+    assert [r["status"] for r in history.recent()] == ["NEW", "REJECTED"]
+    [filled] = [r for r in desk.order("bob", "sell", "1", "50.00", report_to="alice") if r.get("exec_type") == "trade"]
+    history.apply(filled)
+    assert history.get(placed["order_id"])["status"] == "FILLED"  # type: ignore[index]
+
+
 def test_settle_takes_only_the_same_orders_final_state(tmp_path: Path) -> None:
     desk = WireDesk()
     history = SessionManager("alice", tmp_path)

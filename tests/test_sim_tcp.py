@@ -441,6 +441,40 @@ async def test_a_scheduled_tcp_run_summarises_the_budgets_the_exchange_holds(
             account, asset)
 
 
+async def test_a_scheduled_maker_found_resting_under_its_client_id_is_taken_not_sent_twice(
+    engine: tuple[str, int, Path, asyncio.subprocess.Process], tmp_path: Path,
+) -> None:
+    """Over TCP the exchange refuses a second open order under one client order id: a maker
+    slot whose order already rests (sent before an interruption the resume could not check)
+    takes that order as its own, and its pair trades with it."""
+    from exchange.markets import default_config
+    from simulation.gateway import Gateway
+    from simulation.scheduler import COMPLETED, RunStore, ScheduleConfig, SlotProcessor, new_run
+    from simulation.tcp import TcpGateway
+
+    host, port, _, _ = engine
+    config = default_config()
+    sched = ScheduleConfig.from_dict({"accounts": ["sched-a", "sched-b"], "markets": ["BTC-USD"],
+                                      "trades_per_account": 1})
+    run = new_run(sched, config)
+    gateways: dict[str, Gateway] = {
+        a: await asyncio.wait_for(TcpGateway.connect(host, port, a, config), T) for a in sched.accounts}
+    try:
+        maker = run.slots[0]
+        assert maker.role == "maker"
+        first = await asyncio.wait_for(gateways[maker.account].place(
+            maker.market, maker.side, maker.qty, maker.price, tif=maker.tif,
+            client_order_id=f"{run.id}-0"), T)
+        await asyncio.wait_for(SlotProcessor(run, gateways, RunStore(tmp_path / "runs"), config).execute(), 30)
+        assert run.status == "completed" and all(s.status == COMPLETED for s in run.slots), run.slots
+        assert run.slots[0].order_id == first.order_id
+        for gw in gateways.values():
+            assert await asyncio.wait_for(gw.open_orders(None), T) == []  # nothing left resting
+    finally:
+        for gw in gateways.values():
+            await gw.close()
+
+
 async def test_when_the_exchange_goes_away_the_report_says_so_in_one_line(
     engine: tuple[str, int, Path, asyncio.subprocess.Process], tmp_path: Path,
 ) -> None:
