@@ -96,6 +96,11 @@ class ShowOrders:
 
 
 @dataclass(frozen=True)
+class ShowStatus:
+    order_id: int
+
+
+@dataclass(frozen=True)
 class ShowBalance:
     pass
 
@@ -157,7 +162,7 @@ class Invalid:
 
 
 Action = Union[
-    Place, Cancel, Modify, ShowOrders, ShowBalance, ShowBook, ShowTrades, ShowMarkets,
+    Place, Cancel, Modify, ShowOrders, ShowStatus, ShowBalance, ShowBook, ShowTrades, ShowMarkets,
     SwitchMarket, ShowHistory, Deposit, GuidedOrder, Help, Quit, Nothing, Invalid,
 ]
 
@@ -172,6 +177,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "modify": ("modify ORDER_ID [qty QTY] [price PRICE]",
                "change an open order's total quantity and/or price"),
     "orders": ("orders", "your open orders, all markets"),
+    "status": ("status ORDER_ID", "one order as the exchange has it now: open, or how it ended"),
     "balance": ("balance", "your balances: available and locked"),
     "book": ("book [DEPTH]", "the order book of the current market (asks above bids; between them the spread and the last trade, or the band's reference price)"),
     "trades": ("trades [N]", "recent trades in the current market"),
@@ -277,6 +283,11 @@ def parse_command(line: str) -> Action:
         return Cancel(oid)
     if name == "modify":
         return _parse_modify(args)
+    if name == "status":
+        oid = _order_id(args[0]) if len(args) == 1 else None
+        if oid is None:
+            return Invalid(f"{usage('status')}   (e.g. status 17)")
+        return ShowStatus(oid)
     if name == "deposit":
         if len(args) != 2:
             return Invalid(f"{usage('deposit')}   (e.g. deposit USD 1000)")
@@ -618,6 +629,11 @@ class CommandCompleter(Completer):
                 (str(r["order_id"]), f"{r.get('side')} {r.get('qty')} {r.get('market')} @ {r.get('price')}")
                 for r in app.open_records() if r.get("order_id") is not None
             ]
+        if name == "status" and n == 1:
+            return [
+                (str(r["order_id"]), f"{r.get('side')} {r.get('qty')} {r.get('market')} @ {r.get('price')}")
+                for r in reversed(app.history.recent(20)) if r.get("order_id") is not None
+            ]
         if name == "modify" and n >= 2 and n % 2 == 0:
             return [("qty", "new total quantity"), ("price", "new price")]
         if name in ("buy", "sell") and n == 2:
@@ -940,6 +956,8 @@ class TerminalApp:
                 self.error(f"cannot modify order {action.order_id}: {exc.message} ({exc.code})")
         elif isinstance(action, ShowOrders):
             await self.show_orders()
+        elif isinstance(action, ShowStatus):
+            await self.show_status(action.order_id)
         elif isinstance(action, ShowBalance):
             await self.show_balance()
         elif isinstance(action, ShowBook):
@@ -985,13 +1003,36 @@ class TerminalApp:
         if not orders:
             self.say("no open orders.")
             return
+        self._order_table(orders, "placed")
+
+    def _order_table(self, orders: list[dict[str, Any]], when: str) -> None:
         rows = [[o.get("order_id"), o.get("market"), o.get("side"), o.get("order_type"),
                  str(o.get("tif")) + (" post" if o.get("post_only") else ""), o.get("price") or "market",
                  o.get("qty"), o.get("filled_qty"), o.get("remaining_qty"),
                  str(o.get("status", "")).upper(), clock(o.get("ts"))] for o in orders]
         self.say(table(["id", "market", "side", "type", "tif", "price", "qty", "filled", "remaining",
-                        "status", "placed"], rows, [_side_style(o.get("side")) for o in orders],
+                        "status", when], rows, [_side_style(o.get("side")) for o in orders],
                        [True, False, False, False, False, True, True, True, True, False, False]))
+
+    async def show_status(self, order_id: int) -> None:
+        try:
+            status = await self.client.order_status(order_id)
+        except ExchangeConnectionError:
+            raise
+        except ExchangeError as exc:
+            if exc.code == "unknown_order":
+                self.error(f"order {order_id} is not one of yours at the exchange: not open, and "
+                           "not among the orders finished since it started ('history' shows "
+                           "this computer's record)")
+            else:
+                self.error(f"cannot ask about order {order_id}: {exc.message}")
+            return
+        final = status.get("status") not in ("new", "partially_filled")
+        self._order_table([status], "ended" if final else "placed")
+        record = self.history.get(order_id)
+        if final and record is not None and self.history.settle(record, status):
+            self.say(("class:dim", f"order {order_id} recorded as {str(status.get('status')).upper()} "
+                                   "in your history"))
 
     async def show_balance(self) -> None:
         balances = await self.client.balances()

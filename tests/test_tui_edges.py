@@ -136,6 +136,24 @@ async def test_orders_that_ended_while_away_are_settled_from_the_exchange(server
     assert records[forgotten]["status"] == "NEW"
 
 
+async def test_status_shows_an_order_as_the_exchange_has_it_and_records_how_it_ended(server, connect, tmp_path: Path) -> None:
+    data_dir = tmp_path / "client"
+    bob = await connect("bob")
+    async with Terminal(server, "alice", data_dir) as term:
+        oid = int((await term.type("buy 2 @ 90", r"NEW order (\d+) accepted")).group(1))
+        await term.type(f"status {oid}", rf"{oid}\s+BTC-USD\s+buy .*NEW\s")
+        other = await connect("alice")  # a second session: its cancel reaches this one as a report
+        await bob.sell("BTC-USD", "0.5", "90.00")
+        await term.screen.wait_for(r"FILL order", after=term.mark)
+        await term.type(f"status {oid}", rf"{oid}\s+BTC-USD\s+buy .*0\.5000\s+1\.5000\s+PARTIALLY_FILLED")
+        await other.cancel(oid)
+        await term.type(f"status {oid}", rf"{oid}\s+BTC-USD .*CANCELED")
+        await term.type("status 999999", r"order 999999 is not one of yours at the exchange")
+        await term.assert_still_usable()
+    records = {r["order_id"]: r for r in _records(data_dir, "alice")}
+    assert records[oid]["status"] == "CANCELED"
+
+
 async def test_book_shows_the_last_trade_or_the_reference_price_between_the_sides(server, connect, tmp_path: Path) -> None:
     bob = await connect("bob")
     async with Terminal(server, "alice", tmp_path / "client") as term:
