@@ -464,14 +464,20 @@ class SessionManager:
     def settle(self, record: dict[str, Any], status: dict[str, Any]) -> bool:
         """Record how an order that ended while this client was away ended, from the
         exchange's ``order_status`` reply; False (nothing changed) unless the reply is that
-        order's final state: same market, side and client order id, not older than it."""
+        order's final state: same order id, market, side and client order id, not older.
+
+        The client order id must be there: an exchange restarted without its snapshot
+        numbers orders from 1 again, and a finished order's reply does not say when it
+        arrived, so an order id alone could name another order (the terminal client gives
+        every order a client id unique to its run)."""
         final = STATUSES.get(status.get("status"))  # type: ignore[arg-type]
         if final not in FINAL or record.get("status") in FINAL:
             return False
         if (status.get("order_id"), status.get("market"), status.get("side")) != (
                 record.get("order_id"), record.get("market"), record.get("side")):
             return False
-        if status.get("client_order_id") != record.get("client_order_id"):
+        coid = record.get("client_order_id")
+        if not isinstance(coid, str) or status.get("client_order_id") != coid:
             return False
         ts, created = status.get("ts"), record.get("created_ts")
         if type(ts) is int and type(created) is int and ts < created:

@@ -1271,26 +1271,44 @@ class ClientOptions:
 
 
 STATUS_QUERIES = 200  # orders that ended while away asked about at start-up, at most
+RATE_LIMIT_PAUSE = 1.0  # seconds: a token bucket refills at its rate per second
 
 
 async def _ask_how_they_ended(
     client: ExchangeClient, history: SessionManager, gone: list[dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Of the orders the history calls open but the exchange no longer lists, record how
-    those it still remembers ended (``order_status``); returns (still unknown, settled)."""
+    those it still remembers ended (``order_status``); returns (still unknown, settled).
+
+    The history is saved once at the end, not per order. Against a rate limit the questions
+    stop at the first refusal, and the client waits for the allowance to come back, so that
+    its subscriptions right after are not refused too."""
     unknown, settled = [], []
-    for record in gone[:STATUS_QUERIES]:
-        oid = record.get("order_id")
-        try:
-            reply = await client.order_status(oid) if type(oid) is int else None
-        except ExchangeConnectionError:
-            raise
-        except ExchangeError:  # forgotten (a restart, or long ago), or an exchange without the op
-            reply = None
-        if reply is not None and history.settle(record, reply):
-            settled.append(record)
-        else:
-            unknown.append(record)
+    autosave, history.autosave = history.autosave, False
+    try:
+        for i, record in enumerate(gone[:STATUS_QUERIES]):
+            oid = record.get("order_id")
+            if type(oid) is not int or not isinstance(record.get("client_order_id"), str):
+                unknown.append(record)  # not ours to settle (see SessionManager.settle)
+                continue
+            try:
+                reply = await client.order_status(oid)
+            except ExchangeConnectionError:
+                raise
+            except ExchangeError as exc:
+                if exc.code == "rate_limited":
+                    unknown.extend(gone[i:STATUS_QUERIES])
+                    await asyncio.sleep(RATE_LIMIT_PAUSE)
+                    break
+                reply = None  # forgotten (a restart, or long ago), or an exchange without the op
+            if reply is not None and history.settle(record, reply):
+                settled.append(record)
+            else:
+                unknown.append(record)
+    finally:
+        history.autosave = autosave
+    if settled and autosave:
+        history.save()
     return unknown + gone[STATUS_QUERIES:], settled
 
 

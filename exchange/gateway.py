@@ -55,7 +55,6 @@ from exchange.protocol import (
     error_message,
     funding_command,
     modify_command,
-    no_such_client_order,
     order_command,
     order_ref,
     queue_position_ref,
@@ -98,9 +97,11 @@ class CommandJournal(Protocol):
 
 
 _REJECTED: Final = ExecType.REJECTED
-# Finished orders ``order_status`` still answers for, the most recent first to stay: about
-# 30 MB at most. Kept in memory since start-up only (docs/protocol.md).
+# Finished orders ``order_status`` still answers for, the most recent first to stay: the
+# last FINISHED_PER_USER of each user (so one busy account cannot push out everyone else's),
+# FINISHED_KEPT in all (35-50 MB). Kept in memory since start-up only (docs/protocol.md).
 FINISHED_KEPT: Final = 100_000
+FINISHED_PER_USER: Final = 1_000
 _FILLED: Final = OrderStatus.FILLED
 _CANCELED: Final = OrderStatus.CANCELED
 _EXPIRED: Final = OrderStatus.EXPIRED
@@ -303,8 +304,10 @@ class Gateway:
         # The last report of each recently finished order, by order id, oldest first, and the
         # latest by (user, client order id): what ``order_status`` answers once it is gone.
         self.finished_kept = FINISHED_KEPT
+        self.finished_per_user = FINISHED_PER_USER
         self.finished: dict[int, ExecReport] = {}
-        self._finished_ids: deque[int] = deque()
+        self._finished_ids: deque[int] = deque()  # all users, oldest first (may hold forgotten ids)
+        self._finished_per_user: dict[str, deque[int]] = {}
         self._finished_by_client_id: dict[tuple[str, str], ExecReport] = {}
         self._ops: dict[str, Callable[[Session, dict[str, Any], Any], None]] = {
             "login": self.op_login,
@@ -496,15 +499,27 @@ class Gateway:
             return
         self.finished[oid] = ev
         self._finished_ids.append(oid)
+        mine = self._finished_per_user.get(ev.account)
+        if mine is None:
+            mine = self._finished_per_user[ev.account] = deque()
+        mine.append(oid)
         coid = ev.client_order_id
         if coid is not None:
             self._finished_by_client_id[(ev.account, coid)] = ev
-        while len(self._finished_ids) > self.finished_kept:
-            old = self.finished.pop(self._finished_ids.popleft(), None)
-            if old is not None and old.client_order_id is not None:
-                key = (old.account, old.client_order_id)
-                if self._finished_by_client_id.get(key) is old:
-                    del self._finished_by_client_id[key]
+        if len(mine) > self.finished_per_user:
+            self._forget(mine.popleft())
+        everyone = self._finished_ids
+        while len(self.finished) > self.finished_kept and everyone:
+            self._forget(everyone.popleft())
+        if len(everyone) > 2 * len(self.finished) + 1024:  # ids a user's own limit forgot
+            self._finished_ids = deque(i for i in everyone if i in self.finished)
+
+    def _forget(self, oid: int) -> None:
+        old = self.finished.pop(oid, None)
+        if old is not None and old.client_order_id is not None:
+            key = (old.account, old.client_order_id)
+            if self._finished_by_client_id.get(key) is old:
+                del self._finished_by_client_id[key]
 
     # -- requests -------------------------------------------------------------------
 
@@ -712,7 +727,8 @@ class Gateway:
         elif done is not None and done.account == user:
             entry = self.fmt.finished_order(done)
         elif coid is not None:
-            raise no_such_client_order(coid)
+            raise ProtocolError(ErrorCode.UNKNOWN_ORDER, "no order of this account has this client_order_id "
+                                "(open, or finished since the exchange started)", client_order_id=coid)
         else:
             raise ProtocolError(ErrorCode.UNKNOWN_ORDER, "no such order of this account (open, or "
                                 "finished since the exchange started)", order_id=oid)

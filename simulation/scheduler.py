@@ -665,11 +665,14 @@ class SlotProcessor:
                 raise SlotFailed("not_filled")
 
     async def _resting(self, slot: Slot) -> int | None:
-        """The order id resting under the slot's client order id, if any (``GatewayError``
-        when the exchange cannot be asked)."""
+        """The id of the slot's order resting at the exchange (its client order id, side,
+        price and quantity), if any; ``GatewayError`` when the exchange cannot be asked."""
         coid = f"{self.run.id}-{slot.index}"[:64]
+        spec = self.config.markets[slot.market]
+        price, qty = spec.price_ticks(slot.price), spec.qty_lots(slot.qty)
         mine = await self.gateways[slot.account].open_orders(slot.market)
-        return next((o.order_id for o in mine if o.client_order_id == coid), None)
+        return next((o.order_id for o in mine if o.client_order_id == coid and o.side == slot.side
+                     and o.price == price and o.qty == qty), None)
 
     async def _filled(self, slot: Slot) -> int:
         """Lots the slot's IOC order filled, once its final report has arrived."""

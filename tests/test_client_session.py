@@ -244,6 +244,10 @@ def test_settle_takes_only_the_same_orders_final_state(tmp_path: Path) -> None:
                   {"client_order_id": None}, {"order_id": placed["order_id"] + 1}, {"ts": placed["ts"] - 1}):
         assert not history.settle(record, {**final, **other}), other
         assert record["status"] == "NEW"
+    anonymous = history.apply(desk.order("alice", "buy", "1", "40.00")[0])
+    assert anonymous is not None
+    [gone] = desk.cancel("alice", anonymous["order_id"])
+    assert not history.settle(anonymous, gone)  # no client id: an id alone may name another order
     assert history.settle(record, final)
     stored_again = SessionManager("alice", tmp_path).get(placed["order_id"])
     assert stored_again is not None and stored_again["status"] == "CANCELED"

@@ -1245,6 +1245,36 @@ async def test_order_status_forgets_the_oldest_finished_orders_beyond_its_bound(
     assert len(server.gateway.finished) == 2
 
 
+async def test_one_busy_account_cannot_push_out_the_others_finished_orders(server, connect) -> None:
+    server.gateway.finished_per_user = 3
+    server.gateway.finished_kept = 10
+    alice = await w(connect("alice"))
+    bob = await w(connect("bob"))
+    mine = await w(alice.buy(BTC, "1", "90.00", client_order_id="keep"))
+    await w(alice.cancel(mine["order_id"]))
+    bobs = []
+    for _ in range(8):  # bob's own limit keeps only his last three
+        placed = await w(bob.buy(BTC, "1", "80.00", tif="ioc"))
+        bobs.append(placed["order_id"])
+    await settle(bob)
+    assert (await w(alice.order_status(client_order_id="keep")))["status"] == "canceled"
+    with pytest.raises(ExchangeError) as err:
+        await w(bob.order_status(bobs[0]))
+    assert err.value.code == "unknown_order"
+    assert (await w(bob.order_status(bobs[-1])))["status"] == "expired"
+    assert len(server.gateway.finished) == 4
+    # Past the overall bound, the oldest go, whoever they belong to.
+    for user in ("carol", "dave", "erin"):
+        other = await w(connect(user))
+        for _ in range(3):
+            await w(other.buy(BTC, "1", "80.00", tif="ioc"))
+        await settle(other)
+    assert len(server.gateway.finished) == 10
+    with pytest.raises(ExchangeError) as err:
+        await w(alice.order_status(client_order_id="keep"))
+    assert "finished since the exchange started" in err.value.message
+
+
 async def test_modify_replaces_in_place_and_a_rejection_changes_nothing(connect) -> None:
     alice = await w(connect("alice"))
     bob = await w(connect("bob"))

@@ -136,6 +136,31 @@ async def test_orders_that_ended_while_away_are_settled_from_the_exchange(server
     assert records[forgotten]["status"] == "NEW"
 
 
+async def test_settling_at_start_up_stops_at_the_rate_limit_and_keeps_live_prices(server, connect, tmp_path: Path) -> None:
+    """Against --rate-limit 10, thirty orders cancelled while away: the client asks until it
+    is refused, waits for its allowance, and still subscribes to the market's prices; the
+    orders it could not ask about stay as they were, named in the warning."""
+    data_dir = tmp_path / "client"
+    async with Terminal(server, "alice", data_dir) as term:
+        for n in range(30):
+            await term.type(f"buy 1 @ {60 + n}", r"NEW order \d+ accepted")
+        await term.type("quit", r"bye\.")
+    other = await connect("alice")
+    for order in await other.orders():
+        await other.cancel(order["order_id"])
+    server.gateway.options.rate_limit = 10
+    bob = await connect("bob")
+    async with Terminal(server, "alice", data_dir) as term:
+        await term.screen.wait_for(r"While this client was away: order \d+ canceled")
+        await term.screen.wait_for(r"are open in your history but no longer at the exchange")
+        await asyncio.sleep(1.0)
+        await bob.sell("BTC-USD", "1", "95.00")  # a live price the subscription must show
+        await term.type("book", r"95\.00")
+        assert "no live prices" not in term.screen.text
+    statuses = [r["status"] for r in _records(data_dir, "alice")]
+    assert 0 < statuses.count("CANCELED") < 30 and statuses.count("CANCELED") + statuses.count("NEW") == 30
+
+
 async def test_status_shows_an_order_as_the_exchange_has_it_and_records_how_it_ended(server, connect, tmp_path: Path) -> None:
     data_dir = tmp_path / "client"
     bob = await connect("bob")
