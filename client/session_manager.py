@@ -67,7 +67,10 @@ STATUSES = {
     "expired": "EXPIRED",
     "rejected": "REJECTED",
 }
-FINAL = frozenset({"FILLED", "CANCELED", "EXPIRED", "REJECTED"})
+# GONE: no longer at the exchange, which could not say how it ended (it forgets finished
+# orders when it restarts); the exchange's audit log has the story.
+GONE = "GONE"
+FINAL = frozenset({"FILLED", "CANCELED", "EXPIRED", "REJECTED", GONE})
 OPEN = frozenset({"NEW", "PARTIALLY_FILLED"})
 
 
@@ -429,13 +432,12 @@ class SessionManager:
         end was never reported to this client, so their status is left alone for the
         caller to mention rather than guessed.
         """
-        listed = set()
+        listed: set[int] = set()  # the records (by identity) of the orders listed
         changed = False
         for order in open_orders:
             oid = order.get("order_id")
             if type(oid) is not int:
                 continue
-            listed.add(oid)
             status = STATUSES.get(order.get("status"))  # type: ignore[arg-type]
             if status is None:
                 continue
@@ -457,19 +459,22 @@ class SessionManager:
                 self._update(record, {**order, "ts": None}, status)
                 record.update(kept)
                 changed = True
+            listed.add(id(record))
         if changed and self.autosave:
             self.save()
-        return [r for r in self.orders if r.get("status") in OPEN and r.get("order_id") not in listed]
+        # By record, not by order id: after an exchange restart without its snapshot, an old
+        # record can carry the id of a new order the exchange lists.
+        return [r for r in self.orders if r.get("status") in OPEN and id(r) not in listed]
 
     def settle(self, record: dict[str, Any], status: dict[str, Any]) -> bool:
         """Record how an order that ended while this client was away ended, from the
         exchange's ``order_status`` reply; False (nothing changed) unless the reply is that
         order's final state: same order id, market, side and client order id, not older.
 
-        The client order id must be there: an exchange restarted without its snapshot
-        numbers orders from 1 again, and a finished order's reply does not say when it
-        arrived, so an order id alone could name another order (the terminal client gives
-        every order a client id unique to its run)."""
+        An exchange restarted without its snapshot numbers orders from 1 again, and a
+        finished order's reply does not say when it arrived, so an order id alone could
+        name another order: the client order id must match (the terminal client gives every
+        order one unique to its run), or, for an order without one, the price and size."""
         final = STATUSES.get(status.get("status"))  # type: ignore[arg-type]
         if final not in FINAL or record.get("status") in FINAL:
             return False
@@ -477,8 +482,10 @@ class SessionManager:
                 record.get("order_id"), record.get("market"), record.get("side")):
             return False
         coid = record.get("client_order_id")
-        if not isinstance(coid, str) or status.get("client_order_id") != coid:
+        if status.get("client_order_id") != coid:
             return False
+        if coid is None and (status.get("price"), status.get("qty")) != (record.get("price"), record.get("qty")):
+            return False  # no client id: at least the same price and size
         ts, created = status.get("ts"), record.get("created_ts")
         if type(ts) is int and type(created) is int and ts < created:
             return False
@@ -486,6 +493,20 @@ class SessionManager:
         if self.autosave:
             self.save()
         return True
+
+    def mark_gone(self, records: list[dict[str, Any]]) -> None:
+        """These orders are no longer at the exchange, which cannot say how they ended:
+        final as ``GONE``, so that they stop counting as open (their times are kept: a
+        terminal that saw how they ended still wins when the files are merged)."""
+        changed = False
+        for record in records:
+            if record.get("status") in OPEN:
+                record["status"] = GONE
+                record["message"] = ("no longer at the exchange, which did not say how it ended; "
+                                     "the exchange's audit log has it")
+                changed = True
+        if changed and self.autosave:
+            self.save()
 
     # -- queries --------------------------------------------------------------------------
 

@@ -672,6 +672,7 @@ class TerminalApp:
         funded: bool = False,
         stale: list[dict[str, Any]] | None = None,
         settled: list[dict[str, Any]] | None = None,
+        gone: list[dict[str, Any]] | None = None,
         refresh_interval: float = 0.5,
     ) -> None:
         self.client = client
@@ -690,6 +691,7 @@ class TerminalApp:
         self._funded = funded
         self._stale = stale or []
         self._settled = settled or []
+        self._gone = gone or []
         self._refresh_interval = refresh_interval
         self._coids = itertools.count(1)
         # Unique per client run (two terminals of a user share the history file, which
@@ -830,13 +832,19 @@ class TerminalApp:
         self.say(("class:dim", f"Order history: {self.history.path} ({len(self.history)} orders, {n_open} open)"))
         if self._settled:
             ended = ", ".join(f"{r.get('order_id')} {str(r.get('status')).lower()}" for r in self._settled[:10])
-            more = "..." if len(self._settled) > 10 else ""
+            more = f"... ({len(self._settled)} in all)" if len(self._settled) > 10 else ""
             self.say(f"While this client was away: order {ended}{more}")
+        if self._gone:
+            ids = ", ".join(str(r.get("order_id")) for r in self._gone[:10])
+            more = f"... ({len(self._gone)} in all)" if len(self._gone) > 10 else ""
+            self.warn(f"orders {ids}{more} ended while this client was away, and the exchange no "
+                      "longer knows how (it forgets finished orders when it restarts): marked GONE "
+                      "in your history; the exchange's audit log has their story")
         if self._stale:
             ids = ", ".join(str(r.get("order_id")) for r in self._stale[:10])
-            more = "..." if len(self._stale) > 10 else ""
+            more = f"... ({len(self._stale)} in all)" if len(self._stale) > 10 else ""
             self.warn(f"orders {ids}{more} are open in your history but no longer at the exchange; "
-                      "how they ended was not reported to this client")
+                      "how they ended is asked at the next start")
 
     async def _repl(self) -> int:
         assert self._prompt is not None
@@ -1044,8 +1052,8 @@ class TerminalApp:
         while this client was away): they are not ours to tag in the book or to offer."""
         if not self._stale:
             return self.history.open_orders()
-        gone = {r.get("order_id") for r in self._stale}
-        return [r for r in self.history.open_orders() if r.get("order_id") not in gone]
+        gone = {id(r) for r in self._stale}  # by record: an old record may share a new order's id
+        return [r for r in self.history.open_orders() if id(r) not in gone]
 
     async def show_book(self, depth: int) -> None:
         book = await self.client.book(self.market, depth=depth)
@@ -1276,40 +1284,45 @@ RATE_LIMIT_PAUSE = 1.0  # seconds: a token bucket refills at its rate per second
 
 async def _ask_how_they_ended(
     client: ExchangeClient, history: SessionManager, gone: list[dict[str, Any]],
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """Of the orders the history calls open but the exchange no longer lists, record how
-    those it still remembers ended (``order_status``); returns (still unknown, settled).
+    those it still remembers ended (``order_status``), and mark those it does not as
+    ``GONE``; returns (not asked, settled, gone).
 
     The history is saved once at the end, not per order. Against a rate limit the questions
     stop at the first refusal, and the client waits for the allowance to come back, so that
-    its subscriptions right after are not refused too."""
-    unknown, settled = [], []
+    its subscriptions right after are not refused too; the rest are asked at the next start."""
+    unknown: list[dict[str, Any]] = []
+    settled: list[dict[str, Any]] = []
+    not_asked = gone[STATUS_QUERIES:]
     autosave, history.autosave = history.autosave, False
     try:
         for i, record in enumerate(gone[:STATUS_QUERIES]):
             oid = record.get("order_id")
-            if type(oid) is not int or not isinstance(record.get("client_order_id"), str):
-                unknown.append(record)  # not ours to settle (see SessionManager.settle)
-                continue
-            try:
-                reply = await client.order_status(oid)
-            except ExchangeConnectionError:
-                raise
-            except ExchangeError as exc:
-                if exc.code == "rate_limited":
-                    unknown.extend(gone[i:STATUS_QUERIES])
-                    await asyncio.sleep(RATE_LIMIT_PAUSE)
-                    break
-                reply = None  # forgotten (a restart, or long ago), or an exchange without the op
+            reply = None
+            if type(oid) is int:
+                try:
+                    reply = await client.order_status(oid)
+                except ExchangeConnectionError:
+                    raise
+                except ExchangeError as exc:
+                    if exc.code == "rate_limited":
+                        not_asked = gone[i:]
+                        await asyncio.sleep(RATE_LIMIT_PAUSE)
+                        break
+                    if exc.code == "unknown_op":  # an exchange without the query: ask nothing
+                        not_asked = gone[i:]
+                        break
             if reply is not None and history.settle(record, reply):
                 settled.append(record)
             else:
                 unknown.append(record)
+        history.mark_gone(unknown)
     finally:
         history.autosave = autosave
-    if settled and autosave:
+    if (settled or unknown) and autosave:
         history.save()
-    return unknown + gone[STATUS_QUERIES:], settled
+    return not_asked, settled, unknown
 
 
 def _fail(message: str) -> None:
@@ -1340,7 +1353,8 @@ async def run_client(options: ClientOptions, input: Input | None = None, output:
             except SessionError as exc:
                 _fail(f"cannot use the order history: {exc}")
                 return EXIT_CONNECTION
-            stale, settled = await _ask_how_they_ended(client, history, history.sync_open_orders(await client.orders()))
+            stale, settled, gone = await _ask_how_they_ended(
+                client, history, history.sync_open_orders(await client.orders()))
         except ExchangeConnectionError as exc:
             _fail(f"lost the connection to the exchange at {where} while starting: {exc.message}")
             return EXIT_CONNECTION
@@ -1356,7 +1370,7 @@ async def run_client(options: ClientOptions, input: Input | None = None, output:
             return EXIT_CONNECTION
         app = TerminalApp(
             client, options.user, options.market, markets, history, options.data_dir,
-            input=input, output=output, funded=bool(reply.get("funded")), stale=stale, settled=settled,
+            input=input, output=output, funded=bool(reply.get("funded")), stale=stale, settled=settled, gone=gone,
             refresh_interval=refresh_interval,
         )
         return await app.run()

@@ -231,6 +231,25 @@ def test_a_duplicate_client_id_rejection_is_not_the_open_order_it_collided_with(
     assert history.get(placed["order_id"])["status"] == "FILLED"  # type: ignore[index]
 
 
+def test_an_old_open_record_whose_id_a_restarted_exchange_reused_is_stale(tmp_path: Path) -> None:
+    """The exchange restarted with a fresh data directory and numbers orders from 1 again:
+    the old record of order 1 is not the new order 1 the exchange lists."""
+    first = WireDesk()
+    history = SessionManager("alice", tmp_path)
+    [old] = first.order("alice", "buy", "1", "95.00", coid="tui-a-1")
+    history.apply(old)
+    second = WireDesk()
+    next(second.clock)  # a later arrival
+    [new] = second.order("alice", "buy", "0.1", "70.00", coid="tui-b-1")
+    assert new["order_id"] == old["order_id"]
+    history.apply(new)
+    listed = [orjson.loads(orjson.dumps(second.fmt.order(o))) for o in second.ex.open_orders("alice")]
+    stale = history.sync_open_orders(listed)
+    assert [(r["order_id"], r["price"]) for r in stale] == [(old["order_id"], "95.00")]
+    history.mark_gone(stale)
+    assert [(r["price"], r["status"]) for r in history.recent()] == [("95.00", "GONE"), ("70.00", "NEW")]
+
+
 def test_settle_takes_only_the_same_orders_final_state(tmp_path: Path) -> None:
     desk = WireDesk()
     history = SessionManager("alice", tmp_path)
@@ -244,10 +263,14 @@ def test_settle_takes_only_the_same_orders_final_state(tmp_path: Path) -> None:
                   {"client_order_id": None}, {"order_id": placed["order_id"] + 1}, {"ts": placed["ts"] - 1}):
         assert not history.settle(record, {**final, **other}), other
         assert record["status"] == "NEW"
+    # Without a client id, the price and size must match too: an id alone may name another
+    # order (an exchange restarted without its snapshot numbers orders from 1 again).
     anonymous = history.apply(desk.order("alice", "buy", "1", "40.00")[0])
     assert anonymous is not None
     [gone] = desk.cancel("alice", anonymous["order_id"])
-    assert not history.settle(anonymous, gone)  # no client id: an id alone may name another order
+    assert not history.settle(anonymous, {**gone, "price": "41.00"})
+    assert not history.settle(anonymous, {**gone, "qty": "2.0000"})
+    assert history.settle(anonymous, gone) and anonymous["status"] == "CANCELED"
     assert history.settle(record, final)
     stored_again = SessionManager("alice", tmp_path).get(placed["order_id"])
     assert stored_again is not None and stored_again["status"] == "CANCELED"

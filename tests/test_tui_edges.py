@@ -113,7 +113,7 @@ async def test_book_does_not_mark_a_level_as_yours_from_a_stale_history_record(s
 async def test_orders_that_ended_while_away_are_settled_from_the_exchange(server, connect, tmp_path: Path) -> None:
     """At start-up the client asks the exchange how the orders its history still calls open
     ended (``order_status``), records it and says so; an order the exchange no longer
-    remembers is named as unknown and left as it was."""
+    remembers is marked GONE, said once, and no longer counts as open."""
     data_dir = tmp_path / "client"
     server.gateway.finished_kept = 2  # the exchange remembers the last two orders that finished
     async with Terminal(server, "alice", data_dir) as term:
@@ -128,12 +128,17 @@ async def test_orders_that_ended_while_away_are_settled_from_the_exchange(server
     await other.cancel(canceled)
     async with Terminal(server, "alice", data_dir) as term:
         await term.screen.wait_for(rf"While this client was away: order {filled} filled, {canceled} canceled")
-        await term.screen.wait_for(rf"orders {forgotten} are open in your history but no longer at the exchange")
+        await term.screen.wait_for(rf"orders {forgotten} ended while this client was away, and the exchange no "
+                                   r"longer knows how")
         await term.type("orders", r"no open orders")
     records = {r["order_id"]: r for r in _records(data_dir, "alice")}
     assert (records[filled]["status"], records[filled]["filled"]) == ("FILLED", "1.0000")
     assert records[canceled]["status"] == "CANCELED"
-    assert records[forgotten]["status"] == "NEW"
+    assert records[forgotten]["status"] == "GONE"
+    async with Terminal(server, "alice", data_dir) as term:  # said once: nothing open is left to ask about
+        await term.screen.wait_for(r"Order history: .*\(3 orders, 0 open\)")
+        await term.type("history", rf"{forgotten}\s.*GONE")
+        assert "while this client was away" not in term.screen.text
 
 
 async def test_settling_at_start_up_stops_at_the_rate_limit_and_keeps_live_prices(server, connect, tmp_path: Path) -> None:
@@ -152,7 +157,8 @@ async def test_settling_at_start_up_stops_at_the_rate_limit_and_keeps_live_price
     bob = await connect("bob")
     async with Terminal(server, "alice", data_dir) as term:
         await term.screen.wait_for(r"While this client was away: order \d+ canceled")
-        await term.screen.wait_for(r"are open in your history but no longer at the exchange")
+        await term.screen.wait_for(r"are open in your history but no longer at the exchange; how they "
+                                   r"ended is asked at the next start")
         await asyncio.sleep(1.0)
         await bob.sell("BTC-USD", "1", "95.00")  # a live price the subscription must show
         await term.type("book", r"95\.00")
