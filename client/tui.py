@@ -205,7 +205,7 @@ MARKET_WORDS = ("market", "mkt")
 # ASCII digits only (``\d`` also matches ``２`` and ``٣``, which the exchange refuses), and
 # at least one digit after a point: what the exchange reads as a plain decimal.
 _NUMBER = re.compile(r"^(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)$")
-_ORDER_ID = re.compile(r"^#?([0-9]{1,18})$")
+_ORDER_ID = re.compile(r"^#?([0-9]{1,19})$")
 _COUNT = re.compile(r"^[0-9]{1,9}$")
 MAX_NUMBER_LENGTH = 40  # the exchange refuses longer decimal texts (exchange/markets.py)
 
@@ -230,8 +230,9 @@ def _positive(text: str) -> bool:
 
 
 def _order_id(text: str) -> int | None:
+    """An order id as the exchange takes it: a whole number that fits in 64 bits."""
     m = _ORDER_ID.match(text)
-    return int(m.group(1)) if m else None
+    return int(m.group(1)) if m and int(m.group(1)) < 1 << 63 else None
 
 
 class _CommandHistory(FileHistory):
