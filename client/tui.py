@@ -832,7 +832,7 @@ class TerminalApp:
         n_open = len(self.history.open_orders())
         self.say(("class:dim", f"Order history: {self.history.path} ({len(self.history)} orders, {n_open} open)"))
         if self._settled:
-            ended = ", ".join(f"{r.get('order_id')} {str(r.get('status')).lower()}" for r in self._settled[:10])
+            ended = ", ".join(f"{r.get('order_id')} {_how_it_ended(r)}" for r in self._settled[:10])
             more = f"... ({len(self._settled)} in all)" if len(self._settled) > 10 else ""
             self.say(f"While this client was away: order {ended}{more}")
         if self._gone:
@@ -1277,6 +1277,15 @@ class ClientOptions:
     data_dir: Path = Path("data")
     token: str | None = None
     timeout: float = 10.0
+
+
+def _how_it_ended(record: dict[str, Any]) -> str:
+    """``filled``, ``canceled``, or ``canceled (0.3000 of 1.0000 filled)``."""
+    status = str(record.get("status")).lower()
+    filled = record.get("filled")
+    if status != "filled" and isinstance(filled, str) and filled.strip("0.") != "":
+        return f"{status} ({filled} of {record.get('qty')} filled)"
+    return status
 
 
 STATUS_QUERIES = 200  # orders that ended while away asked about at start-up, at most

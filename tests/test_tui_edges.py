@@ -115,7 +115,7 @@ async def test_orders_that_ended_while_away_are_settled_from_the_exchange(server
     ended (``order_status``), records it and says so; an order the exchange no longer
     remembers is marked GONE, said once, and no longer counts as open."""
     data_dir = tmp_path / "client"
-    server.gateway.finished_kept = 2  # the exchange remembers the last two orders that finished
+    server.gateway.finished_kept = 4  # the exchange remembers the last four orders that finished
     async with Terminal(server, "alice", data_dir) as term:
         filled = int((await term.type("buy 1 @ 90", r"NEW order (\d+) accepted")).group(1))
         canceled = int((await term.type("buy 1 @ 80", r"NEW order (\d+) accepted")).group(1))
@@ -124,10 +124,12 @@ async def test_orders_that_ended_while_away_are_settled_from_the_exchange(server
     other = await connect("alice")
     await other.cancel(forgotten)
     bob = await connect("bob")
-    await bob.sell("BTC-USD", "1", "90.00")
-    await other.cancel(canceled)
+    await bob.sell("BTC-USD", "1", "90.00")  # two orders finish: Alice's and Bob's
+    await bob.sell("BTC-USD", "0.25", "80.00")  # Bob's finishes, Alice's is partly filled
+    await other.cancel(canceled)  # the fifth to finish: the first (forgotten) is forgotten
     async with Terminal(server, "alice", data_dir) as term:
-        await term.screen.wait_for(rf"While this client was away: order {filled} filled, {canceled} canceled")
+        await term.screen.wait_for(rf"While this client was away: order {filled} filled, {canceled} canceled "
+                                   r"\(0\.2500 of 1\.0000 filled\)")
         await term.screen.wait_for(rf"orders {forgotten} ended while this client was away, and the exchange no "
                                    r"longer knows how")
         await term.type("orders", r"no open orders")
