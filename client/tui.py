@@ -1304,7 +1304,8 @@ async def _ask_how_they_ended(
     its subscriptions right after are not refused too; the rest are asked at the next start."""
     unknown: list[dict[str, Any]] = []
     settled: list[dict[str, Any]] = []
-    not_asked = gone[STATUS_QUERIES:]
+    unanswered: list[dict[str, Any]] = []
+    rest = gone[STATUS_QUERIES:]
     autosave, history.autosave = history.autosave, False
     try:
         for i, record in enumerate(gone[:STATUS_QUERIES]):
@@ -1317,12 +1318,15 @@ async def _ask_how_they_ended(
                     raise
                 except ExchangeError as exc:
                     if exc.code == "rate_limited":
-                        not_asked = gone[i:]
+                        rest = gone[i:]
                         await asyncio.sleep(RATE_LIMIT_PAUSE)
                         break
                     if exc.code == "unknown_op":  # an exchange without the query: ask nothing
-                        not_asked = gone[i:]
+                        rest = gone[i:]
                         break
+                    if exc.code != "unknown_order":  # no answer about it: ask again next time
+                        unanswered.append(record)
+                        continue
             if reply is not None and history.settle(record, reply):
                 settled.append(record)
             else:
@@ -1332,7 +1336,7 @@ async def _ask_how_they_ended(
         history.autosave = autosave
     if (settled or unknown) and autosave:
         history.save()
-    return not_asked, settled, unknown
+    return unanswered + rest, settled, unknown
 
 
 def _fail(message: str) -> None:

@@ -277,6 +277,45 @@ def test_settle_takes_only_the_same_orders_final_state(tmp_path: Path) -> None:
     assert not history.settle(record, final)  # already final: nothing to do
 
 
+async def test_start_up_marks_gone_only_what_the_exchange_says_it_does_not_know(tmp_path: Path, monkeypatch) -> None:
+    """Only ``unknown_order`` (or an answer about another order) makes an order GONE; an
+    error says nothing about it, and a rate limit stops the questions: those are asked at
+    the next start."""
+    import client.tui as tui
+    from client.client import ExchangeError
+
+    desk = WireDesk()
+    history = SessionManager("alice", tmp_path)
+    placed = [desk.order("alice", "buy", "1", f"{50 + n}.00", coid=f"c{n}")[0] for n in range(5)]
+    for report in placed:
+        history.apply(report)
+    ended = {p["order_id"]: {k: v for k, v in desk.cancel("alice", p["order_id"])[0].items()
+                             if k not in ("type", "exec_type")} for p in placed}
+    answers: dict[int, Any] = {
+        placed[0]["order_id"]: ended[placed[0]["order_id"]],
+        placed[1]["order_id"]: "unknown_order",
+        placed[2]["order_id"]: "internal_error",
+        placed[3]["order_id"]: "rate_limited",
+    }
+
+    class Client:
+        async def order_status(self, oid: int) -> dict[str, Any]:
+            answer = answers[oid]
+            if isinstance(answer, str):
+                raise ExchangeError(answer, "no")
+            return answer
+
+    monkeypatch.setattr(tui, "RATE_LIMIT_PAUSE", 0.0)
+    stale = history.sync_open_orders([])
+    not_asked, settled, gone = await tui._ask_how_they_ended(Client(), history, stale)  # type: ignore[arg-type]
+    ids = [p["order_id"] for p in placed]
+    assert [r["order_id"] for r in settled] == [ids[0]]
+    assert [r["order_id"] for r in gone] == [ids[1]]
+    assert [r["order_id"] for r in not_asked] == [ids[2], ids[3], ids[4]]
+    stored = {r["order_id"]: r["status"] for r in SessionManager("alice", tmp_path).orders}
+    assert stored == {ids[0]: "CANCELED", ids[1]: "GONE", ids[2]: "NEW", ids[3]: "NEW", ids[4]: "NEW"}
+
+
 # ---------------------------------------------------------------------------- atomicity
 
 
