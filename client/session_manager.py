@@ -67,10 +67,13 @@ STATUSES = {
     "expired": "EXPIRED",
     "rejected": "REJECTED",
 }
-# GONE: no longer at the exchange, which could not say how it ended (it forgets finished
-# orders when it restarts); the exchange's audit log has the story.
+# GONE: no longer at the exchange, and how it ended could not be told for sure (the exchange
+# forgets finished orders when it restarts; its audit log has the story). Final, but any
+# word of the exchange about the order (a report, a listing, ``settle``) replaces it.
 GONE = "GONE"
 FINAL = frozenset({"FILLED", "CANCELED", "EXPIRED", "REJECTED", GONE})
+_GONE_MESSAGE = ("no longer at the exchange, and how it ended could not be told for sure; "
+                 "'status' asks again, the exchange's audit log has it")
 OPEN = frozenset({"NEW", "PARTIALLY_FILLED"})
 
 
@@ -109,13 +112,31 @@ def _created_ts(record: dict[str, Any]) -> int:
 
 def _later(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether record ``a`` holds a later word of the exchange than ``b`` (a final status
-    is never replaced by an open one)."""
-    if b.get("status") in FINAL and a.get("status") not in FINAL:
-        return False
-    if a.get("status") in FINAL and b.get("status") not in FINAL:
-        return True
+    is never replaced by an open one; GONE, the client's own guess, gives way to any real
+    end, and against an open record the later of the two wins)."""
+    sa, sb = a.get("status"), b.get("status")
     ta, tb = a.get("updated_ts"), b.get("updated_ts")
+    if sa == GONE or sb == GONE:
+        if sa == GONE and sb in FINAL and sb != GONE:
+            return False  # another terminal knows how it ended
+        if sb == GONE and sa in FINAL and sa != GONE:
+            return True
+        # GONE against an open record: marking and undoing it stamp the time.
+        return type(ta) is int and type(tb) is int and ta > tb
+    if sb in FINAL and sa not in FINAL:
+        return False
+    if sa in FINAL and sb not in FINAL:
+        return True
     return type(ta) is int and type(tb) is int and ta > tb
+
+
+def _stamp_now(record: dict[str, Any]) -> None:
+    """A change of the client's own (GONE, or undoing it): stamped with this machine's clock,
+    which on a laptop exchange is the exchange's clock too."""
+    old = record.get("updated_ts")
+    now = max(time.time_ns(), old if type(old) is int else 0)
+    record["updated_ts"] = now
+    record["updated_at"] = _iso(now)
 
 
 def _iso(ts: Any) -> str | None:
@@ -307,13 +328,16 @@ class SessionManager:
             self.orders.append(record)
         else:
             last = record.get("updated_ts")
-            if type(ts) is int and type(last) is int and ts < last:
-                return None
-            if record.get("status") in FINAL and status not in FINAL:
+            if type(ts) is int and type(last) is int and ts < last and record.get("status") != GONE:
+                return None  # (GONE's time is the client's: any report of the exchange beats it)
+            if record.get("status") in FINAL and record.get("status") != GONE and status not in FINAL:
                 return None
             if report.get("exec_type") == "trade" and self._has_fill(record, report.get("trade_id")):
                 return None
+            revived = record.get("status") == GONE
             self._update(record, report, status)
+            if revived and status not in FINAL:
+                _stamp_now(record)  # later than the GONE it replaces, for the merge
         self._index(record)
         if self.autosave:
             self.save()
@@ -380,6 +404,8 @@ class SessionManager:
     def _update(self, record: dict[str, Any], report: dict[str, Any], status: str) -> None:
         if record.get("order_id") is None and report.get("order_id") is not None:
             record["order_id"] = report["order_id"]
+        if record.get("status") == GONE and record.get("message") == _GONE_MESSAGE:
+            del record["message"]  # the exchange has spoken of it again
         for key, field in (("price", "price"), ("qty", "qty"), ("filled", "filled_qty"),
                            ("remaining", "remaining_qty"), ("avg_price", "avg_price"),
                            ("tif", "tif"), ("type", "order_type")):
@@ -449,15 +475,18 @@ class SessionManager:
                 self.orders.append(record)
                 self._index(record)
                 changed = True
-            elif record.get("status") not in FINAL and (
+            elif (record.get("status") not in FINAL or record.get("status") == GONE) and (
                 record.get("filled") != order.get("filled_qty") or record.get("status") != status
                 or record.get("price") != order.get("price") or record.get("qty") != order.get("qty")
             ):
                 # The list's ts is the order's arrival, not the time of this change: keep
                 # the record's own times and last report type.
                 kept = {k: record.get(k) for k in ("updated_ts", "updated_at", "last_exec_type")}
+                revived = record.get("status") == GONE
                 self._update(record, {**order, "ts": None}, status)
                 record.update(kept)
+                if revived:
+                    _stamp_now(record)  # later than the GONE it replaces, for the merge
                 changed = True
             listed.add(id(record))
         if changed and self.autosave:
@@ -476,7 +505,7 @@ class SessionManager:
         name another order: the client order id must match (the terminal client gives every
         order one unique to its run), or, for an order without one, the price and size."""
         final = STATUSES.get(status.get("status"))  # type: ignore[arg-type]
-        if final not in FINAL or record.get("status") in FINAL:
+        if final not in FINAL or final == GONE or record.get("status") in FINAL - {GONE}:
             return False
         if (status.get("order_id"), status.get("market"), status.get("side")) != (
                 record.get("order_id"), record.get("market"), record.get("side")):
@@ -502,8 +531,8 @@ class SessionManager:
         for record in records:
             if record.get("status") in OPEN:
                 record["status"] = GONE
-                record["message"] = ("no longer at the exchange, which did not say how it ended; "
-                                     "the exchange's audit log has it")
+                record["message"] = _GONE_MESSAGE
+                _stamp_now(record)
                 changed = True
         if changed and self.autosave:
             self.save()

@@ -838,14 +838,15 @@ class TerminalApp:
         if self._gone:
             ids = ", ".join(str(r.get("order_id")) for r in self._gone[:10])
             more = f"... ({len(self._gone)} in all)" if len(self._gone) > 10 else ""
-            self.warn(f"orders {ids}{more} ended while this client was away, and the exchange no "
-                      "longer knows how (it forgets finished orders when it restarts): marked GONE "
-                      "in your history; the exchange's audit log has their story")
+            self.warn(f"orders {ids}{more} ended while this client was away, and how could not be "
+                      "told for sure (the exchange no longer remembers them, or its answer does not "
+                      "match this computer's record): marked GONE in your history; 'status ID' asks "
+                      "again, the exchange's audit log has their story")
         if self._stale:
-            ids = ", ".join(str(r.get("order_id")) for r in self._stale[:10])
+            ids = ", ".join(_order_name(r) for r in self._stale[:10])
             more = f"... ({len(self._stale)} in all)" if len(self._stale) > 10 else ""
             self.warn(f"orders {ids}{more} are open in your history but no longer at the exchange; "
-                      "how they ended is asked at the next start")
+                      "how they ended is not known yet")
 
     async def _repl(self) -> int:
         assert self._prompt is not None
@@ -1279,6 +1280,14 @@ class ClientOptions:
     timeout: float = 10.0
 
 
+def _order_name(record: dict[str, Any]) -> str:
+    """Its order id, or what it was for an order never acknowledged (no id)."""
+    oid = record.get("order_id")
+    if oid is not None:
+        return str(oid)
+    return f"({record.get('side')} {record.get('qty')} {record.get('market')} @ {record.get('price')}, never acknowledged)"
+
+
 def _how_it_ended(record: dict[str, Any]) -> str:
     """``filled``, ``canceled``, or ``canceled (0.3000 of 1.0000 filled)``."""
     status = str(record.get("status")).lower()
@@ -1296,8 +1305,9 @@ async def _ask_how_they_ended(
     client: ExchangeClient, history: SessionManager, gone: list[dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """Of the orders the history calls open but the exchange no longer lists, record how
-    those it still remembers ended (``order_status``), and mark those it does not as
-    ``GONE``; returns (not asked, settled, gone).
+    those it still remembers ended (``order_status``), and mark as ``GONE`` those it does
+    not remember or whose answer does not match the record; returns (not asked, settled,
+    gone). An order the answer says is open is left as it is.
 
     The history is saved once at the end, not per order. Against a rate limit the questions
     stop at the first refusal, and the client waits for the allowance to come back, so that
@@ -1310,26 +1320,30 @@ async def _ask_how_they_ended(
     try:
         for i, record in enumerate(gone[:STATUS_QUERIES]):
             oid = record.get("order_id")
-            reply = None
-            if type(oid) is int:
-                try:
-                    reply = await client.order_status(oid)
-                except ExchangeConnectionError:
-                    raise
-                except ExchangeError as exc:
-                    if exc.code == "rate_limited":
-                        rest = gone[i:]
-                        await asyncio.sleep(RATE_LIMIT_PAUSE)
-                        break
-                    if exc.code == "unknown_op":  # an exchange without the query: ask nothing
-                        rest = gone[i:]
-                        break
-                    if exc.code != "unknown_order":  # no answer about it: ask again next time
-                        unanswered.append(record)
-                        continue
+            if type(oid) is not int:  # never acknowledged: nothing to ask about
+                unanswered.append(record)
+                continue
+            try:
+                reply = await client.order_status(oid)
+            except ExchangeConnectionError:
+                raise
+            except ExchangeError as exc:
+                if exc.code == "rate_limited":
+                    rest = gone[i:]
+                    await asyncio.sleep(RATE_LIMIT_PAUSE)
+                    break
+                if exc.code == "unknown_op":  # an exchange without the query: ask nothing
+                    rest = gone[i:]
+                    break
+                if exc.code != "unknown_order":  # no answer about it: ask again next time
+                    unanswered.append(record)
+                    continue
+                reply = None
+            if reply is not None and reply.get("status") in ("new", "partially_filled"):
+                continue  # open after all (placed from another terminal just now): left as it is
             if reply is not None and history.settle(record, reply):
                 settled.append(record)
-            else:
+            else:  # forgotten by the exchange, or its answer does not match this record
                 unknown.append(record)
         history.mark_gone(unknown)
     finally:

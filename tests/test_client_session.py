@@ -316,6 +316,59 @@ async def test_start_up_marks_gone_only_what_the_exchange_says_it_does_not_know(
     assert stored == {ids[0]: "CANCELED", ids[1]: "GONE", ids[2]: "NEW", ids[3]: "NEW", ids[4]: "NEW"}
 
 
+def test_gone_gives_way_to_any_word_of_the_exchange(tmp_path: Path) -> None:
+    """GONE is the client's guess: a listing, a report, an order_status answer or another
+    terminal's record of how the order ended all replace it."""
+    desk = WireDesk()
+    history = SessionManager("alice", tmp_path)
+    [a] = desk.order("alice", "buy", "1", "50.00", coid="a")
+    [b] = desk.order("alice", "buy", "1", "51.00", coid="b")
+    [c] = desk.order("alice", "buy", "1", "52.00", coid="c")
+    for report in (a, b, c):
+        history.apply(report)
+    history.mark_gone([history.get(a["order_id"]), history.get(b["order_id"]), history.get(c["order_id"])])  # type: ignore[list-item]
+    # Still open at the exchange: listed again, it is open again.
+    listed = [orjson.loads(orjson.dumps(desk.fmt.order(o))) for o in desk.ex.open_orders("alice")]
+    assert history.sync_open_orders(listed) == []
+    assert {r["status"] for r in history.orders} == {"NEW"} and all("message" not in r for r in history.orders)
+    history.mark_gone(list(history.orders))
+    # A report about it (a fill) brings it back too.
+    [fill] = [r for r in desk.order("bob", "sell", "0.5", "52.00", report_to="alice") if r.get("exec_type") == "trade"]
+    history.apply(fill)
+    assert history.get(c["order_id"])["status"] == "PARTIALLY_FILLED"  # type: ignore[index]
+    # order_status says how it ended: settled over GONE.
+    [done] = desk.cancel("alice", a["order_id"])
+    assert history.settle(history.get(a["order_id"]), {k: v for k, v in done.items() if k != "exec_type"})  # type: ignore[arg-type]
+    assert history.get(a["order_id"])["status"] == "CANCELED"  # type: ignore[index]
+    # Two terminals: one says GONE, the other knows it was cancelled; the real end wins the file.
+    other = SessionManager("alice", tmp_path)
+    [gone_b] = desk.cancel("alice", b["order_id"])
+    other.apply(gone_b)
+    history.save()
+    assert SessionManager("alice", tmp_path).get(b["order_id"])["status"] == "CANCELED"  # type: ignore[index]
+    other.save()
+    history.save()
+    assert SessionManager("alice", tmp_path).get(b["order_id"])["status"] == "CANCELED"  # type: ignore[index]
+
+
+async def test_an_answer_that_the_order_is_open_leaves_it_alone(tmp_path: Path) -> None:
+    import client.tui as tui
+
+    desk = WireDesk()
+    history = SessionManager("alice", tmp_path)
+    [placed] = desk.order("alice", "buy", "1", "50.00", coid="x")
+    history.apply(placed)
+
+    class Client:
+        async def order_status(self, oid: int) -> dict[str, Any]:
+            return {"type": "order_status", **desk.fmt.order(desk.ex.orders[oid])}
+
+    stale = history.sync_open_orders([])  # a listing taken before the order was placed
+    not_asked, settled, gone = await tui._ask_how_they_ended(Client(), history, stale)  # type: ignore[arg-type]
+    assert (not_asked, settled, gone) == ([], [], [])
+    assert history.get(placed["order_id"])["status"] == "NEW"  # type: ignore[index]
+
+
 # ---------------------------------------------------------------------------- atomicity
 
 
