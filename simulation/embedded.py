@@ -44,7 +44,7 @@ import orjson
 
 from exchange.engine import Exchange
 from exchange.markets import InvalidValue, MarketConfig, default_config
-from exchange.protocol import Formatter
+from exchange.protocol import MAX_CLIENT_ORDER_ID, Formatter
 from exchange.types import (
     BalanceChanged,
     BookDelta,
@@ -426,12 +426,26 @@ class EmbeddedExchange:
 
     # -- the door to the engine -------------------------------------------------------
 
+    @staticmethod
+    def _duplicate(cmd: PlaceOrder) -> ExecReport:
+        """An order whose client order id an open order of the account already has."""
+        return ExecReport(
+            ExecType.REJECTED, None, cmd.account, cmd.market, cmd.side, cmd.order_type, cmd.tif,
+            cmd.client_order_id, cmd.price, cmd.qty, 0, 0, 0, OrderStatus.REJECTED, cmd.ts,
+            reason=RejectReason.DUPLICATE_CLIENT_ORDER_ID,
+        )
+
     def execute(self, command: Any) -> list[Event]:
         """Run one command now (stamped with the simulated time) and route its events."""
         command.ts = self.stamp()
         stats = self.stats
         stats["commands"] += 1
-        events = self.engine.handle(command)
+        events: list[Event]
+        if command.__class__ is PlaceOrder and command.client_order_id is not None and \
+                self.engine.order_by_client_id(command.account, command.client_order_id) is not None:
+            events = [self._duplicate(command)]  # as the TCP gateway refuses it, at arrival
+        else:
+            events = self.engine.handle(command)
         sessions = self.sessions
         latency = self.latency
         delayed: dict[str, list[Event]] | None = None if latency is None else {}
@@ -619,6 +633,10 @@ class EmbeddedGateway(Gateway):
             raise GatewayError("bad_request", "'price' is required for a limit order")
         if otype is not _LIMIT and price is not None:
             raise GatewayError("bad_request", "a market order takes no 'price'")
+        if client_order_id is not None and (
+                not 0 < len(client_order_id) <= MAX_CLIENT_ORDER_ID or not client_order_id.isprintable()):
+            raise GatewayError("bad_request", f"'client_order_id' must be a string of 1 to "
+                               f"{MAX_CLIENT_ORDER_ID} printable characters")
         spec = self.config.markets.get(market)
         if spec is None:
             return self._rejected(market, side_enum, otype, tif_enum, client_order_id, RejectReason.UNKNOWN_MARKET)

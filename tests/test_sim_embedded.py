@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from exchange.markets import InvalidValue, default_config, format_scaled
-from exchange.types import ExecType, OrderStatus, Side, Trade
+from exchange.types import ExecType, OrderStatus, RejectReason, Side, Trade
 from simulation.embedded import SIM_EPOCH_NS, EmbeddedExchange, LedgerLines, parse_duration_ns, parse_latency
 from simulation.gateway import GatewayError, MarketTexts, WireNumbers, scaled_text
 from storage.ledger import trade_line
@@ -115,6 +115,34 @@ def test_gateway_answers_queries_and_refusals_like_the_exchange() -> None:
         assert err.value.code == "unknown_order"
         with pytest.raises(GatewayError):
             await gw.deposit("DOGE", "1")
+
+    ex.kernel.run_until_complete(flow())
+
+
+@pytest.mark.parametrize("latency", [None, "fixed:500us"])
+def test_a_client_order_id_in_use_is_refused_embedded_as_over_tcp(latency: str | None) -> None:
+    """Strategies run unchanged in both modes: embedded refuses a second open order under a
+    client order id as the TCP gateway does (at arrival), and frees the id with the order."""
+    ex = EmbeddedExchange(latency=parse_latency(latency) if latency else None)
+    gw = ex.session("carol")
+    other = ex.session("dave")
+
+    async def flow() -> None:
+        await gw.deposit("USD", "1000")
+        await other.deposit("USD", "1000")
+        first = await gw.place("BTC-USD", "buy", "1", "100.00", client_order_id="q1")
+        again = await gw.place("BTC-USD", "buy", "1", "99.00", client_order_id="q1")
+        assert again.exec_type is ExecType.REJECTED and again.reason is RejectReason.DUPLICATE_CLIENT_ORDER_ID
+        assert again.client_order_id == "q1"
+        theirs = await other.place("BTC-USD", "buy", "1", "99.00", client_order_id="q1")
+        assert theirs.exec_type is ExecType.NEW
+        await gw.cancel(first.order_id)
+        reused = await gw.place("BTC-USD", "buy", "1", "98.00", client_order_id="q1")
+        assert reused.exec_type is ExecType.NEW
+        for bad in ("", "a\nb", "x" * 65):
+            with pytest.raises(GatewayError) as err:
+                await gw.place("BTC-USD", "buy", "1", "98.00", client_order_id=bad)
+            assert err.value.code == "bad_request"
 
     ex.kernel.run_until_complete(flow())
 
