@@ -72,6 +72,7 @@ STATUSES = {
 # word of the exchange about the order (a report, a listing, ``settle``) replaces it.
 GONE = "GONE"
 FINAL = frozenset({"FILLED", "CANCELED", "EXPIRED", "REJECTED", GONE})
+SETTLED = FINAL - {GONE}  # the final states the exchange itself reported
 _GONE_MESSAGE = ("no longer at the exchange, and how it ended could not be told for sure; "
                  "'status' asks again, the exchange's audit log has it")
 OPEN = frozenset({"NEW", "PARTIALLY_FILLED"})
@@ -117,9 +118,9 @@ def _later(a: dict[str, Any], b: dict[str, Any]) -> bool:
     sa, sb = a.get("status"), b.get("status")
     ta, tb = a.get("updated_ts"), b.get("updated_ts")
     if sa == GONE or sb == GONE:
-        if sa == GONE and sb in FINAL and sb != GONE:
+        if sb in SETTLED:
             return False  # another terminal knows how it ended
-        if sb == GONE and sa in FINAL and sa != GONE:
+        if sa in SETTLED:
             return True
         # GONE against an open record: marking and undoing it stamp the time.
         return type(ta) is int and type(tb) is int and ta > tb
@@ -330,7 +331,7 @@ class SessionManager:
             last = record.get("updated_ts")
             if type(ts) is int and type(last) is int and ts < last and record.get("status") != GONE:
                 return None  # (GONE's time is the client's: any report of the exchange beats it)
-            if record.get("status") in FINAL and record.get("status") != GONE and status not in FINAL:
+            if record.get("status") in SETTLED and status not in FINAL:
                 return None
             if report.get("exec_type") == "trade" and self._has_fill(record, report.get("trade_id")):
                 return None
@@ -475,7 +476,7 @@ class SessionManager:
                 self.orders.append(record)
                 self._index(record)
                 changed = True
-            elif (record.get("status") not in FINAL or record.get("status") == GONE) and (
+            elif record.get("status") not in SETTLED and (
                 record.get("filled") != order.get("filled_qty") or record.get("status") != status
                 or record.get("price") != order.get("price") or record.get("qty") != order.get("qty")
             ):
@@ -505,7 +506,7 @@ class SessionManager:
         name another order: the client order id must match (the terminal client gives every
         order one unique to its run), or, for an order without one, the price and size."""
         final = STATUSES.get(status.get("status"))  # type: ignore[arg-type]
-        if final not in FINAL or final == GONE or record.get("status") in FINAL - {GONE}:
+        if final not in SETTLED or record.get("status") in SETTLED:
             return False
         if (status.get("order_id"), status.get("market"), status.get("side")) != (
                 record.get("order_id"), record.get("market"), record.get("side")):

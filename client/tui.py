@@ -626,15 +626,9 @@ class CommandCompleter(Completer):
         if name == "deposit" and n == 1:
             return [(a, "") for a in app.assets]
         if name in ("cancel", "modify") and n == 1:
-            return [
-                (str(r["order_id"]), f"{r.get('side')} {r.get('qty')} {r.get('market')} @ {r.get('price')}")
-                for r in app.open_records() if r.get("order_id") is not None
-            ]
+            return _order_choices(app.open_records())
         if name == "status" and n == 1:
-            return [
-                (str(r["order_id"]), f"{r.get('side')} {r.get('qty')} {r.get('market')} @ {r.get('price')}")
-                for r in reversed(app.history.recent(20)) if r.get("order_id") is not None
-            ]
+            return _order_choices(reversed(app.history.recent(20)))
         if name == "modify" and n >= 2 and n % 2 == 0:
             return [("qty", "new total quantity"), ("price", "new price")]
         if name in ("buy", "sell") and n == 2:
@@ -1278,6 +1272,12 @@ class ClientOptions:
     data_dir: Path = Path("data")
     token: str | None = None
     timeout: float = 10.0
+
+
+def _order_choices(records: Iterable[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Completions of an order id: each id with what the order is."""
+    return [(str(r["order_id"]), f"{r.get('side')} {r.get('qty')} {r.get('market')} @ {r.get('price')}")
+            for r in records if r.get("order_id") is not None]
 
 
 def _order_name(record: dict[str, Any]) -> str:

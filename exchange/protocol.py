@@ -332,9 +332,12 @@ _ORDER_FIELD_LIST: Final = ("market", "side", "type", "price", "qty", "tif", "po
 _ORDER_FIELDS: Final = frozenset(("op", "id") + _ORDER_FIELD_LIST)
 
 
-def unknown_field(msg: dict[str, Any], allowed: frozenset[str], what: str, listed: tuple[str, ...]) -> None:
-    """Refuse the first field of ``msg`` not in ``allowed``: a misspelt field must not be
-    read as a missing one, and a field another op takes must not seem to do something."""
+def only_fields(msg: dict[str, Any], allowed: frozenset[str], what: str, listed: tuple[str, ...]) -> None:
+    """Refuse a request with a field not in ``allowed``, naming the first: a misspelt field
+    must not be read as a missing one, and a field another op takes must not seem to do
+    something."""
+    if allowed.issuperset(msg):
+        return
     key = next(k for k in msg if k not in allowed)
     raise ProtocolError(
         ErrorCode.BAD_REQUEST, f"unknown field {str(key)[:40]!r} in {what} (it takes {', '.join(listed)})",
@@ -358,8 +361,7 @@ def order_command(config: MarketConfig, msg: dict[str, Any], account: str, ts: i
     Shape errors raise ``ProtocolError``; a market the exchange does not list or a price or
     quantity it cannot take exactly raises ``OrderRejected`` with the engine's reason.
     """
-    if not _ORDER_FIELDS.issuperset(msg):  # a misspelt "time_in_force" must not become a resting GTC order
-        unknown_field(msg, _ORDER_FIELDS, "an order", _ORDER_FIELD_LIST)
+    only_fields(msg, _ORDER_FIELDS, "an order", _ORDER_FIELD_LIST)  # a misspelt "time_in_force" must not rest as GTC
     symbol = msg.get("market")
     if type(symbol) is not str:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'market' is required", "market")
@@ -442,8 +444,7 @@ _MODIFY_FIELDS: Final = frozenset(("op", "id") + _MODIFY_FIELD_LIST)
 def order_ref(msg: dict[str, Any]) -> tuple[int | None, str | None]:
     """The order a ``cancel`` or ``order_status`` names: ``(order_id, None)`` or
     ``(None, client_order_id)``."""
-    if not _REF_FIELDS.issuperset(msg):
-        unknown_field(msg, _REF_FIELDS, f"'{msg.get('op')}'", _REF_FIELD_LIST)
+    only_fields(msg, _REF_FIELDS, f"'{msg.get('op')}'", _REF_FIELD_LIST)
     coid = msg.get("client_order_id")
     if coid is None:
         if msg.get("order_id") is None:
@@ -457,8 +458,7 @@ def order_ref(msg: dict[str, Any]) -> tuple[int | None, str | None]:
 
 def queue_position_ref(msg: dict[str, Any]) -> int:
     """The order a ``queue_position`` names (by ``order_id`` only)."""
-    if not _ID_FIELDS.issuperset(msg):
-        unknown_field(msg, _ID_FIELDS, "'queue_position'", _ID_FIELD_LIST)
+    only_fields(msg, _ID_FIELDS, "'queue_position'", _ID_FIELD_LIST)
     return order_id_of(msg)
 
 
@@ -487,8 +487,7 @@ def modify_command(
     config: MarketConfig,
 ) -> ModifyOrder:
     """A ``modify`` request; its price and qty are read with the order's own market."""
-    if not _MODIFY_FIELDS.issuperset(msg):
-        unknown_field(msg, _MODIFY_FIELDS, "'modify'", _MODIFY_FIELD_LIST)
+    only_fields(msg, _MODIFY_FIELDS, "'modify'", _MODIFY_FIELD_LIST)
     oid = order_id_of(msg)
     raw_price, raw_qty = msg.get("price"), msg.get("qty")
     for name, value in (("price", raw_price), ("qty", raw_qty)):

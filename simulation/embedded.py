@@ -44,7 +44,7 @@ import orjson
 
 from exchange.engine import Exchange
 from exchange.markets import InvalidValue, MarketConfig, default_config
-from exchange.protocol import MAX_CLIENT_ORDER_ID, Formatter
+from exchange.protocol import Formatter, ProtocolError, client_order_id_of
 from exchange.types import (
     BalanceChanged,
     BookDelta,
@@ -633,10 +633,11 @@ class EmbeddedGateway(Gateway):
             raise GatewayError("bad_request", "'price' is required for a limit order")
         if otype is not _LIMIT and price is not None:
             raise GatewayError("bad_request", "a market order takes no 'price'")
-        if client_order_id is not None and (
-                not 0 < len(client_order_id) <= MAX_CLIENT_ORDER_ID or not client_order_id.isprintable()):
-            raise GatewayError("bad_request", f"'client_order_id' must be a string of 1 to "
-                               f"{MAX_CLIENT_ORDER_ID} printable characters")
+        if client_order_id is not None:
+            try:
+                client_order_id_of(client_order_id)
+            except ProtocolError as refused:  # (not ``exc``: compiled, a name keeps one type)
+                raise GatewayError(refused.code, refused.message) from None
         spec = self.config.markets.get(market)
         if spec is None:
             return self._rejected(market, side_enum, otype, tif_enum, client_order_id, RejectReason.UNKNOWN_MARKET)
