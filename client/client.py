@@ -392,7 +392,8 @@ class ExchangeClient:
         return await self.request("book", market=market, depth=depth, level=level)
 
     async def order_status(self, order_id: int | None = None, *, client_order_id: str | None = None) -> dict[str, Any]:
-        """One of this user's orders, open or finished since the exchange started, named by
+        """One of this user's orders, open or recently finished (the exchange keeps each
+        account's last 1,000 finished orders, across its restarts), named by
         ``order_id`` or by its ``client_order_id`` (``ExchangeError`` ``unknown_order`` if
         none)."""
         return await self.request("order_status", order_id=order_id, client_order_id=client_order_id)

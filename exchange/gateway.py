@@ -61,6 +61,7 @@ from exchange.protocol import (
     subscription,
     user_name,
 )
+from exchange.state import FinishedOrders
 from exchange.types import (
     BalanceChanged,
     BookDelta,
@@ -97,11 +98,6 @@ class CommandJournal(Protocol):
 
 
 _REJECTED: Final = ExecType.REJECTED
-# Finished orders ``order_status`` still answers for, the most recent first to stay: the
-# last FINISHED_PER_USER of each user (so one busy account cannot push out everyone else's),
-# FINISHED_KEPT in all (35-50 MB). Kept in memory since start-up only (docs/protocol.md).
-FINISHED_KEPT: Final = 100_000
-FINISHED_PER_USER: Final = 1_000
 _FILLED: Final = OrderStatus.FILLED
 _CANCELED: Final = OrderStatus.CANCELED
 _EXPIRED: Final = OrderStatus.EXPIRED
@@ -301,14 +297,9 @@ class Gateway:
         self.started = time.monotonic()
         self._rate_mark = (time.monotonic(), 0, 0, 0)
         self.rates = {"orders_per_sec": 0.0, "trades_per_sec": 0.0, "messages_per_sec": 0.0}
-        # The last report of each recently finished order, by order id, oldest first, and the
-        # latest by (user, client order id): what ``order_status`` answers once it is gone.
-        self.finished_kept = FINISHED_KEPT
-        self.finished_per_user = FINISHED_PER_USER
-        self.finished: dict[int, ExecReport] = {}
-        self._finished_ids: deque[int] = deque()  # all users, oldest first (may hold forgotten ids)
-        self._finished_per_user: dict[str, deque[int]] = {}
-        self._finished_by_client_id: dict[tuple[str, str], ExecReport] = {}
+        # What ``order_status`` answers once an order is gone; the server hands in the one
+        # recovery rebuilt (exchange/state.py), so it survives restarts.
+        self.finished = FinishedOrders()
         self._ops: dict[str, Callable[[Session, dict[str, Any], Any], None]] = {
             "login": self.op_login,
             "markets": self.op_markets,
@@ -460,7 +451,7 @@ class Gateway:
             if cls is ExecReport:
                 status = ev.status  # type: ignore[attr-defined]
                 if status is _FILLED or status is _CANCELED or status is _EXPIRED:
-                    self._finish(ev)  # type: ignore[arg-type]
+                    self.finished.add(ev)  # type: ignore[arg-type]
                 sessions = self.by_user.get(ev.account)  # type: ignore[attr-defined]
                 if not sessions:
                     continue
@@ -491,35 +482,6 @@ class Gateway:
                         session.send(data)
             elif cls is CommandRejected and requester is not None:
                 requester.send_msg(fmt.command_rejected(ev, rid))  # type: ignore[arg-type]
-
-    def _finish(self, ev: ExecReport) -> None:
-        """Keep a finished order's last report for ``order_status``, within ``FINISHED_KEPT``."""
-        oid = ev.order_id
-        if oid is None:
-            return
-        self.finished[oid] = ev
-        self._finished_ids.append(oid)
-        mine = self._finished_per_user.get(ev.account)
-        if mine is None:
-            mine = self._finished_per_user[ev.account] = deque()
-        mine.append(oid)
-        coid = ev.client_order_id
-        if coid is not None:
-            self._finished_by_client_id[(ev.account, coid)] = ev
-        if len(mine) > self.finished_per_user:
-            self._forget(mine.popleft())
-        everyone = self._finished_ids
-        while len(self.finished) > self.finished_kept and everyone:
-            self._forget(everyone.popleft())
-        if len(everyone) > 2 * len(self.finished) + 1024:  # ids a user's own limit forgot
-            self._finished_ids = deque(i for i in everyone if i in self.finished)
-
-    def _forget(self, oid: int) -> None:
-        old = self.finished.pop(oid, None)
-        if old is not None and old.client_order_id is not None:
-            key = (old.account, old.client_order_id)
-            if self._finished_by_client_id.get(key) is old:
-                del self._finished_by_client_id[key]
 
     # -- requests -------------------------------------------------------------------
 
@@ -721,18 +683,22 @@ class Gateway:
             done = self.finished.get(oid)
         else:
             order = self.engine.order_by_client_id(user, coid)
-            done = self._finished_by_client_id.get((user, coid))
+            done = self.finished.by_client_id(user, coid)
         if order is not None:
             entry = self.fmt.order(order)
         elif done is not None and done.account == user:
             entry = self.fmt.finished_order(done)
         elif coid is not None:
-            raise ProtocolError(ErrorCode.UNKNOWN_ORDER, "no order of this account has this client_order_id "
-                                "(open, or finished since the exchange started)", client_order_id=coid)
+            raise ProtocolError(ErrorCode.UNKNOWN_ORDER, "no order of this account has this client_order_id: "
+                                f"{self._not_kept()}", client_order_id=coid)
         else:
-            raise ProtocolError(ErrorCode.UNKNOWN_ORDER, "no such order of this account (open, or "
-                                "finished since the exchange started)", order_id=oid)
+            raise ProtocolError(ErrorCode.UNKNOWN_ORDER, f"no such order of this account: {self._not_kept()}",
+                                order_id=oid)
         self._reply(session, rid, {"type": "order_status", **entry})
+
+    def _not_kept(self) -> str:
+        return (f"not open, and not among the finished orders the exchange keeps (each account's "
+                f"last {self.finished.per_user:,})")
 
     def op_book(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
         market, depth, level = book_request(self.config, msg)

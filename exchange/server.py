@@ -142,7 +142,7 @@ class ExchangeServer:
         self.persistence = Persistence(
             config.data_dir, markets, default_stp=config.default_stp, fsync=config.fsync,
             snapshot_interval=config.snapshot_interval, snapshot_records=config.snapshot_records,
-            last_ts=lambda: self.gateway.last_ts,
+            last_ts=lambda: self.gateway.last_ts, finished=self.gateway.finished,
         )
         self.ledger = self.persistence.ledger
         self.journal = self.persistence.journal

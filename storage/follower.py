@@ -55,7 +55,7 @@ from pathlib import Path
 
 from exchange.markets import ConfigError, MarketConfig, default_config, load_config
 from exchange.protocol import Formatter
-from exchange.state import StateError, export_state, import_state
+from exchange.state import FinishedOrders, StateError, export_state, import_state
 from storage.audit import POSITION_FILE, AuditLog
 from storage.journal import JOURNAL_DIR, JournalError
 from storage.ledger import LEDGER_FILE, TradeLedger
@@ -106,12 +106,15 @@ class Follower:
             raise FollowerError(f"no snapshot in {self.data_dir}: the server writes one at start-up")
         if not same_config(content.get("config"), config_fingerprint(self.config)):
             raise FollowerError("the snapshot was written under another market configuration")
+        finished = FinishedOrders()
         try:
             engine = import_state(self.config, content["state"])
+            if "finished" in content:
+                finished.load(content["finished"])
         except (StateError, KeyError, TypeError) as exc:
             raise FollowerError(f"snapshot {path} cannot be restored: {exc}") from None
         lsn = int(content["journal_lsn"])
-        self._replay = Replay(engine, self.audit, lsn, int(content.get("last_ts", 0)))
+        self._replay = Replay(engine, self.audit, lsn, int(content.get("last_ts", 0)), finished)
         self.ledger.open()
         self.audit.replay_begin(lsn)
         self._tail = JournalTail(self.data_dir / JOURNAL_DIR, lsn)
@@ -136,6 +139,7 @@ class Follower:
             "written_ns": time.time_ns(),
             "config": config_fingerprint(self.config),
             "state": export_state(replay.engine),
+            "finished": replay.finished.export(),
         }
         write_snapshot(self.data_dir / SNAPSHOT_FILE, content)
         return self.lsn

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 from exchange.engine import Exchange
 from exchange.markets import MarketConfig
-from exchange.state import StateError, export_state, import_state
+from exchange.state import FinishedOrders, StateError, export_state, import_state
 from exchange.types import CommandRejected, Event, ExecReport, ExecType, STPMode, Trade
 from storage.lock import DataDirBusy, DataDirLock
 from storage.journal import (
@@ -113,6 +113,7 @@ class Persistence:
         snapshot_interval: float = 300.0,
         snapshot_records: int = 1_000_000,
         last_ts: Callable[[], int] | None = None,
+        finished: FinishedOrders | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.config = config
@@ -127,6 +128,9 @@ class Persistence:
         self.snapshot_interval = snapshot_interval
         self.snapshot_records = snapshot_records
         self.last_ts = last_ts or (lambda: 0)
+        # The finished orders ``order_status`` answers for (the gateway's): snapshotted with
+        # the engine and rebuilt by the replay, so they survive a restart.
+        self.finished = finished if finished is not None else FinishedOrders()
         self.engine: Exchange | None = None
         self.snapshot_lsn = 0
         self.recovered_ts = 0
@@ -188,6 +192,8 @@ class Persistence:
                 if type(lsn) is not int or lsn < 0 or type(last_ts) is not int:
                     raise StateError("journal_lsn and last_ts must be integers")
                 engine = import_state(self.config, state)
+                if "finished" in content:  # snapshots before it have none
+                    self.finished.load(content["finished"])
             except (StateError, KeyError, TypeError) as exc:
                 raise RecoveryError(
                     f"snapshot {self.snapshot_path} cannot be restored: {exc}; "
@@ -198,6 +204,7 @@ class Persistence:
 
         # Replay the journal through the same engine.
         replayed_trades: list[Trade] = []
+        finished = self.finished
         ts_box = [last_ts]
         config_matches = same_config(saved_fingerprint, fingerprint)  # once, not per record
 
@@ -225,6 +232,7 @@ class Persistence:
             for ev in events:
                 if ev.__class__ is Trade:
                     replayed_trades.append(ev)  # type: ignore[arg-type]
+            finished.observe(events)
             if lsn > replay_after:
                 replay.replay_record(lsn, events)  # type: ignore[union-attr]
             ts_box[0] = command.ts
@@ -316,6 +324,7 @@ class Persistence:
             "written_ns": time.time_ns(),
             "config": config_fingerprint(self.config),
             "state": export_state(engine),
+            "finished": self.finished.export(),
         }
 
     # -- running ----------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Final
 
 from exchange.engine import Exchange
+from exchange.state import FinishedOrders
 from exchange.types import Trade
 from storage.audit import AuditLog
 from storage.journal import HEADER, MAGIC, MAX_RECORD, JournalError, decode, list_segments, segment_name
@@ -126,14 +127,17 @@ class JournalTail:
 
 class Replay:
     """The follower's sink for ``JournalTail.read``: runs each record through the engine,
-    keeps its trades for the ledger and gives its events to the audit log."""
+    keeps its trades for the ledger, gives its events to the audit log and keeps the
+    finished orders the snapshot carries."""
 
-    def __init__(self, engine: Exchange, audit: AuditLog, lsn: int, last_ts: int) -> None:
+    def __init__(self, engine: Exchange, audit: AuditLog, lsn: int, last_ts: int,
+                 finished: FinishedOrders) -> None:
         self.engine = engine
         self.audit = audit
         self.lsn = lsn
         self.last_ts = last_ts
         self.trades: list[Trade] = []
+        self.finished = finished  # the server's ``order_status`` table, for the snapshots
 
     def __call__(self, lsn: int, payload: bytes) -> None:
         try:
@@ -146,5 +150,6 @@ class Replay:
             if isinstance(ev, Trade):
                 trades.append(ev)
         self.audit.replay_record(lsn, events)
+        self.finished.observe(events)
         self.lsn = lsn
         self.last_ts = command.ts

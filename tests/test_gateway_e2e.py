@@ -1228,7 +1228,7 @@ async def test_order_status_of_open_and_finished_orders(server, connect) -> None
 
 
 async def test_order_status_forgets_the_oldest_finished_orders_beyond_its_bound(server, connect) -> None:
-    server.gateway.finished_kept = 2
+    server.gateway.finished.kept = 2
     alice = await w(connect("alice"))
     ids = []
     for n in range(3):
@@ -1246,8 +1246,8 @@ async def test_order_status_forgets_the_oldest_finished_orders_beyond_its_bound(
 
 
 async def test_one_busy_account_cannot_push_out_the_others_finished_orders(server, connect) -> None:
-    server.gateway.finished_per_user = 3
-    server.gateway.finished_kept = 10
+    server.gateway.finished.per_user = 3
+    server.gateway.finished.kept = 10
     alice = await w(connect("alice"))
     bob = await w(connect("bob"))
     mine = await w(alice.buy(BTC, "1", "90.00", client_order_id="keep"))
@@ -1272,7 +1272,7 @@ async def test_one_busy_account_cannot_push_out_the_others_finished_orders(serve
     assert len(server.gateway.finished) == 10
     with pytest.raises(ExchangeError) as err:
         await w(alice.order_status(client_order_id="keep"))
-    assert "finished since the exchange started" in err.value.message
+    assert "not among the finished orders the exchange keeps" in err.value.message
 
 
 async def test_modify_replaces_in_place_and_a_rejection_changes_nothing(connect) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from client import ExchangeClient
+from client import ExchangeClient, ExchangeError
 from crash_scripts import five_orders_then
 from storage import journal as jr
 from storage.ledger import read_ledger
@@ -415,3 +415,66 @@ async def test_audit_lines_survive_a_kill_while_a_snapshot_waits_for_them(engine
     assert await engine.stop() == 0
     text = (engine.data / "logs" / "alice.log").read_text()
     assert [text.count(f" PLACED order {oid} ") for oid in range(1, 6)] == [1] * 5
+
+
+async def finished_answers(eng: Engine, asks: list[tuple[str, int, str | None]]) -> list[dict[str, Any]]:
+    """``order_status`` of each (user, order id, client order id), by id and by client id."""
+    out = []
+    clients = {user: await eng.client(user) for user in {u for u, _, _ in asks}}
+    for user, oid, coid in asks:
+        by_id = await clients[user].order_status(oid)
+        by_id.pop("id", None)
+        out.append(by_id)
+        if coid is not None:
+            by_coid = await clients[user].order_status(client_order_id=coid)
+            by_coid.pop("id", None)
+            assert by_coid == by_id
+    return out
+
+
+@pytest.mark.parametrize("writer", ["process", "inline"])
+async def test_order_status_still_answers_for_finished_orders_after_restarts_and_kill_9(
+        tmp_path: Path, writer: str) -> None:
+    """A bot or a terminal that reconnects after the exchange restarted can still learn how
+    its orders ended: the finished orders are in the snapshot (written by the follower, or
+    by the exchange itself with ``--writer inline``) and rebuilt from the journal after a
+    kill -9."""
+    eng = Engine(tmp_path / "data", "--writer", writer)
+    try:
+        await eng.start()
+        alice, bob = await eng.client("alice"), await eng.client("bob")
+        canceled = await alice.buy("BTC-USD", "0.5", "90.00", client_order_id="a-1")
+        await alice.cancel(canceled["order_id"])
+        maker = await alice.sell("BTC-USD", "0.25", "101.00", client_order_id="a-2")
+        taker = await bob.buy("BTC-USD", "0.25", "101.00", client_order_id="b-1")  # fills both
+        expired = await bob.buy("BTC-USD", "1", "95.00", tif="ioc")
+        asks = [("alice", canceled["order_id"], "a-1"), ("alice", maker["order_id"], "a-2"),
+                ("bob", taker["order_id"], "b-1"), ("bob", expired["order_id"], None)]
+        before = await finished_answers(eng, asks)
+        assert [a["status"] for a in before] == ["canceled", "filled", "filled", "expired"]
+        assert before[1]["avg_price"] == "101.00" and before[0]["client_order_id"] == "a-1"
+
+        assert await eng.stop() == 0  # the snapshot at shutdown carries them
+        await eng.start()
+        assert await finished_answers(eng, asks) == before
+
+        # One more after the restart, then kill -9: it is only in the journal.
+        late = await (await eng.client("carol")).buy("ACME-USD", "2", "90.00", client_order_id="c-1")
+        await (eng.clients[-1]).cancel(late["order_id"])
+        asks.append(("carol", late["order_id"], "c-1"))
+        before = await finished_answers(eng, asks)
+        await eng.kill()
+        await eng.start()  # replays the journal, then folds it into a new snapshot
+        assert await finished_answers(eng, asks) == before
+        assert await eng.stop() == 0
+        await eng.start()
+        assert await finished_answers(eng, asks) == before
+        with pytest.raises(ExchangeError) as err:
+            await (await eng.client("alice")).order_status(late["order_id"])  # carol's, not alice's
+        assert err.value.code == "unknown_order"
+        assert await eng.stop() == 0
+    finally:
+        await eng._drop_clients()
+        if eng.proc is not None and eng.proc.returncode is None:
+            eng.proc.kill()
+            await asyncio.wait_for(eng.proc.wait(), T)

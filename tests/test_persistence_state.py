@@ -19,8 +19,8 @@ from test_engine_determinism import seeded_stream
 
 from exchange.engine import Exchange
 from exchange.markets import build_config, default_config, DEFAULT_CONFIG
-from exchange.state import STATE_VERSION, StateError, export_state, import_state
-from exchange.types import STPMode
+from exchange.state import FINISHED_FIELDS, STATE_VERSION, FinishedOrders, StateError, export_state, import_state
+from exchange.types import OrderStatus, STPMode
 
 
 def through_json(data: dict[str, Any]) -> dict[str, Any]:
@@ -116,3 +116,62 @@ def test_a_market_with_other_units_is_refused() -> None:
     changed["markets"][0]["tick_size"] = "0.1"
     with pytest.raises(StateError, match="tick_size"):
         import_state(build_config(changed), data)
+
+
+def finished_table(seed: int, count: int, kept: int, per_user: int) -> FinishedOrders:
+    """The finished orders of a seeded stream, as the gateway keeps them."""
+    ex = Exchange()
+    table = FinishedOrders(kept, per_user)
+    for cmd in seeded_stream(seed, count):
+        table.observe(ex.handle(cmd))
+    return table
+
+
+def table_view(table: FinishedOrders) -> list[tuple[Any, ...]]:
+    """What ``order_status`` shows of each (the fill details of a last trade are not kept)."""
+    return [tuple(getattr(ev, f) for f in FINISHED_FIELDS) for ev in table.by_id.values()]
+
+
+@pytest.mark.parametrize("kept,per_user", [(100_000, 1_000), (40, 1_000), (1_000, 7)])
+def test_finished_orders_round_trip_through_a_snapshot_and_keep_their_bounds(kept: int, per_user: int) -> None:
+    """What ``order_status`` answers for is the same after a restart (snapshot + replay):
+    loading the export and then observing the rest of the stream gives the table that
+    observing everything gives, bounds included."""
+    commands = seeded_stream(5, 3_000)
+    whole = finished_table(5, 3_000, kept, per_user)
+    assert 0 < len(whole) <= kept
+    ex = Exchange()
+    first = FinishedOrders(kept, per_user)
+    split = len(commands) // 2
+    for cmd in commands[:split]:
+        first.observe(ex.handle(cmd))
+    restored = FinishedOrders(kept, per_user)
+    restored.load(through_json(first.export()))
+    assert table_view(restored) == table_view(first)
+    for cmd in commands[split:]:
+        restored.observe(ex.handle(cmd))
+    assert table_view(restored) == table_view(whole)
+    counts: dict[str, int] = {}
+    for ev in restored.by_id.values():
+        counts[ev.account] = counts.get(ev.account, 0) + 1
+        assert ev.status in (OrderStatus.FILLED, OrderStatus.CANCELED, OrderStatus.EXPIRED)
+        if ev.client_order_id is not None:
+            assert restored.by_client_id(ev.account, ev.client_order_id) is not None
+    assert max(counts.values()) <= per_user
+
+
+@pytest.mark.parametrize("mutate,expected", [
+    (lambda d: d.update(fields=["order_id"]), "unknown fields"),
+    (lambda d: d["rows"][0].__setitem__(0, "7"), "must be integers >= 0"),
+    (lambda d: d["rows"][0].__setitem__(9, -1), "must be integers >= 0"),
+    (lambda d: d["rows"][0].__setitem__(1, 7), "must be strings"),
+    (lambda d: d["rows"][0].__setitem__(12, "open"), "malformed"),
+    (lambda d: d["rows"][0].pop(), "malformed"),
+    (lambda d: d.pop("rows"), "malformed"),
+])
+def test_malformed_finished_orders_are_refused_with_a_clear_error(mutate, expected: str) -> None:
+    data = through_json(finished_table(2, 500, 100, 100).export())
+    assert data["rows"]
+    mutate(data)
+    with pytest.raises(StateError, match=expected):
+        FinishedOrders().load(data)

@@ -115,7 +115,7 @@ async def test_orders_that_ended_while_away_are_settled_from_the_exchange(server
     ended (``order_status``), records it and says so; an order the exchange no longer
     remembers is marked GONE, said once, and no longer counts as open."""
     data_dir = tmp_path / "client"
-    server.gateway.finished_kept = 4  # the exchange remembers the last four orders that finished
+    server.gateway.finished.kept = 4  # the exchange remembers the last four orders that finished
     async with Terminal(server, "alice", data_dir) as term:
         filled = int((await term.type("buy 1 @ 90", r"NEW order (\d+) accepted")).group(1))
         canceled = int((await term.type("buy 1 @ 80", r"NEW order (\d+) accepted")).group(1))
