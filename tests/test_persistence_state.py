@@ -10,6 +10,7 @@ command and identical final state.
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import orjson
@@ -20,7 +21,7 @@ from test_engine_determinism import seeded_stream
 from exchange.engine import Exchange
 from exchange.markets import build_config, default_config, DEFAULT_CONFIG
 from exchange.state import FINISHED_FIELDS, STATE_VERSION, FinishedOrders, StateError, export_state, import_state
-from exchange.types import OrderStatus, STPMode
+from exchange.types import ExecReport, ExecType, OrderStatus, OrderType, Side, STPMode, TimeInForce
 
 
 def through_json(data: dict[str, Any]) -> dict[str, Any]:
@@ -175,3 +176,18 @@ def test_malformed_finished_orders_are_refused_with_a_clear_error(mutate, expect
     mutate(data)
     with pytest.raises(StateError, match=expected):
         FinishedOrders().load(data)
+
+
+def test_a_finished_order_with_amounts_beyond_64_bits_is_kept_exactly() -> None:
+    """Amounts in minor units may exceed 64 bits; the kept order and its snapshot row keep
+    them exact (the snapshot falls back to the standard library's JSON for them)."""
+    big = 2**70 + 3
+    report = ExecReport(ExecType.TRADE, 7, "whale", "BTC-USD", Side.BUY, OrderType.LIMIT,
+                        TimeInForce.GTC, "w-1", 10**20, big, big, 0, big * 3, OrderStatus.FILLED, 5)
+    table = FinishedOrders()
+    table.add(report)
+    kept = table.by_client_id("whale", "w-1")
+    assert kept is not None and (kept.qty, kept.filled, kept.cost, kept.price) == (big, big, big * 3, 10**20)
+    restored = FinishedOrders()
+    restored.load(json.loads(json.dumps(table.export())))
+    assert table_view(restored) == table_view(table)
