@@ -336,3 +336,24 @@ async def test_random_appends_rotations_and_yields_keep_every_record_once_in_ord
     await journal.close()
     assert reported == sorted(reported) and journal.durable_lsn == n
     assert [lsn for lsn, _ in jr.iter_commands(tmp_path)] == list(range(1, n + 1))
+
+
+def test_an_aio_fdatasync_goes_to_the_descriptor_it_is_given_each_time(tmp_path: Path) -> None:
+    """The iocb is filled in once per descriptor (``storage/aio.py``): after a rotation the
+    next fdatasync must go to the new segment, not the old one. A descriptor that is not
+    open any more must then fail, not quietly sync the previous file."""
+    aio = jr.AsyncFsync.create()
+    if aio is None:
+        pytest.skip("no native AIO fdatasync here")
+    first = os.open(tmp_path / "a", os.O_WRONLY | os.O_CREAT)
+    second = os.open(tmp_path / "b", os.O_WRONLY | os.O_CREAT)
+    try:
+        for fd in (first, second, first):
+            os.write(fd, b"x")
+            assert aio.probe(fd)
+        os.close(second)
+        assert not aio.probe(second)  # EBADF, from io_submit or from the reaped result
+        assert aio.probe(first)
+    finally:
+        aio.close()
+        os.close(first)
