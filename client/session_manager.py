@@ -68,7 +68,8 @@ STATUSES = {
     "rejected": "REJECTED",
 }
 # GONE: no longer at the exchange, and how it ended could not be told for sure (the exchange
-# forgets finished orders when it restarts; its audit log has the story). Final, but any
+# keeps each account's last 1,000 finished orders, 100,000 in all; its audit log has the
+# story of older ones). Final, but any
 # word of the exchange about the order (a report, a listing, ``settle``) replaces it.
 GONE = "GONE"
 FINAL = frozenset({"FILLED", "CANCELED", "EXPIRED", "REJECTED", GONE})

@@ -1026,8 +1026,8 @@ class TerminalApp:
         except ExchangeError as exc:
             if exc.code == "unknown_order":
                 self.error(f"order {order_id} is not one of yours at the exchange: not open, and "
-                           "not among the orders finished since it started ('history' shows "
-                           "this computer's record)")
+                           "not among the finished orders it keeps ('history' shows this "
+                           "computer's record)")
             else:
                 self.error(f"cannot ask about order {order_id}: {exc.message}")
             return

@@ -698,7 +698,7 @@ class Gateway:
 
     def _not_kept(self) -> str:
         return (f"not open, and not among the finished orders the exchange keeps (each account's "
-                f"last {self.finished.per_user:,})")
+                f"last {self.finished.per_user:,}, {self.finished.kept:,} in all)")
 
     def op_book(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
         market, depth, level = book_request(self.config, msg)

@@ -198,18 +198,29 @@ class FinishedOrders:
             self._by_client_id[(ev.account, coid)] = ev
         if len(mine) > self.per_user:
             self._forget(mine.popleft())
+            if not mine:  # ``per_user`` 0: nothing kept
+                del self._per_user[ev.account]
         everyone = self._ids
         while len(self.by_id) > self.kept and everyone:
-            self._forget(everyone.popleft())
+            old = self._forget(everyone.popleft())
+            if old is not None:
+                # The oldest kept order of all is its user's oldest kept too: each user's
+                # deque holds exactly its kept orders, and goes with the last of them (an
+                # account that finished one order once must not hold memory for ever).
+                theirs = self._per_user[old.account]
+                theirs.popleft()
+                if not theirs:
+                    del self._per_user[old.account]
         if len(everyone) > 2 * len(self.by_id) + 1024:  # ids a user's own limit forgot
             self._ids = deque(i for i in everyone if i in self.by_id)
 
-    def _forget(self, oid: int) -> None:
+    def _forget(self, oid: int) -> ExecReport | None:
         old = self.by_id.pop(oid, None)
         if old is not None and old.client_order_id is not None:
             key = (old.account, old.client_order_id)
             if self._by_client_id.get(key) is old:
                 del self._by_client_id[key]
+        return old
 
     def export(self) -> dict[str, Any]:
         """The table as JSON-ready rows of ``FINISHED_FIELDS``, oldest first (the enums are
@@ -224,12 +235,21 @@ class FinishedOrders:
             ],
         }
 
-    def load(self, data: Any) -> None:
-        """Add the rows of an ``export`` (after what it holds); raises ``StateError``."""
+    def load(self, data: Any, markets: set[str] | None = None) -> int:
+        """Add the rows of an ``export`` (after what it holds), all or none; raises
+        ``StateError``. Only rows of ``markets`` (default: all) are added: a market removed
+        or given other units since would misread their integers. Returns how many rows
+        were left out for that."""
+        reports: list[ExecReport] = []
+        seen: set[int] = set(self.by_id)
+        dropped = 0
         try:
             if data["fields"] != list(FINISHED_FIELDS):
                 raise StateError(f"finished orders: unknown fields {data['fields']!r}")
-            for row in data["rows"]:
+            rows = data["rows"]
+            if type(rows) is not list:
+                raise StateError("finished orders: 'rows' must be a list")
+            for row in rows:
                 (oid, account, market, side, otype, tif, coid, price, qty, filled, remaining,
                  cost, status, ts, exec_type) = row
                 # One test per row (a restart loads up to 100,000 of them); details on failure.
@@ -243,14 +263,46 @@ class FinishedOrders:
                         coid is not None and type(coid) is not str):
                     raise StateError(f"finished order {oid}: account, market and client "
                                      "order id must be strings")
-                self.add(ExecReport(
+                if oid in seen:
+                    raise StateError(f"finished order {oid} appears twice")
+                seen.add(oid)
+                report = ExecReport(
                     _EXEC_OF[exec_type], oid, account, market, _SIDE_OF[side], _TYPE_OF[otype],
                     _TIF_OF[tif], coid, price, qty, filled, remaining, cost, _FINAL_STATUS[status], ts,
-                ))
+                )
+                if markets is not None and market not in markets:
+                    dropped += 1
+                else:
+                    reports.append(report)
         except StateError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"malformed finished orders ({type(exc).__name__}: {exc})") from None
+        for report in reports:
+            self.add(report)
+        return dropped
+
+
+def same_unit_markets(saved: Any, config: MarketConfig) -> set[str]:
+    """The markets of ``config`` whose stored integers (ticks, lots, minor units) mean what
+    they meant under ``saved``, a snapshot's market configuration (``config_fingerprint``)."""
+    try:
+        assets = saved["assets"]
+        before = {m["symbol"]: m for m in saved["markets"]}
+    except (KeyError, TypeError):
+        return set()
+    if not isinstance(assets, dict):
+        return set()
+    out: set[str] = set()
+    for symbol, spec in config.markets.items():
+        old = before.get(symbol)
+        if not isinstance(old, dict):
+            continue
+        now = spec.describe()
+        if all(old.get(key) == now[key] for key in _UNIT_FIELDS) and all(
+                assets.get(name) == config.assets[name].decimals for name in (now["base"], now["quote"])):
+            out.add(symbol)
+    return out
 
 
 def state_summary(data: dict[str, Any]) -> dict[str, int]:

@@ -59,7 +59,7 @@ from exchange.state import FinishedOrders, StateError, export_state, import_stat
 from storage.audit import POSITION_FILE, AuditLog
 from storage.journal import JOURNAL_DIR, JournalError
 from storage.ledger import LEDGER_FILE, TradeLedger
-from storage.persistence import FollowerError, config_fingerprint, same_config
+from storage.persistence import FollowerError, config_fingerprint, load_finished, same_config
 from storage.snapshot import SNAPSHOT_FILE, SnapshotError, read_snapshot, write_snapshot
 from storage.tail import JournalTail, Replay
 
@@ -106,13 +106,12 @@ class Follower:
             raise FollowerError(f"no snapshot in {self.data_dir}: the server writes one at start-up")
         if not same_config(content.get("config"), config_fingerprint(self.config)):
             raise FollowerError("the snapshot was written under another market configuration")
-        finished = FinishedOrders()
         try:
             engine = import_state(self.config, content["state"])
-            if "finished" in content:
-                finished.load(content["finished"])
         except (StateError, KeyError, TypeError) as exc:
             raise FollowerError(f"snapshot {path} cannot be restored: {exc}") from None
+        finished = FinishedOrders()
+        load_finished(finished, content, self.config, path)
         lsn = int(content["journal_lsn"])
         self._replay = Replay(engine, self.audit, lsn, int(content.get("last_ts", 0)), finished)
         self.ledger.open()

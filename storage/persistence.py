@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 from exchange.engine import Exchange
 from exchange.markets import MarketConfig
-from exchange.state import FinishedOrders, StateError, export_state, import_state
+from exchange.state import FinishedOrders, StateError, export_state, import_state, same_unit_markets
 from exchange.types import CommandRejected, Event, ExecReport, ExecType, STPMode, Trade
 from storage.lock import DataDirBusy, DataDirLock
 from storage.journal import (
@@ -74,6 +74,29 @@ def config_fingerprint(config: MarketConfig) -> dict[str, Any]:
         "assets": {name: a.decimals for name, a in config.assets.items()},
         "markets": [m.describe() for m in config.markets.values()],
     }
+
+
+def load_finished(finished: FinishedOrders, content: dict[str, Any], config: MarketConfig, where: Path) -> None:
+    """A snapshot's finished orders into ``finished``. What cannot be restored is left out
+    with a log line, never a refused start: it is order history, not trading state. Orders
+    of a market removed or given other units since are left out (their integers would be
+    misread); snapshots from before finished orders were kept have none."""
+    data = content.get("finished")
+    if data is None:
+        return
+    saved = content.get("config")
+    markets = None
+    if saved is not None and not same_config(saved, config_fingerprint(config)):
+        markets = same_unit_markets(saved, config)
+    try:
+        dropped = finished.load(data, markets)
+    except StateError as exc:
+        log.error("snapshot %s: its finished orders cannot be restored (%s); order_status "
+                  "will not answer for them", where, exc)
+        return
+    if dropped:
+        log.warning("snapshot %s: %d finished orders of markets removed or given other units "
+                    "since are left out; order_status will not answer for them", where, dropped)
 
 
 class ReplayListener(Protocol):
@@ -192,14 +215,13 @@ class Persistence:
                 if type(lsn) is not int or lsn < 0 or type(last_ts) is not int:
                     raise StateError("journal_lsn and last_ts must be integers")
                 engine = import_state(self.config, state)
-                if "finished" in content:  # snapshots before it have none
-                    self.finished.load(content["finished"])
             except (StateError, KeyError, TypeError) as exc:
                 raise RecoveryError(
                     f"snapshot {self.snapshot_path} cannot be restored: {exc}; "
                     "the file is left as it is for inspection"
                 ) from None
             snap_trades = engine.next_trade_id - 1
+            load_finished(self.finished, content, self.config, self.snapshot_path)
         snapshot_lsn = lsn
 
         # Replay the journal through the same engine.

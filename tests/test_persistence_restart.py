@@ -478,3 +478,48 @@ async def test_order_status_still_answers_for_finished_orders_after_restarts_and
         if eng.proc is not None and eng.proc.returncode is None:
             eng.proc.kill()
             await asyncio.wait_for(eng.proc.wait(), T)
+
+
+async def test_finished_orders_of_a_removed_market_are_left_out_after_a_restart(tmp_path: Path) -> None:
+    """Restarted without ACME-USD, the exchange has no units to read that market's old orders
+    with: they are left out (with a warning), the other markets' stay, and they do not come
+    back misread when ACME-USD returns with another tick (a price of 99.00 would have read
+    as 9.900)."""
+    import copy
+    import json
+
+    from exchange.markets import DEFAULT_CONFIG
+
+    eng = Engine(tmp_path / "data")
+    try:
+        await eng.start()
+        alice = await eng.client("alice")
+        acme = await alice.buy("ACME-USD", "2", "99.00", client_order_id="acme-1")
+        await alice.cancel(acme["order_id"])
+        btc = await alice.buy("BTC-USD", "0.5", "90.00", client_order_id="btc-1")
+        await alice.cancel(btc["order_id"])
+        before = await finished_answers(eng, [("alice", btc["order_id"], "btc-1")])
+        assert await eng.stop() == 0
+        without = copy.deepcopy(DEFAULT_CONFIG)
+        without["markets"] = [m for m in without["markets"] if m["symbol"] != "ACME-USD"]
+        retick = copy.deepcopy(DEFAULT_CONFIG)
+        next(m for m in retick["markets"] if m["symbol"] == "ACME-USD")["tick_size"] = "0.001"
+        for n, markets in enumerate((without, retick)):
+            path = tmp_path / f"markets{n}.json"
+            path.write_text(json.dumps(markets))
+            await eng.start("--markets", str(path))
+            assert await finished_answers(eng, [("alice", btc["order_id"], "btc-1")]) == before
+            alice = await eng.client("alice")
+            for ask in (alice.order_status(acme["order_id"]), alice.order_status(client_order_id="acme-1")):
+                with pytest.raises(ExchangeError) as err:
+                    await ask
+                assert err.value.code == "unknown_order"
+            assert await eng.stop() == 0
+            assert b"Traceback" not in eng.stderr
+            if n == 0:
+                assert b"1 finished orders of markets removed or given other units" in eng.stderr
+    finally:
+        await eng._drop_clients()
+        if eng.proc is not None and eng.proc.returncode is None:
+            eng.proc.kill()
+            await asyncio.wait_for(eng.proc.wait(), T)

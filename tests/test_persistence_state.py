@@ -15,13 +15,18 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from engine_helpers import fingerprint
 from test_engine_determinism import seeded_stream
 
 from exchange.engine import Exchange
 from exchange.markets import build_config, default_config, DEFAULT_CONFIG
-from exchange.state import FINISHED_FIELDS, STATE_VERSION, FinishedOrders, StateError, export_state, import_state
+from exchange.state import (
+    FINISHED_FIELDS, STATE_VERSION, FinishedOrders, StateError, export_state, import_state, same_unit_markets,
+)
 from exchange.types import ExecReport, ExecType, OrderStatus, OrderType, Side, STPMode, TimeInForce
+from storage.persistence import config_fingerprint, load_finished
 
 
 def through_json(data: dict[str, Any]) -> dict[str, Any]:
@@ -191,3 +196,92 @@ def test_a_finished_order_with_amounts_beyond_64_bits_is_kept_exactly() -> None:
     restored = FinishedOrders()
     restored.load(json.loads(json.dumps(table.export())))
     assert table_view(restored) == table_view(table)
+
+
+def canceled(oid: int, account: str, market: str = "BTC-USD") -> ExecReport:
+    return ExecReport(ExecType.CANCELED, oid, account, market, Side.BUY, OrderType.LIMIT,
+                      TimeInForce.GTC, f"c{oid % 3}", 100, 5, 0, 5, 0, OrderStatus.CANCELED, oid)
+
+
+@settings(max_examples=300, deadline=None)
+@given(accounts=st.lists(st.sampled_from("abcdefg"), max_size=300), kept=st.integers(1, 25),
+       per_user=st.integers(0, 10))
+def test_the_table_is_each_users_last_orders_then_the_newest_of_those(accounts: list[str], kept: int,
+                                                                       per_user: int) -> None:
+    """The rule ``order_status`` keeps, stated plainly: of each account's last ``per_user``
+    finished orders, the newest ``kept``, oldest first. Memory follows the table: no
+    per-account queue outlives the account's last kept order."""
+    table = FinishedOrders(kept, per_user)
+    for oid, account in enumerate(accounts, 1):
+        table.add(canceled(oid, account))
+        last = {a: [i for i, x in enumerate(accounts[:oid], 1) if x == a][-per_user:] if per_user else []
+                for a in set(accounts[:oid])}
+        expected = sorted(i for ids in last.values() for i in ids)[-kept:]
+        assert list(table.by_id) == expected
+        assert set(table._per_user) == {table.by_id[i].account for i in expected}
+        for n in range(3):
+            newest = [i for i in expected if i % 3 == n]
+            for a in "abcdefg":
+                mine = [i for i in newest if accounts[i - 1] == a]
+                found = table.by_client_id(a, f"c{n}")
+                latest = max((i for i, x in enumerate(accounts[:oid], 1) if x == a and i % 3 == n), default=None)
+                assert (found.order_id if found else None) == (latest if latest in mine else None)
+
+
+def test_an_account_that_finished_one_order_long_ago_holds_no_memory() -> None:
+    table = FinishedOrders(kept=100, per_user=10)
+    for oid in range(1, 10_001):
+        table.add(canceled(oid, f"user{oid}"))  # every order a new account, as open mode allows
+    assert len(table) == 100 and len(table._per_user) == 100 and len(table._ids) <= 2 * 100 + 1024
+
+
+def test_loading_finished_orders_is_all_or_nothing_and_leaves_out_other_markets() -> None:
+    table = FinishedOrders()
+    for oid, market in enumerate(["BTC-USD", "ACME-USD", "BTC-USD"], 1):
+        table.add(canceled(oid, "alice", market))
+    data = through_json(table.export())
+    restored = FinishedOrders()
+    assert restored.load(data, {"BTC-USD"}) == 1
+    assert list(restored.by_id) == [1, 3]
+    twice = copy.deepcopy(data)
+    twice["rows"].append(twice["rows"][0])
+    fresh = FinishedOrders()
+    with pytest.raises(StateError, match="appears twice"):
+        fresh.load(twice)
+    assert len(fresh) == 0  # nothing half-loaded
+    with pytest.raises(StateError, match="must be a list"):
+        fresh.load({"fields": data["fields"], "rows": {}})
+
+
+def test_markets_keep_their_finished_orders_only_with_the_same_units() -> None:
+    saved = config_fingerprint(default_config())
+    changed = copy.deepcopy(DEFAULT_CONFIG)
+    changed["markets"][1]["tick_size"] = "0.001"  # ACME-USD prices mean something else now
+    assert same_unit_markets(saved, build_config(changed)) == {"BTC-USD"}
+    fees = copy.deepcopy(DEFAULT_CONFIG)
+    fees["fees"] = {"maker_fee_bps": 0, "taker_fee_bps": 5}  # fees do not change stored integers
+    assert same_unit_markets(saved, build_config(fees)) == {"BTC-USD", "ACME-USD"}
+    decimals = copy.deepcopy(DEFAULT_CONFIG)
+    decimals["assets"]["USD"] = 8  # every USD amount is stored in other minor units
+    assert same_unit_markets(saved, build_config(decimals)) == set()
+    assert same_unit_markets({"assets": 1, "markets": 2}, default_config()) == set()
+
+
+def test_a_snapshot_whose_finished_orders_cannot_be_read_still_starts_without_them(caplog, tmp_path) -> None:
+    """They are order history, not trading state: a start is not refused for them."""
+    good = FinishedOrders()
+    good.add(canceled(1, "alice"))
+    content = {"config": config_fingerprint(default_config()), "finished": through_json(good.export())}
+    table = FinishedOrders()
+    load_finished(table, content, default_config(), tmp_path / "snapshot.json")
+    assert list(table.by_id) == [1]
+    for broken in ("garbage", {"fields": FINISHED_FIELDS}, {"fields": list(FINISHED_FIELDS), "rows": [[1]]}):
+        table = FinishedOrders()
+        with caplog.at_level("ERROR"):
+            load_finished(table, {**content, "finished": broken}, default_config(), tmp_path / "snapshot.json")
+        assert len(table) == 0
+        assert "finished orders cannot be restored" in caplog.text
+        caplog.clear()
+    table = FinishedOrders()
+    load_finished(table, {"state": {}}, default_config(), tmp_path / "snapshot.json")  # from before
+    assert len(table) == 0
