@@ -202,15 +202,20 @@ class FinishedOrders:
                 del self._per_user[ev.account]
         everyone = self._ids
         while len(self.by_id) > self.kept and everyone:
-            old = self._forget(everyone.popleft())
+            gone = everyone.popleft()
+            old = self._forget(gone)
             if old is not None:
                 # The oldest kept order of all is its user's oldest kept too: each user's
                 # deque holds exactly its kept orders, and goes with the last of them (an
                 # account that finished one order once must not hold memory for ever).
-                theirs = self._per_user[old.account]
-                theirs.popleft()
-                if not theirs:
-                    del self._per_user[old.account]
+                theirs = self._per_user.get(old.account)
+                if theirs:
+                    if theirs[0] == gone:
+                        theirs.popleft()
+                    elif gone in theirs:  # never, short of an id finishing twice
+                        theirs.remove(gone)
+                    if not theirs:
+                        del self._per_user[old.account]
         if len(everyone) > 2 * len(self.by_id) + 1024:  # ids a user's own limit forgot
             self._ids = deque(i for i in everyone if i in self.by_id)
 
@@ -235,11 +240,12 @@ class FinishedOrders:
             ],
         }
 
-    def load(self, data: Any, markets: set[str] | None = None) -> int:
+    def load(self, data: Any, markets: set[str] | None = None, engine: Exchange | None = None) -> int:
         """Add the rows of an ``export`` (after what it holds), all or none; raises
         ``StateError``. Only rows of ``markets`` (default: all) are added: a market removed
-        or given other units since would misread their integers. Returns how many rows
-        were left out for that."""
+        or given other units since would misread their integers. With ``engine`` (the state
+        they were saved with), an order still open there or with an id it has not handed
+        out yet is refused. Returns how many rows were left out for the markets."""
         reports: list[ExecReport] = []
         seen: set[int] = set(self.by_id)
         dropped = 0
@@ -265,6 +271,9 @@ class FinishedOrders:
                                      "order id must be strings")
                 if oid in seen:
                     raise StateError(f"finished order {oid} appears twice")
+                if engine is not None and (oid >= engine.next_order_id or oid in engine.orders):
+                    raise StateError(f"finished order {oid} is open, or not handed out yet, in "
+                                     "the saved state")
                 seen.add(oid)
                 report = ExecReport(
                     _EXEC_OF[exec_type], oid, account, market, _SIDE_OF[side], _TYPE_OF[otype],

@@ -111,7 +111,7 @@ class Follower:
         except (StateError, KeyError, TypeError) as exc:
             raise FollowerError(f"snapshot {path} cannot be restored: {exc}") from None
         finished = FinishedOrders()
-        load_finished(finished, content, self.config, path)
+        load_finished(finished, content, self.config, path, engine)
         lsn = int(content["journal_lsn"])
         self._replay = Replay(engine, self.audit, lsn, int(content.get("last_ts", 0)), finished)
         self.ledger.open()

@@ -76,8 +76,10 @@ def config_fingerprint(config: MarketConfig) -> dict[str, Any]:
     }
 
 
-def load_finished(finished: FinishedOrders, content: dict[str, Any], config: MarketConfig, where: Path) -> None:
-    """A snapshot's finished orders into ``finished``. What cannot be restored is left out
+def load_finished(finished: FinishedOrders, content: dict[str, Any], config: MarketConfig, where: Path,
+                  engine: Exchange) -> None:
+    """A snapshot's finished orders into ``finished`` (``engine``: the snapshot's state,
+    restored). What cannot be restored is left out
     with a log line, never a refused start: it is order history, not trading state. Orders
     of a market removed or given other units since are left out (their integers would be
     misread); snapshots from before finished orders were kept have none."""
@@ -89,7 +91,7 @@ def load_finished(finished: FinishedOrders, content: dict[str, Any], config: Mar
     if saved is not None and not same_config(saved, config_fingerprint(config)):
         markets = same_unit_markets(saved, config)
     try:
-        dropped = finished.load(data, markets)
+        dropped = finished.load(data, markets, engine)
     except StateError as exc:
         log.error("snapshot %s: its finished orders cannot be restored (%s); order_status "
                   "will not answer for them", where, exc)
@@ -221,7 +223,7 @@ class Persistence:
                     "the file is left as it is for inspection"
                 ) from None
             snap_trades = engine.next_trade_id - 1
-            load_finished(self.finished, content, self.config, self.snapshot_path)
+            load_finished(self.finished, content, self.config, self.snapshot_path, engine)
         snapshot_lsn = lsn
 
         # Replay the journal through the same engine.

@@ -273,15 +273,21 @@ def test_a_snapshot_whose_finished_orders_cannot_be_read_still_starts_without_th
     good.add(canceled(1, "alice"))
     content = {"config": config_fingerprint(default_config()), "finished": through_json(good.export())}
     table = FinishedOrders()
-    load_finished(table, content, default_config(), tmp_path / "snapshot.json")
+    engine = Exchange()
+    engine.next_order_id = 2  # order 1 was handed out, and is not open
+    load_finished(table, content, default_config(), tmp_path / "snapshot.json", engine)
     assert list(table.by_id) == [1]
-    for broken in ("garbage", {"fields": FINISHED_FIELDS}, {"fields": list(FINISHED_FIELDS), "rows": [[1]]}):
+    not_yet = copy.deepcopy(content["finished"])
+    not_yet["rows"][0][0] = 2  # an id the state has not handed out: it would finish twice
+    for broken in ("garbage", {"fields": FINISHED_FIELDS}, {"fields": list(FINISHED_FIELDS), "rows": [[1]]},
+                   not_yet):
         table = FinishedOrders()
         with caplog.at_level("ERROR"):
-            load_finished(table, {**content, "finished": broken}, default_config(), tmp_path / "snapshot.json")
+            load_finished(table, {**content, "finished": broken}, default_config(), tmp_path / "snapshot.json",
+                          engine)
         assert len(table) == 0
         assert "finished orders cannot be restored" in caplog.text
         caplog.clear()
     table = FinishedOrders()
-    load_finished(table, {"state": {}}, default_config(), tmp_path / "snapshot.json")  # from before
+    load_finished(table, {"state": {}}, default_config(), tmp_path / "snapshot.json", engine)  # from before
     assert len(table) == 0
