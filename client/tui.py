@@ -826,20 +826,16 @@ class TerminalApp:
         n_open = len(self.history.open_orders())
         self.say(("class:dim", f"Order history: {self.history.path} ({len(self.history)} orders, {n_open} open)"))
         if self._settled:
-            ended = ", ".join(f"{r.get('order_id')} {_how_it_ended(r)}" for r in self._settled[:10])
-            more = f"... ({len(self._settled)} in all)" if len(self._settled) > 10 else ""
-            self.say(f"While this client was away: order {ended}{more}")
+            ended = _first_ten(self._settled, lambda r: f"{r.get('order_id')} {_how_it_ended(r)}")
+            self.say(f"While this client was away: order {ended}")
         if self._gone:
-            ids = ", ".join(str(r.get("order_id")) for r in self._gone[:10])
-            more = f"... ({len(self._gone)} in all)" if len(self._gone) > 10 else ""
-            self.warn(f"orders {ids}{more} ended while this client was away, and how could not be "
+            ids = _first_ten(self._gone, lambda r: str(r.get("order_id")))
+            self.warn(f"orders {ids} ended while this client was away, and how could not be "
                       "told for sure (the exchange no longer remembers them, or its answer does not "
                       "match this computer's record): marked GONE in your history; 'status ID' asks "
                       "again, the exchange's audit log has their story")
         if self._stale:
-            ids = ", ".join(_order_name(r) for r in self._stale[:10])
-            more = f"... ({len(self._stale)} in all)" if len(self._stale) > 10 else ""
-            self.warn(f"orders {ids}{more} are open in your history but no longer at the exchange; "
+            self.warn(f"orders {_first_ten(self._stale, _order_name)} are open in your history but no longer at the exchange; "
                       "how they ended is not known yet")
 
     async def _repl(self) -> int:
@@ -1031,7 +1027,7 @@ class TerminalApp:
             else:
                 self.error(f"cannot ask about order {order_id}: {exc.message}")
             return
-        final = status.get("status") not in ("new", "partially_filled")
+        final = status.get("status") not in _STILL_OPEN
         self._order_table([status], "ended" if final else "placed")
         record = self.history.get(order_id)
         if final and record is not None and self.history.settle(record, status):
@@ -1288,6 +1284,12 @@ def _order_name(record: dict[str, Any]) -> str:
     return f"({record.get('side')} {record.get('qty')} {record.get('market')} @ {record.get('price')}, never acknowledged)"
 
 
+def _first_ten(records: list[dict[str, Any]], name: Callable[[dict[str, Any]], str]) -> str:
+    """``a, b, c`` for a few orders; the first ten and how many in all for more."""
+    listed = ", ".join(name(r) for r in records[:10])
+    return listed + (f"... ({len(records)} in all)" if len(records) > 10 else "")
+
+
 def _how_it_ended(record: dict[str, Any]) -> str:
     """``filled``, ``canceled``, or ``canceled (0.3000 of 1.0000 filled)``."""
     status = str(record.get("status")).lower()
@@ -1297,6 +1299,7 @@ def _how_it_ended(record: dict[str, Any]) -> str:
     return status
 
 
+_STILL_OPEN = ("new", "partially_filled")  # an order's status on the wire while it rests
 STATUS_QUERIES = 200  # orders that ended while away asked about at start-up, at most
 RATE_LIMIT_PAUSE = 1.0  # seconds: a token bucket refills at its rate per second
 
@@ -1339,7 +1342,7 @@ async def _ask_how_they_ended(
                     unanswered.append(record)
                     continue
                 reply = None
-            if reply is not None and reply.get("status") in ("new", "partially_filled"):
+            if reply is not None and reply.get("status") in _STILL_OPEN:
                 continue  # open after all (placed from another terminal just now): left as it is
             if reply is not None and history.settle(record, reply):
                 settled.append(record)

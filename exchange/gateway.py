@@ -61,7 +61,7 @@ from exchange.protocol import (
     subscription,
     user_name,
 )
-from exchange.state import FinishedOrders
+from exchange.state import FinishedOrders, is_finished
 from exchange.types import (
     BalanceChanged,
     BookDelta,
@@ -98,9 +98,6 @@ class CommandJournal(Protocol):
 
 
 _REJECTED: Final = ExecType.REJECTED
-_FILLED: Final = OrderStatus.FILLED
-_CANCELED: Final = OrderStatus.CANCELED
-_EXPIRED: Final = OrderStatus.EXPIRED
 
 
 @dataclass
@@ -449,8 +446,7 @@ class Gateway:
         for ev in events:
             cls = ev.__class__
             if cls is ExecReport:
-                status = ev.status  # type: ignore[attr-defined]
-                if status is _FILLED or status is _CANCELED or status is _EXPIRED:
+                if is_finished(ev.status):  # type: ignore[attr-defined]
                     self.finished.add(ev)  # type: ignore[arg-type]
                 sessions = self.by_user.get(ev.account)  # type: ignore[attr-defined]
                 if not sessions:

@@ -144,6 +144,12 @@ _TIF_OF: Final = {m.value: m for m in TimeInForce}
 _EXEC_OF: Final = {m.value: m for m in ExecType}
 
 
+def is_finished(status: OrderStatus) -> bool:
+    """Whether a report with this status is an order's last (what ``FinishedOrders`` keeps;
+    a rejected order never got an order id)."""
+    return status is _FILLED or status is _CANCELED or status is _EXPIRED
+
+
 class FinishedOrders:
     """The last report of each recently finished order: what ``order_status`` answers once
     the order has left the book.
@@ -177,10 +183,8 @@ class FinishedOrders:
     def observe(self, events: list[Event]) -> None:
         """Keep the final reports among one command's events."""
         for ev in events:
-            if ev.__class__ is ExecReport:
-                status = ev.status  # type: ignore[attr-defined]
-                if status is _FILLED or status is _CANCELED or status is _EXPIRED:
-                    self.add(ev)  # type: ignore[arg-type]
+            if ev.__class__ is ExecReport and is_finished(ev.status):  # type: ignore[attr-defined]
+                self.add(ev)  # type: ignore[arg-type]
 
     def add(self, ev: ExecReport) -> None:
         """Keep ``ev``, an order's final report, within the bounds."""

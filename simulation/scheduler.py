@@ -632,7 +632,7 @@ class SlotProcessor:
         try:
             rep = await gw.place(
                 slot.market, slot.side, slot.qty, slot.price, tif=slot.tif,
-                client_order_id=f"{self.run.id}-{slot.index}"[:64],
+                client_order_id=self._client_order_id(slot),
             )
         except GatewayConnectionError as exc:
             wallet.release(asset, commit)
@@ -664,10 +664,14 @@ class SlotProcessor:
                 slot.order_id = None  # the IOC rest expired: nothing to cancel, may retry
                 raise SlotFailed("not_filled")
 
+    def _client_order_id(self, slot: Slot) -> str:
+        """The id the slot's order is sent with, so that a resumed run can find it."""
+        return f"{self.run.id}-{slot.index}"[:64]
+
     async def _resting(self, slot: Slot) -> int | None:
         """The id of the slot's order resting at the exchange (its client order id, side,
         price and quantity), if any; ``GatewayError`` when the exchange cannot be asked."""
-        coid = f"{self.run.id}-{slot.index}"[:64]
+        coid = self._client_order_id(slot)
         spec = self.config.markets[slot.market]
         price, qty = spec.price_ticks(slot.price), spec.qty_lots(slot.qty)
         mine = await self.gateways[slot.account].open_orders(slot.market)
