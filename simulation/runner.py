@@ -36,7 +36,7 @@ from simulation.ledger_writer import LedgerWriterError
 from storage.lock import DataDirBusy
 from simulation.gateway import Gateway, GatewayConnectionError, GatewayError
 from simulation.report import build_report, failures_by_reason, format_report, last_prices
-from simulation.tcp import BookMirror, TcpGateway, fetch_config, market_differences, market_prices
+from simulation.tcp import BookMirror, Credentials, TcpGateway, fetch_config, market_differences, market_prices
 
 DEFAULT_AGENTS = {"random": 20, "mm": 2, "twap": 1, "passive": 1}
 DEFAULT_PROFILES: dict[str, dict[str, str]] = {
@@ -72,7 +72,8 @@ class SimConfig:
     data_dir: Path = Path("data")
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    prefix: str | None = None  # account name prefix (TCP default: unique per run)
+    prefix: str | None = None  # account name prefix (TCP default: unique per run; "" with credentials)
+    credentials: Credentials | None = None  # tokens for an exchange in --auth keys mode (TCP)
     report_file: Path | None = None
     plot_file: Path | None = None
     progress: bool = True
@@ -423,7 +424,8 @@ async def run_tcp(
     given = market_config(cfg) if cfg.markets_file is not None else None
     config = await exchange_markets(cfg, given, f"the markets file {cfg.markets_file}")
     if cfg.prefix is None:
-        cfg.prefix = f"sim{time.time_ns() % 10**8:08d}-"
+        # With credentials the accounts are the exchange's listed ones: their names as given.
+        cfg.prefix = "" if cfg.credentials is not None else f"sim{time.time_ns() % 10**8:08d}-"
     profiles = profiles_for(cfg, config)
     try:
         prices = await market_prices(cfg.host, cfg.port, config)
@@ -445,6 +447,9 @@ async def run_tcp(
     except GatewayError as exc:  # e.g. a --markets file naming a market it does not have
         raise SimulationError(f"cannot follow the exchange's books: {exc.message}") from None
     gateways = await _connect_all(cfg, config, names, mirror)
+    if cfg.credentials is not None and cfg.credentials.admin is None:
+        for agent in agents:  # no admin to deposit: the agents trade what their accounts hold
+            agent.funding = {}
     halt = asyncio.Event()
     for agent, gw in zip(agents, gateways):
         agent.gw = gw
@@ -540,7 +545,7 @@ async def run_tcp(
         for task in tasks:
             if task.done() and not task.cancelled():
                 task.exception()  # reported in failures, or superseded by the run's error
-        await asyncio.gather(mirror.close(), *(gw.close() for gw in gateways), return_exceptions=True)
+        await asyncio.gather(mirror.close(), close_gateways(gateways), return_exceptions=True)
     latencies = [ns for gw in gateways for ns in gw.ack_latencies_ns]
     report = build_report(
         agents, config, mode="tcp", elapsed_s=elapsed, sim_elapsed_s=None,
@@ -663,16 +668,32 @@ async def _connect_all(
     cfg: SimConfig, config: MarketConfig, names: list[str], mirror: BookMirror | None,
 ) -> list[TcpGateway]:
     """One logged-in session per agent, or none at all: if any fails (or the run is
-    interrupted), the sessions already open and the mirror are closed before the error."""
+    interrupted), the sessions already open and the mirror are closed before the error.
+
+    With ``--credentials`` each logs in with its account's token, and when the file names
+    an admin, one more session logs in as the admin: the agents' deposits go through it
+    (``TcpGateway.funder``; ``close_gateways`` closes it with them)."""
+    creds = cfg.credentials
+
+    async def connect(name: str, token: str | None, feed: BookMirror | None) -> TcpGateway:
+        try:
+            return await TcpGateway.connect(cfg.host, cfg.port, name, config, mirror=feed, token=token)
+        except GatewayError as exc:
+            if isinstance(exc, GatewayConnectionError):
+                raise
+            raise GatewayError(exc.code, f"{exc.message} (account {name!r})") from None
+
     connects = [
-        asyncio.ensure_future(TcpGateway.connect(cfg.host, cfg.port, name, config, mirror=mirror))
+        asyncio.ensure_future(connect(name, creds.token_for(name) if creds is not None else None, mirror))
         for name in names
     ]
+    if creds is not None and creds.admin is not None:
+        connects.append(asyncio.ensure_future(connect(*creds.admin, None)))
     try:
-        return list(await asyncio.gather(*connects))
+        gateways = list(await asyncio.gather(*connects))
     except BaseException as exc:
-        for connect in connects:
-            connect.cancel()
+        for pending in connects:
+            pending.cancel()
         done = await asyncio.gather(*connects, return_exceptions=True)
         await asyncio.gather(
             *([mirror.close()] if mirror is not None else []),
@@ -684,8 +705,29 @@ async def _connect_all(
                 _unreachable(cfg, exc.message)
             ) from None
         if isinstance(exc, GatewayError):
-            raise SimulationError(f"the exchange refused an agent's session: {exc.message}") from None
+            hint = ""
+            if exc.code == "auth_failed" and creds is None:
+                hint = ("; an exchange run with --auth keys admits only its listed users: give "
+                        "their tokens with --credentials FILE (docs/simulation.md)")
+            raise SimulationError(f"the exchange refused an agent's session: {exc.message}{hint}") from None
         raise
+    if len(gateways) > len(names):
+        funder = gateways.pop()
+        if not funder.admin:
+            await close_gateways([funder, *gateways])
+            if mirror is not None:
+                await mirror.close()
+            raise SimulationError(f"the credentials' admin {funder.account!r} has no admin rights on "
+                                  "this exchange, so it cannot fund the agents")
+        for gw in gateways:
+            gw.funder = funder
+    return gateways
+
+
+async def close_gateways(gateways: list[TcpGateway]) -> None:
+    """Close the sessions and the admin session their deposits went through, if any."""
+    funders = {id(gw.funder): gw.funder for gw in gateways if gw.funder is not None}
+    await asyncio.gather(*(gw.close() for gw in [*gateways, *funders.values()]), return_exceptions=True)
 
 
 async def _tcp_tops_of_any(
@@ -856,6 +898,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data-dir", type=Path, default=None, help="where trades.jsonl and runs go (default ./data)")
     ap.add_argument("--host", default=None, help="exchange host (TCP mode, default 127.0.0.1)")
     ap.add_argument("--port", type=port_number, default=None, help=f"exchange port (TCP mode, default {DEFAULT_PORT})")
+    ap.add_argument("--credentials", type=Path, default=None, metavar="FILE",
+                    help="TCP mode against an exchange run with --auth keys: the agents' tokens and "
+                         "an admin to fund them (docs/simulation.md)")
     ap.add_argument("--no-progress", action="store_true", help="no live progress line")
     ap.add_argument("--schedule", action="store_true", help="run the config's scheduled action slots")
     ap.add_argument("--resume", metavar="ID", default=None, help="continue a saved scheduled run")
@@ -896,6 +941,10 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     if args.data_dir is not None:
         cfg.data_dir = args.data_dir
     cfg.embedded = cfg.embedded or args.embedded
+    if args.credentials is not None:
+        cfg.credentials = read_credentials(args.credentials)
+    if cfg.credentials is not None and cfg.embedded:
+        raise SimulationError("--credentials applies to TCP runs (the embedded exchange has no logins)")
     cfg.report_file = args.report
     cfg.plot_file = args.plot
     if cfg.plot_file is not None and not cfg.plot_file.suffix:
@@ -912,7 +961,22 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
 KNOWN_KEYS = {
     "agents", "duration", "orders", "rate", "seed", "embedded", "latency", "markets_file",
     "markets", "profiles", "funding", "params", "data_dir", "host", "port", "prefix", "schedule",
+    "credentials",
 }
+
+
+def read_credentials(path: Path) -> Credentials:
+    """``--credentials FILE`` (see ``simulation.tcp.Credentials``), or a one-line error."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SimulationError(f"cannot read the credentials file {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise SimulationError(f"the credentials file {path} is not valid JSON: {exc}") from None
+    try:
+        return Credentials.from_dict(data)
+    except ValueError as exc:
+        raise SimulationError(f"the credentials file {path}: {exc}") from None
 
 
 def apply_file_config(cfg: SimConfig, data: dict[str, Any]) -> None:
@@ -942,7 +1006,7 @@ def apply_file_config(cfg: SimConfig, data: dict[str, Any]) -> None:
         cfg.orders = orders
         if cfg.orders is not None and "duration" not in data:
             cfg.duration_s = None
-    for key, kinds in (("latency", (str,)), ("host", (str,)), ("prefix", (str,)),
+    for key, kinds in (("latency", (str,)), ("host", (str,)), ("prefix", (str,)), ("credentials", (str,)),
                        ("data_dir", (str,)), ("markets_file", (str,)), ("schedule", (dict,)),
                        ("funding", (dict,)), ("params", (dict,)), ("profiles", (dict,)),
                        ("port", (int,)), ("seed", (int,)), ("embedded", (bool,))):
@@ -962,6 +1026,8 @@ def apply_file_config(cfg: SimConfig, data: dict[str, Any]) -> None:
         cfg.trade_markets = None if chosen is None else list(chosen)
     if "data_dir" in data:
         cfg.data_dir = Path(data["data_dir"])
+    if data.get("credentials") is not None:
+        cfg.credentials = read_credentials(Path(data["credentials"]))
     for key in ("profiles", "funding", "params"):
         if key in data:
             setattr(cfg, key, dict(data[key]))

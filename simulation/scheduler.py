@@ -775,7 +775,8 @@ def _main_locked(cfg: Any, args: Any, store: RunStore, config: MarketConfig,
     ask = ask_terminal if sys.stdin.isatty() else None
 
     async def body(gateways: dict[str, Gateway], fund: bool) -> SlotProcessor:
-        if fund:
+        # Keys mode with no admin in --credentials: the accounts trade what they hold.
+        if fund and (cfg.credentials is None or cfg.credentials.admin is not None):
             for gw in gateways.values():
                 for asset, amount in sched.funding.items():
                     if asset in config.assets:
@@ -826,12 +827,12 @@ def _main_locked(cfg: Any, args: Any, store: RunStore, config: MarketConfig,
 
 async def _tcp_schedule(cfg: Any, sched: ScheduleConfig, config: MarketConfig, run: SimulationRun,
                         body: Callable[[dict[str, Gateway], bool], Awaitable[SlotProcessor]]) -> SlotProcessor:
-    from simulation.runner import _connect_all, exchange_markets
+    from simulation.runner import _connect_all, close_gateways, exchange_markets
 
     await exchange_markets(cfg, config, f"the markets file {cfg.markets_file}" if cfg.markets_file else "the built-in markets")
     gws = await _connect_all(cfg, config, list(sched.accounts), None)
     try:
         return await body(dict(zip(sched.accounts, gws)), not run.funded)
     finally:
-        await asyncio.gather(*(g.close() for g in gws), return_exceptions=True)
+        await close_gateways(gws)
 

@@ -318,6 +318,59 @@ def _ignore_outcome(fut: asyncio.Future[Any]) -> None:
         fut.exception()
 
 
+class Credentials:
+    """Tokens for an exchange run with ``--auth keys``, read from ``--credentials FILE``.
+
+    Such an exchange admits only the users of its accounts file, each with its token, and
+    takes deposits only from an admin session. So the agents log in with the tokens given
+    here, and are funded through the admin session when the file names one; without one
+    they trade what their accounts already hold. Against an exchange in ``--auth open``
+    mode the tokens are not needed and are ignored.
+
+    The file::
+
+        {"admin": {"user": "ops", "token": "..."},      (optional)
+         "token": "...",                                 (any account not listed below)
+         "users": {"random01": "...", "mm01": "..."}}    (optional)
+    """
+
+    def __init__(self, users: dict[str, str], token: str | None = None,
+                 admin: tuple[str, str] | None = None) -> None:
+        self.users = users
+        self.token = token
+        self.admin = admin
+
+    def token_for(self, account: str) -> str | None:
+        return self.users.get(account, self.token)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Credentials:
+        """Raises ValueError naming what is wrong."""
+        if not isinstance(data, dict):
+            raise ValueError("it must hold a JSON object")
+        unknown = set(data) - {"admin", "token", "users"}
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)} (known: admin, token, users)")
+        token = data.get("token")
+        if token is not None and not isinstance(token, str):
+            raise ValueError("'token' must be a string")
+        users = data.get("users", {})
+        if not isinstance(users, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in users.items()
+        ):
+            raise ValueError("'users' maps account names to their tokens, e.g. {\"random01\": \"secret\"}")
+        admin = data.get("admin")
+        pair = None
+        if admin is not None:
+            if not (isinstance(admin, dict) and set(admin) == {"user", "token"}
+                    and isinstance(admin["user"], str) and isinstance(admin["token"], str)):
+                raise ValueError("'admin' must be {\"user\": NAME, \"token\": TOKEN}")
+            pair = (admin["user"], admin["token"])
+        if token is None and not users:
+            raise ValueError("give the agents' tokens: 'token' (one for every account), 'users', or both")
+        return cls(dict(users), token, pair)
+
+
 class TcpGateway(Gateway):
     """One logged-in session of one account (see the module docstring)."""
 
@@ -329,6 +382,9 @@ class TcpGateway(Gateway):
         self.account = account
         self.config = config
         self.mirror = mirror
+        # The admin session deposits go through (keys mode), or None: the account funds itself.
+        self.funder: TcpGateway | None = None
+        self.admin = False  # this session's own rights, as its login answered
         self.halt: asyncio.Event | None = None  # set when the run ends: long sleeps end early
         self.ack_latencies_ns: list[int] = []
         self._costs: dict[int, int] = {}  # order id -> cumulative price x lots (avg price basis)
@@ -339,11 +395,12 @@ class TcpGateway(Gateway):
     async def connect(
         cls, host: str, port: int, account: str, config: MarketConfig,
         timeout: float = DEFAULT_TIMEOUT, mirror: BookMirror | None = None,
+        token: str | None = None,
     ) -> TcpGateway:
         client = ExchangeClient(host, port, timeout=timeout)
         try:
             await client.connect()
-            await client.login(account)
+            reply = await client.login(account, token)
         except BaseException as exc:  # a failed or interrupted login leaves no connection open
             await client.close()
             if isinstance(exc, ExchangeConnectionError):
@@ -351,7 +408,9 @@ class TcpGateway(Gateway):
             if isinstance(exc, ExchangeError):
                 raise GatewayError(exc.code, exc.message) from None
             raise
-        return cls(client, account, config, mirror)
+        gw = cls(client, account, config, mirror)
+        gw.admin = reply.get("admin") is True
+        return gw
 
     async def close(self) -> None:
         await self.client.close()
@@ -419,7 +478,10 @@ class TcpGateway(Gateway):
         return self._take_events(reply) or self._report(reply)
 
     async def deposit(self, asset: str, amount: PriceLike) -> dict[str, Holding]:
-        reply = await self._request("deposit", asset=asset, amount=_text(amount))
+        if self.funder is not None:
+            reply = await self.funder._request("deposit", asset=asset, amount=_text(amount), user=self.account)
+        else:
+            reply = await self._request("deposit", asset=asset, amount=_text(amount))
         return holdings_from_wire(self.config, reply["balances"])
 
     async def balances(self) -> dict[str, Holding]:
