@@ -163,8 +163,11 @@ class Exchange:
 
     @staticmethod
     def _reject_order(cmd: PlaceOrder, reason: RejectReason, message: str | None = None) -> list[Event]:
+        tif = cmd.tif
+        if tif is _GTC and cmd.order_type is _MARKET:
+            tif = _IOC  # as an accepted market order reports it: it never rests
         report = ExecReport(
-            ExecType.REJECTED, None, cmd.account, cmd.market, cmd.side, cmd.order_type, cmd.tif,
+            ExecType.REJECTED, None, cmd.account, cmd.market, cmd.side, cmd.order_type, tif,
             cmd.client_order_id, cmd.price, cmd.qty if isinstance(cmd.qty, int) else 0, 0, 0, 0,
             OrderStatus.REJECTED, cmd.ts, reason=reason,
         )

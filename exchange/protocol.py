@@ -623,7 +623,7 @@ class Formatter:
 
     def rejected(self, msg: dict[str, Any], account: str, reason: RejectReason, text: str, ts: int) -> dict[str, Any]:
         """An ``exec`` rejected for an order refused before the engine (off-grid price...)."""
-        order_type = msg.get("type", "limit")
+        order_type = msg.get("type") or "limit"  # null is the default, as everywhere
         out: dict[str, Any] = {
             "type": "exec", "exec_type": "rejected", "order_id": None,
             "market": msg.get("market"), "side": msg.get("side"), "order_type": order_type,

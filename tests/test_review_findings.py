@@ -151,3 +151,37 @@ def test_engine_rejects_an_unhashable_stp_instead_of_raising() -> None:
     )
     assert len(events) == 1 and isinstance(events[0], ExecReport)
     assert events[0].reason is RejectReason.INVALID_ORDER
+
+
+# ------------------------------------------------------------------------------ rejection reports
+
+
+async def test_a_rejection_of_an_order_with_a_null_type_reports_the_default_limit(server, connect) -> None:
+    """``"type": null`` is the default (limit), as every optional field's null: the report of
+    an order refused before the engine said ``order_type: null``."""
+    host, port = server.address
+    reader, writer = await w(asyncio.open_connection(host, port))  # the client leaves nulls out
+    try:
+        writer.write(b'{"op":"login","user":"alice","id":1}\n{"op":"order","id":2,"market":"BTC-USD",'
+                     b'"side":"buy","type":null,"price":"100.001","qty":"1"}\n')
+        while (reply := json.loads(await w(reader.readline()))).get("id") != 2:
+            pass
+    finally:
+        writer.close()
+    assert reply["exec_type"] == "rejected" and reply["reason"] == "invalid_price"
+    assert (reply["order_type"], reply["tif"]) == ("limit", "gtc")
+
+
+async def test_a_rejected_market_order_reports_the_tif_an_accepted_one_would(server, connect) -> None:
+    """A market order never rests, so it reports ``ioc`` (unless ``fok``) even when it asked
+    for ``gtc``: an accepted one did, a rejected one reported ``gtc``."""
+    alice = await connect("alice")
+    accepted = await w(alice.request("order", market="BTC-USD", side="sell", type="market", tif="gtc",
+                                     qty="0.01"))
+    refused = await w(alice.request("order", market="BTC-USD", side="sell", type="market", tif="gtc",
+                                    qty="1000"))
+    assert accepted["exec_type"] == "new" and refused["reason"] == "insufficient_funds"
+    assert accepted["tif"] == refused["tif"] == "ioc"
+    fok = await w(alice.request("order", market="BTC-USD", side="sell", type="market", tif="fok",
+                                qty="1000"))
+    assert fok["tif"] == "fok"
