@@ -48,6 +48,8 @@ from simulation.gateway import (
 )
 
 DEFAULT_TIMEOUT = 10.0
+RECONNECT_FIRST = 0.1  # seconds before the book mirror's first try to connect again
+RECONNECT_MAX = 2.0  # and the longest pause between tries
 _REASONS = {r.value: r for r in RejectReason}
 # Wire text to enum member by dictionary: calling an Enum class costs about 1 us each, five
 # or six per report.
@@ -195,8 +197,11 @@ class BookMirror:
     run's gateways read the best prices from it. The view is as fresh as the last delta
     received, which is what a trader with a market-data feed sees: a delta caused by an
     agent's own order may arrive just after that order's acknowledgement. A gap in the
-    sequence numbers resubscribes (a fresh snapshot); until the snapshot arrives, and
-    after the connection is lost, ``top`` returns None and the gateway asks the exchange.
+    sequence numbers resubscribes (a fresh snapshot); until the snapshot arrives ``top``
+    returns None and the gateway asks the exchange. So it does while the connection is
+    lost (the exchange drops a consumer that falls too far behind, and a busy run can be
+    one): the mirror connects again, with a growing pause between tries, and follows from
+    fresh snapshots. A feed it cannot read ends for good.
     """
 
     def __init__(self, client: ExchangeClient, config: MarketConfig) -> None:
@@ -206,19 +211,19 @@ class BookMirror:
         self.asks: dict[str, SortedDict] = {}
         self.seq: dict[str, int] = {}  # markets whose book is known, with its last sequence
         self.resyncs = 0
+        self.reconnects = 0
         self._numbers = {m: WireNumbers(spec) for m, spec in config.markets.items()}
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     @classmethod
     async def start(
         cls, host: str, port: int, config: MarketConfig, timeout: float = DEFAULT_TIMEOUT,
     ) -> BookMirror:
         client = ExchangeClient(host, port, timeout=timeout)
+        mirror = cls(client, config)
         try:
-            await client.connect()
-            mirror = cls(client, config)
-            for market in config.markets:
-                await _patiently(client, "subscribe", channel="book", market=market)
+            await mirror._subscribe()
         except BaseException as exc:
             await client.close()
             if isinstance(exc, ExchangeConnectionError):
@@ -229,8 +234,15 @@ class BookMirror:
         mirror._task = asyncio.get_running_loop().create_task(mirror._follow(), name="book-mirror")
         return mirror
 
+    async def _subscribe(self) -> None:
+        """Connect (again) and subscribe to every market's book."""
+        await self.client.connect()
+        for market in self.config.markets:
+            await _patiently(self.client, "subscribe", channel="book", market=market)
+
     async def close(self) -> None:
         """Stop following and close the connection, whatever became of the feed."""
+        self._closing = True
         try:
             if self._task is not None:
                 self._task.cancel()
@@ -268,11 +280,25 @@ class BookMirror:
         return out
 
     async def _follow(self) -> None:
-        try:
-            async for msg in self.client.events():
-                self.apply(msg)
-        finally:
-            self.seq.clear()  # the feed is gone: gateways ask the exchange again
+        pause = RECONNECT_FIRST
+        while True:
+            try:
+                async for msg in self.client.events():
+                    self.apply(msg)
+            finally:
+                self.seq.clear()  # the feed is gone: gateways ask the exchange again
+            while not self._closing:
+                await asyncio.sleep(pause)
+                pause = min(RECONNECT_MAX, pause * 2)
+                try:
+                    await self._subscribe()
+                except (ExchangeConnectionError, ExchangeError):
+                    continue
+                self.reconnects += 1
+                pause = RECONNECT_FIRST
+                break
+            if self._closing:
+                return
 
     def apply(self, msg: dict[str, Any]) -> None:
         """Take one pushed message: a ``book`` snapshot or a ``book_update`` delta."""

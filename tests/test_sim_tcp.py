@@ -256,6 +256,15 @@ async def test_the_book_mirror_follows_the_exchange_and_resyncs_after_a_gap(
         assert mirror.top(m) is None and mirror.asks_for(m, 1, 50) is None
         assert await gw.top(m) == (spec.price_ticks("100.00"), spec.price_ticks("100.50"))
         assert [(p, q) for p, q, _ in await gw.asks_for(m, lots_of(spec, "1"), 50)] == exact
+
+        # ... and connects again, following from fresh snapshots (what changed meanwhile too).
+        await asyncio.wait_for(gw.place(m, "sell", "0.1", "100.25"), T)
+        for _ in range(300):
+            if mirror.reconnects:
+                break
+            await asyncio.sleep(0.01)
+        assert mirror.reconnects == 1
+        assert await _settled(mirror, gw, m) == (spec.price_ticks("100.00"), spec.price_ticks("100.25"))
     finally:
         await gw.close()
         await mirror.close()
