@@ -50,6 +50,7 @@ from simulation.gateway import (
 DEFAULT_TIMEOUT = 10.0
 RECONNECT_FIRST = 0.1  # seconds before the book mirror's first try to connect again
 RECONNECT_MAX = 2.0  # and the longest pause between tries
+RESYNC_PAUSE = 0.2  # seconds before asking again for a snapshot the exchange refused
 _REASONS = {r.value: r for r in RejectReason}
 # Wire text to enum member by dictionary: calling an Enum class costs about 1 us each, five
 # or six per report.
@@ -329,19 +330,28 @@ class BookMirror:
                 levels[price] = qty
 
     def _resync(self, market: str) -> None:
-        del self.seq[market]
+        self.seq.pop(market, None)
         self.resyncs += 1
+        self._ask_snapshot(market)
+
+    def _ask_snapshot(self, market: str) -> None:
         try:
             reply = self.client.send("subscribe", channel="book", market=market)  # a fresh snapshot
         except ExchangeConnectionError:
-            return
-        reply.add_done_callback(_ignore_outcome)
+            return  # the feed is lost: following again subscribes to everything
+        reply.add_done_callback(lambda fut: self._snapshot_asked(fut, market))
 
+    def _snapshot_asked(self, fut: asyncio.Future[Any], market: str) -> None:
+        """A resync the exchange refused (its rate limit, say) is asked again a little later:
+        until a snapshot arrives the agents ask the exchange for every order's prices."""
+        if fut.cancelled() or fut.exception() is not None:
+            return  # the feed is lost: following again subscribes to everything
+        if fut.result().get("type") == "error" and not self._closing:
+            asyncio.get_running_loop().call_later(RESYNC_PAUSE, self._retry_snapshot, market)
 
-def _ignore_outcome(fut: asyncio.Future[Any]) -> None:
-    """Nobody awaits a resync's ``subscribed``; taking its outcome keeps asyncio from warning."""
-    if not fut.cancelled():
-        fut.exception()
+    def _retry_snapshot(self, market: str) -> None:
+        if market not in self.seq and not self._closing and self.client.connected:
+            self._ask_snapshot(market)
 
 
 class Credentials:

@@ -271,6 +271,38 @@ async def test_the_book_mirror_follows_the_exchange_and_resyncs_after_a_gap(
     assert mirror.top("BTC-USD") is None  # closed: gateways would ask the exchange
 
 
+async def test_a_resync_the_rate_limit_refused_is_asked_again(tmp_path: Path) -> None:
+    """After a sequence gap the mirror asks for a fresh snapshot; refused by the exchange's
+    rate limit, it asks again a little later instead of leaving that market unknown (and the
+    agents asking the exchange before every order) for the rest of the run."""
+    from simulation.tcp import BookMirror, fetch_config
+
+    async with _engine(tmp_path, "--rate-limit", "5") as (host, port, _, _):
+        config = await asyncio.wait_for(fetch_config(host, port), T)
+        mirror = await asyncio.wait_for(BookMirror.start(host, port, config), T)
+        try:
+            m = "BTC-USD"
+            for _ in range(200):
+                if m in mirror.seq:
+                    break
+                await asyncio.sleep(0.01)
+            spent = [mirror.client.send("ping") for _ in range(20)]  # the allowance, used up
+            for fut in spent:
+                fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            await asyncio.wait(spent, timeout=T)
+            assert any(f.result().get("code") == "rate_limited" for f in spent)
+            mirror.apply({"type": "book_update", "market": m, "seq": mirror.seq[m] + 5, "side": "buy",
+                          "price": "1.00", "qty": "5"})
+            assert m not in mirror.seq and mirror.resyncs == 1
+            for _ in range(500):
+                if m in mirror.seq:
+                    break
+                await asyncio.sleep(0.01)
+            assert mirror.top(m) == (None, None)  # known again: the snapshot of an empty book
+        finally:
+            await asyncio.wait_for(mirror.close(), T)
+
+
 async def _open_connections(host: str, port: int) -> int:
     """Connections the exchange has open, not counting the one asking."""
     client = ExchangeClient(host, port, timeout=T)
