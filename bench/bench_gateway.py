@@ -10,6 +10,7 @@ that only the direct answer to a request carries.
     python bench/bench_gateway.py --case pipelined --connections 8 --window 100
     python bench/bench_gateway.py --case latency --rate 10000 --duration 5
     python bench/bench_gateway.py --fsync batch,off             # journal policies side by side
+    python bench/bench_gateway.py --case pipelined --cpu        # and the CPU per order of each process
 
 Cases:
   pipelined  C connections each keeping W orders in flight; acknowledged orders per second.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import re
 import selectors
@@ -49,6 +51,7 @@ from exchange.runtime import install_event_loop_policy  # noqa: E402
 ID_RE = re.compile(rb'"id":(\d+)')
 MARKET = "BTC-USD"
 MID = 10_000_00  # ticks of 0.01
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def order_lines(user_index: int, count: int, seed: int, start_id: int = 1) -> list[bytes]:
@@ -115,7 +118,58 @@ async def close_connections(conns: list[LoadConnection]) -> None:
     await asyncio.sleep(0.05)
 
 
-async def run_window(host: str, port: int, conns_n: int, window: int, duration: float, seed: int, tag: str) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+class CpuProbe:
+    """CPU of the server, its follower and this load generator over a measured window, per
+    order: what each process costs, and so what two shared cores can carry at most."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        self.pids = {"server": server_pid} if server_pid else {}
+        if server_pid:
+            for child in children(server_pid):
+                self.pids["follower"] = child
+        self.pids["load generator"] = os.getpid()
+        self.start: dict[str, float] = {}
+        self.result: dict[str, float] = {}
+
+    def begin(self) -> None:
+        self.start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def end(self, orders: int, elapsed: float) -> dict[str, float]:
+        """Microseconds of CPU per order, per process."""
+        return {name: (cpu_seconds(pid) - self.start[name]) / max(orders, 1) * 1e6
+                for name, pid in self.pids.items()}
+
+
+def cpu_line(per_order: list[dict[str, float]]) -> str:
+    names = per_order[0].keys()
+    med = {n: statistics.median(d[n] for d in per_order) for n in names}
+    parts = ", ".join(f"{n} {v:.1f}" for n, v in med.items())
+    total = sum(med.values())
+    line = f"          CPU per order (median of runs), µs: {parts}; in all {total:.1f}"
+    if "server" in med and med["server"] > 0:
+        line += (f" -> at most {1e6 / med['server']:,.0f}/s on the server's one core, "
+                 f"{2e6 / total:,.0f}/s on two cores")
+    return line
+
+
+async def run_window(host: str, port: int, conns_n: int, window: int, duration: float, seed: int, tag: str,
+                     probe: CpuProbe | None = None) -> float:
     """Each connection keeps ``window`` orders in flight for ``duration`` seconds."""
     conns = await open_connections(host, port, conns_n, tag)
     per_conn = max(int(200_000 * duration / conns_n) + window, 2000)
@@ -137,6 +191,8 @@ async def run_window(host: str, port: int, conns_n: int, window: int, duration: 
             if not done.is_set():
                 refill(i)
         c.on_data = on_data
+    if probe is not None:
+        probe.begin()
     t0 = time.perf_counter()
     for i in range(conns_n):
         refill(i)
@@ -144,11 +200,14 @@ async def run_window(host: str, port: int, conns_n: int, window: int, duration: 
     done.set()
     elapsed = time.perf_counter() - t0
     acked = sum(c.acked for c in conns)
+    if probe is not None:
+        probe.result = probe.end(acked, elapsed)
     await close_connections(conns)
     return acked / elapsed
 
 
-def run_latency(host: str, port: int, rate: int, duration: float, seed: int, tag: str, conns_n: int = 8) -> list[float]:
+def run_latency(host: str, port: int, rate: int, duration: float, seed: int, tag: str, conns_n: int = 8,
+                probe: CpuProbe | None = None) -> list[float]:
     """Open loop: sends on a schedule; latency = first report time - scheduled time.
 
     Plain blocking sockets and two threads, not asyncio: the event loop's timers have a
@@ -197,6 +256,8 @@ def run_latency(host: str, port: int, rate: int, duration: float, seed: int, tag
     # Log-in replies (no numeric order id of ours) are drained by the reader and ignored.
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
+    if probe is not None:
+        probe.begin()
     t0 = now()
     for i in range(total):
         target = t0 + i / rate
@@ -208,6 +269,8 @@ def run_latency(host: str, port: int, rate: int, duration: float, seed: int, tag
     deadline = now() + 5
     while len(latencies) < total and now() < deadline:
         time.sleep(0.01)
+    if probe is not None:
+        probe.result = probe.end(len(latencies), now() - t0)
     stop.set()
     thread.join()
     for s in socks:
@@ -248,6 +311,8 @@ def main() -> None:
     ap.add_argument("--engine-arg", action="append", default=[], help="extra argument for start_engine.py")
     ap.add_argument("--fsync", default=None,
                     help="journal policy of the engine started, or several to compare: batch,off")
+    ap.add_argument("--cpu", action="store_true",
+                    help="also report the CPU each process spends per order (server, follower, this generator)")
     args = ap.parse_args()
     install_event_loop_policy()
     if args.fsync is None:
@@ -283,17 +348,23 @@ def run_cases(args: argparse.Namespace, engine_args: list[str]) -> dict[str, Any
     try:
         for case in cases:
             results = []
+            cpu: list[dict[str, float]] = []
             for run in range(args.runs):
                 tag = f"{case[:3]}{run}u"
+                probe = CpuProbe(proc.pid if proc is not None else None) if args.cpu else None
                 if case == "pipelined":
                     c = args.connections or 8
-                    results.append(asyncio.run(run_window(args.host, port, c, args.window, args.duration, args.seed + run, tag)))
+                    results.append(asyncio.run(run_window(args.host, port, c, args.window, args.duration,
+                                                          args.seed + run, tag, probe)))
                 elif case == "lockstep":
                     c = args.connections or 64
-                    results.append(asyncio.run(run_window(args.host, port, c, 1, args.duration, args.seed + run, tag)))
+                    results.append(asyncio.run(run_window(args.host, port, c, 1, args.duration, args.seed + run,
+                                                          tag, probe)))
                 else:
-                    lat = run_latency(args.host, port, args.rate, args.duration, args.seed + run, tag)
+                    lat = run_latency(args.host, port, args.rate, args.duration, args.seed + run, tag, probe=probe)
                     results.append(lat)
+                if probe is not None:
+                    cpu.append(probe.result)
             if case == "latency":
                 stats = [(percentile(r, 50), percentile(r, 99), percentile(r, 99.9), max(r), len(r)) for r in results]
                 med = [statistics.median(s[k] for s in stats) for k in range(4)]
@@ -307,6 +378,8 @@ def run_cases(args: argparse.Namespace, engine_args: list[str]) -> dict[str, Any
                 summary[case] = statistics.median(results)
                 print(f"{case:9} {c} connections x window {w}: median {statistics.median(results):,.0f} "
                       f"orders/s acknowledged (runs: {', '.join(f'{r:,.0f}' for r in results)})")
+            if cpu:
+                print(cpu_line(cpu))
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
