@@ -133,6 +133,8 @@ class ExchangeServer:
             raise StartupError(f"unknown writer {config.writer!r} ({', '.join(WRITERS)})")
         if config.rate_limit < 0:
             raise StartupError("--rate-limit must be 0 (no limit) or a positive number of requests a second")
+        if not config.snapshot_interval >= 0:  # NaN too
+            raise StartupError("--snapshot-interval must be 0 (only at shutdown) or a positive number of seconds")
         # An empty engine until ``start`` recovers the real one from the data directory.
         self.engine = Exchange(markets, default_stp=config.default_stp)
         self.gateway = Gateway(self.engine, GatewayOptions(
@@ -196,25 +198,43 @@ class ExchangeServer:
         self.journal.on_durable.append(follower.notify)
 
     async def start(self) -> tuple[str, int]:
-        Path(self.config.data_dir).mkdir(parents=True, exist_ok=True)
         try:
+            Path(self.config.data_dir).mkdir(parents=True, exist_ok=True)
             self.persistence.dir_lock.acquire()  # first: a second exchange is refused as such
         except DataDirBusy as exc:
             raise StartupError(str(exc)) from None
+        except OSError as exc:  # a file of that name, a path that cannot be created...
+            raise StartupError(f"cannot use {self.config.data_dir} as the data directory: "
+                               f"{exc.strerror or exc}") from None
         if not wait_for_old_follower(Path(self.config.data_dir)):
             self.persistence.dir_lock.release()
             raise StartupError(
                 f"a ledger and audit-log writer of an earlier exchange still runs on "
                 f"{self.config.data_dir} (it holds {Path(self.config.data_dir) / '.follower.lock'}); "
                 "stop it first")
+        loop = asyncio.get_running_loop()
+        # The address is taken before recovery (which may write a snapshot), so a port in use
+        # is refused before the data directory is touched; connections are accepted only
+        # once the state is recovered.
+        try:
+            self._server = await loop.create_server(
+                lambda: Session(self.gateway), self.config.host, self.config.port,
+                reuse_address=True, start_serving=False,
+            )
+        except OSError as exc:
+            self.persistence.dir_lock.release()
+            raise StartupError(
+                f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror or exc}"
+            ) from None
         self.audit.reload_position()
         try:
             engine = self.persistence.recover(replay=self.audit)
-        except RecoveryError as exc:
+        except (RecoveryError, OSError) as exc:
+            self._server.close()
             await self.persistence.ledger.close()
-            raise StartupError(str(exc)) from None
-        except OSError as exc:
-            await self.persistence.ledger.close()
+            self.persistence.dir_lock.release()
+            if isinstance(exc, RecoveryError):
+                raise StartupError(str(exc)) from None
             raise StartupError(f"cannot use the data directory {self.config.data_dir}: {exc}") from None
         self.engine = self.gateway.engine = engine
         self.gateway.last_ts = max(self.gateway.last_ts, self.persistence.recovered_ts)
@@ -225,12 +245,8 @@ class ExchangeServer:
             await self._start_follower()
         self.persistence.start()
         self._local_audit.start()
-        loop = asyncio.get_running_loop()
         try:
-            self._server = await loop.create_server(
-                lambda: Session(self.gateway), self.config.host, self.config.port,
-                reuse_address=True,
-            )
+            await self._server.start_serving()
         except OSError as exc:
             try:
                 await self.persistence.close(release_lock=False)

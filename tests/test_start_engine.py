@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import re
 import signal
 import subprocess
@@ -161,6 +162,33 @@ def test_a_negative_rate_limit_is_refused(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "--rate-limit must be 0" in result.stderr
     assert "Traceback" not in result.stderr and "listening" not in result.stdout
+
+
+def test_a_data_dir_that_cannot_be_a_directory_is_refused_clearly(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    for where in (afile, afile / "data"):
+        result = run_script("--data-dir", str(where))
+        assert result.returncode == 2, result.stderr
+        assert f"cannot use {where} as the data directory" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and "listening" not in result.stdout
+
+
+def test_a_port_in_use_is_refused_before_the_data_directory_is_touched(tmp_path: Path) -> None:
+    """Recovery writes a snapshot; a start that cannot listen must not have done it."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        port = busy.getsockname()[1]
+        result = run_script("--data-dir", str(tmp_path / "data"), "--port", str(port))
+    finally:
+        busy.close()
+    assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data" / "snapshot.json").exists()
+    again = run_script("--data-dir", str(tmp_path / "data"), "--snapshot-interval", "-5")
+    assert again.returncode == 2 and "--snapshot-interval must be 0" in again.stderr, again.stderr
 
 
 async def test_a_markets_file_without_the_demo_assets_starts_and_funds_what_it_has(
