@@ -47,6 +47,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 
 from exchange.markets import InvalidValue, MarketConfig
+from exchange.protocol import DEFAULT_PORT
 from exchange.types import ExecType, RejectReason
 from simulation.budget import Wallet, buy_commit
 from simulation.gateway import Gateway, GatewayConnectionError, GatewayError
@@ -230,6 +231,10 @@ class SimulationRun:
         "completed": 0, "failed": 0, "skipped": 0, "retries": 0, "attempts": 0,
     })
     depleted: list[str] = field(default_factory=list)
+    # How it runs, so ``--resume`` goes on the same way: "embedded" or "tcp" ("" in runs
+    # saved before it was recorded: the command line decides), and the latency model.
+    mode: str = ""
+    latency: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -360,6 +365,8 @@ def _checked_run(data: Any) -> SimulationRun:
         raise ValueError("its config or statistics are not what a saved run holds")
     if not all(isinstance(slot, Slot) for slot in run.slots):
         raise ValueError("its slots are not what a saved run holds")
+    if run.mode not in ("", "embedded", "tcp") or not (run.latency is None or isinstance(run.latency, str)):
+        raise ValueError("its mode is not what a saved run holds")
     return run
 
 
@@ -706,11 +713,41 @@ def new_run(sched: ScheduleConfig, config: MarketConfig) -> SimulationRun:
     return SimulationRun(run_id, asdict(sched), build_slots(sched, config))
 
 
+def _resume_as_started(cfg: Any, args: Any, run: SimulationRun) -> None:
+    """A resumed run goes on in the mode it started in: an embedded run's rest must not go to
+    whatever exchange listens on the default port, nor a TCP run's to a fresh in-process one."""
+    from simulation.runner import SimulationError
+
+    if run.mode == "tcp" and cfg.embedded:
+        raise SimulationError(f"run {run.id} was started against an exchange over TCP: resume it "
+                              "without --embedded (and with --host/--port if the exchange is elsewhere)")
+    if run.mode == "embedded":
+        cfg.embedded = True
+        if cfg.latency is None:
+            cfg.latency = run.latency
+
+
+def _resume_hint(run: SimulationRun, cfg: Any) -> str:
+    """The options that resume this run."""
+    hint = f"--resume {run.id}"
+    if str(cfg.data_dir) != "data":
+        hint += f" --data-dir {cfg.data_dir}"
+    if not cfg.embedded and cfg.host != "127.0.0.1":
+        hint += f" --host {cfg.host}"
+    if not cfg.embedded and cfg.port != DEFAULT_PORT:
+        hint += f" --port {cfg.port}"
+    return hint
+
+
 def main_schedule(cfg: Any, args: Any) -> int:
     """``--schedule`` / ``--resume ID`` / ``--list`` (called by ``simulation.runner.main``)."""
     from simulation.runner import SimulationError, market_config
 
     store = RunStore(Path(cfg.data_dir) / "simulations")
+    try:
+        store.folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SimulationError(f"cannot keep scheduled runs in {store.folder}: {exc.strerror or exc}") from None
     if args.list:
         runs = store.list()
         for path in store.damaged:
@@ -738,6 +775,8 @@ def main_schedule(cfg: Any, args: Any) -> int:
             if args.seed is not None:
                 sched.seed = args.seed
             fresh = new_run(sched, config)
+            fresh.mode = "embedded" if cfg.embedded else "tcp"
+            fresh.latency = cfg.latency
         run_id = args.resume if fresh is None else fresh.id
         lock = store.lock(run_id)
     except ValueError as exc:
@@ -758,6 +797,8 @@ def _main_locked(cfg: Any, args: Any, store: RunStore, config: MarketConfig,
     try:
         run = fresh if fresh is not None else store.load(args.resume)
         sched = ScheduleConfig.from_dict(run.config)
+        if fresh is None:
+            _resume_as_started(cfg, args, run)
     except ValueError as exc:
         raise SimulationError(str(exc)) from None
     if run.status == "completed":
@@ -811,7 +852,7 @@ def _main_locked(cfg: Any, args: Any, store: RunStore, config: MarketConfig,
             proc = asyncio.run(_tcp_schedule(cfg, sched, config, run, body))
     except KeyboardInterrupt:
         store.save(run)
-        print(f"\ninterrupted; resume with: --resume {run.id}")
+        print(f"\ninterrupted; resume with: {_resume_hint(run, cfg)}")
         return 130
     summary = proc.summary()
     print(json.dumps({k: v for k, v in summary.items() if k != "budgets"}))
@@ -820,7 +861,7 @@ def _main_locked(cfg: Any, args: Any, store: RunStore, config: MarketConfig,
             print(f"  {account:<12} {asset:<5} initial {b['initial']:>18} available {b['available']:>18} "
                   f"locked {b['locked']:>14} spent {b['spent']:>16}  {b['utilization']}")
     if run.status != "completed":
-        print(f"run {run.id} stopped ({run.status}); resume with: --resume {run.id}")
+        print(f"run {run.id} stopped ({run.status}); resume with: {_resume_hint(run, cfg)}")
         return 1
     return 0
 

@@ -216,6 +216,38 @@ def test_embedded_resume_of_an_acknowledged_maker_sends_it_again(tmp_path: Path)
     assert [s["status"] for s in after["slots"]] == ["completed"] * len(after["slots"]), after["slots"]
 
 
+def test_a_resume_goes_on_in_the_mode_the_run_started_in(tmp_path: Path) -> None:
+    """An embedded run resumed without ``--embedded`` (as the Ctrl-C hint said) used to go to
+    whatever exchange listened on the default port, or fail to reach one; a TCP run resumed
+    with ``--embedded`` would go on in a fresh in-process exchange."""
+    run_id, path, _cfg, data = _embedded_two_account_plan(tmp_path)
+    state = json.loads(path.read_text())
+    assert state["mode"] == "embedded"
+    for slot in state["slots"]:
+        _unsent(slot)
+    state.update(status="interrupted", position=0, finished_at=None)
+    state["stats"] = {"completed": 0, "failed": 0, "skipped": 0, "retries": 0, "attempts": 0}
+    path.write_text(json.dumps(state))
+    resumed = sim("--resume", run_id, "--data-dir", str(data), "--port", "1")  # no exchange there
+    no_traceback(resumed)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert json.loads(path.read_text())["status"] == "completed"
+
+    state.update(mode="tcp")
+    path.write_text(json.dumps(state))
+    refused = sim("--resume", run_id, "--data-dir", str(data), "--embedded")
+    no_traceback(refused)
+    assert refused.returncode == 2 and "started against an exchange over TCP" in refused.stderr
+
+
+def test_scheduled_runs_in_a_data_dir_that_is_a_file_are_refused_clearly(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    result = sim("--schedule", "--embedded", "--data-dir", str(afile))
+    no_traceback(result)
+    assert result.returncode == 2 and "cannot keep scheduled runs in" in result.stderr
+
+
 @pytest.mark.parametrize("spec", ["gamma:mean=1ms,shape=nan", "gamma:mean=1ms,shape=inf"])
 def test_gamma_latency_with_non_finite_shape_is_refused(tmp_path: Path, spec: str) -> None:
     """``shape=nan`` or ``shape=inf`` is refused (NaN passes ``shape <= 0``, and
