@@ -204,6 +204,11 @@ class Agent:
         """How much of ``interval`` the next pause takes (a kind may step faster)."""
         return 1.0
 
+    def quiet_limit(self) -> float:
+        """The longest this agent may go without an order while it still has work: a run
+        bounded by an order count stops when every agent has been quiet longer."""
+        return 20 * self.interval
+
     async def shutdown(self) -> int:
         """Cancel everything still resting (the run is over); returns how many orders could
         not be cancelled (the exchange stopped answering, or kept refusing for its rate limit).
@@ -597,6 +602,10 @@ class TwapExecutor(Agent):
         self.started_ns: int | None = None
         self.finished_ns: int | None = None
         self.slices_sent = 0
+
+    def quiet_limit(self) -> float:
+        """It sends nothing between slices, whatever its step interval."""
+        return max(20 * self.interval, 2 * self.window / self.slices)
 
     @property
     def filled(self) -> int:

@@ -401,6 +401,8 @@ def run_embedded(
         report["stopped_early"] = "an agent failed"
     elif stall is not None and stall.fired:
         report["stopped_early"] = stall.reason
+    elif not interrupted and short_of_orders(control, agents):
+        report["stopped_early"] = short_of_orders(control, agents)
     report["left_resting"] = left[0]
     report["latency"] = cfg.latency or "none"
     report["ledger"] = str(Path(cfg.data_dir) / "trades.jsonl")
@@ -525,6 +527,8 @@ async def run_tcp(
         elapsed = time.perf_counter() - wall
         if all(t.done() and not t.cancelled() and t.exception() is not None for t in tasks):
             stopped_early = "every agent failed"
+        elif not stopped_early and not interrupted:
+            stopped_early = short_of_orders(control, agents)
         left_resting, cut_short = await _wind_down(agents, gateways, hurry)
         if hurry.is_set():
             interrupted = True  # Ctrl-C during the final cancels: not a finished run
@@ -563,29 +567,45 @@ async def run_tcp(
 
 
 class StallWatch:
-    """A run bounded by an order count whose agents can no longer afford any order would
-    go on for good (in simulated time, at full speed). It stops once no order has been sent
-    for ``STALL_S`` seconds of the run's clock (or twenty of the slowest agent's steps, for a
-    slow ``--rate``) while every agent kept skipping orders for budget."""
+    """A run bounded by an order count whose agents send no more orders would go on for good
+    (in simulated time, at full speed): their budgets cannot pay for any, or they have
+    nothing left to do (a passive buyer alone on a book nobody else trades). It stops once
+    no order has been sent for ``STALL_S`` seconds of the run's clock, or longer where an
+    agent may rightly be quiet longer (twenty of its steps, a TWAP's time between slices)."""
 
     def __init__(self, agents: list[Agent]) -> None:
         self.orders = -1
         self.skips: list[int] = []
         self.since = 0.0
         self.fired = False
-        self.patience = max([STALL_S] + [20 * a.interval for a in agents])
-        self.reason = f"no order for {self.patience:g} s: the agents' budgets cannot pay for any"
+        self.patience = max([STALL_S] + [a.quiet_limit() for a in agents])
+        self.reason = ""
 
     def stalled(self, agents: list[Agent], control: RunControl, now_s: float) -> bool:
         skips = [a.stats.skipped_for_budget for a in agents]
         if control.orders != self.orders:
             self.orders, self.skips, self.since = control.orders, skips, now_s
             return False
-        self.fired = now_s - self.since >= self.patience and all(
-            now > before for a, now, before in zip(agents, skips, self.skips)
-            if not a.done  # a TWAP or passive buyer that finished is quiet
-        )
-        return self.fired
+        if now_s - self.since < self.patience:
+            return False
+        self.fired = True
+        if all(now > before for a, now, before in zip(agents, skips, self.skips)
+               if not a.done):  # a TWAP or passive buyer that finished is quiet
+            self.reason = f"no order for {self.patience:g} s: the agents' budgets cannot pay for any"
+        else:
+            self.reason = (f"no order for {self.patience:g} s after {control.orders} of "
+                           f"{control.max_orders}: the agents have nothing more to do")
+        return True
+
+
+def short_of_orders(control: RunControl, agents: list[Agent]) -> str:
+    """Why a run bounded by an order count ended without them, if every agent simply
+    finished first (a TWAP's whole parent order sent, say); else ""."""
+    if control.max_orders is None or control.orders >= control.max_orders:
+        return ""
+    if not all(a.done for a in agents):
+        return ""
+    return f"every agent finished after {control.orders} of {control.max_orders} orders"
 
 
 STALL_S = 60.0

@@ -603,6 +603,36 @@ def test_an_embedded_run_whose_agents_cannot_pay_for_any_order_stops(tmp_path: P
     assert "error: the run stopped early: no order for 60 s" in proc.stderr
 
 
+@pytest.mark.parametrize("agents", ["passive=1", "mm=1"])
+def test_an_embedded_run_whose_agents_have_nothing_more_to_do_stops(tmp_path: Path, agents: str) -> None:
+    """A passive buyer (or a market maker) alone on a book nobody else trades sends a few
+    orders and then waits for a market that never moves: under --orders the run went on in
+    simulated time for good."""
+    proc = sim("--embedded", "--orders", "50", "--agents", agents, "--no-progress",
+               "--data-dir", str(tmp_path / "d"), timeout=120)
+    no_traceback(proc)
+    assert proc.returncode == 1, proc.stdout[-500:]
+    assert re.search(r"error: the run stopped early: no order for 60 s after \d+ of 50: the agents "
+                     r"have nothing more to do", proc.stderr), proc.stderr
+
+
+def test_a_tcp_run_whose_agents_all_finish_short_of_its_orders_says_so(tmp_path: Path) -> None:
+    """A TWAP alone that finds no asks ends its window having sent nothing: the run ended
+    with "finished: 0 orders" and exit 0, as if it had done what --orders asked."""
+    proc, port = start_engine(tmp_path / "engine-data")
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"params": {"twap": {"window": 1.0, "slices": 2}}}))
+    try:
+        run = sim("--port", str(port), "--orders", "50", "--agents", "twap=1", "--config", str(config),
+                  "--no-progress", "--data-dir", str(tmp_path / "d"), "--report", str(tmp_path / "r.json"))
+    finally:
+        stop(proc)
+    no_traceback(run)
+    assert run.returncode == 1, run.stdout[-500:]
+    assert "every agent finished after 0 of 50 orders" in run.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["stopped_early"].startswith("every agent finished")
+
+
 def test_funding_in_an_asset_the_markets_lack_is_refused(tmp_path: Path) -> None:
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"funding": {"random": {"XYZ": "5"}}}))

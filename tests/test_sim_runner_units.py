@@ -14,21 +14,25 @@ from simulation.runner import SimConfig, StallWatch, _wind_down, default_funding
 
 
 def _agent(interval: float, skips: int = 0) -> Any:
-    return SimpleNamespace(interval=interval, done=False, stats=SimpleNamespace(skipped_for_budget=skips))
+    return SimpleNamespace(interval=interval, done=False, stats=SimpleNamespace(skipped_for_budget=skips),
+                           quiet_limit=lambda: 20 * interval)
 
 
-def test_a_stall_needs_a_minute_without_orders_and_every_agent_skipping() -> None:
+def test_a_stall_needs_a_minute_without_orders_and_says_why() -> None:
     agents = [_agent(0.04), _agent(0.04)]
-    control = SimpleNamespace(orders=5)
+    control = SimpleNamespace(orders=5, max_orders=50)
     watch = StallWatch(agents)  # type: ignore[arg-type]
     assert not watch.stalled(agents, control, 0.0)  # type: ignore[arg-type]
     agents[0].stats.skipped_for_budget = 100  # one agent skips, the other is quiet
-    assert not watch.stalled(agents, control, 61.0)  # type: ignore[arg-type]
-    agents[1].stats.skipped_for_budget = 1
     assert not watch.stalled(agents, control, 59.0)  # type: ignore[arg-type]
     assert watch.stalled(agents, control, 61.0)  # type: ignore[arg-type]
+    assert watch.reason == "no order for 60 s after 5 of 50: the agents have nothing more to do"
+    agents[1].stats.skipped_for_budget = 1  # both skip for budget
+    assert watch.stalled(agents, control, 62.0)  # type: ignore[arg-type]
+    assert watch.reason == "no order for 60 s: the agents' budgets cannot pay for any"
     control.orders = 6  # an order went out: the clock starts again
     assert not watch.stalled(agents, control, 200.0)  # type: ignore[arg-type]
+    assert not watch.stalled(agents, control, 259.0)  # type: ignore[arg-type]
 
 
 def test_a_slow_rate_is_not_taken_for_a_stall() -> None:
