@@ -135,6 +135,20 @@ def build_report(
     return report
 
 
+def settle_outcomes(report: dict[str, Any], left_resting: int) -> None:
+    """Every order sent gets an outcome, so they add up to ``orders_sent``: ``open`` for one
+    the final cancels could not take back (the exchange stopped answering), ``no_answer``
+    for one whose answer never came (the connection was lost with it on the way)."""
+    report["left_resting"] = left_resting
+    outcomes = report["outcomes"]
+    if left_resting:
+        outcomes["open"] = outcomes.get("open", 0) + left_resting
+    missing = report["orders_sent"] - sum(outcomes.values())
+    if missing > 0:
+        outcomes["no_answer"] = missing
+    report["outcomes"] = dict(sorted(outcomes.items()))
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report as a few readable lines for the terminal."""
     lines = [

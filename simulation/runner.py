@@ -35,7 +35,7 @@ from simulation.embedded import EmbeddedExchange, parse_duration_ns, parse_laten
 from simulation.ledger_writer import LedgerWriterError
 from storage.lock import DataDirBusy
 from simulation.gateway import Gateway, GatewayConnectionError, GatewayError
-from simulation.report import build_report, failures_by_reason, format_report, last_prices
+from simulation.report import build_report, failures_by_reason, format_report, last_prices, settle_outcomes
 from simulation.tcp import BookMirror, Credentials, TcpGateway, fetch_config, market_differences, market_prices
 
 DEFAULT_AGENTS = {"random": 20, "mm": 2, "twap": 1, "passive": 1}
@@ -403,7 +403,7 @@ def run_embedded(
         report["stopped_early"] = stall.reason
     elif not interrupted and short_of_orders(control, agents):
         report["stopped_early"] = short_of_orders(control, agents)
-    report["left_resting"] = left[0]
+    settle_outcomes(report, left[0])
     report["latency"] = cfg.latency or "none"
     report["ledger"] = str(Path(cfg.data_dir) / "trades.jsonl")
     _finish(cfg, report, progress, config)
@@ -525,8 +525,11 @@ async def run_tcp(
             if task.done() and not task.cancelled() and task.exception() is not None:
                 failures.append(f"{task.get_name()}: {task.exception()!r}")
         elapsed = time.perf_counter() - wall
-        if all(t.done() and not t.cancelled() and t.exception() is not None for t in tasks):
+        failed = [t.done() and not t.cancelled() and t.exception() is not None for t in tasks]
+        if all(failed):
             stopped_early = "every agent failed"
+        elif any(failed) and all(f or a.done for f, a in zip(failed, agents)):  # the rest had finished
+            stopped_early = "every agent still trading failed"
         elif not stopped_early and not interrupted:
             stopped_early = short_of_orders(control, agents)
         left_resting, cut_short = await _wind_down(agents, gateways, hurry)
@@ -559,7 +562,7 @@ async def run_tcp(
     report["exchange"] = f"{cfg.host}:{cfg.port}"
     if stopped_early:
         report["stopped_early"] = stopped_early
-    report["left_resting"] = left_resting
+    settle_outcomes(report, left_resting)
     if cut_short:
         report["cancels_cut_short"] = True
     _finish(cfg, report, progress, config)

@@ -525,6 +525,7 @@ async def test_when_the_exchange_goes_away_the_report_says_so_in_one_line(
     sim = await asyncio.create_subprocess_exec(
         sys.executable, str(ROOT / "run" / "start_simulation.py"), "--port", str(port),
         "--agents", "random=6,mm=1", "--duration", "20s", "--rate", "200", "--no-progress",
+        "--report", str(tmp_path / "r.json"),
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     await asyncio.sleep(2.0)
@@ -540,6 +541,30 @@ async def test_when_the_exchange_goes_away_the_report_says_so_in_one_line(
     assert "connection" in groups[0] and "more" in groups[0]
     assert "the run stopped early: 7 of 7 agents failed" in stderr  # all of them: not "finished"
     assert "Simulation (tcp) stopped early (every agent failed)" in stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    # What the final cancels could not take back, and what was on its way, are outcomes too.
+    assert sum(report["outcomes"].values()) == report["orders_sent"], report["outcomes"]
+    assert report["outcomes"].get("open", 0) == report["left_resting"]
+
+
+async def test_when_the_exchange_goes_away_after_a_twap_finished_the_run_still_stopped_early(
+    engine: tuple[str, int, Path, asyncio.subprocess.Process], tmp_path: Path,
+) -> None:
+    """A TWAP that finished its window before the exchange went away did not fail: the run
+    said "finished" although every agent still trading had lost its connection."""
+    _, port, _, proc = engine
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"params": {"twap": {"window": 0.5, "slices": 2}}}))
+    sim = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "run" / "start_simulation.py"), "--port", str(port),
+        "--agents", "random=3,twap=1", "--duration", "20s", "--rate", "100", "--no-progress",
+        "--config", str(config), cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    await asyncio.sleep(2.5)
+    proc.terminate()
+    out, err = await asyncio.wait_for(sim.communicate(), 60)
+    assert sim.returncode == 1, (out.decode()[-2000:], err.decode()[-2000:])
+    assert "Simulation (tcp) stopped early (every agent still trading failed)" in out.decode()
 
 
 async def test_an_agent_that_cannot_afford_any_order_does_not_hold_the_loop(tmp_path: Path) -> None:
