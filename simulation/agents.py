@@ -16,7 +16,7 @@ strings (``Market.format_price``/``format_qty``) only when an order is sent.
 
 * ``RandomTrader``: limit and market orders of random side, size and price around the mid;
   cancels some of its resting orders.
-* ``MarketMaker``: a post-only bid and ask around the mid (``spread_bps``, ``size``),
+* ``MarketMaker``: a post-only bid and ask around the mid (``spread_bps``, ``size_lots``),
   re-priced with ``modify`` when stale, one side dropped at the inventory limit.
 * ``TwapExecutor``: a parent quantity in equal slices over a window, market or limit
   (IOC with a price cap) slices; a slice that fell short is caught up by the next.
@@ -79,6 +79,8 @@ class MarketProfile:
         mid = o.get("mid") or spec.reference_price or "100.00"
         qty_min = spec.qty_lots(str(o["qty_min"])) if "qty_min" in o else spec.min_qty_lots
         qty_max = spec.qty_lots(str(o["qty_max"])) if "qty_max" in o else qty_min * 100
+        if "qty_max" in o and qty_max < qty_min:
+            raise ValueError(f"qty_max {o['qty_max']} is below qty_min {spec.format_qty(qty_min)}")
         return cls(spec, spec.price_ticks(str(mid)), qty_min, max(qty_min, qty_max))
 
 
@@ -475,10 +477,10 @@ class RandomTrader(Agent):
 class MarketMaker(Agent):
     """Two-sided post-only quotes around the mid, refreshed when stale, within inventory limits.
 
-    params: ``spread_bps`` (20: bid and ask each half of it from the mid), ``size`` (lots of
-    each quote; default the market's ``qty_max``), ``requote_ticks`` (re-price when the wanted
+    params: ``spread_bps`` (20: bid and ask each half of it from the mid), ``size_lots`` (lots
+    of each quote; default the market's ``qty_max``), ``requote_ticks`` (re-price when the wanted
     price moved this far; default 1/4 of the half-spread), ``max_age`` (seconds; re-price at
-    least this often), ``max_inventory`` (lots of base either way from the start).
+    least this often), ``max_inventory_lots`` (lots of base either way from the start).
     """
 
     kind = "mm"

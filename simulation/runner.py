@@ -124,6 +124,7 @@ def build_agents(
         if "market" in params and params["market"] not in config.markets:
             raise SimulationError(f"params for {kind}: unknown market {params['market']!r} "
                                   f"(have {', '.join(config.markets)})")
+        check_params(kind, params, config)
         for i in range(count):
             name = f"{prefix}{kind}{i + 1:02d}"
             agent_markets = markets
@@ -133,6 +134,72 @@ def build_agents(
                         funding=funding, interval=pace.get(kind, interval), params=params)
             agents.append(agent)
     return agents
+
+
+def _fraction(v: Any) -> bool:
+    return _number(v) and 0 <= v <= 1
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+# Each agent kind's parameters: (what a valid value is, how to say it). A misspelt name or a
+# value an agent would misread (a TWAP "sideways" bought) is refused before the run starts.
+PARAMS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    "random": {
+        "limit_ratio": (_fraction, "a fraction from 0 to 1"),
+        "cancel_ratio": (_fraction, "a fraction from 0 to 1"),
+        "max_offset_bps": (lambda v: _number(v) and v >= 0, "a number of basis points, 0 or more"),
+        "max_open": (_count, "a whole number, at least 1"),
+    },
+    "mm": {
+        "spread_bps": (_count, "a whole number of basis points, at least 1"),
+        "size_lots": (_count, "a whole number of lots, at least 1"),
+        "requote_ticks": (_count, "a whole number of ticks, at least 1"),
+        "max_age": (lambda v: _number(v) and v > 0, "a number of seconds above 0"),
+        "max_inventory_lots": (_count, "a whole number of lots, at least 1"),
+    },
+    "twap": {
+        "market": (lambda v: isinstance(v, str), "a market symbol"),
+        "side": (lambda v: v in ("buy", "sell"), '"buy" or "sell"'),
+        "qty_lots": (_count, "a whole number of lots, at least 1"),
+        "window": (lambda v: _number(v) and v > 0, "a number of seconds above 0"),
+        "slices": (_count, "a whole number, at least 1"),
+        "slice_type": (lambda v: v in ("market", "limit"), '"market" or "limit"'),
+        "limit_ticks": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                        "a whole number of ticks, 0 or more"),
+    },
+    "passive": {
+        "market": (lambda v: isinstance(v, str), "a market symbol"),
+        "qty_lots": (_count, "a whole number of lots, at least 1"),
+        "price_cap": (lambda v: isinstance(v, (str, int)) and not isinstance(v, bool), "a price, e.g. \"101.50\""),
+    },
+}
+
+
+def check_params(kind: str, params: dict[str, Any], config: MarketConfig) -> None:
+    """Refuse parameters an agent of this kind does not take, or would misread."""
+    known = PARAMS.get(kind, {})
+    for name, value in params.items():
+        if name not in known:
+            raise SimulationError(f"params for {kind}: unknown parameter {name!r} "
+                                  f"(known: {', '.join(known) or 'none'})")
+        valid, what = known[name]
+        if not valid(value):
+            raise SimulationError(f"params for {kind}: {name} must be {what}, not {value!r}")
+    if "price_cap" in params:
+        spec = config.markets[params.get("market") or next(iter(config.markets))]
+        try:
+            if spec.price_ticks(str(params["price_cap"])) <= 0:
+                raise ValueError("not positive")
+        except (ValueError, ArithmeticError) as exc:
+            raise SimulationError(f"params for {kind}: price_cap {params['price_cap']!r} is not a price "
+                                  f"on {spec.symbol}'s grid ({getattr(exc, 'message', exc)})") from None
 
 
 def default_funding(kind: str, config: MarketConfig, profiles: dict[str, MarketProfile]) -> dict[str, str]:

@@ -185,7 +185,11 @@ def build_slots(cfg: ScheduleConfig, config: MarketConfig) -> list[Slot]:
         base = spec.price_ticks(cfg.base_prices.get(market) or spec.reference_price or "100.00")
         lo_off, hi_off = (_signed_ticks(spec.price_ticks, x) for x in cfg.price_offsets)
         lo_off, hi_off = min(lo_off, hi_off), max(lo_off, hi_off)
-        price = max(1, base + rng.randint(lo_off, hi_off))
+        if base + lo_off < 1:  # clamped to one tick, every such pair traded at the minimum price
+            raise ValueError(f"schedule: {market} base price {spec.format_price(base)} with offset "
+                             f"{spec.format_price(lo_off)} is not a positive price; give "
+                             f"price_offsets above -{spec.format_price(base)}")
+        price = base + rng.randint(lo_off, hi_off)
         if maker in last_side:
             maker_side = "sell" if last_side[maker] == "buy" else "buy"
         elif taker in last_side:
@@ -862,6 +866,10 @@ def _main_locked(cfg: Any, args: Any, store: RunStore, config: MarketConfig,
                   f"locked {b['locked']:>14} spent {b['spent']:>16}  {b['utilization']}")
     if run.status != "completed":
         print(f"run {run.id} stopped ({run.status}); resume with: {_resume_hint(run, cfg)}")
+        return 1
+    if run.stats["completed"] == 0 and run.slots:
+        print(f"error: run {run.id} went through its plan but no slot completed ({run.stats['skipped']} "
+              f"skipped, {run.stats['failed']} failed): see the budgets above", file=sys.stderr)
         return 1
     return 0
 

@@ -271,6 +271,15 @@ BAD_CONFIGS = {
     "twap_window_text": {"params": {"twap": {"window": "x"}}},
     "twap_unknown_market": {"params": {"twap": {"market": "XYZ-USD"}}},
     "passive_cap_text": {"params": {"passive": {"price_cap": "abc"}}},
+    "twap_sideways": {"params": {"twap": {"side": "sideways"}}},  # it bought
+    "twap_negative_qty": {"params": {"twap": {"qty_lots": -5}}},
+    "twap_no_slices": {"params": {"twap": {"slices": 0}}},
+    "twap_no_window": {"params": {"twap": {"window": 0}}},
+    "mm_negative_spread": {"params": {"mm": {"spread_bps": -50}}},
+    "mm_misspelt_param": {"params": {"mm": {"spred_bps": 10}}},  # ignored, silently
+    "random_ratio_above_one": {"params": {"random": {"cancel_ratio": 2}}},
+    "random_offset_none": {"params": {"random": {"max_offset_bps": None}}},
+    "profile_sizes_reversed": {"profiles": {"BTC-USD": {"qty_min": "0.5", "qty_max": "0.1"}}},
     "schedule_not_object": {"schedule": "x"},
     "markets_a_string": {"markets": "BTC-USD"},
     "markets_empty": {"markets": []},
@@ -298,6 +307,7 @@ BAD_SCHEDULES = {
     "funding_not_a_number": {"funding": {"USD": "abc"}},
     "accounts_is_a_string": {"accounts": "alice"},  # silently becomes accounts a, l, i, c, e
     "same_account_twice": {"accounts": ["solo", "solo"]},  # an account cannot cross itself
+    "prices_below_zero": {"price_offsets": ["-50000", "-40000"]},  # all traded at 0.01
 }
 
 
@@ -308,6 +318,18 @@ def test_bad_schedule_values_give_a_clear_error(tmp_path: Path, name: str) -> No
     proc = sim("--schedule", "--config", str(cfg), "--data-dir", str(tmp_path / "d"))
     no_traceback(proc)
     assert proc.returncode == 2 and "error:" in proc.stderr, (proc.returncode, proc.stdout[-600:])
+
+
+def test_a_schedule_whose_every_slot_was_skipped_is_not_reported_a_success(tmp_path: Path) -> None:
+    """Funding too small for any slot: every slot is skipped for budget. The run went through
+    its plan, so it is not resumable, but it did nothing: exit 1 with a word, not 0."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"embedded": True, "schedule": {
+        "accounts": ["p-a", "p-b"], "trades_per_account": 2, "funding": {"USD": "10"}}}))
+    proc = sim("--schedule", "--config", str(cfg), "--data-dir", str(tmp_path / "d"))
+    no_traceback(proc)
+    assert proc.returncode == 1, proc.stdout[-600:]
+    assert "no slot completed" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("orders", [0, -5, "10"])
@@ -469,15 +491,28 @@ def test_resuming_a_completed_run_says_so_and_changes_nothing(tmp_path: Path) ->
     assert "already" in (again.stdout + again.stderr)
 
 
+def broken_sim(tmp_path: Path, method: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The simulation with ``Class.method`` of one agent kind raising TypeError (the plain
+    modules, ``EXCHANGE_PURE``: a compiled class cannot be patched). Bad parameters used to
+    do this; they are refused before the run now."""
+    cls, name = method.split(".")
+    script = tmp_path / "broken_sim.py"
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+        "from simulation import agents\n"
+        "async def _broken(self, *args):\n    raise TypeError('a broken agent, on purpose')\n"
+        f"setattr(agents.{cls}, {name!r}, _broken)\n"
+        "from simulation.runner import main\nsys.exit(main())\n")
+    return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=60)
+
+
 def test_an_embedded_run_stops_when_an_agent_breaks_and_names_it(tmp_path: Path) -> None:
-    """Every random trader raises on its first step (a bad parameter). With ``--orders`` the
-    others never reach the count, and the run went on in simulated time for good; now it
-    stops at the first failure, and the report names the agent (not its coroutine,
-    ``Agent.run``)."""
-    config = tmp_path / "bad.json"
-    config.write_text(json.dumps({"params": {"random": {"max_offset_bps": None}}}))
-    proc = sim("--embedded", "--orders", "500", "--no-progress", "--config", str(config),
-               "--data-dir", str(tmp_path / "d"))
+    """Every random trader raises on its first step. With ``--orders`` the others never
+    reach the count, and the run went on in simulated time for good; now it stops at the
+    first failure, and the report names the agent (not its coroutine, ``Agent.run``)."""
+    proc = broken_sim(tmp_path, "RandomTrader.step", "--embedded", "--orders", "500", "--no-progress",
+                      "--data-dir", str(tmp_path / "d"))
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert re.search(r"TypeError\(.*\): random01$", proc.stdout, re.M), proc.stdout[-1500:]
     assert "the run stopped early: 1 of 24 agents failed" in proc.stderr and "Traceback" not in proc.stderr
@@ -487,12 +522,13 @@ def test_an_embedded_run_stops_when_an_agent_breaks_and_names_it(tmp_path: Path)
 def test_a_broken_agent_stops_a_seeded_run_at_the_same_place_with_or_without_a_plot(tmp_path: Path) -> None:
     """The stop is checked right after the failing step, not at the progress samples (every
     4,096 steps, or 256 with ``--plot``): the same seed gives the same ledger either way."""
-    config = tmp_path / "bad.json"
-    config.write_text(json.dumps({"params": {"twap": {"slice_type": "limit", "limit_ticks": "x", "window": 5}}}))
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"params": {"twap": {"window": 5}}}))
     ledgers = []
     for name, extra in (("a", []), ("b", ["--plot", str(tmp_path / "p.png")])):
-        proc = sim("--embedded", "--duration", "20s", "--latency", "gamma:mean=5ms", "--no-progress",
-                   "--config", str(config), "--data-dir", str(tmp_path / name), *extra)
+        proc = broken_sim(tmp_path, "TwapExecutor._catch_up", "--embedded", "--duration", "20s",
+                          "--latency", "gamma:mean=5ms", "--no-progress",
+                          "--config", str(config), "--data-dir", str(tmp_path / name), *extra)
         assert proc.returncode == 1 and "stopped early (an agent failed)" in proc.stdout, proc.stderr[-1500:]
         assert "twap01" in proc.stdout
         ledgers.append((tmp_path / name / "trades.jsonl").read_bytes())
