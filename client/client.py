@@ -19,7 +19,7 @@ import asyncio
 import itertools
 from collections import deque
 from decimal import Decimal
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import orjson
 
@@ -448,6 +448,27 @@ class ExchangeClient:
             if event is None:
                 return
             yield event
+
+
+T = TypeVar("T")
+
+
+async def patiently(call: Callable[[], Awaitable[T]]) -> T:
+    """``await call()``, again while the exchange's rate limit refuses it (``rate_limited``;
+    50 ms doubling, about 3 s in all). For what a program must have to go on (its start-up
+    queries, its subscriptions), not for orders: an order refused for the rate limit was not
+    carried out, and whether to send it again is the trader's decision."""
+    delay = 0.05
+    while True:
+        try:
+            return await call()
+        except ExchangeConnectionError:
+            raise
+        except ExchangeError as exc:
+            if exc.code != "rate_limited" or delay > 1.6:
+                raise
+        await asyncio.sleep(delay)
+        delay *= 2
 
 
 def port_number(text: str) -> int:

@@ -54,7 +54,7 @@ from prompt_toolkit.output import Output
 from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.styles import Style
 
-from client.client import ExchangeClient, ExchangeConnectionError, ExchangeError, port_number
+from client.client import ExchangeClient, ExchangeConnectionError, ExchangeError, patiently, port_number
 from client.session_manager import SessionError, SessionManager
 from exchange.protocol import DEFAULT_PORT, MAX_DEPTH
 
@@ -918,8 +918,8 @@ class TerminalApp:
     async def _watch(self, market: str) -> None:
         self.book = LocalBook(market)
         self.trades.clear()
-        await self.client.subscribe("book", market)
-        await self.client.subscribe("trades", market)
+        await patiently(lambda: self.client.subscribe("book", market))
+        await patiently(lambda: self.client.subscribe("trades", market))
 
     async def _unwatch(self, market: str) -> None:
         for channel in ("book", "trades"):
@@ -1372,8 +1372,9 @@ async def run_client(options: ClientOptions, input: Input | None = None, output:
         return EXIT_CONNECTION
     try:
         try:
-            reply = await client.login(options.user, options.token)
-            markets = await client.markets()
+            # Against a --rate-limit the start-up's queries wait for the allowance.
+            reply = await patiently(lambda: client.login(options.user, options.token))
+            markets = await patiently(client.markets)
             symbols = [m["symbol"] for m in markets]
             if options.market not in symbols:
                 _fail(f"the exchange at {where} has no market {options.market!r}; "
@@ -1385,11 +1386,14 @@ async def run_client(options: ClientOptions, input: Input | None = None, output:
                 _fail(f"cannot use the order history: {exc}")
                 return EXIT_CONNECTION
             stale, settled, gone = await _ask_how_they_ended(
-                client, history, history.sync_open_orders(await client.orders()))
+                client, history, history.sync_open_orders(await patiently(client.orders)))
         except ExchangeConnectionError as exc:
             _fail(f"lost the connection to the exchange at {where} while starting: {exc.message}")
             return EXIT_CONNECTION
         except ExchangeError as exc:
+            if client.user is not None:  # logged in: a later start-up query was refused
+                _fail(f"the exchange at {where} refused a start-up query: {exc.message}")
+                return EXIT_CONNECTION
             hint = ""
             if exc.code == "auth_failed":
                 hint = ("; this exchange wants a known user and its token: --token TOKEN" if options.token is None

@@ -18,7 +18,7 @@ from typing import Any
 
 from sortedcontainers import SortedDict
 
-from client.client import ExchangeClient, ExchangeConnectionError, ExchangeError
+from client.client import ExchangeClient, ExchangeConnectionError, ExchangeError, patiently
 from exchange.markets import Market, MarketConfig, build_config
 from exchange.types import (
     BookDelta,
@@ -169,19 +169,8 @@ _PATIENT_OPS = frozenset({"markets", "book", "subscribe", "balances", "orders", 
 
 
 async def _patiently(client: ExchangeClient, op: str, **fields: Any) -> dict[str, Any]:
-    """``client.request``, sent again while the exchange's rate limit refuses it (50 ms
-    doubling, about 3 s in all)."""
-    delay = 0.05
-    while True:
-        try:
-            return await client.request(op, **fields)
-        except ExchangeConnectionError:
-            raise
-        except ExchangeError as exc:
-            if exc.code != "rate_limited" or delay > 1.6:
-                raise
-        await asyncio.sleep(delay)
-        delay *= 2
+    """``client.request``, sent again while the exchange's rate limit refuses it."""
+    return await patiently(lambda: client.request(op, **fields))
 
 
 def _decimals(text: str) -> int:

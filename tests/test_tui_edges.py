@@ -169,6 +169,21 @@ async def test_settling_at_start_up_stops_at_the_rate_limit_and_keeps_live_price
     assert 0 < statuses.count("CANCELED") < 30 and statuses.count("CANCELED") + statuses.count("NEW") == 30
 
 
+async def test_the_client_starts_against_a_rate_limit_of_two_requests_a_second(server, connect, tmp_path: Path) -> None:
+    """Log-in, markets, open orders, two subscriptions: five requests at start-up. Against
+    --rate-limit 2 the client said the exchange "refused the login" and exited (the login
+    had worked; 'orders' was refused), or, at 3, started without live prices for good."""
+    server.gateway.options.rate_limit = 2
+    bob = await connect("bob")
+    async with Terminal(server, "alice", tmp_path / "client") as term:
+        await term.screen.wait_for(r"Order history")
+        await asyncio.sleep(2.5)  # the subscriptions wait for the allowance
+        await bob.sell("BTC-USD", "1", "95.00")  # a live price the subscription must show
+        await asyncio.sleep(1.2)
+        await term.type("book", r"95\.00")
+        assert "refused" not in term.screen.text and "no live prices" not in term.screen.text
+
+
 async def test_status_shows_an_order_as_the_exchange_has_it_and_records_how_it_ended(server, connect, tmp_path: Path) -> None:
     data_dir = tmp_path / "client"
     bob = await connect("bob")
