@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import socket
 from collections import deque
 from decimal import Decimal
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
@@ -139,8 +140,11 @@ class ExchangeClient:
         try:
             await asyncio.wait_for(loop.create_connection(lambda: protocol, self.host, self.port), self.timeout)
         except (OSError, OverflowError, ValueError, asyncio.TimeoutError) as exc:
-            reason = (f"cannot connect to the exchange at {self.host}:{self.port} "
-                      f"({getattr(exc, 'strerror', None) or type(exc).__name__}); is it running?")
+            if isinstance(exc, socket.gaierror):  # no such host: "is it running?" would mislead
+                reason = f"cannot find the exchange's host {self.host!r} ({exc.strerror}); check --host"
+            else:
+                reason = (f"cannot connect to the exchange at {self.host}:{self.port} "
+                          f"({getattr(exc, 'strerror', None) or type(exc).__name__}); is it running?")
             if self._protocol is protocol:
                 self._end(reason)
             raise ExchangeConnectionError(reason) from None

@@ -229,6 +229,19 @@ def _positive(text: str) -> bool:
         return False
 
 
+def _not_positive(text: str, what: str) -> str:
+    """Why ``text`` is refused as a positive ``what``: an exponent is named as such."""
+    try:
+        value = Decimal(text) if "e" in text.lower() and len(text) <= MAX_NUMBER_LENGTH else None
+    except (InvalidOperation, ValueError):
+        value = None
+    if value is not None and value.is_finite() and value > 0:
+        # Only a short example: 1e999999999 written in full would be a billion digits.
+        example = f" (e.g. {value:f})" if -20 <= value.adjusted() <= 20 else ""
+        return f"'{_shown(text)}' has an exponent; write the {what} in full{example}"
+    return f"'{_shown(text)}' is not a positive {what}"
+
+
 def _order_id(text: str) -> int | None:
     """An order id as the exchange takes it: a whole number that fits in 64 bits."""
     m = _ORDER_ID.match(text)
@@ -294,7 +307,7 @@ def parse_command(line: str) -> Action:
             return Invalid(f"{usage('deposit')}   (e.g. deposit USD 1000)")
         asset, amount = args[0].upper(), args[1]
         if not _positive(amount):
-            return Invalid(f"'{_shown(amount)}' is not a positive amount; {usage('deposit')}")
+            return Invalid(f"{_not_positive(amount, 'amount')}; {usage('deposit')}")
         return Deposit(asset, amount)
     if name == "market":
         if len(args) > 1:
@@ -331,7 +344,7 @@ def _parse_place(side: str, args: list[str]) -> Action:
         return Invalid(hint)
     qty = args[0]
     if not _positive(qty):
-        return Invalid(f"'{_shown(qty)}' is not a positive quantity; {hint}")
+        return Invalid(f"{_not_positive(qty, 'quantity')}; {hint}")
     rest = args[1:]
     if not rest:
         return Invalid(f"give a price ('@ PRICE') or 'market'; {hint}")
@@ -346,7 +359,7 @@ def _parse_place(side: str, args: list[str]) -> Action:
     else:
         price, options = rest[0], rest[1:]
     if price is not None and not _positive(price):
-        return Invalid(f"'{_shown(price)}' is not a positive price; {hint}")
+        return Invalid(f"{_not_positive(price, 'price')}; {hint}")
     tif: str | None = None
     post_only = False
     for word in options:
@@ -388,7 +401,7 @@ def _parse_modify(args: list[str]) -> Action:
         if key in changes:
             return Invalid(f"'{key}' given twice; {hint}")
         if not _positive(value):
-            return Invalid(f"'{_shown(value)}' is not a positive {key}; {hint}")
+            return Invalid(f"{_not_positive(value, key)}; {hint}")
         changes[key] = value
     return Modify(oid, changes.get("price"), changes.get("qty"))
 
@@ -1367,8 +1380,11 @@ async def run_client(options: ClientOptions, input: Input | None = None, output:
     client = ExchangeClient(options.host, options.port, timeout=options.timeout)
     try:
         await client.connect()
-    except ExchangeConnectionError:
-        _fail(f"cannot connect to the exchange at {where}; is it running? (start it with `make run`)")
+    except ExchangeConnectionError as exc:
+        if exc.message.startswith("cannot find"):
+            _fail(exc.message)
+        else:
+            _fail(f"cannot connect to the exchange at {where}; is it running? (start it with `make run`)")
         return EXIT_CONNECTION
     try:
         try:

@@ -429,7 +429,8 @@ def order_id_of(msg: dict[str, Any]) -> int:
     if type(oid) is str and oid.isascii() and oid.isdigit() and len(oid) <= 20:
         oid = int(oid)  # then held to 64 bits, as a JSON integer is
     if type(oid) is not int or _too_wide(oid):
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "'order_id' must be an integer", "order_id")
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'order_id' must be an integer of at most 64 bits "
+                            "(a JSON integer or a string of digits)", "order_id")
     return oid
 
 

@@ -713,6 +713,8 @@ async def _wind_down(agents: list[Agent], gateways: list[Any], hurry: asyncio.Ev
 
 def _unreachable(cfg: Any, why: str) -> str:
     """Why the exchange cannot be reached, and what to do about it."""
+    if why.startswith("cannot find"):
+        return why  # a host name that does not resolve: starting an exchange would not help
     if not why.startswith("cannot connect"):
         why = f"cannot reach the exchange at {cfg.host}:{cfg.port}: {why}"
     end = "" if why.endswith(("?", ".", "!")) else "."
