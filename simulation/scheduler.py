@@ -42,7 +42,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Final
 
 import orjson
 
@@ -239,6 +239,9 @@ class SimulationRun:
     # saved before it was recorded: the command line decides), and the latency model.
     mode: str = ""
     latency: str | None = None
+    # The full save this file is: lines of ``<id>.log`` written after it carry the same number
+    # (``RunStore.save``); lines of an older one, left by a crash, are not applied.
+    generation: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -250,12 +253,26 @@ class SimulationRun:
         return cls(**data)
 
 
+FULL_SAVE_EVERY = 500  # slot saves between two full rewrites of a run's file
+
+
 class RunStore:
-    """Saved runs, one JSON file each, written atomically."""
+    """Saved runs: ``<id>.json``, written atomically, and ``<id>.log`` after it.
+
+    A run is saved after every slot (twice: in progress, then done). Rewriting the whole file
+    each time made a plan's time grow with its square: 29 s for 4,000 slots, mostly writing
+    and fsyncing a file of 1.6 MB 8,000 times. So only one save in ``FULL_SAVE_EVERY``
+    rewrites the file (and a process's first save of a run, and every save without a slot
+    being run); the others append one line to the log, fsynced: the slots touched since the
+    last save (the processor only moves forward) and the run's own fields. Loading applies
+    the log's lines of the file's generation in order; a line cut short by a crash is the
+    end of it (the save it belonged to never finished).
+    """
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.damaged: list[Path] = []  # files ``list`` could not read
+        self._logged: dict[str, tuple[int, int]] = {}  # run id -> (appends since full, position saved)
 
     def path(self, run_id: str) -> Path:
         if not run_id or any(c in run_id for c in "/\\") or run_id.startswith("."):
@@ -281,8 +298,34 @@ class RunStore:
     def release(self, lock: int) -> None:
         os.close(lock)
 
-    def save(self, run: SimulationRun) -> None:
+    def log_path(self, run_id: str) -> Path:
+        return self.path(run_id).with_suffix(".log")
+
+    def save(self, run: SimulationRun, full: bool = False) -> None:
+        """Save the run (see the class docstring); ``full``: rewrite the file now."""
         run.updated_at = time.time()
+        logged = self._logged.get(run.id)
+        if full or logged is None or logged[0] + 1 >= FULL_SAVE_EVERY:
+            self._save_full(run)
+            self._logged[run.id] = (0, run.position)
+            return
+        appends, saved_at = logged
+        lo = min(saved_at, run.position)
+        touched = run.slots[lo:min(run.position + 1, len(run.slots))]
+        line = orjson.dumps({
+            "generation": run.generation, "slots": touched,
+            "run": {k: getattr(run, k) for k in _RUN_FIELDS},
+        }) + b"\n"
+        fd = os.open(self.log_path(run.id), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        self._logged[run.id] = (appends + 1, run.position)
+
+    def _save_full(self, run: SimulationRun) -> None:
+        run.generation += 1
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self.path(run.id)
         # orjson writes the dataclasses directly: json.dumps of asdict() cost 65 ms a save
@@ -301,11 +344,37 @@ class RunStore:
             except OSError:
                 pass
             raise
+        try:  # the file holds it all now; a log left by a crash here is of an older generation
+            os.unlink(self.log_path(run.id))
+        except FileNotFoundError:
+            pass
+
+    def _read(self, path: Path) -> SimulationRun:
+        run = _checked_run(json.loads(path.read_text(encoding="utf-8")))
+        try:
+            log = path.with_suffix(".log").read_bytes()
+        except FileNotFoundError:
+            return run
+        for raw in log.split(b"\n"):
+            try:
+                entry = orjson.loads(raw)
+                if entry["generation"] != run.generation:
+                    continue
+                slots = [Slot(**s) for s in entry["slots"]]
+                fields = {k: entry["run"][k] for k in _RUN_FIELDS}
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                break  # cut short by a crash: that save never finished
+            for slot in slots:
+                if 0 <= slot.index < len(run.slots):
+                    run.slots[slot.index] = slot
+            for k, v in fields.items():
+                setattr(run, k, v)
+        return _checked_run(run.to_dict())
 
     def load(self, run_id: str) -> SimulationRun:
         path = self.path(run_id)
         try:
-            return _checked_run(json.loads(path.read_text(encoding="utf-8")))
+            return self._read(path)
         except FileNotFoundError:
             raise ValueError(f"no saved run {run_id!r} in {self.folder}") from None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -317,10 +386,14 @@ class RunStore:
         runs = []
         for path in sorted(self.folder.glob("*.json")):
             try:
-                runs.append(_checked_run(json.loads(path.read_text(encoding="utf-8"))))
+                runs.append(self._read(path))
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 self.damaged.append(path)
         return runs
+
+
+# The run's own fields a slot save carries (the slots and the config are the file's).
+_RUN_FIELDS: Final = ("status", "position", "funded", "updated_at", "finished_at", "stats", "depleted")
 
 
 def _maker_before(run: SimulationRun, pos: int) -> Slot | None:
@@ -487,9 +560,9 @@ class SlotProcessor:
         """Seconds to wait before retry number ``attempt`` (1, 2, ...): base x 2^(attempt-1), capped."""
         return min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
 
-    def save(self) -> None:
+    def save(self, full: bool = False) -> None:
         if self.store is not None:
-            self.store.save(self.run)
+            self.store.save(self.run, full)
 
     async def execute(self, stop_after: int | None = None) -> SimulationRun:
         """Run from the saved position; ``stop_after`` slots at most (then ``interrupted``)."""
@@ -497,7 +570,7 @@ class SlotProcessor:
         await self.budget.load()
         await self._find_in_flight()
         run.status = "running"
-        self.save()
+        self.save(full=True)
         done_now = 0
         try:
             while run.position < len(run.slots):
@@ -537,7 +610,7 @@ class SlotProcessor:
             self.budget.sync()
             # A resumed run keeps what an earlier part of it found depleted.
             run.depleted = list(dict.fromkeys([*run.depleted, *self.budget.depleted]))
-            self.save()
+            self.save(full=True)
 
     async def _withdraw_maker(self) -> None:
         """The taker being run, given up on, leaves its pair's maker resting, and a later pair's taker on
@@ -855,7 +928,7 @@ def _main_locked(cfg: Any, args: Any, store: RunStore, config: MarketConfig,
         else:
             proc = asyncio.run(_tcp_schedule(cfg, sched, config, run, body))
     except KeyboardInterrupt:
-        store.save(run)
+        store.save(run, full=True)
         print(f"\ninterrupted; resume with: {_resume_hint(run, cfg)}")
         return 130
     summary = proc.summary()

@@ -81,7 +81,10 @@ def wait_for(pred, timeout: float = 30.0, step: float = 0.02) -> None:  # type: 
 
 
 def saved(data_dir: Path, run_id: str) -> dict:  # type: ignore[type-arg]
-    return json.loads((data_dir / "simulations" / f"{run_id}.json").read_text())
+    """The run as saved: its file and the slot log after it (``RunStore``)."""
+    from simulation.scheduler import RunStore
+
+    return RunStore(data_dir / "simulations").load(run_id).to_dict()
 
 
 def run_id_of(first_line: str) -> str:

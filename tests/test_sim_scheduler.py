@@ -217,6 +217,67 @@ def test_an_interrupted_run_resumes_without_repeating_a_completed_slot(tmp_path:
     assert not list((tmp_path / "simulations").glob("*.tmp"))
 
 
+def _plain(run: Any) -> Any:
+    return json.loads(json.dumps(run.to_dict()))  # tuples as the file has them: lists
+
+
+def _advance(store: RunStore, run: Any, i: int) -> None:
+    """What the processor saves for slot ``i``: in progress, then done at the next position."""
+    run.slots[i].status = "in_progress"
+    store.save(run)
+    run.slots[i].status, run.slots[i].order_id = COMPLETED, 100 + i
+    run.stats["completed"] += 1
+    run.position += 1
+    store.save(run)
+
+
+def test_saves_between_full_rewrites_are_appended_and_read_back(tmp_path: Path) -> None:
+    """Rewriting the whole file after every slot made a plan's time grow with its square;
+    the saves in between are lines of a log, read back on load, ``--list`` and ``--resume``."""
+    run = new_run(schedule("round_robin"), CONFIG)
+    store = RunStore(tmp_path)
+    store.save(run, full=True)
+    written = store.path(run.id).read_bytes()
+    for i in range(5):
+        _advance(store, run, i)
+    assert store.path(run.id).read_bytes() == written  # not rewritten
+    assert _plain(RunStore(tmp_path).load(run.id)) == _plain(run)
+    assert [r.position for r in RunStore(tmp_path).list()] == [5]
+
+    # A crash in the middle of an append: the cut line is not applied, the rest stands.
+    run.slots[5].status = "in_progress"
+    store.save(run)
+    with open(store.log_path(run.id), "ab") as fh:
+        fh.write(b'{"generation": 1, "slots": [{"index": 5, "sta')
+    back = RunStore(tmp_path).load(run.id)
+    assert back.position == 5 and back.slots[5].status == "in_progress"
+
+    # A full save takes it all into the file; a log of an older generation (a crash between
+    # the rename and the unlink) is not applied on top of it.
+    stale = store.log_path(run.id).read_bytes()
+    store.save(run, full=True)
+    assert not store.log_path(run.id).exists()
+    store.log_path(run.id).write_bytes(stale)
+    assert _plain(RunStore(tmp_path).load(run.id)) == _plain(run)
+
+
+def test_a_full_rewrite_comes_every_so_many_saves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import simulation.scheduler as scheduler
+
+    monkeypatch.setattr(scheduler, "FULL_SAVE_EVERY", 4)
+    run = new_run(schedule("round_robin"), CONFIG)
+    store = RunStore(tmp_path)
+    store.save(run)  # a process's first save of a run rewrites the file
+    assert not store.log_path(run.id).exists()
+    _advance(store, run, 0)
+    run.slots[1].status = "in_progress"
+    store.save(run)
+    assert len(store.log_path(run.id).read_bytes().splitlines()) == 3
+    store.save(run)  # the fourth since the full one
+    assert not store.log_path(run.id).exists()
+    assert json.loads(store.path(run.id).read_text())["position"] == 1
+
+
 @pytest.mark.parametrize("position", [6, 7], ids=["maker", "taker"])
 def test_an_order_sent_just_before_an_interruption_is_not_sent_again(tmp_path: Path, position: int) -> None:
     """Interrupted between sending a slot's order and reading the answer (saved in progress,
