@@ -937,7 +937,7 @@ class TerminalApp:
     async def _unwatch(self, market: str) -> None:
         for channel in ("book", "trades"):
             try:
-                await self.client.unsubscribe(channel, market)
+                await patiently(lambda: self.client.unsubscribe(channel, market))
             except ExchangeConnectionError:
                 raise
             except ExchangeError:

@@ -628,8 +628,10 @@ class Formatter:
         out: dict[str, Any] = {
             "type": "exec", "exec_type": "rejected", "order_id": None,
             "market": msg.get("market"), "side": msg.get("side"), "order_type": order_type,
-            # the request's tif, or the default it would have had (as the engine reports it)
-            "tif": msg.get("tif") or ("ioc" if order_type == "market" else "gtc"),
+            # the request's tif, or the default it would have had, as the engine reports it
+            # (a market order never rests: ioc unless fok)
+            "tif": ("ioc" if msg.get("tif") in (None, "gtc") else msg.get("tif")) if order_type == "market"
+            else msg.get("tif") or "gtc",
             "price": None, "qty": None, "filled_qty": "0", "remaining_qty": "0",
             "avg_price": None, "status": "rejected", "ts": ts, "reason": reason.value,
             "message": text,

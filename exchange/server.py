@@ -248,6 +248,10 @@ class ExchangeServer:
         try:
             await self._server.start_serving()
         except OSError as exc:
+            # Bound before recovery, but another socket bound the port too (SO_REUSEADDR) and
+            # listens now: nothing was served yet.
+            self._server.close()
+            self._server = None
             try:
                 await self.persistence.close(release_lock=False)
                 await self._local_audit.close()

@@ -124,7 +124,7 @@ def build_agents(
         if "market" in params and params["market"] not in config.markets:
             raise SimulationError(f"params for {kind}: unknown market {params['market']!r} "
                                   f"(have {', '.join(config.markets)})")
-        check_params(kind, params, config)
+        check_params(kind, params, config, markets)
         for i in range(count):
             name = f"{prefix}{kind}{i + 1:02d}"
             agent_markets = markets
@@ -154,7 +154,8 @@ PARAMS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "random": {
         "limit_ratio": (_fraction, "a fraction from 0 to 1"),
         "cancel_ratio": (_fraction, "a fraction from 0 to 1"),
-        "max_offset_bps": (lambda v: _number(v) and v >= 0, "a number of basis points, 0 or more"),
+        "max_offset_bps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                           "a whole number of basis points, 0 or more"),
         "max_open": (_count, "a whole number, at least 1"),
     },
     "mm": {
@@ -182,8 +183,9 @@ PARAMS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
 }
 
 
-def check_params(kind: str, params: dict[str, Any], config: MarketConfig) -> None:
-    """Refuse parameters an agent of this kind does not take, or would misread."""
+def check_params(kind: str, params: dict[str, Any], config: MarketConfig, markets: list[str]) -> None:
+    """Refuse parameters an agent of this kind does not take, or would misread (``markets``:
+    those the run trades, where an agent without a ``market`` may be put)."""
     known = PARAMS.get(kind, {})
     for name, value in params.items():
         if name not in known:
@@ -193,13 +195,14 @@ def check_params(kind: str, params: dict[str, Any], config: MarketConfig) -> Non
         if not valid(value):
             raise SimulationError(f"params for {kind}: {name} must be {what}, not {value!r}")
     if "price_cap" in params:
-        spec = config.markets[params.get("market") or next(iter(config.markets))]
-        try:
-            if spec.price_ticks(str(params["price_cap"])) <= 0:
-                raise ValueError("not positive")
-        except (ValueError, ArithmeticError) as exc:
-            raise SimulationError(f"params for {kind}: price_cap {params['price_cap']!r} is not a price "
-                                  f"on {spec.symbol}'s grid ({getattr(exc, 'message', exc)})") from None
+        for symbol in [params["market"]] if params.get("market") else markets:
+            spec = config.markets[symbol]
+            try:
+                if spec.price_ticks(str(params["price_cap"])) <= 0:
+                    raise ValueError("not positive")
+            except (ValueError, ArithmeticError) as exc:
+                raise SimulationError(f"params for {kind}: price_cap {params['price_cap']!r} is not a price "
+                                      f"on {symbol}'s grid ({getattr(exc, 'message', exc)})") from None
 
 
 def default_funding(kind: str, config: MarketConfig, profiles: dict[str, MarketProfile]) -> dict[str, str]:
@@ -810,7 +813,8 @@ async def _connect_all(
             if mirror is not None:
                 await mirror.close()
             raise SimulationError(f"the credentials' admin {funder.account!r} has no admin rights on "
-                                  "this exchange, so it cannot fund the agents")
+                                  "this exchange, so it cannot fund the agents (an exchange in --auth "
+                                  "open mode has no admins: leave 'admin' out there)")
         for gw in gateways:
             gw.funder = funder
     return gateways

@@ -48,6 +48,7 @@ import orjson
 
 from exchange.markets import InvalidValue, MarketConfig
 from exchange.protocol import DEFAULT_PORT
+from storage.snapshot import fsync_dir
 from exchange.types import ExecType, RejectReason
 from simulation.budget import Wallet, buy_commit
 from simulation.gateway import Gateway, GatewayConnectionError, GatewayError
@@ -316,12 +317,18 @@ class RunStore:
             "generation": run.generation, "slots": touched,
             "run": {k: getattr(run, k) for k in _RUN_FIELDS},
         }) + b"\n"
-        fd = os.open(self.log_path(run.id), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        path = self.log_path(run.id)
+        created = not path.exists()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            os.write(fd, line)
+            done = 0
+            while done < len(line):  # a short write (a full disk) must not pass for a save
+                done += os.write(fd, line[done:])
             os.fdatasync(fd)
         finally:
             os.close(fd)
+        if created:
+            fsync_dir(self.folder)  # the log's name is durable too, before its lines count
         self._logged[run.id] = (appends + 1, run.position)
 
     def _save_full(self, run: SimulationRun) -> None:
@@ -338,6 +345,7 @@ class RunStore:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, target)
+            fsync_dir(self.folder)  # the new generation is durable before its log lines follow
         except BaseException:
             try:
                 os.unlink(tmp)
@@ -799,6 +807,8 @@ def _resume_as_started(cfg: Any, args: Any, run: SimulationRun) -> None:
         raise SimulationError(f"run {run.id} was started against an exchange over TCP: resume it "
                               "without --embedded (and with --host/--port if the exchange is elsewhere)")
     if run.mode == "embedded":
+        if cfg.credentials is not None:  # funding would be skipped in a fresh, empty exchange
+            raise SimulationError(f"run {run.id} runs embedded: --credentials applies to TCP runs")
         cfg.embedded = True
         if cfg.latency is None:
             cfg.latency = run.latency

@@ -191,7 +191,8 @@ class BookMirror:
     returns None and the gateway asks the exchange. So it does while the connection is
     lost (the exchange drops a consumer that falls too far behind, and a busy run can be
     one): the mirror connects again, with a growing pause between tries, and follows from
-    fresh snapshots. A feed it cannot read ends for good.
+    fresh snapshots. A delta it cannot read (a markets file on another grid), or a
+    subscription refused for anything but the rate limit, ends it for good.
     """
 
     def __init__(self, client: ExchangeClient, config: MarketConfig) -> None:
@@ -282,8 +283,10 @@ class BookMirror:
                 pause = min(RECONNECT_MAX, pause * 2)
                 try:
                     await self._subscribe()
-                except (ExchangeConnectionError, ExchangeError):
+                except ExchangeConnectionError:
                     continue
+                except ExchangeError:
+                    return  # the exchange refuses it (a market it no longer has): asked instead
                 self.reconnects += 1
                 pause = RECONNECT_FIRST
                 break
@@ -335,7 +338,8 @@ class BookMirror:
         until a snapshot arrives the agents ask the exchange for every order's prices."""
         if fut.cancelled() or fut.exception() is not None:
             return  # the feed is lost: following again subscribes to everything
-        if fut.result().get("type") == "error" and not self._closing:
+        reply = fut.result()
+        if reply.get("type") == "error" and reply.get("code") == "rate_limited" and not self._closing:
             asyncio.get_running_loop().call_later(RESYNC_PAUSE, self._retry_snapshot, market)
 
     def _retry_snapshot(self, market: str) -> None:
@@ -350,7 +354,8 @@ class Credentials:
     takes deposits only from an admin session. So the agents log in with the tokens given
     here, and are funded through the admin session when the file names one; without one
     they trade what their accounts already hold. Against an exchange in ``--auth open``
-    mode the tokens are not needed and are ignored.
+    mode the tokens are not needed and are ignored, but an ``admin`` is refused: such an
+    exchange has no admins (leave it out there; the agents fund themselves).
 
     The file::
 
@@ -410,6 +415,7 @@ class TcpGateway(Gateway):
         # The admin session deposits go through (keys mode), or None: the account funds itself.
         self.funder: TcpGateway | None = None
         self.admin = False  # this session's own rights, as its login answered
+        self.one_at_a_time = asyncio.Lock()  # for the deposits it makes as a funder
         self.halt: asyncio.Event | None = None  # set when the run ends: long sleeps end early
         self.ack_latencies_ns: list[int] = []
         self._costs: dict[int, int] = {}  # order id -> cumulative price x lots (avg price basis)
@@ -503,8 +509,12 @@ class TcpGateway(Gateway):
         return self._take_events(reply) or self._report(reply)
 
     async def deposit(self, asset: str, amount: PriceLike) -> dict[str, Holding]:
-        if self.funder is not None:
-            reply = await self.funder._request("deposit", asset=asset, amount=_text(amount), user=self.account)
+        funder = self.funder
+        if funder is not None:
+            # One admin connection funds every agent: one deposit at a time, so that its
+            # rate limit (per connection) is waited out in turn, not by all of them at once.
+            async with funder.one_at_a_time:
+                reply = await funder._request("deposit", asset=asset, amount=_text(amount), user=self.account)
         else:
             reply = await self._request("deposit", asset=asset, amount=_text(amount))
         return holdings_from_wire(self.config, reply["balances"])

@@ -185,3 +185,7 @@ async def test_a_rejected_market_order_reports_the_tif_an_accepted_one_would(ser
     fok = await w(alice.request("order", market="BTC-USD", side="sell", type="market", tif="fok",
                                 qty="1000"))
     assert fok["tif"] == "fok"
+    # Refused before the engine (a size off the lot grid): the same answer.
+    early = await w(alice.request("order", market="BTC-USD", side="sell", type="market", tif="gtc",
+                                  qty="0.00001"))
+    assert early["reason"] == "invalid_quantity" and early["tif"] == "ioc"

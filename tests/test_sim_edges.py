@@ -236,6 +236,14 @@ def test_a_resume_goes_on_in_the_mode_the_run_started_in(tmp_path: Path) -> None
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert json.loads(path.read_text())["status"] == "completed"
 
+    state.update(status="interrupted", position=0)
+    path.write_text(json.dumps(state))
+    creds = tmp_path / "creds.json"
+    creds.write_text(json.dumps({"token": "x"}))  # would have skipped funding the fresh exchange
+    refused = sim("--resume", run_id, "--data-dir", str(data), "--credentials", str(creds))
+    no_traceback(refused)
+    assert refused.returncode == 2 and "runs embedded: --credentials applies to TCP runs" in refused.stderr
+
     state.update(mode="tcp")
     path.write_text(json.dumps(state))
     refused = sim("--resume", run_id, "--data-dir", str(data), "--embedded")
@@ -282,6 +290,7 @@ BAD_CONFIGS = {
     "mm_misspelt_param": {"params": {"mm": {"spred_bps": 10}}},  # ignored, silently
     "random_ratio_above_one": {"params": {"random": {"cancel_ratio": 2}}},
     "random_offset_none": {"params": {"random": {"max_offset_bps": None}}},
+    "random_offset_fraction": {"params": {"random": {"max_offset_bps": 12.5}}},  # a TypeError mid-run
     "profile_sizes_reversed": {"profiles": {"BTC-USD": {"qty_min": "0.5", "qty_max": "0.1"}}},
     "schedule_not_object": {"schedule": "x"},
     "markets_a_string": {"markets": "BTC-USD"},

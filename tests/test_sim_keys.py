@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from client import ExchangeClient
+from client.client import patiently
 from exchange.gateway import hash_token
 from simulation.runner import SimConfig, SimulationError, read_credentials, run_tcp
 from simulation.tcp import Credentials
@@ -29,13 +30,13 @@ AGENTS = ["random01", "random02", "mm01"]
 
 
 @contextlib.asynccontextmanager
-async def keys_engine(tmp_path: Path) -> AsyncIterator[tuple[str, int, Path]]:
+async def keys_engine(tmp_path: Path, *extra: str) -> AsyncIterator[tuple[str, int, Path]]:
     accounts = tmp_path / "accounts.json"
     users: dict[str, Any] = {name: {"token_hash": hash_token(AGENT_TOKEN)} for name in AGENTS}
     users["ops"] = {"token_hash": hash_token(ADMIN_TOKEN), "admin": True}
     users["alice"] = {"token_hash": hash_token("alice-secret")}
     accounts.write_text(json.dumps({"users": users}))
-    async with _engine(tmp_path, "--auth", "keys", "--accounts", str(accounts)) as (host, port, data, _):
+    async with _engine(tmp_path, "--auth", "keys", "--accounts", str(accounts), *extra) as (host, port, data, _):
         yield host, port, data
 
 
@@ -51,8 +52,8 @@ async def _holdings(host: str, port: int) -> dict[str, dict[str, dict[str, str]]
     for name in AGENTS:
         client = await _session(host, port, name, AGENT_TOKEN)
         try:
-            out[name] = await asyncio.wait_for(client.balances(), T)
-            assert await asyncio.wait_for(client.orders(), T) == []  # the run cancelled what rested
+            out[name] = await asyncio.wait_for(patiently(client.balances), T)
+            assert await asyncio.wait_for(patiently(client.orders), T) == []  # the run cancelled what rested
         finally:
             await client.close()
     return out
@@ -174,3 +175,22 @@ async def test_a_scheduled_run_uses_the_credentials_too(tmp_path: Path) -> None:
         held = await _holdings(host, port)
         assert Decimal(held["random01"]["USD"]["deposited"]) > 0  # funded by the admin
         assert await _open_connections(host, port) == 0
+
+
+async def test_the_admin_funds_the_agents_one_deposit_at_a_time_under_a_rate_limit(tmp_path: Path) -> None:
+    """Every agent's deposits go through the one admin connection: sent all at once, they
+    used up its allowance together and the run could not start ("funding the agents failed:
+    rate_limited"), where agents funding themselves each have their own."""
+    async with keys_engine(tmp_path, "--rate-limit", "2") as (host, port, _):
+        creds = Credentials({}, AGENT_TOKEN, ("ops", ADMIN_TOKEN))
+        report = await asyncio.wait_for(run_tcp(_config(host, port, creds), stream=None), 90)
+        assert not report["agent_failures"]
+        deposited = _conserved(await _holdings(host, port))
+        assert deposited["USD"] > 0 and deposited["BTC"] > 0 and deposited["ACME"] > 0
+
+
+async def test_an_admin_in_the_credentials_against_an_open_exchange_is_explained(tmp_path: Path) -> None:
+    async with _engine(tmp_path) as (host, port, _, _):
+        creds = Credentials({}, AGENT_TOKEN, ("ops", ADMIN_TOKEN))
+        with pytest.raises(SimulationError, match="--auth open mode has no admins: leave 'admin' out"):
+            await asyncio.wait_for(run_tcp(_config(host, port, creds), stream=None), T)

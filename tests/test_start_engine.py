@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import re
+import socket
 import signal
 import subprocess
 import sys
@@ -189,6 +189,37 @@ def test_a_port_in_use_is_refused_before_the_data_directory_is_touched(tmp_path:
     assert not (tmp_path / "data" / "snapshot.json").exists()
     again = run_script("--data-dir", str(tmp_path / "data"), "--snapshot-interval", "-5")
     assert again.returncode == 2 and "--snapshot-interval must be 0" in again.stderr, again.stderr
+
+
+async def test_a_port_taken_during_recovery_leaves_no_socket_and_no_lock(tmp_path: Path) -> None:
+    """The port is bound before recovery but listened on only after it; another socket bound
+    with SO_REUSEADDR may start listening on it in between (a second exchange started at the
+    same moment on another data directory). The start fails, and must close its socket and
+    give the data directory back."""
+    from exchange.server import ExchangeServer, ServerConfig, StartupError
+
+    rival = socket.socket()
+    rival.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    rival.bind(("127.0.0.1", 0))
+    port = rival.getsockname()[1]
+    data = tmp_path / "data"
+    first = ExchangeServer(ServerConfig(port=port, data_dir=data, writer="inline", stats_interval=0))
+    recover = first.persistence.recover
+
+    def rival_listens_meanwhile(*args: object, **kwargs: object) -> object:
+        rival.listen()
+        return recover(*args, **kwargs)  # type: ignore[arg-type]
+
+    first.persistence.recover = rival_listens_meanwhile  # type: ignore[method-assign]
+    try:
+        with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{port}"):
+            await asyncio.wait_for(first.start(), T)
+        assert first._server is None
+        second = ExchangeServer(ServerConfig(port=0, data_dir=data, writer="inline", stats_interval=0))
+        await asyncio.wait_for(second.start(), T)  # the directory was given back
+        await asyncio.wait_for(second.stop(), T)
+    finally:
+        rival.close()
 
 
 async def test_a_markets_file_without_the_demo_assets_starts_and_funds_what_it_has(
