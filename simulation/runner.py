@@ -144,8 +144,12 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def _count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    return _whole(v) and v >= 1
 
 
 # Each agent kind's parameters: (what a valid value is, how to say it). A misspelt name or a
@@ -154,8 +158,7 @@ PARAMS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "random": {
         "limit_ratio": (_fraction, "a fraction from 0 to 1"),
         "cancel_ratio": (_fraction, "a fraction from 0 to 1"),
-        "max_offset_bps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                           "a whole number of basis points, 0 or more"),
+        "max_offset_bps": (_whole, "a whole number of basis points, 0 or more"),
         "max_open": (_count, "a whole number, at least 1"),
     },
     "mm": {
@@ -172,8 +175,7 @@ PARAMS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "window": (lambda v: _number(v) and v > 0, "a number of seconds above 0"),
         "slices": (_count, "a whole number, at least 1"),
         "slice_type": (lambda v: v in ("market", "limit"), '"market" or "limit"'),
-        "limit_ticks": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                        "a whole number of ticks, 0 or more"),
+        "limit_ticks": (_whole, "a whole number of ticks, 0 or more"),
     },
     "passive": {
         "market": (lambda v: isinstance(v, str), "a market symbol"),
@@ -471,8 +473,8 @@ def run_embedded(
         report["stopped_early"] = "an agent failed"
     elif stall is not None and stall.fired:
         report["stopped_early"] = stall.reason
-    elif not interrupted and short_of_orders(control, agents):
-        report["stopped_early"] = short_of_orders(control, agents)
+    elif not interrupted and (short := short_of_orders(control, agents)):
+        report["stopped_early"] = short
     settle_outcomes(report, left[0])
     report["latency"] = cfg.latency or "none"
     report["ledger"] = str(Path(cfg.data_dir) / "trades.jsonl")
