@@ -470,8 +470,9 @@ def _progress(report: dict[str, Any]) -> str:
     return text
 
 
-def describe_report(report: dict[str, Any]) -> Fragments:
-    """The notification for one execution report (the exchange's fields, nothing computed)."""
+def describe_report(report: dict[str, Any], post_only: bool = False) -> Fragments:
+    """The notification for one execution report (the exchange's fields, nothing computed;
+    ``post_only``: this terminal sent it so, which the report does not say)."""
     et = report.get("exec_type")
     side = report.get("side")
     oid = report.get("order_id")
@@ -482,7 +483,7 @@ def describe_report(report: dict[str, Any]) -> Fragments:
     if et == "new":
         out += [("class:tag", "NEW "), ("", f"order {oid} accepted: "), (sstyle, what)]
         if tif and report.get("order_type") == "limit":
-            out.append(("class:dim", f" {tif}"))
+            out.append(("class:dim", f" {tif}" + (" post-only" if post_only else "")))
     elif et == "trade":
         verb = "BOUGHT" if side == "buy" else "SOLD"
         fee = report.get("fee")
@@ -705,6 +706,7 @@ class TerminalApp:
         # Unique per client run (two terminals of a user share the history file, which
         # tells their orders apart by it), whatever the process ids and clocks.
         self._coid_prefix = f"tui-{secrets.token_hex(5)}"
+        self._post_only: set[str] = set()  # client order ids sent post-only, not yet answered
         self._prompt: PromptSession[str] | None = None
         self._ask_session: PromptSession[str] | None = None
         self._quitting = False
@@ -900,7 +902,11 @@ class TerminalApp:
                     self._save_failed = True
                     self.warn(f"could not save the order history ({exc.strerror or exc}); "
                               "orders go on, the file may miss some")
-            self.say(describe_report(event))
+            coid = event.get("client_order_id")
+            post_only = coid in self._post_only
+            if post_only and event.get("exec_type") in ("new", "rejected"):
+                self._post_only.discard(coid)  # answered: the set holds only orders on their way
+            self.say(describe_report(event, post_only))
         elif kind == "trade":
             if event.get("market") == self.market:
                 self.trades.append(event)
@@ -992,6 +998,8 @@ class TerminalApp:
 
     async def place(self, action: Place) -> None:
         coid = f"{self._coid_prefix}-{next(self._coids)}"
+        if action.post_only:
+            self._post_only.add(coid)
         # The reports (new, fills, rejection) arrive on the event stream and are shown there.
         try:
             report = await self.client.place(

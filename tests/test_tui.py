@@ -306,7 +306,7 @@ async def test_trade_from_the_terminal_see_the_fill_cancel_and_quit(server, conn
         await term.type(f"cancel {cancel_id}", rf"CANCELED order {cancel_id}: BUY 0\.5000 BTC-USD @ 90\.00; filled 0\.0000 of 0\.5000")
         await term.type(f"cancel {cancel_id}", rf"error: cannot cancel order {cancel_id}: no such open order")
 
-        m = await term.type("buy 0.25 @ 95 post", r"NEW order (\d+) accepted: BUY 0\.2500 BTC-USD @ 95\.00")
+        m = await term.type("buy 0.25 @ 95 post", r"NEW order (\d+) accepted: BUY 0\.2500 BTC-USD @ 95\.00 gtc post-only")
         resting_id = int(m.group(1))
 
         await term.type("orders", rf"\n\s*{resting_id}\s+BTC-USD\s+buy\s+limit\s+gtc post\s+95\.00\s+0\.2500\s+0\.0000\s+0\.2500\s+NEW")
