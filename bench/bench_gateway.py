@@ -150,10 +150,10 @@ class CpuProbe:
     def begin(self) -> None:
         self.start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
 
-    def end(self, orders: int, elapsed: float) -> dict[str, float]:
-        """Microseconds of CPU per order, per process."""
-        return {name: (cpu_seconds(pid) - self.start[name]) / max(orders, 1) * 1e6
-                for name, pid in self.pids.items()}
+    def end(self, orders: int) -> None:
+        """``result``: microseconds of CPU per order, per process, since ``begin``."""
+        self.result = {name: (cpu_seconds(pid) - self.start[name]) / max(orders, 1) * 1e6
+                       for name, pid in self.pids.items()}
 
 
 def cpu_line(per_order: list[dict[str, float]]) -> str:
@@ -201,7 +201,7 @@ async def run_window(host: str, port: int, conns_n: int, window: int, duration: 
     elapsed = time.perf_counter() - t0
     acked = sum(c.acked for c in conns)
     if probe is not None:
-        probe.result = probe.end(acked, elapsed)
+        probe.end(acked)
     await close_connections(conns)
     return acked / elapsed
 
@@ -270,7 +270,7 @@ def run_latency(host: str, port: int, rate: int, duration: float, seed: int, tag
     while len(latencies) < total and now() < deadline:
         time.sleep(0.01)
     if probe is not None:
-        probe.result = probe.end(len(latencies), now() - t0)
+        probe.end(len(latencies))
     stop.set()
     thread.join()
     for s in socks:

@@ -625,13 +625,18 @@ class Formatter:
     def rejected(self, msg: dict[str, Any], account: str, reason: RejectReason, text: str, ts: int) -> dict[str, Any]:
         """An ``exec`` rejected for an order refused before the engine (off-grid price...)."""
         order_type = msg.get("type") or "limit"  # null is the default, as everywhere
+        # The request's tif, or the default it would have had, as the engine reports it: a
+        # market order never rests, so ioc unless fok.
+        tif = msg.get("tif")
+        if order_type == "market":
+            if tif is None or tif == "gtc":
+                tif = "ioc"
+        elif not tif:
+            tif = "gtc"
         out: dict[str, Any] = {
             "type": "exec", "exec_type": "rejected", "order_id": None,
             "market": msg.get("market"), "side": msg.get("side"), "order_type": order_type,
-            # the request's tif, or the default it would have had, as the engine reports it
-            # (a market order never rests: ioc unless fok)
-            "tif": ("ioc" if msg.get("tif") in (None, "gtc") else msg.get("tif")) if order_type == "market"
-            else msg.get("tif") or "gtc",
+            "tif": tif,
             "price": None, "qty": None, "filled_qty": "0", "remaining_qty": "0",
             "avg_price": None, "status": "rejected", "ts": ts, "reason": reason.value,
             "message": text,

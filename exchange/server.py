@@ -231,6 +231,7 @@ class ExchangeServer:
             engine = self.persistence.recover(replay=self.audit)
         except (RecoveryError, OSError) as exc:
             self._server.close()
+            self._server = None
             await self.persistence.ledger.close()
             self.persistence.dir_lock.release()
             if isinstance(exc, RecoveryError):

@@ -138,10 +138,11 @@ _FILLED: Final = OrderStatus.FILLED
 _CANCELED: Final = OrderStatus.CANCELED
 _EXPIRED: Final = OrderStatus.EXPIRED
 _FINAL_STATUS: Final = {m.value: m for m in (OrderStatus.FILLED, OrderStatus.CANCELED, OrderStatus.EXPIRED)}
-_SIDE_OF: Final = {m.value: m for m in Side}
-_TYPE_OF: Final = {m.value: m for m in OrderType}
-_TIF_OF: Final = {m.value: m for m in TimeInForce}
 _EXEC_OF: Final = {m.value: m for m in ExecType}
+# Wire text to enum member, for the rows of the snapshot (resting orders and finished ones).
+_SIDES: Final = {m.value: m for m in Side}
+_TYPES: Final = {m.value: m for m in OrderType}
+_TIFS: Final = {m.value: m for m in TimeInForce}
 
 
 def is_finished(status: OrderStatus) -> bool:
@@ -280,8 +281,8 @@ class FinishedOrders:
                                      "the saved state")
                 seen.add(oid)
                 report = ExecReport(
-                    _EXEC_OF[exec_type], oid, account, market, _SIDE_OF[side], _TYPE_OF[otype],
-                    _TIF_OF[tif], coid, price, qty, filled, remaining, cost, _FINAL_STATUS[status], ts,
+                    _EXEC_OF[exec_type], oid, account, market, _SIDES[side], _TYPES[otype],
+                    _TIFS[tif], coid, price, qty, filled, remaining, cost, _FINAL_STATUS[status], ts,
                 )
                 if markets is not None and market not in markets:
                     dropped += 1
@@ -471,9 +472,6 @@ def _import(config: MarketConfig, data: Any) -> Exchange:
 
 
 _I: Final = {name: i for i, name in enumerate(ORDER_FIELDS)}
-_SIDES: Final = {m.value: m for m in Side}
-_TYPES: Final = {m.value: m for m in OrderType}
-_TIFS: Final = {m.value: m for m in TimeInForce}
 _STPS: Final = {m.value: m for m in STPMode}
 _STATUSES: Final = {m.value: m for m in (OrderStatus.NEW, OrderStatus.PARTIALLY_FILLED)}
 _INT_POSITIONS: Final = tuple(_I[name] for name in _INT_ORDER_FIELDS)
