@@ -49,6 +49,8 @@ sys.path.insert(0, str(ROOT))
 from exchange.runtime import install_event_loop_policy  # noqa: E402
 
 ID_RE = re.compile(rb'"id":(\d+)')
+REJECTED = b'"exec_type":"rejected"'
+
 MARKET = "BTC-USD"
 MID = 10_000_00  # ticks of 0.01
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -75,6 +77,7 @@ class LoadConnection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.acked = 0
+        self.rejected = 0
         self.on_data = None
         self.buf = b""
         self.lost = asyncio.get_running_loop().create_future()
@@ -108,6 +111,7 @@ async def open_connections(host: str, port: int, n: int, tag: str) -> list[LoadC
     await asyncio.sleep(0.2)
     for c in conns:
         c.acked = 0
+        c.rejected = 0
     return conns
 
 
@@ -169,8 +173,13 @@ def cpu_line(per_order: list[dict[str, float]]) -> str:
 
 
 async def run_window(host: str, port: int, conns_n: int, window: int, duration: float, seed: int, tag: str,
-                     probe: CpuProbe | None = None) -> float:
-    """Each connection keeps ``window`` orders in flight for ``duration`` seconds."""
+                     probe: CpuProbe | None = None) -> tuple[float, int]:
+    """Each connection keeps ``window`` orders in flight for ``duration`` seconds.
+
+    Returns acknowledgements per second and how many of them were rejections: an engine
+    whose accounts cannot pay for the load answers with cheap rejections, which must not
+    pass for throughput (``--port`` names an engine this script did not fund).
+    """
     conns = await open_connections(host, port, conns_n, tag)
     per_conn = max(int(200_000 * duration / conns_n) + window, 2000)
     lines = [order_lines(i, per_conn, seed) for i in range(conns_n)]
@@ -188,6 +197,7 @@ async def run_window(host: str, port: int, conns_n: int, window: int, duration: 
     for i, c in enumerate(conns):
         def on_data(data: bytes, i: int = i, c: LoadConnection = c) -> None:
             c.acked += data.count(b',"id":')
+            c.rejected += data.count(REJECTED)
             if not done.is_set():
                 refill(i)
         c.on_data = on_data
@@ -202,13 +212,16 @@ async def run_window(host: str, port: int, conns_n: int, window: int, duration: 
     acked = sum(c.acked for c in conns)
     if probe is not None:
         probe.end(acked)
+    rejected = sum(c.rejected for c in conns)
     await close_connections(conns)
-    return acked / elapsed
+    return acked / elapsed, rejected
 
 
 def run_latency(host: str, port: int, rate: int, duration: float, seed: int, tag: str, conns_n: int = 8,
-                probe: CpuProbe | None = None) -> list[float]:
+                probe: CpuProbe | None = None) -> tuple[list[float], int]:
     """Open loop: sends on a schedule; latency = first report time - scheduled time.
+
+    Returns the latencies and how many orders were rejected.
 
     Plain blocking sockets and two threads, not asyncio: the event loop's timers have a
     resolution of one millisecond, so pacing sub-millisecond sends from it means spinning,
@@ -227,6 +240,7 @@ def run_latency(host: str, port: int, rate: int, duration: float, seed: int, tag
     lines = order_lines(0, total, seed)
     scheduled = [0.0] * (total + 1)
     latencies: list[float] = []
+    refused = [0]
     now = time.perf_counter
     stop = threading.Event()
 
@@ -247,6 +261,7 @@ def run_latency(host: str, port: int, rate: int, duration: float, seed: int, tag
                 buf = bufs[s] + data
                 cut = buf.rfind(b"\n") + 1
                 bufs[s] = buf[cut:]
+                refused[0] += buf.count(REJECTED, 0, cut)
                 for m in ID_RE.finditer(buf, 0, cut):
                     rid = int(m.group(1))
                     if rid <= total and scheduled[rid]:
@@ -275,7 +290,7 @@ def run_latency(host: str, port: int, rate: int, duration: float, seed: int, tag
     thread.join()
     for s in socks:
         s.close()
-    return latencies
+    return latencies, refused[0]
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -347,22 +362,27 @@ def run_cases(args: argparse.Namespace, engine_args: list[str]) -> dict[str, Any
     cases = ["pipelined", "lockstep", "latency"] if args.case == "all" else [args.case]
     try:
         for case in cases:
-            results = []
+            results: list[Any] = []
+            rejected: list[int] = []
             cpu: list[dict[str, float]] = []
             for run in range(args.runs):
                 tag = f"{case[:3]}{run}u"
                 probe = CpuProbe(proc.pid if proc is not None else None) if args.cpu else None
                 if case == "pipelined":
                     c = args.connections or 8
-                    results.append(asyncio.run(run_window(args.host, port, c, args.window, args.duration,
-                                                          args.seed + run, tag, probe)))
+                    rate, refused = asyncio.run(run_window(args.host, port, c, args.window, args.duration,
+                                                           args.seed + run, tag, probe))
+                    results.append(rate)
                 elif case == "lockstep":
                     c = args.connections or 64
-                    results.append(asyncio.run(run_window(args.host, port, c, 1, args.duration, args.seed + run,
-                                                          tag, probe)))
+                    rate, refused = asyncio.run(run_window(args.host, port, c, 1, args.duration, args.seed + run,
+                                                           tag, probe))
+                    results.append(rate)
                 else:
-                    lat = run_latency(args.host, port, args.rate, args.duration, args.seed + run, tag, probe=probe)
+                    lat, refused = run_latency(args.host, port, args.rate, args.duration, args.seed + run, tag,
+                                               probe=probe)
                     results.append(lat)
+                rejected.append(refused)
                 if probe is not None:
                     cpu.append(probe.result)
             if case == "latency":
@@ -378,6 +398,10 @@ def run_cases(args: argparse.Namespace, engine_args: list[str]) -> dict[str, Any
                 summary[case] = statistics.median(results)
                 print(f"{case:9} {c} connections x window {w}: median {statistics.median(results):,.0f} "
                       f"orders/s acknowledged (runs: {', '.join(f'{r:,.0f}' for r in results)})")
+            if any(rejected):
+                print(f"warning: the exchange rejected {sum(rejected):,} of these orders (runs: {rejected}); "
+                      "rejections are cheap, so the figures above overstate it: does the engine's "
+                      "--demo-balances fund the load? (see start_engine() here)")
             if cpu:
                 print(cpu_line(cpu))
     finally:
