@@ -737,6 +737,15 @@ class Exchange:
 
     # ------------------------------------------------------------------ invariants
 
+    def reservation_needed(self, order: Order) -> int:
+        """What an open order must hold locked: a buy its remaining notional plus the most
+        fee it can still be charged at its market's fees, a sell its remaining base."""
+        ms = self.markets[order.market]
+        if order.side is _BUY:
+            rest = order.price * order.remaining * ms.qptl
+            return rest - (-(order.fee_basis + rest * ms.max_bps) // BPS) - order.fee_paid
+        return order.remaining * ms.bpl
+
     def check_invariants(self) -> None:
         """Assert every invariant the engine promises; tests call it after every command."""
         locked: dict[tuple[str, str], int] = {}
@@ -773,11 +782,7 @@ class Exchange:
         for order in self.orders.values():
             ms = self.markets[order.market]
             asset = ms.quote if order.side is _BUY else ms.base
-            if order.side is _BUY:
-                rest = order.price * order.remaining * ms.qptl
-                need = rest - (-(order.fee_basis + rest * ms.max_bps) // BPS) - order.fee_paid
-            else:
-                need = order.remaining * ms.bpl
+            need = self.reservation_needed(order)
             assert order.locked == need, f"order {order.id} reserves {order.locked}, needs {need}"
             assert order.filled + order.remaining == order.qty
             key = (order.account, asset)

@@ -467,8 +467,51 @@ def _import(config: MarketConfig, data: Any) -> Exchange:
             per = by_account[order.account] = AccountOrders()
         per.append(order)
 
+    _reserve_for_new_fees(config, data, ex)
     ex.check_invariants()
     return ex
+
+
+_FEE_FIELDS: Final = ("maker_fee_bps", "taker_fee_bps")
+
+
+def _reserve_for_new_fees(config: MarketConfig, data: dict[str, Any], ex: Exchange) -> None:
+    """Fit resting buys' reservations to fees changed since the state was saved.
+
+    A buy reserves the most fee it can still be charged, at its market's fees; an operator
+    who changes them in the markets file changes what every resting buy must hold. Lower
+    fees release the difference; higher ones lock it from the account's available balance,
+    and an account that cannot pay stops the start with a message saying what to do (the
+    exchange must not let a fill charge more than was reserved).
+    """
+    for symbol, saved in data["markets"].items():
+        market = config.markets.get(symbol)
+        if market is None or not saved["orders"]:
+            continue
+        spec = market.describe()
+        before = [saved["spec"].get(key) for key in _FEE_FIELDS]
+        if before == [spec[key] for key in _FEE_FIELDS]:
+            continue
+        changed = (f"market {symbol}: the fees are maker {spec['maker_fee_bps']} / taker "
+                   f"{spec['taker_fee_bps']} bps in the market configuration but {before[0]} / "
+                   f"{before[1]} in the saved state")
+        for order in list(ex.orders.values()):
+            if order.market != symbol or order.side is not Side.BUY:
+                continue
+            need = ex.reservation_needed(order)
+            more = need - order.locked
+            bal = order.lock
+            if more > bal.available:
+                quote = market.quote
+                raise StateError(
+                    f"{changed}, and {order.account}'s buy order {order.id} would need "
+                    f"{quote.format(more)} {quote.name} more reserved than the account has available "
+                    f"({quote.format(bal.available)}); start with the previous markets file and cancel "
+                    "the order (or deposit), then change the fees"
+                )
+            bal.available -= more
+            bal.locked += more
+            order.locked = need
 
 
 _I: Final = {name: i for i, name in enumerate(ORDER_FIELDS)}

@@ -391,6 +391,58 @@ async def test_a_markets_file_is_checked_against_the_journal_it_must_replay(
         assert data_files(engine.data) == files
 
 
+async def test_changed_fees_refit_the_reservations_of_resting_buys(engine: Engine, tmp_path: Path) -> None:
+    """After a clean stop, new fees in the markets file change what a resting buy must hold:
+    higher fees lock more from the account (or stop the start, saying what to do), lower
+    ones release the difference, and the order still fills and settles to the last unit."""
+    import copy
+    import json
+
+    from exchange.markets import DEFAULT_CONFIG
+
+    def markets(maker: int, taker: int) -> str:
+        config = copy.deepcopy(DEFAULT_CONFIG)
+        config["fees"] = {"maker_fee_bps": maker, "taker_fee_bps": taker}
+        path = tmp_path / f"markets-{maker}-{taker}.json"
+        path.write_text(json.dumps(config))
+        return str(path)
+
+    async def usd(client: ExchangeClient) -> tuple[str, str]:
+        held = (await client.balances())["USD"]
+        return held["available"], held["locked"]
+
+    await engine.start()
+    alice = await engine.client("alice")
+    order = await alice.buy("BTC-USD", "1", "100.00")
+    assert (await alice.balances())["USD"]["locked"] == "100.020000"  # 2 bps taker, the larger
+    await alice.withdraw("USD", "99899")
+    assert (await alice.balances())["USD"]["available"] == "0.980000"
+    assert await engine.stop() == 0
+
+    engine.args = ("--markets", markets(500, 1000))  # 10 % would need 10 USD more
+    files = data_files(engine.data)
+    err = await engine.refuse()
+    assert "the fees are maker 500 / taker 1000 bps in the market configuration but 1 / 2" in err
+    assert f"alice's buy order {order['order_id']} would need 9.980000 USD more reserved" in err
+    assert "start with the previous markets file and cancel the order (or deposit)" in err
+    assert data_files(engine.data) == files
+
+    engine.args = ("--markets", markets(50, 100))  # 1 %: 0.98 USD more, which alice has
+    await engine.start()
+    alice = await engine.client("alice")
+    assert await usd(alice) == ("0.000000", "101.000000")
+    assert await engine.stop() == 0
+
+    engine.args = ("--markets", markets(0, 0))  # no fees: the reservation is the notional
+    await engine.start()
+    alice, bob = await engine.client("alice"), await engine.client("bob")
+    assert await usd(alice) == ("1.000000", "100.000000")
+    await bob.sell("BTC-USD", "1", "100.00")
+    await next_exec(alice, "trade")
+    assert await usd(alice) == ("1.000000", "0.000000")
+    assert await engine.stop() == 0
+
+
 CRASH_AT_SNAPSHOT = five_orders_then(
     "    async def killed(lsn):  # kill -9 while the snapshot waits for the audit log\n"
     "        os._exit(9)\n"
