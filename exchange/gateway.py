@@ -50,6 +50,7 @@ from exchange.protocol import (
     ProtocolError,
     book_request,
     cancel_command,
+    check_op_fields,
     decode_request,
     encode,
     error_message,
@@ -505,6 +506,7 @@ class Gateway:
                 )
             if session.user is None and op not in PUBLIC_OPS:
                 raise ProtocolError(ErrorCode.NOT_LOGGED_IN, f"log in before '{op}'")
+            check_op_fields(msg, op)
             self._ops[op](session, msg, rid)
         except ProtocolError as exc:
             extra: dict[str, Any] = {"field": exc.field} if exc.field else {}
@@ -627,9 +629,13 @@ class Gateway:
         if msg.get("user") is not None:
             target = user_name(msg)
         if target != session.user and not session.admin:
-            raise ProtocolError(ErrorCode.FORBIDDEN, "only an admin session may fund another user")
-        if not withdraw and self.options.auth == "keys" and not session.admin:
-            raise ProtocolError(ErrorCode.FORBIDDEN, "deposits need an admin session in keys mode")
+            raise ProtocolError(ErrorCode.FORBIDDEN, "only an admin session may deposit to or withdraw from another user's account",
+                                "user")
+        if self.options.auth == "keys":
+            if not withdraw and not session.admin:
+                raise ProtocolError(ErrorCode.FORBIDDEN, "deposits need an admin session in keys mode")
+            if target not in self.options.users:  # the money would wait for a login nobody can make
+                raise ProtocolError(ErrorCode.FORBIDDEN, f"no user {str(target)[:40]!r} in the accounts file", "user")
         cmd = funding_command(self.config, msg, target, self.now(), withdraw)  # type: ignore[arg-type]
         events = self.execute(cmd)
         for ev in events:

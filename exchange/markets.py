@@ -66,10 +66,12 @@ def split_decimal(value: Any) -> tuple[int, int]:
         if not value or len(value) > MAX_TEXT_LENGTH:
             raise ValueError("not a decimal number")
         whole, dot, frac = value.partition(".")
-        if not whole:
+        if not whole and not frac:
+            raise ValueError("not a plain decimal number")
+        if not whole:  # ".5", as people write it; "5." too (its fraction is empty)
             whole = "0"
         if not (whole.isascii() and whole.isdigit()) or (
-            dot and not (frac.isascii() and frac.isdigit())
+            frac and not (frac.isascii() and frac.isdigit())
         ):
             raise ValueError("not a plain decimal number")
         digits = int(whole + frac) if frac else int(whole)

@@ -303,8 +303,10 @@ def user_name(msg: dict[str, Any], name: str = "user") -> str:
             ErrorCode.BAD_REQUEST, f"'{name}' must be 1-{MAX_USER_LENGTH} bytes of printable "
             "characters and may not start with '__'", name,
         )
-    if any(c in user for c in "/\\") or user in (".", ".."):
+    if any(c in user for c in "/\\"):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{name}' may not contain '/' or '\\'", name)
+    if user in (".", ".."):  # the name becomes a file name
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{name}' may not be '.' or '..'", name)
     return user
 
 
@@ -339,10 +341,33 @@ def only_fields(msg: dict[str, Any], allowed: frozenset[str], what: str, listed:
     if allowed.issuperset(msg):
         return
     key = next(k for k in msg if k not in allowed)
+    takes = f"it takes {', '.join(listed)}" if listed else "it takes no fields besides 'op' and 'id'"
     raise ProtocolError(
-        ErrorCode.BAD_REQUEST, f"unknown field {str(key)[:40]!r} in {what} (it takes {', '.join(listed)})",
-        str(key)[:40],
+        ErrorCode.BAD_REQUEST, f"unknown field {str(key)[:40]!r} in {what} ({takes})", str(key)[:40],
     )
+
+
+# The fields of the ops whose readers do not check them themselves (``order``, ``cancel``,
+# ``modify``, ``order_status`` and ``queue_position`` do): an admin's deposit with a misspelt
+# "usr" must not credit the admin.
+OP_FIELD_LISTS: Final[dict[str, tuple[str, ...]]] = {
+    "ping": (), "markets": (), "balances": (), "stats": (),
+    "login": ("user", "token"),
+    "deposit": ("asset", "amount", "user"), "withdraw": ("asset", "amount", "user"),
+    "orders": ("market",),
+    "book": ("market", "depth", "level"),
+    "subscribe": ("channel", "market"), "unsubscribe": ("channel", "market"),
+}
+OP_FIELDS: Final[dict[str, frozenset[str]]] = {
+    op: frozenset(("op", "id") + fields) for op, fields in OP_FIELD_LISTS.items()
+}
+
+
+def check_op_fields(msg: dict[str, Any], op: str) -> None:
+    """Refuse a field the op does not take (for the ops of ``OP_FIELD_LISTS``)."""
+    allowed = OP_FIELDS.get(op)
+    if allowed is not None and not allowed.issuperset(msg):
+        only_fields(msg, allowed, f"'{op}'", OP_FIELD_LISTS[op])
 
 
 def client_order_id_of(value: Any) -> str:

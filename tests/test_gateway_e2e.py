@@ -320,6 +320,45 @@ async def test_rejections_reach_every_session_and_unknown_orders_are_named(conne
         assert err.value.code == code, (text, err.value.reply)
 
 
+async def test_every_op_refuses_a_field_it_does_not_take(server, raws) -> None:
+    """A misspelt field is refused, never ignored: ``{"op":"orders","markt":...}`` would
+    otherwise list every market's orders, an admin's deposit with "usr" credit the admin."""
+    raw = await raws(server)
+    assert (await raw.request({"op": "login", "user": "alice", "id": 0}))["type"] == "logged_in"
+    before = await raw.request({"op": "balances", "id": 1})
+    for request, field in (
+        ({"op": "deposit", "asset": "USD", "amount": "5", "usr": "bob"}, "usr"),
+        ({"op": "withdraw", "asset": "USD", "amount": "5", "amt": "1"}, "amt"),
+        ({"op": "orders", "markt": BTC}, "markt"),
+        ({"op": "book", "market": BTC, "levels": 3}, "levels"),
+        ({"op": "subscribe", "channel": "book", "market": BTC, "depth": 5}, "depth"),
+        ({"op": "unsubscribe", "chanel": "book", "market": BTC}, "chanel"),
+        ({"op": "ping", "ts": 1}, "ts"),
+        ({"op": "markets", "market": BTC}, "market"),
+        ({"op": "balances", "user": "bob"}, "user"),
+        ({"op": "stats", "reset": True}, "reset"),
+        ({"op": "login", "user": "alice", "password": "x"}, "password"),
+    ):
+        reply = await raw.request({**request, "id": 2})
+        assert (reply["type"], reply["code"], reply["field"], reply["id"]) == ("error", "bad_request", field, 2), reply
+        assert f"unknown field '{field}' in '{request['op']}'" in reply["message"], reply
+    ping = await raw.request({"op": "ping", "ts": 1, "id": 3})
+    assert ping["message"] == "unknown field 'ts' in 'ping' (it takes no fields besides 'op' and 'id')"
+    assert await raw.request({"op": "balances", "id": 1}) == before
+    for user, message in ((".", "'user' may not be '.' or '..'"), ("a/b", "'user' may not contain '/' or '\\'")):
+        reply = await raw.request({"op": "login", "user": user, "id": 4})
+        assert (reply["code"], reply["message"]) == ("bad_request", message), reply
+
+
+async def test_a_decimal_may_leave_out_either_side_of_its_point(connect) -> None:
+    alice = await w(connect("alice"))
+    placed = await w(alice.place(BTC, "buy", "1.", ".5"))
+    assert (placed["qty"], placed["price"]) == ("1.0000", "0.50")
+    for text in (".", "1..", "1.2.", ""):
+        refused = await w(alice.place(BTC, "buy", text, "1", raise_on_reject=False))
+        assert refused["reason"] == "invalid_quantity", (text, refused)
+
+
 async def test_an_order_with_a_misspelt_field_is_refused_and_null_means_the_default(server, raws, connect) -> None:
     alice = await w(connect("alice"))
     for field in ("time_in_force", "postOnly", "quantity"):
@@ -738,6 +777,7 @@ async def test_every_gateway_error_code(server, raws, connect) -> None:
     for op in ("deposit", "withdraw"):
         reply = await conn.request({"op": op, "asset": "USD", "amount": "5", "user": "bob"})
         assert reply["code"] == "forbidden", reply
+        assert reply["message"] == "only an admin session may deposit to or withdraw from another user's account"
     assert await w(bob.balances()) == before
 
     # unknown_market on the data ops (an order on it is an exec rejected instead).
@@ -803,11 +843,11 @@ async def test_every_gateway_error_code(server, raws, connect) -> None:
     await endless.send(b"y" * (MAX_LINE + 1))
     assert [m["code"] for m in await endless.until_closed()] == ["line_too_long"]
     # A line of exactly MAX_LINE bytes is fine.
-    exact = b'{"op":"ping","id":"big","pad":"'
+    exact = b'{"op":"ping","id":"big'  # padded in its id: ping takes no other field
     exact += b"z" * (MAX_LINE - len(exact) - 2) + b'"}'
     assert len(exact) == MAX_LINE
     await conn.send(exact + b"\n")
-    assert (await conn.reply_to("big"))["type"] == "pong"
+    assert (await conn.reply_to(exact[19:-2].decode()))["type"] == "pong"
     assert (await w(bob.ping()))["type"] == "pong"
 
 
@@ -865,6 +905,17 @@ async def test_auth_failed_and_keys_mode(make_server, dial, tmp_path: Path) -> N
         assert err.value.code == "forbidden"
     taken = await w(alice.withdraw("USD", "0.5"))
     assert taken["balances"]["USD"]["available"] == "2500.000000"
+    # Money for a user nobody can log in as would wait for good: refused, naming the user.
+    with pytest.raises(ExchangeError) as err:
+        await w(root.deposit("USD", "1", user="ghost"))
+    assert (err.value.code, err.value.field) == ("forbidden", "user")
+    assert "no user 'ghost' in the accounts file" in err.value.message
+    # A misspelt target must not credit the admin itself.
+    before = await w(root.balances())
+    with pytest.raises(ExchangeError) as err:
+        await w(root.request("deposit", asset="USD", amount="1", usr="alice"))
+    assert (err.value.code, err.value.field) == ("bad_request", "usr")
+    assert await w(root.balances()) == before
 
     # The funded users trade; neither can see the other's orders.
     sell = await w(bob.sell(BTC, "1", "100"))

@@ -55,6 +55,7 @@ def a_market(**fields: object) -> Market:
         ("100.00", 10_000), ("100", 10_000), ("100.0", 10_000), ("0.01", 1), ("00042.50", 4_250),
         ("101.25", 10_125), ("999999999999.99", 99_999_999_999_999),
         ("100.0100000000", 10_001),  # trailing zeros are still exact
+        ("100.", 10_000), (".5", 50),  # either side of the point may be left out
     ],
 )
 def test_price_from_decimal_string_is_exact(text: str, ticks: int) -> None:
@@ -114,7 +115,7 @@ BAD_VALUES = [
     "-1", "-0.01", -1, -1.5,  # negative
     "nan", "NaN", "inf", "Infinity", float("nan"), float("inf"), float("-inf"),
     "1e2", "1E2", "1e-2", "2.5e1",  # exponent strings
-    "", ".", "5.", "+1", " 1", "1 ", "1,5", "1_000", "0x10", "12a", "1.2.3",
+    "", ".", "5..", "+1", " 1", "1 ", "1,5", "1_000", "0x10", "12a", "1.2.3",
     "\u0661", "\uff11",  # non-ASCII digits (Arabic-Indic one, fullwidth one)
     "1000000000000", "99999999999999999999999999", 1e20, 10**13, 1e-300,  # absurd
     "0." + "0" * 50 + "1",  # absurdly long
@@ -176,6 +177,7 @@ def test_split_decimal_returns_digits_and_scale() -> None:
     digits, scale = split_decimal(1e3)  # repr "1000.0": same value, whatever the scale
     assert digits == 1_000 * 10**scale
     assert split_decimal(".5") == (5, 1)  # accepted: a leading dot is still a plain decimal
+    assert split_decimal("5.") == (5, 0)  # and so is a trailing one
 
 
 # ---------------------------------------------------------------------- formatting
