@@ -57,6 +57,7 @@ from prompt_toolkit.styles import Style
 from client.client import ExchangeClient, ExchangeConnectionError, ExchangeError, patiently, port_number
 from client.session_manager import SessionError, SessionManager
 from exchange.protocol import DEFAULT_PORT, MAX_DEPTH
+from exchange.runtime import CommandLine
 
 log = logging.getLogger("client.tui")
 
@@ -1438,7 +1439,7 @@ async def run_client(options: ClientOptions, input: Input | None = None, output:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = CommandLine(
         prog="start_client.py",
         description="Trade on the exchange from a terminal. Type 'help' once connected.",
     )

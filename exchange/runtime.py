@@ -6,11 +6,13 @@ change how CPython and glibc manage memory for a long-running, allocation-heavy 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import ctypes
 import ctypes.util
 import gc
 import sys
+from typing import NoReturn
 
 # Young-generation threshold: CPython's default (700) runs a collection every 700 container
 # allocations; an order flow allocates several per order (order, reports, deltas, lists)
@@ -55,3 +57,11 @@ def install_event_loop_policy() -> str:
         return "asyncio"
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return "uvloop"
+
+
+class CommandLine(argparse.ArgumentParser):
+    """The command-line parser of the three programs: a bad option is one line, not the
+    usage block that would bury it (``--help`` still shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -33,7 +33,7 @@ from exchange.gateway import (
 )
 from exchange.markets import ConfigError, InvalidValue, MarketConfig, default_config, load_config
 from exchange.protocol import DEFAULT_PORT
-from exchange.runtime import install_event_loop_policy, tune_gc, tune_malloc
+from exchange.runtime import CommandLine, install_event_loop_policy, tune_gc, tune_malloc
 from exchange.types import STPMode
 from storage.audit import AuditLog
 from storage.follower import FollowerProcess, wait_for_old_follower
@@ -275,7 +275,7 @@ class ExchangeServer:
             self.on_failure()
 
     async def _log_stats(self) -> None:
-        last = None
+        last = (self.gateway.stats["orders"], self.gateway.stats["trades"], len(self.gateway.sessions))
         while True:
             await asyncio.sleep(self.config.stats_interval)
             rates = self.gateway.update_rates()
@@ -336,7 +336,7 @@ def parse_balances(text: str) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = CommandLine(
         prog="start_engine.py", description="Run the exchange: matching engine and TCP gateway.",
     )
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

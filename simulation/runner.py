@@ -29,7 +29,7 @@ from typing import Any, Callable, Coroutine, TextIO
 from client.client import port_number
 from exchange.markets import ConfigError, MarketConfig, default_config, load_config
 from exchange.protocol import DEFAULT_PORT
-from exchange.runtime import install_event_loop_policy, tune_gc, tune_malloc
+from exchange.runtime import CommandLine, install_event_loop_policy, tune_gc, tune_malloc
 from simulation.agents import AGENT_KINDS, Agent, MarketProfile, RunControl
 from simulation.embedded import EmbeddedExchange, parse_duration_ns, parse_latency
 from simulation.ledger_writer import LedgerWriterError
@@ -975,7 +975,7 @@ def parse_seconds(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = CommandLine(
         prog="start_simulation.py",
         description="Simulated traders against the exchange (TCP by default, or --embedded).",
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import orjson
@@ -431,3 +432,29 @@ async def test_the_client_refuses_a_request_line_the_exchange_would_close_on(con
         await alice.request("ping", pad="x" * (70 * 1024))
     assert refused.value.code == "line_too_long"
     assert (await alice.request("ping"))["type"] == "pong"  # nothing was sent; still connected
+
+
+async def test_the_stats_line_is_logged_only_while_something_happens(tmp_path, caplog) -> None:
+    from exchange.server import ExchangeServer, ServerConfig
+
+    caplog.set_level(logging.INFO, logger="exchange.server")
+    srv = ExchangeServer(ServerConfig(port=0, data_dir=tmp_path / "data", stats_interval=0.05))
+    await srv.start()
+    try:
+        assert srv.address is not None
+
+        def stats_lines() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "msgs/s in" in r.getMessage()]
+
+        await asyncio.sleep(0.3)
+        assert stats_lines() == []  # idle since start: nothing to say
+        client = ExchangeClient(*srv.address, timeout=5)
+        await asyncio.wait_for(client.connect(), 5)
+        await asyncio.wait_for(client.login("alice"), 5)
+        await asyncio.wait_for(client.buy("BTC-USD", "1", "90.00"), 5)
+        await asyncio.sleep(0.3)
+        lines = stats_lines()
+        assert lines and lines[-1].startswith("1 connections, 1 orders"), lines
+        await client.close()
+    finally:
+        await srv.stop()

@@ -244,3 +244,14 @@ async def test_a_markets_file_without_the_demo_assets_starts_and_funds_what_it_h
                          "--demo-balances", "USD=10,BTC=1")
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert "--demo-balances: the markets have no asset 'BTC' (they have ETH, USD)" in refused.stderr
+
+
+@pytest.mark.parametrize("script", ["start_engine.py", "start_client.py", "start_simulation.py"])
+def test_a_bad_option_is_one_line_not_the_usage_block(script: str) -> None:
+    extra = ["--user", "alice"] if script == "start_client.py" else []
+    for bad in (["--bogus"], ["--port", "seven"]):
+        result = subprocess.run([sys.executable, str(ROOT / "run" / script), *extra, *bad], check=False,
+                                cwd=ROOT, capture_output=True, text=True, timeout=T, stdin=subprocess.DEVNULL)
+        assert result.returncode == 2, result
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"{script}: error: "), result.stderr
+        assert result.stderr.endswith(" (see --help)\n") and "usage" not in result.stderr
