@@ -240,6 +240,10 @@ class SimulationRun:
     # saved before it was recorded: the command line decides), and the latency model.
     mode: str = ""
     latency: str | None = None
+    # Put before each account's name on the exchange: a TCP run's own accounts, so that a
+    # second run does not start with the first one's balances and orders ("" embedded, with
+    # --credentials, and in runs saved before it was recorded).
+    prefix: str = ""
     # The full save this file is: lines of ``<id>.log`` written after it carry the same number
     # (``RunStore.save``); lines of an older one, left by a crash, are not applied.
     generation: int = 0
@@ -450,7 +454,8 @@ def _checked_run(data: Any) -> SimulationRun:
         raise ValueError("its config or statistics are not what a saved run holds")
     if not all(isinstance(slot, Slot) for slot in run.slots):
         raise ValueError("its slots are not what a saved run holds")
-    if run.mode not in ("", "embedded", "tcp") or not (run.latency is None or isinstance(run.latency, str)):
+    if run.mode not in ("", "embedded", "tcp") or not (run.latency is None or isinstance(run.latency, str)) \
+            or not isinstance(run.prefix, str):
         raise ValueError("its mode is not what a saved run holds")
     return run
 
@@ -864,6 +869,10 @@ def main_schedule(cfg: Any, args: Any) -> int:
             fresh = new_run(sched, config)
             fresh.mode = "embedded" if cfg.embedded else "tcp"
             fresh.latency = cfg.latency
+            if not cfg.embedded and cfg.prefix is not None:
+                fresh.prefix = cfg.prefix
+            elif not cfg.embedded and cfg.credentials is None:  # with credentials: the listed names
+                fresh.prefix = f"sim{time.time_ns() % 10**8:08d}-"
         run_id = args.resume if fresh is None else fresh.id
         lock = store.lock(run_id)
     except ValueError as exc:
@@ -916,8 +925,9 @@ def _main_locked(cfg: Any, args: Any, store: RunStore, config: MarketConfig,
         await proc.execute()
         return proc
 
+    names = ", ".join(run.prefix + a for a in sched.accounts)
     print(f"{'resuming' if args.resume else 'starting'} scheduled run {run.id}: "
-          f"{len(run.slots)} slots, strategy {sched.strategy}", flush=True)
+          f"{len(run.slots)} slots, strategy {sched.strategy}, accounts {names}", flush=True)
     try:
         if cfg.embedded:
             from simulation.embedded import EmbeddedExchange
@@ -945,7 +955,7 @@ def _main_locked(cfg: Any, args: Any, store: RunStore, config: MarketConfig,
     print(json.dumps({k: v for k, v in summary.items() if k != "budgets"}))
     for account, assets in summary["budgets"].items():
         for asset, b in assets.items():
-            print(f"  {account:<12} {asset:<5} initial {b['initial']:>18} available {b['available']:>18} "
+            print(f"  {run.prefix + account:<12} {asset:<5} initial {b['initial']:>18} available {b['available']:>18} "
                   f"locked {b['locked']:>14} spent {b['spent']:>16}  {b['utilization']}")
     if run.status != "completed":
         print(f"run {run.id} stopped ({run.status}); resume with: {_resume_hint(run, cfg)}")
@@ -962,7 +972,7 @@ async def _tcp_schedule(cfg: Any, sched: ScheduleConfig, config: MarketConfig, r
     from simulation.runner import _connect_all, close_gateways, exchange_markets
 
     await exchange_markets(cfg, config, f"the markets file {cfg.markets_file}" if cfg.markets_file else "the built-in markets")
-    gws = await _connect_all(cfg, config, list(sched.accounts), None)
+    gws = await _connect_all(cfg, config, [run.prefix + a for a in sched.accounts], None)
     try:
         return await body(dict(zip(sched.accounts, gws)), not run.funded)
     finally:

@@ -480,6 +480,18 @@ async def test_a_scheduled_tcp_run_summarises_the_budgets_the_exchange_holds(
     for account, asset, available, locked in rows:
         assert (available, locked) == (held[account][asset]["available"], held[account][asset]["locked"]), (
             account, asset)
+    # A second run has accounts of its own: it starts from its funding, not the first's leftovers.
+    again = await loop.run_in_executor(None, lambda: run_cli(
+        "--schedule", "--port", str(port), "--data-dir", str(tmp_path), "--no-progress"))
+    assert again.returncode == 0, again.stderr
+
+    def initial(out: str) -> dict[tuple[str, str], str]:
+        found = re.findall(r"^  \S+?(sched-\w)\s+(\S+)\s+initial\s+(\S+) ", out, re.M)
+        return {(account, asset): amount for account, asset, amount in found}
+
+    assert initial(again.stdout) == initial(result.stdout) and initial(result.stdout), again.stdout
+    first_names = {r[0] for r in rows}
+    assert first_names.isdisjoint(re.findall(r"^  (\S+)\s+\S+\s+initial", again.stdout, re.M))
 
 
 async def test_a_scheduled_maker_found_resting_under_its_client_id_is_taken_not_sent_twice(
