@@ -8,6 +8,15 @@ at once in the background task, spreads its cost evenly: the batched version sta
 loop for milliseconds every interval, which showed up directly in the 99th percentile of
 acknowledgement latency (docs/performance.md). Lines are appended only; a file is never
 rewritten.
+
+A user's append can fail (a full disk, a file size limit, an I/O error, a path that is not
+a file) while the others' succeed. What did not reach that user's file is kept, as the
+bytes still to write, and goes out first, before any newer line of that user, on the next
+append (the trade ledger's ``_unwritten``, per user; a write cut short is resumed where it
+stopped, so no part is written twice). Meanwhile ``.position`` stays where it was: it
+says the files are complete through it, and recovery rebuilds only the lines of commands
+after it. A snapshot, and the end of a recovery, need every line in the files (the journal
+behind them goes) and raise ``OSError`` while some are kept (``require_written``).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from exchange.protocol import Formatter
 from exchange.types import CommandRejected, Event, ExecReport, ExecType
 
 log = logging.getLogger("storage.audit")
+
 
 POSITION_FILE: Final = ".position"  # in the logs directory: the journal position written through
 
@@ -124,6 +134,13 @@ class AuditLog:
         self._wake = asyncio.Event()
         self._write_lock: asyncio.Lock | None = None
         self._closing = False
+        # Bytes of lines already taken whose append failed, by user: written first, before
+        # any newer line of theirs, on the next append. Replaced whole by ``_append`` (a
+        # worker thread), never changed in place, so the loop reads it consistently.
+        self._unwritten: dict[str, bytes] = {}
+        # Users whose failure is logged, and its reason: once an episode, not every pass.
+        self._failing: dict[str, str] = {}
+        self._position_failing = False
 
     # -- hot path ---------------------------------------------------------------------
 
@@ -202,16 +219,45 @@ class AuditLog:
             tmp.write_text(f"{upto}\n", encoding="ascii")
             os.replace(tmp, path)
             self._saved = upto
-        except OSError as exc:
-            log.error("cannot record the audit log position in %s: %s", path, exc.strerror or exc)
+        except OSError as exc:  # tried again with the next append; logged once
+            if not self._position_failing:
+                self._position_failing = True
+                log.error("cannot record the audit log position in %s: %s", path, exc.strerror or exc)
+            return
+        if self._position_failing:
+            self._position_failing = False
+            log.warning("audit log position recorded again in %s (record %d)", path, upto)
+
+    @property
+    def behind(self) -> bool:
+        """Whether lines already taken are still unwritten (an append failed)."""
+        return bool(self._unwritten)
+
+    def require_written(self, what: str) -> None:
+        """Raise ``OSError`` if lines are still unwritten: ``what`` (a snapshot, the end of
+        a recovery) would let the journal behind them go, and with it what recovery could
+        rebuild them from. (A plain ``OSError``, which every caller handles already:
+        mypyc compiles no subclass of it.)"""
+        unwritten = self._unwritten
+        if unwritten:
+            users = sorted(unwritten)
+            files = ", ".join(f"{user}.log ({self._failing.get(user, '?')})" for user in users[:5])
+            more = f" and {len(users) - 5} more files" if len(users) > 5 else ""
+            raise OSError(f"audit log: lines not written yet to {files}{more}; {what} before they "
+                          "are (the journal keeps their commands)")
 
     async def flush_through(self, lsn: int) -> None:
         """Until every line of the commands up to journal position ``lsn`` is in the files.
 
         Called before a snapshot at ``lsn`` is written: from then on recovery never replays
-        those commands, so their lines could no longer be rebuilt.
+        those commands, so their lines could no longer be rebuilt. Writes at once, and
+        raises ``OSError`` if lines an append could not write are still kept: the
+        snapshot must not be written then.
         """
         loop = asyncio.get_running_loop()
+        if self._task is not None and not self._task.done():
+            await self._write_ready(loop)  # now, with any lines an earlier append left
+        self.require_written(f"no snapshot at journal record {lsn}")
         deadline = loop.time() + 5.0
         while (self._saved is None or self._saved < lsn) and self._task is not None and not self._task.done():
             self._wake.set()
@@ -246,28 +292,30 @@ class AuditLog:
             self._written = lsn
 
     def replay_end(self, lsn: int) -> None:
-        """Recovery is done at journal position ``lsn``: every line through it is written."""
-        if self._rebuild:
-            self._append_rebuilt(self._rebuild, lsn)
-            self._rebuild = {}
-        if self._rebuilt:
+        """Recovery is done at journal position ``lsn``: every line through it is written.
+
+        Raises ``OSError`` if some could not be: the recovery snapshot that follows
+        would let the journal go, and those lines with it."""
+        self._append_rebuilt(self._rebuild, lsn)  # the position too, once every line is in
+        self._rebuild = {}
+        self._rebuild_lines = 0
+        if self._rebuilt and not self._unwritten:
             log.warning("audit log: rebuilt %d lines of commands acknowledged before a crash",
                         self._rebuilt)
         if self._written is not None and self._written > lsn:
             log.warning("audit log: its position (record %d) was ahead of the journal (record "
                         "%d): lines of commands up to it were not rebuilt", self._written, lsn)
         self._written = lsn
-        self._save_position(lsn)
+        self.require_written("recovery cannot finish")
 
     def write_through(self, lsn: int) -> None:
         """The follower's periodic write: the lines gathered by ``replay_record`` so far
-        (every command through journal position ``lsn``), then the position."""
-        if self._rebuild:
-            self._append_rebuilt(self._rebuild, lsn)
-            self._rebuild = {}
-            self._rebuild_lines = 0
-        else:
-            self._save_position(lsn)
+        (every command through journal position ``lsn``) after any an earlier append could
+        not write, then the position if every line is in."""
+        lines = self._rebuild
+        self._rebuild = {}
+        self._rebuild_lines = 0
+        self._append_rebuilt(lines, lsn)
         self._written = lsn
 
     # -- background -------------------------------------------------------------------
@@ -289,6 +337,7 @@ class AuditLog:
             if self._closing:
                 await self._write_ready(loop)  # what became durable while that was written
                 self._drop_undurable()
+                self.report_unwritten()
                 return
 
     async def _write_ready(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -296,7 +345,7 @@ class AuditLog:
         async with self._write_lock:  # groups reach the files in the order they were taken
             lines = self._take_ready()
             upto = self._written
-            if lines or upto != self._saved:
+            if lines or upto != self._saved or self._unwritten:
                 try:
                     await loop.run_in_executor(None, self._append, lines, upto)
                 except OSError:
@@ -306,7 +355,7 @@ class AuditLog:
         """Write the lines whose commands are durable now, not at the next interval."""
         if self._task is None:
             lines = self._take_ready()
-            if lines or self._written != self._saved:
+            if lines or self._written != self._saved or self._unwritten:
                 self._append(lines, self._written)
             return
         await self._write_ready(asyncio.get_running_loop())
@@ -320,9 +369,21 @@ class AuditLog:
             self._task = None
         else:
             lines = self._take_ready()
-            if lines or self._written != self._saved:
+            if lines or self._written != self._saved or self._unwritten:
                 self._append(lines, self._written)
             self._drop_undurable()
+            self.report_unwritten()
+
+    def report_unwritten(self) -> None:
+        """At the end: say which lines could not be written at all, and what becomes of them."""
+        if not self._unwritten:
+            return
+        users = sorted(self._unwritten)
+        fate = ("the next start rebuilds those of journaled commands from the journal (the "
+                "position stays before them)" if self._mark is not None else
+                "they are lost (refused requests are not journaled)")
+        log.error("audit log: the last lines of %d users could not be written (%s); %s",
+                  len(users), ", ".join(users[:5]) + (" ..." if len(users) > 5 else ""), fate)
 
     def _drop_undurable(self) -> None:
         dropped = sum(len(lines) for _, group in self._sealed for lines in group.values())
@@ -399,17 +460,56 @@ class AuditLog:
         self._append(out, upto)
 
     def _append(self, lines: dict[str, list[str]], upto: int | None = None) -> None:
-        """Append each user's lines (worker thread), then record the position they reach."""
-        for user, user_lines in lines.items():
+        """Append each user's lines after whatever of theirs an earlier append left
+        unwritten (worker thread), then record the position they reach: only once nothing
+        is left unwritten, since recovery rebuilds only the lines after the position."""
+        before = self._unwritten
+        left: dict[str, bytes] = {}
+        failing = self._failing
+        users = list(before)
+        users += [user for user in lines if user not in before]
+        for user in users:
             if not safe_user_file(user):
                 continue
+            data = before.get(user, b"")
+            user_lines = lines.get(user)
+            if user_lines:
+                data += ("\n".join(user_lines) + "\n").encode("utf-8")
             path = self.directory / f"{user}.log"
-            try:
-                with open(path, "a", encoding="utf-8") as fh:
-                    fh.write("\n".join(user_lines) + "\n")
-            except OSError as exc:  # one user's file must not cost the others their lines
-                log.error("cannot append to the audit log %s: %s", path, exc.strerror or exc)
-        self._save_position(upto)
+            done, exc = _append_bytes(path, data)
+            if exc is not None:  # one user's file must not cost the others their lines
+                left[user] = data[done:]  # a write cut short: only the rest, next time
+                if user not in failing:
+                    log.error("cannot append to the audit log %s: %s; its lines are kept and "
+                              "tried again with each append (the position stays before them)",
+                              path, exc.strerror or exc)
+                failing[user] = exc.strerror or str(exc)
+                continue
+            if user in failing:
+                del failing[user]
+                log.warning("audit log %s written again: the lines kept since its append failed "
+                            "are in it now", path)
+        self._unwritten = left  # one assignment: the loop reads either the old or the new
+        if not left:
+            self._save_position(upto)
+
+
+def _append_bytes(path: Path, data: bytes) -> tuple[int, OSError | None]:
+    """Append ``data`` to ``path``: how many bytes got there, and the error that stopped
+    the rest (a short write then an error leaves the start of ``data`` in the file)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as exc:
+        return 0, exc
+    done = 0
+    try:
+        while done < len(data):
+            done += os.write(fd, data[done:])
+    except OSError as exc:
+        return done, exc
+    finally:
+        os.close(fd)
+    return done, None
 
 
 _STAMP_LEN: Final = len("2026-01-01T00:00:00.000000Z")

@@ -30,7 +30,9 @@ The server talks to it over its standard input and output, one short line each w
   follower holds the same state as the server, so it writes and fsyncs the ledger and the
   audit logs, exports its own engine at its position (``lsn`` or a little later) and
   writes ``snapshot.json``, then answers ``snapshot <position>``; the server then deletes
-  the journal segments it covers (``storage/persistence.py``, rule 2). Exporting a large
+  the journal segments it covers (``storage/persistence.py``, rule 2). While audit lines
+  are kept unwritten (a user's file refused an append) it answers ``snapfail`` instead:
+  the journal must stay (it rebuilds at the next start what is still unwritten). Exporting a large
   book takes a fraction of a second, which the server's event loop no longer pauses for.
 * end of input: the server is stopping: finish through the last durable record, fsync,
   exit 0. The follower also dies with the server (``PR_SET_PDEATHSIG``), and holds
@@ -127,8 +129,11 @@ class Follower:
     def snapshot(self, last_ts: int) -> int:
         """Write ``snapshot.json`` of the state at the current position, once the ledger and
         the audit logs hold (fsynced) everything it covers; returns that position. The
-        export runs here, so the server's event loop never pauses for it."""
+        export runs here, so the server's event loop never pauses for it. ``OSError`` if
+        audit lines are still unwritten (an append failed): the journal they could be
+        rebuilt from must stay."""
         self.sync()
+        self.audit.require_written("no snapshot")
         self._fsync_audit()  # the journal behind the snapshot goes: the lines must stay
         replay = self._replay
         assert replay is not None
@@ -183,6 +188,7 @@ class Follower:
 
     def close(self) -> None:
         self.sync()
+        self.audit.report_unwritten()
         if self._tail is not None:
             self._tail.close()
         self.ledger.close_blocking()
@@ -291,7 +297,7 @@ def run(data_dir: Path, config: MarketConfig, parent: int | None) -> int:
                     out.write(b"synced %d\n" % lsn)
                 out.flush()
                 last_ledger = last_audit = now
-                dirty = False
+                dirty = follower.audit.behind  # lines kept after a failed append: try again
                 continue
             if dirty and now - last_ledger >= LEDGER_INTERVAL:
                 follower.write_ledger()
@@ -301,7 +307,7 @@ def run(data_dir: Path, config: MarketConfig, parent: int | None) -> int:
                 last_ledger = now
                 follower.write_audit()
                 last_audit = now
-                dirty = False
+                dirty = follower.audit.behind  # lines kept after a failed append: try again
     except (FollowerError, JournalError, OSError) as exc:
         log.error("stopped: %s (the journal keeps everything; the next start rebuilds it)", exc)
         return 1

@@ -450,7 +450,7 @@ class Persistence:
             if self.engine is not None and self._lock is not None:
                 try:
                     await self.snapshot()
-                except FollowerError as exc:
+                except (FollowerError, OSError) as exc:  # OSError: the audit log is behind, say
                     log.error("no final snapshot: %s; the next start replays the journal", exc)
         try:
             try:
