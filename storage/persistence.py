@@ -58,6 +58,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("storage.persistence")
 
+# Seconds after a failed periodic snapshot before the next try: what fails it (a full disk,
+# an audit log that cannot be appended to) seldom clears within a second, and every try
+# cuts the journal and logs the failure.
+SNAPSHOT_RETRY = 30.0
+
 
 class FollowerError(Exception):
     """The follower process cannot do what was asked (message says why); the journal keeps
@@ -364,10 +369,11 @@ class Persistence:
             self._task = asyncio.get_running_loop().create_task(self._periodic(), name="snapshots")
 
     async def _periodic(self) -> None:
+        retry_at = 0.0
         while True:
             await asyncio.sleep(min(1.0, self.snapshot_interval) if self.snapshot_interval > 0 else 1.0)
             behind = self.journal.last_lsn - self.snapshot_lsn
-            if not behind:
+            if not behind or time.monotonic() < retry_at:
                 continue
             due = self.snapshot_interval > 0 and (
                 time.monotonic() - self._last_snapshot >= self.snapshot_interval)
@@ -375,7 +381,9 @@ class Persistence:
                 try:
                     await self.snapshot()
                 except Exception:
-                    log.exception("periodic snapshot failed; the journal keeps everything")
+                    log.exception("periodic snapshot failed; the journal keeps everything (next "
+                                  "try in %.0f s)", SNAPSHOT_RETRY)
+                    retry_at = time.monotonic() + SNAPSHOT_RETRY
 
     async def snapshot(self) -> bool:
         """Write a snapshot of the current state; returns False if nothing changed.

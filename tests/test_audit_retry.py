@@ -136,6 +136,41 @@ async def test_lines_a_log_refused_are_written_once_it_takes_them_and_the_positi
     assert (data / "logs" / "heavy.log").read_text().count(" REJECTED ") == 1
 
 
+@pytest.mark.parametrize("writer", ["inline", "process"])
+async def test_a_stop_while_a_log_refuses_keeps_the_journal_and_the_next_start_rebuilds(
+    tmp_path: Path, writer: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No snapshot (periodic or final) while lines are unwritten, so the journal that can
+    rebuild them stays; a failed periodic snapshot is not tried again every second."""
+    data = tmp_path / "data"
+    srv = _server(data, writer=writer, snapshot_interval=0.2)
+    await asyncio.wait_for(srv.start(), T)
+    try:
+        assert srv.address is not None
+        heavy = await _login(srv.address, "heavy")
+        ids = await _rest(heavy, 3)
+        await asyncio.wait_for(srv.flush_logs(), T)
+        before = _position(data)
+        _block(data, "heavy")
+        ids += await _rest(heavy, 3)
+        await asyncio.sleep(1.5)  # periodic snapshots fall due every 0.2 s meanwhile
+        heavy.abort()
+    finally:
+        await asyncio.wait_for(srv.stop(), T)
+    failed = [r for r in caplog.records if "periodic snapshot failed" in r.getMessage()]
+    assert len(failed) == 1, [r.getMessage() for r in failed]
+    assert read_snapshot(data / "snapshot.json")["journal_lsn"] <= before  # type: ignore[index]
+    assert _position(data) == before
+    _unblock(data, "heavy")
+    assert _placed(data, "heavy") == ids[:3]
+
+    srv = _server(data, writer=writer)
+    await asyncio.wait_for(srv.start(), T)  # recovery rebuilds the lines after the position
+    await asyncio.wait_for(srv.stop(), T)
+    assert _placed(data, "heavy") == ids
+    assert _position(data) > before
+
+
 # ----------------------------------------------------------------- a real engine process
 
 
