@@ -233,6 +233,7 @@ class ExchangeServer:
             self._server.close()
             self._server = None
             await self.persistence.ledger.close()
+            await self.journal.close()  # recovery may have opened its new segment
             self.persistence.dir_lock.release()
             if isinstance(exc, RecoveryError):
                 raise StartupError(str(exc)) from None

@@ -293,6 +293,18 @@ def read_journal(
     return ScanResult(max(after, expected - 1), count, torn)
 
 
+def cut_torn(torn: Torn) -> None:
+    """Cut a torn last record off its segment, durably (start-up only). It was never
+    acknowledged; once it is gone the journal ends cleanly at its last whole record, so a
+    new segment may follow it without the torn bytes becoming damage in the middle."""
+    fd = os.open(torn.path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, torn.offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _where(path: Path, pos: int, lsn: int) -> str:
     return f"journal {path} at byte {pos} (record {lsn})"
 
@@ -356,10 +368,12 @@ class Journal:
     # -- opening ----------------------------------------------------------------------
 
     def open(self, next_lsn: int) -> None:
-        """Start a fresh segment at ``next_lsn`` (synchronous: start-up only)."""
+        """Start a fresh segment at ``next_lsn`` (synchronous: start-up only). It is durable,
+        with its directory entry, whatever the policy: recovery deletes the segments before
+        it next, and a snapshot must never be left with no segment after it."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self.last_lsn = self.durable_lsn = self._written_lsn = next_lsn - 1
-        self._open_segment(next_lsn)
+        self._open_segment(next_lsn, durable=True)
         if self.policy == "batch" and self._want_aio is not False and self._aio is None:
             aio = AsyncFsync.create()
             if aio is not None and not aio.probe(self._fd):  # type: ignore[arg-type]
@@ -372,11 +386,11 @@ class Journal:
             self._aio = aio
             self._direct = aio is not None
 
-    def _open_segment(self, first_lsn: int) -> None:
+    def _open_segment(self, first_lsn: int, durable: bool = False) -> None:
         path = self.directory / segment_name(first_lsn)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         os.write(fd, MAGIC)
-        if self.policy != "off":
+        if durable or self.policy != "off":
             os.fsync(fd)
         from storage.snapshot import fsync_dir
 

@@ -18,8 +18,9 @@ On disk (``--data-dir``): ``snapshot.json`` (the whole engine state as of journa
 start empty when there is none), replay every journal record after it through the same
 engine, give the ledger the trades it does not have yet (ids above its last), discard a
 torn last record with a warning, and refuse with a clear error on anything else. Then it
-writes a fresh snapshot when anything was replayed, removes the journal segments it
-covers, and opens a new segment: the next start replays only what happens from now on.
+opens a new segment, writes a fresh snapshot when anything was replayed, and removes the
+journal segments it covers: the next start replays only what happens from now on. In that
+order, so that a crash during recovery leaves a directory the next start recovers from.
 
 ``snapshot()`` (periodic and at shutdown): export the state and cut the journal at the
 same instant (both on the event loop, between two commands), wait until the cut is
@@ -46,7 +47,8 @@ from exchange.state import FinishedOrders, StateError, export_state, import_stat
 from exchange.types import CommandRejected, Event, ExecReport, ExecType, STPMode, Trade
 from storage.lock import DataDirBusy, DataDirLock
 from storage.journal import (
-    JOURNAL_DIR, Journal, JournalError, decode, list_segments, read_journal, segment_name,
+    JOURNAL_DIR, Journal, JournalError, cut_torn, decode, list_segments, read_journal,
+    segment_name,
 )
 from storage.ledger import LEDGER_FILE, TradeLedger
 from storage.snapshot import (
@@ -325,12 +327,23 @@ class Persistence:
         if replay is not None:
             # Before the snapshot: once it covers these records, they are never replayed again.
             replay.replay_end(lsn)
+        # In this order, so that a crash (or Ctrl-C) at any step leaves a directory the next
+        # start recovers from by itself; deleting the old segments before the new one
+        # existed left a snapshot with no journal after it, which is refused as a lost one.
+        # 1. The torn record goes (never acknowledged): the journal ends cleanly at ``lsn``,
+        #    so a segment may follow it.
+        if scan.torn is not None:
+            cut_torn(scan.torn)
+        # 2. The new segment at ``lsn + 1``, durable with its directory entry: read after
+        #    the old segments, it holds nothing; read after the new snapshot, it is all
+        #    there is to read (``read_journal`` skips the segments the snapshot covers).
+        self.journal.open(lsn + 1)
+        # 3. The snapshot at ``lsn`` (atomic: the old one or the new one, never a mix).
         if needs_snapshot:
             write_snapshot(self.snapshot_path, self._content(engine, lsn, self.recovered_ts))
         self.snapshot_lsn = lsn
-        for _, path in list_segments(journal_dir):
-            path.unlink()  # all covered by the durable snapshot at ``lsn``
-        self.journal.open(lsn + 1)
+        # 4. The segments it covers, oldest first: any of them left over is skipped unread.
+        self.journal.remove_before(lsn + 1)
         self.report = {
             "snapshot": content is not None, "snapshot_lsn": snapshot_lsn, "replayed": scan.records,
             "torn": scan.torn is not None, "lsn": lsn, "ledger_added": len(missing),

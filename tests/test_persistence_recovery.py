@@ -1,0 +1,155 @@
+"""Start-up recovery itself interrupted or handed damaged files: a crash at any step of it
+leaves a directory the next start recovers from on its own, without losing or repeating
+anything acknowledged.
+
+Real engine processes (``run/start_engine.py``) on temporary data directories, real files;
+the kills are real process exits in the middle of recovery (a child ``python -c`` that wraps
+the file operations it wants to die after, as ``crash_scripts.py`` does for snapshots).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from test_persistence_restart import (  # noqa: F401  (``engine``: the fixture)
+    ROOT, T, Engine, crash_with_journal, engine, view,
+)
+
+from storage import journal as jr
+from storage.ledger import read_ledger
+from storage.snapshot import read_snapshot
+
+
+def split_journal(directory: Path, torn_tail: bool = False) -> int:
+    """Rewrite the journal's one segment as two (as a snapshot's rotation leaves them), the
+    last with a record cut short after it when ``torn_tail`` (the process died writing it,
+    never acknowledged); returns the last whole record."""
+    records: list[tuple[int, bytes]] = []
+    jr.read_journal(directory, 0, lambda lsn, payload: records.append((lsn, payload)))
+    for _, path in jr.list_segments(directory):
+        path.unlink()
+    half = len(records) // 2
+    for part in (records[:half], records[half:]):
+        body = jr.MAGIC + b"".join(jr.frame(lsn, payload) for lsn, payload in part)
+        (directory / jr.segment_name(part[0][0])).write_bytes(body)
+    if torn_tail:
+        last_lsn, last_payload = records[-1]
+        with open(directory / jr.segment_name(records[half][0]), "ab") as fh:
+            fh.write(jr.frame(last_lsn + 1, last_payload)[:10])
+    return records[-1][0]
+
+
+async def recovers(eng: Engine, before: dict[str, object], trades: int) -> None:
+    """A real start on ``eng.data`` shows exactly ``before``; a clean stop; the ledger once each."""
+    await eng.start()
+    assert await view(eng) == before
+    assert await eng.stop() == 0
+    assert b"Traceback" not in eng.stderr and b"ERROR" not in eng.stderr, eng.stderr.decode()
+    assert [t["trade_id"] for t in read_ledger(eng.data / "trades.jsonl")] == list(range(1, trades + 1))
+
+
+# --------------------------------------------------------------------------- 1. journal vs snapshot
+
+
+async def test_every_state_a_crash_during_recovery_leaves_is_recovered(engine: Engine, tmp_path: Path) -> None:
+    """Recovery opens the new segment after the replayed records, writes the snapshot, then
+    deletes the segments it covers: each on-disk state in between starts on its own."""
+    before = await crash_with_journal(engine)
+    last = split_journal(engine.data / "journal")
+    base = tmp_path / "base"
+    shutil.copytree(engine.data, base)
+    await engine.start()  # the recovery that runs to its end: snapshot at ``last``, segment last+1
+    await engine.kill()
+    snapshot = read_snapshot(engine.data / "snapshot.json")
+    assert snapshot is not None and snapshot["journal_lsn"] == last
+    assert [s for s, _ in jr.list_segments(engine.data / "journal")] == [last + 1]
+    new_segment = engine.data / "journal" / jr.segment_name(last + 1)
+    old = [p.name for _, p in jr.list_segments(base / "journal")]
+
+    states = {
+        # the new (empty) segment is there, the old snapshot still is
+        "segment opened": lambda d: shutil.copy(new_segment, d / "journal"),
+        # the new snapshot too: the old segments are wholly covered by it
+        "snapshot written": lambda d: (shutil.copy(new_segment, d / "journal"),
+                                       shutil.copy(engine.data / "snapshot.json", d)),
+        # the first old segment deleted
+        "one segment deleted": lambda d: (shutil.copy(new_segment, d / "journal"),
+                                          shutil.copy(engine.data / "snapshot.json", d),
+                                          (d / "journal" / old[0]).unlink()),
+    }
+    for name, build in states.items():
+        data = tmp_path / name.replace(" ", "-")
+        shutil.copytree(base, data)
+        build(data)
+        eng = Engine(data)
+        try:
+            await recovers(eng, before, 2)
+        except AssertionError as exc:
+            raise AssertionError(f"after a crash at '{name}': {exc}") from exc
+        finally:
+            if eng.proc is not None and eng.proc.returncode is None:
+                eng.proc.kill()
+                await eng.proc.wait()
+    await recovers(engine, before, 2)  # every old segment deleted: the end state
+
+
+KILLED_IN_RECOVERY = r'''
+import asyncio, os, sys
+from pathlib import Path
+import storage.journal as jr
+import storage.persistence as ps
+from exchange.server import ExchangeServer, ServerConfig
+
+where = sys.argv[2]
+real_open, real_write, real_unlink = jr.Journal.open, ps.write_snapshot, Path.unlink
+
+def journal_open(self, next_lsn):
+    if where == "before the new segment":
+        os._exit(9)
+    real_open(self, next_lsn)
+    if where == "after the new segment":
+        os._exit(9)
+
+def write_snapshot(*args, **kwargs):
+    size = real_write(*args, **kwargs)
+    if where == "after the snapshot":
+        os._exit(9)
+    return size
+
+def unlink(self, *args, **kwargs):
+    real_unlink(self, *args, **kwargs)
+    if where == "after deleting an old segment" and self.suffix == ".wal":
+        os._exit(9)
+
+jr.Journal.open = journal_open
+ps.write_snapshot = write_snapshot
+Path.unlink = unlink
+
+async def main():
+    srv = ExchangeServer(ServerConfig(port=0, data_dir=Path(sys.argv[1]), stats_interval=0))
+    await srv.start()
+    await srv.stop()
+    sys.exit(3)  # recovery never reached the point
+
+asyncio.run(main())
+'''
+
+
+@pytest.mark.parametrize("where", ["before the new segment", "after the new segment", "after the snapshot",
+                                   "after deleting an old segment"])
+async def test_a_kill_at_any_step_of_recovery_leaves_a_directory_the_next_start_recovers(
+    engine: Engine, where: str,
+) -> None:
+    before = await crash_with_journal(engine)
+    split_journal(engine.data / "journal", torn_tail=True)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", KILLED_IN_RECOVERY, str(engine.data), where, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), T)
+    assert proc.returncode == 9, err.decode()  # killed in the middle of recovery
+    await recovers(engine, before, 2)
