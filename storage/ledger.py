@@ -15,7 +15,9 @@ batch with one ``os.write`` from a worker thread, so the event loop never waits 
 * Append-only: the file is opened with ``O_APPEND`` and never rewritten, truncated or
   reordered. The one exception is a torn last line left by a power cut (bytes without a
   final newline): it was never a complete record, so it is cut off, with a warning,
-  before anything is appended.
+  before anything is appended. A last line that lost only its newline is a whole record:
+  recovery keeps it (the newline added) when it is the trade the recovered state has next
+  (``unterminated_line``, ``open(keep_last_line=True)``).
 * Exactly once: trade ids only grow, and the writer drops any trade whose id is not above
   the highest id already in the file. Recovery can therefore feed it every trade that
   journal replay produces and only the missing ones are written.
@@ -122,6 +124,37 @@ def last_trade_id(path: str | Path) -> int:
             return trade_id
 
 
+def unterminated_line(path: str | Path) -> bytes:
+    """The bytes after a ledger's last newline: b"" when it ends with one (or is missing or
+    empty), else its last line, torn or only missing its newline. Reads only the tail."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return b""
+    try:
+        size = os.fstat(fd).st_size
+        if not size or os.pread(fd, 1, size - 1) == b"\n":
+            return b""
+        start = TradeLedger._complete_prefix(fd, size)
+        return os.pread(fd, size - start, start)
+    finally:
+        os.close(fd)
+
+
+def whole_record(line: bytes) -> dict[str, Any] | None:
+    """``line`` (without its newline) as a trade record, or None when it is not a whole one
+    (the test ``last_trade_id`` applies to a last line: a JSON object with a valid
+    ``trade_id``; a line cut short is not JSON)."""
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    trade_id = record.get("trade_id")
+    return record if type(trade_id) is int and trade_id > 0 else None
+
+
 def read_ledger(path: str | Path) -> list[dict[str, Any]]:
     """Every complete record of a ledger file, in file order (for tests and tools)."""
     data = Path(path).read_bytes() if Path(path).exists() else b""
@@ -171,9 +204,11 @@ class TradeLedger:
 
     # -- opening ----------------------------------------------------------------------
 
-    def open(self) -> int:
+    def open(self, keep_last_line: bool = False) -> int:
         """Open for appending; returns the highest trade id already in the file.
 
+        A last line without its newline is cut off, unless ``keep_last_line`` (the caller
+        found it a whole record it wants, ``unterminated_line``): then the newline is added.
         Synchronous on purpose: it runs once at start-up, before anything is served.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +217,16 @@ class TradeLedger:
             size = os.fstat(fd).st_size
             if size:
                 last = os.pread(fd, 1, size - 1)
-                if last != b"\n":
+                if last != b"\n" and keep_last_line:
+                    # A whole record whose newline never landed: it is one; finish it.
+                    keep = self._complete_prefix(fd, size)
+                    log.warning(
+                        "ledger %s: its last record (%d bytes) had no final newline; kept it and "
+                        "added the newline", self.path, size - keep,
+                    )
+                    os.write(fd, b"\n")
+                    os.fsync(fd)
+                elif last != b"\n":
                     # Torn last line (power cut mid-write): never a record; cut it off.
                     keep = self._complete_prefix(fd, size)
                     self.torn_bytes = size - keep

@@ -50,7 +50,9 @@ from storage.journal import (
     JOURNAL_DIR, Journal, JournalError, cut_torn, decode, list_segments, read_journal,
     segment_name,
 )
-from storage.ledger import LEDGER_FILE, TradeLedger
+from storage.ledger import (
+    LEDGER_FILE, LedgerError, TradeLedger, last_trade_id, trade_line, unterminated_line, whole_record,
+)
 from storage.snapshot import (
     SNAPSHOT_FILE, SnapshotError, read_snapshot, remove_leftover_temp_files, write_snapshot,
 )
@@ -201,11 +203,6 @@ class Persistence:
         for leftover in remove_leftover_temp_files(self.snapshot_path):
             log.warning("removed %s, a snapshot left half-written by a crash (the previous "
                         "snapshot is intact)", leftover)
-        ledger = self.ledger
-        try:
-            ledger_last = ledger.open()
-        except Exception as exc:  # LedgerError, OSError
-            raise RecoveryError(str(exc)) from None
         try:
             content = read_snapshot(self.snapshot_path)
         except SnapshotError as exc:
@@ -294,13 +291,24 @@ class Persistence:
             )
         engine.check_invariants()
 
-        # The ledger: add what replay recreated; say so if it holds more or less.
+        # The ledger, once the state is known: its last line may be a whole record that lost
+        # only its newline (kept when it is the trade the state has next); it must hold every
+        # trade the snapshot counts (nothing could recreate them); replay adds the rest.
+        ledger = self.ledger
+        try:
+            ledger_last = last_trade_id(ledger.path)
+            tail = unterminated_line(ledger.path)
+        except (LedgerError, OSError) as exc:
+            raise RecoveryError(str(exc)) from None
+        keep = bool(tail) and self._next_trade_line(tail, ledger_last, engine, snap_trades, replayed_trades)
+        if keep:
+            ledger_last += 1
         if ledger_last < snap_trades:
-            log.error(
-                "ledger %s ends at trade %d but the snapshot already counts %d trades; trades "
-                "%d..%d are missing and cannot be recreated from the journal",
-                ledger.path, ledger_last, snap_trades, ledger_last + 1, snap_trades,
-            )
+            self._ledger_short(ledger_last, snap_trades)
+        try:
+            ledger.open(keep_last_line=keep)
+        except (LedgerError, OSError) as exc:
+            raise RecoveryError(str(exc)) from None
         missing = [t for t in replayed_trades if t.trade_id > ledger_last]
         if missing:
             ledger.add(missing)
@@ -358,6 +366,49 @@ class Persistence:
             len(missing), self.report["seconds"],
         )
         return engine
+
+    def _next_trade_line(self, line: bytes, ledger_last: int, engine: Exchange, snap_trades: int,
+                         replayed: list[Trade]) -> bool:
+        """Whether a ledger's last line without its newline is the whole record of the trade
+        the recovered state has right after the ledger's last: then only the newline was
+        lost (a power cut between the two), and the line is kept. A replayed trade must
+        match byte for byte; one the snapshot covers has no journal left to compare with,
+        and a whole record with the right id is taken as it."""
+        record = whole_record(line)
+        if record is None:
+            return False
+        trade_id = record["trade_id"]
+        if trade_id != ledger_last + 1 or trade_id >= engine.next_trade_id:
+            return False
+        if trade_id > snap_trades:
+            trade = replayed[trade_id - snap_trades - 1]
+            assert trade.trade_id == trade_id
+            return line + b"\n" == trade_line(trade, self.config)
+        return True
+
+    def _ledger_short(self, ledger_last: int, snap_trades: int) -> None:
+        """The ledger lacks trades the snapshot counts. It held them, fsynced, before that
+        snapshot was written (rule 2), so the file was cut short, replaced or damaged since,
+        and the journal that made them is gone: refuse, leaving the files as they are (the
+        exchange would append after the hole for good). A ledger removed altogether is taken
+        as moved aside on purpose, the way out the message names: a new one starts."""
+        path = self.ledger.path
+        if not path.exists():
+            log.error(
+                "ledger %s is missing but the snapshot %s already counts %d trades: trades 1..%d "
+                "are in no ledger and cannot be recreated; a new ledger starts at trade %d",
+                path, self.snapshot_path, snap_trades, snap_trades, snap_trades + 1,
+            )
+            return
+        raise RecoveryError(
+            f"ledger {path} ends at trade {ledger_last} but the snapshot {self.snapshot_path} "
+            f"already counts {snap_trades} trades: trades {ledger_last + 1}..{snap_trades} are "
+            "missing, and the journal that made them is gone (the snapshot covers it), so they "
+            "cannot be recreated; the ledger was cut short or damaged after it was written. "
+            "Restore it from a copy; or, to go on without those trades on purpose, move it "
+            f"aside (a new ledger then starts at trade {snap_trades + 1}). The files are left as "
+            "they are"
+        )
 
     def _content(self, engine: Exchange, lsn: int, last_ts: int) -> dict[str, Any]:
         return {

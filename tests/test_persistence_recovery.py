@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from test_persistence_restart import (  # noqa: F401  (``engine``: the fixture)
-    ROOT, T, Engine, crash_with_journal, engine, view,
+    ROOT, SCRIPT, T, Engine, crash_with_journal, data_files, engine, ledger_holds, next_exec, view,
 )
 
 from storage import journal as jr
@@ -50,6 +50,23 @@ async def recovers(eng: Engine, before: dict[str, object], trades: int) -> None:
     assert await eng.stop() == 0
     assert b"Traceback" not in eng.stderr and b"ERROR" not in eng.stderr, eng.stderr.decode()
     assert [t["trade_id"] for t in read_ledger(eng.data / "trades.jsonl")] == list(range(1, trades + 1))
+
+
+async def refused(eng: Engine) -> str:
+    """``Engine.refuse``, but an engine that starts instead is killed, not left running."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(SCRIPT), "--port", "0", "--data-dir", str(eng.data), *eng.args,
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), T)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError("the engine started instead of refusing") from None
+    assert proc.returncode == 2, (out, err)
+    assert b"listening" not in out and b"Traceback" not in err
+    return err.decode()
 
 
 # --------------------------------------------------------------------------- 1. journal vs snapshot
@@ -153,3 +170,90 @@ async def test_a_kill_at_any_step_of_recovery_leaves_a_directory_the_next_start_
     _, err = await asyncio.wait_for(proc.communicate(), T)
     assert proc.returncode == 9, err.decode()  # killed in the middle of recovery
     await recovers(engine, before, 2)
+
+
+# --------------------------------------------------------------------------- 2. ledger tail
+
+
+async def one_trade(eng: Engine) -> bytes:
+    """Alice sells 1 BTC @ 100, Bob buys it: trade 1; returns the ledger once it holds it."""
+    alice, bob = await eng.client("alice"), await eng.client("bob")
+    await alice.sell("BTC-USD", "1", "100.00")
+    await bob.buy("BTC-USD", "1", "100.00")
+    await ledger_holds(eng, 1)
+    return (eng.data / "trades.jsonl").read_bytes()
+
+
+async def trade_again(eng: Engine) -> dict[str, object]:
+    """One more trade between carol and dave; returns dave's fill."""
+    carol, dave = await eng.client("carol"), await eng.client("dave")
+    await carol.sell("ACME-USD", "1", "100.00")
+    await dave.buy("ACME-USD", "1", "100.00")
+    return await next_exec(dave, "trade")
+
+
+@pytest.mark.parametrize("stop", ["clean stop", "kill -9"])
+async def test_a_ledger_record_missing_only_its_final_newline_is_kept(engine: Engine, stop: str) -> None:
+    """The whole record is there (only the newline never landed): it is the trade the state
+    has, so the newline is added back. After a clean stop the snapshot covers the trade and
+    the journal that made it is gone: cutting the line lost the trade for good."""
+    await engine.start()
+    ledger = await one_trade(engine)
+    if stop == "clean stop":
+        assert await engine.stop() == 0
+    else:
+        await engine.kill()
+    path = engine.data / "trades.jsonl"
+    path.write_bytes(ledger[:-1])
+    await engine.start()
+    assert path.read_bytes() == ledger
+    fill = await trade_again(engine)
+    assert fill["trade_id"] == 2
+    assert await engine.stop() == 0
+    assert b"ERROR" not in engine.stderr and b"no final newline" in engine.stderr, engine.stderr.decode()
+    assert [t["trade_id"] for t in read_ledger(path)] == [1, 2]
+    assert path.read_bytes().startswith(ledger)
+
+
+@pytest.mark.parametrize("damage", ["torn", "another record"])
+async def test_a_ledger_last_line_that_is_not_the_states_trade_is_cut_and_written_again(
+    engine: Engine, damage: str,
+) -> None:
+    """Cut inside the record, it never was one; a whole record that is not the trade the
+    state has (here another price) is not kept either. The journal recreates the trade."""
+    await engine.start()
+    ledger = await one_trade(engine)
+    await engine.kill()
+    path = engine.data / "trades.jsonl"
+    if damage == "torn":
+        path.write_bytes(ledger[:-40])
+    else:
+        assert b'"price":"100.00"' in ledger
+        path.write_bytes(ledger.replace(b'"price":"100.00"', b'"price":"100.01"')[:-1])
+    await engine.start()
+    assert path.read_bytes() == ledger  # replay recreated it
+    assert await engine.stop() == 0
+    assert b"cut off a torn last line" in engine.stderr
+
+
+async def test_a_ledger_missing_trades_no_journal_can_recreate_refuses_to_start(engine: Engine) -> None:
+    """The snapshot counts a trade the ledger lost (it was written and fsynced before that
+    snapshot, so the file was damaged since): starting would append after the hole for
+    good. Refused, everything left as it is, with the way out; moved aside on purpose, a
+    new ledger starts after the snapshot's trades."""
+    await engine.start()
+    ledger = await one_trade(engine)
+    assert await engine.stop() == 0
+    path = engine.data / "trades.jsonl"
+    path.write_bytes(ledger[:-40])
+    files = data_files(engine.data)
+    err = await refused(engine)
+    assert str(path) in err and "trades 1..1 are missing" in err and "move it aside" in err, err
+    assert data_files(engine.data) == files
+    path.rename(engine.data / "trades.damaged.jsonl")
+    await engine.start()
+    fill = await trade_again(engine)
+    assert fill["trade_id"] == 2
+    assert await engine.stop() == 0
+    assert b"trades 1..1 are in no ledger" in engine.stderr, engine.stderr.decode()
+    assert [t["trade_id"] for t in read_ledger(path)] == [2]
