@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -155,6 +156,48 @@ def whole_record(line: bytes) -> dict[str, Any] | None:
     return record if type(trade_id) is int and trade_id > 0 else None
 
 
+LOST_PREFIX = "trades.lost-"  # + a UTC timestamp + ".jsonl": ledger lines the state lost
+
+
+def lost_files(directory: str | Path) -> list[Path]:
+    """The side files recovery moved ledger lines to (``write_lost``)."""
+    return sorted(Path(directory).glob(LOST_PREFIX + "*.jsonl"))
+
+
+def write_lost(directory: str | Path, data: bytes) -> Path:
+    """Keep ``data`` (whole ledger lines) in a new side file ``trades.lost-<UTC time>.jsonl``,
+    written atomically and durably (temporary file, fsync, rename, directory fsync). A file
+    already holding exactly ``data`` (a crash came before the ledger was cut) is reused."""
+    directory = Path(directory)
+    for path in lost_files(directory):
+        if path.read_bytes() == data:
+            return path
+    for leftover in directory.glob("." + LOST_PREFIX + "*"):
+        leftover.unlink(missing_ok=True)  # a write a crash interrupted: never renamed
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    path = directory / f"{LOST_PREFIX}{stamp}.jsonl"
+    serial = 1
+    while path.exists():
+        serial += 1
+        path = directory / f"{LOST_PREFIX}{stamp}-{serial}.jsonl"
+    tmp = directory / f".{path.name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return path
+
+
 def read_ledger(path: str | Path) -> list[dict[str, Any]]:
     """Every complete record of a ledger file, in file order (for tests and tools)."""
     data = Path(path).read_bytes() if Path(path).exists() else b""
@@ -242,6 +285,38 @@ class TradeLedger:
             raise
         self._fd = fd
         return self.last_id
+
+    def lines_from(self, trade_id: int) -> tuple[int, bytes]:
+        """The file's last lines from the first whose trade id is ``trade_id`` or more:
+        (where they start, their bytes). Reads backwards from the end, so the cost grows with
+        what it returns, not with the ledger (start-up, after ``open``)."""
+        fd = self._fd
+        assert fd is not None
+        size = os.fstat(fd).st_size
+        buf, pos = b"", size  # buf holds the file's bytes [pos, size)
+        start = size  # the lines from here on are returned
+        while start > 0:
+            end = start - 1  # the newline that ends the line before ``start``
+            while True:
+                nl = buf.rfind(b"\n", 0, end - pos)
+                if nl >= 0 or pos == 0:
+                    break
+                chunk = max(0, pos - _TAIL_PROBE)
+                buf, pos = os.pread(fd, pos - chunk, chunk) + buf, chunk
+            begin = pos + nl + 1  # (nl is -1 when the line is the file's first)
+            record = whole_record(buf[begin - pos:end - pos])
+            if record is None or record["trade_id"] < trade_id:
+                break
+            start = begin
+        return start, os.pread(fd, size - start, start)
+
+    def truncate(self, size: int) -> None:
+        """Cut the file to its first ``size`` bytes, durably (recovery moved the rest away)."""
+        fd = self._fd
+        assert fd is not None
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+        self.last_id = last_trade_id(self.path)
 
     @staticmethod
     def _complete_prefix(fd: int, size: int) -> int:

@@ -8,7 +8,10 @@ On disk (``--data-dir``): ``snapshot.json`` (the whole engine state as of journa
 
 1. *A trade reaches the ledger only after the command that made it is durable in the
    journal* (``TradeLedger`` durability gate). So the ledger never holds a trade that
-   recovery cannot recreate, and trade ids are never handed out twice.
+   recovery cannot recreate, and trade ids are never handed out twice. (Under ``--fsync
+   off`` "durable" means handed to the operating system: after a power cut the ledger may
+   hold trades the journal lost. Recovery moves their lines to ``trades.lost-*.jsonl`` and
+   keeps the ids counting after theirs.)
 2. *A snapshot is written only after the ledger holds (fsynced) every trade of the state it
    records, and journal segments go only after the snapshot that covers them is durable.*
    So replaying the journal from the snapshot always recreates every trade the ledger
@@ -41,6 +44,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
+import orjson
+
 from exchange.engine import Exchange
 from exchange.markets import MarketConfig
 from exchange.state import FinishedOrders, StateError, export_state, import_state, same_unit_markets
@@ -51,7 +56,8 @@ from storage.journal import (
     segment_name,
 )
 from storage.ledger import (
-    LEDGER_FILE, LedgerError, TradeLedger, last_trade_id, trade_line, unterminated_line, whole_record,
+    LEDGER_FILE, LOST_PREFIX, LedgerError, TradeLedger, last_trade_id, lost_files, read_ledger,
+    trade_line, unterminated_line, whole_record, write_lost,
 )
 from storage.snapshot import (
     SNAPSHOT_FILE, SnapshotError, read_snapshot, remove_leftover_temp_files, write_snapshot,
@@ -300,10 +306,17 @@ class Persistence:
             tail = unterminated_line(ledger.path)
         except (LedgerError, OSError) as exc:
             raise RecoveryError(str(exc)) from None
-        keep = bool(tail) and self._next_trade_line(tail, ledger_last, engine, snap_trades, replayed_trades)
+        # Trades an earlier recovery moved out of the ledger (``_move_lost_trades``): their
+        # ids were skipped, so the ledger lacks them by design.
+        lost_trades, lost_orders = self._lost_ids()
+        expected = ledger_last + 1
+        while expected in lost_trades:
+            expected += 1
+        keep = bool(tail) and self._next_trade_line(tail, expected, engine, snap_trades, replayed_trades)
         if keep:
-            ledger_last += 1
-        if ledger_last < snap_trades:
+            ledger_last = expected
+        if ledger_last < snap_trades and sum(
+                ledger_last < i <= snap_trades for i in lost_trades) < snap_trades - ledger_last:
             self._ledger_short(ledger_last, snap_trades)
         try:
             ledger.open(keep_last_line=keep)
@@ -312,15 +325,22 @@ class Persistence:
         missing = [t for t in replayed_trades if t.trade_id > ledger_last]
         if missing:
             ledger.add(missing)
-        bumped = False
         if ledger_last >= engine.next_trade_id:
-            log.warning(
-                "ledger %s already holds trades up to %d, beyond the recovered state (next trade "
-                "id %d): trade ids continue after the ledger's", ledger.path, ledger_last,
-                engine.next_trade_id,
-            )
-            engine.next_trade_id = ledger_last + 1
+            moved = self._move_lost_trades(engine)
+            lost_trades.update(r["trade_id"] for r in moved)
+            lost_orders = max([lost_orders] + [max(r["buy_order_id"], r["sell_order_id"]) for r in moved])
+        # Ids continue after every id of a trade the state lost: a trader was told of them.
+        bumped = False
+        if lost_trades and max(lost_trades) >= engine.next_trade_id:
+            engine.next_trade_id = max(lost_trades) + 1
             bumped = True
+        if lost_orders >= engine.next_order_id:
+            engine.next_order_id = lost_orders + 1
+            bumped = True
+        if bumped:
+            log.warning("ids continue after those of the trades in %s: next trade id %d, next "
+                        "order id %d", self.data_dir / (LOST_PREFIX + "*.jsonl"),
+                        engine.next_trade_id, engine.next_order_id)
         engine.default_stp = self.default_stp
         self.engine = engine
         self.recovered_ts = ts_box[0]
@@ -367,24 +387,75 @@ class Persistence:
         )
         return engine
 
-    def _next_trade_line(self, line: bytes, ledger_last: int, engine: Exchange, snap_trades: int,
+    def _next_trade_line(self, line: bytes, expected: int, engine: Exchange, snap_trades: int,
                          replayed: list[Trade]) -> bool:
-        """Whether a ledger's last line without its newline is the whole record of the trade
-        the recovered state has right after the ledger's last: then only the newline was
-        lost (a power cut between the two), and the line is kept. A replayed trade must
-        match byte for byte; one the snapshot covers has no journal left to compare with,
-        and a whole record with the right id is taken as it."""
+        """Whether a ledger's last line without its newline is the whole record of trade
+        ``expected``, the one the recovered state has right after the ledger's last: then
+        only the newline was lost (a power cut between the two), and the line is kept. A
+        replayed trade must match byte for byte; one the snapshot covers has no journal left
+        to compare with, and a whole record with the right id is taken as it. One beyond the
+        state is kept too, to be moved out with the other lines the state lacks
+        (``_move_lost_trades``)."""
         record = whole_record(line)
         if record is None:
             return False
         trade_id = record["trade_id"]
-        if trade_id != ledger_last + 1 or trade_id >= engine.next_trade_id:
+        if trade_id != expected:
             return False
+        if trade_id >= engine.next_trade_id:
+            return True  # beyond the state: kept, then moved out with the others it lacks
         if trade_id > snap_trades:
             trade = replayed[trade_id - snap_trades - 1]
             assert trade.trade_id == trade_id
             return line + b"\n" == trade_line(trade, self.config)
         return True
+
+    def _move_lost_trades(self, engine: Exchange) -> list[dict[str, Any]]:
+        """The ledger holds trades beyond the recovered state: the journal lost (or never
+        kept) the commands that made them, yet they were acknowledged and written. Their
+        lines move to a side file, so the ledger again matches the state, and
+        ``_recover`` keeps their ids from being handed out again.
+
+        The side file is durable before the ledger is cut, and the ids are taken from the
+        side files at every start: a crash anywhere in between repeats or finishes the move,
+        and the fresh snapshot recovery writes next carries the counters. Returns the
+        records moved."""
+        ledger = self.ledger
+        offset, data = ledger.lines_from(engine.next_trade_id)
+        if not data:
+            return []
+        records = [orjson.loads(line) for line in data.splitlines()]
+        ids = [r["trade_id"] for r in records]
+        side = write_lost(self.data_dir, data)
+        ledger.truncate(offset)
+        log.error(
+            "ledger %s held trades %d..%d that the recovered state does not have (next trade id "
+            "%d): the journal lost the commands that made them, to a power cut or kernel crash "
+            "under --fsync off, or to a damaged journal. Those trades and the commands after "
+            "them are not in the state; their ledger lines are moved to %s so that the ledger "
+            "matches the state, and trade and order ids continue after theirs",
+            ledger.path, ids[0], ids[-1], engine.next_trade_id, side,
+        )
+        return records
+
+    def _lost_ids(self) -> tuple[set[int], int]:
+        """The trade ids in the side files of lost ledger lines, and their highest order id
+        (0 if none). Read at every start, and the counters kept above them: a crash after a
+        move cut the ledger but before the snapshot carried the counters loses nothing."""
+        trades: set[int] = set()
+        orders = 0
+        for path in lost_files(self.data_dir):
+            try:
+                for record in read_ledger(path):
+                    trades.add(int(record["trade_id"]))
+                    orders = max(orders, int(record["buy_order_id"]), int(record["sell_order_id"]))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise RecoveryError(
+                    f"{path} (ledger lines an earlier recovery moved aside) cannot be read as "
+                    f"trade records ({exc}); ids must continue after theirs, so it is needed: "
+                    "restore it"
+                ) from None
+        return trades, orders
 
     def _ledger_short(self, ledger_last: int, snap_trades: int) -> None:
         """The ledger lacks trades the snapshot counts. It held them, fsynced, before that

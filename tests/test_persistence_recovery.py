@@ -257,3 +257,104 @@ async def test_a_ledger_missing_trades_no_journal_can_recreate_refuses_to_start(
     assert await engine.stop() == 0
     assert b"trades 1..1 are in no ledger" in engine.stderr, engine.stderr.decode()
     assert [t["trade_id"] for t in read_ledger(path)] == [2]
+
+
+# --------------------------------------------------------------------------- 3. ledger ahead
+
+
+async def power_cut_after_a_trade(eng: Engine) -> bytes:
+    """Under ``--fsync off``: trade 1 (alice's order 1, bob's order 2) acknowledged and in
+    the ledger, then what a power cut can leave: the journal's last record (bob's order)
+    torn, the ledger written. Returns the ledger's bytes."""
+    await eng.start()
+    ledger = await one_trade(eng)
+    await eng.kill()
+    (_, path), = jr.list_segments(eng.data / "journal")
+    data = path.read_bytes()
+    last_lsn, last = list(jr.iter_commands(eng.data / "journal"))[-1]
+    assert type(last).__name__ == "PlaceOrder" and last.account == "bob"
+    path.write_bytes(data[:-5])
+    return ledger
+
+
+async def test_ids_never_repeat_when_a_power_cut_under_fsync_off_leaves_the_ledger_ahead(
+    engine: Engine,
+) -> None:
+    engine.args = ("--fsync", "off")
+    ledger = await power_cut_after_a_trade(engine)
+    assert [t["buy_order_id"] for t in read_ledger(engine.data / "trades.jsonl")] == [2]
+    await engine.start()
+    # The state lost bob's order and the trade; the ledger says so and matches it again.
+    assert (engine.data / "trades.jsonl").read_bytes() == b""
+    (side,) = engine.data.glob("trades.lost-*.jsonl")
+    assert side.read_bytes() == ledger
+    assert await (await engine.client("bob")).orders() == []
+    # New ids come after every id the ledger (and bob's audit log) used.
+    fill = await trade_again(engine)
+    assert fill["trade_id"] == 2 and fill["order_id"] > 2
+    assert await engine.stop() == 0
+    err = engine.stderr.decode()
+    assert "ERROR" in err and "trades 1..1 that the recovered state does not have" in err, err
+    assert "--fsync off" in err and side.name in err
+    final = read_ledger(engine.data / "trades.jsonl")
+    assert [t["trade_id"] for t in final] == [2]
+    assert min(final[0]["buy_order_id"], final[0]["sell_order_id"]) == 3
+    snapshot = read_snapshot(engine.data / "snapshot.json")
+    assert snapshot is not None and snapshot["state"]["counters"]["next_trade_id"] == 3
+    assert snapshot["state"]["counters"]["next_order_id"] == 5
+    # The next start (and its follower, from the snapshot) go on from there, quietly.
+    await engine.start()
+    fill = await trade_again(engine)
+    assert fill["trade_id"] == 3 and fill["order_id"] > 5
+    await ledger_holds(engine, 2)
+    assert await engine.stop() == 0
+    assert b"ERROR" not in engine.stderr and b"ids continue" not in engine.stderr
+    assert [t["trade_id"] for t in read_ledger(engine.data / "trades.jsonl")] == [2, 3]
+    assert side.read_bytes() == ledger
+
+
+KILLED_MOVING_LOST_TRADES = r'''
+import asyncio, os, sys
+from pathlib import Path
+import storage.ledger as ld
+from exchange.server import ExchangeServer, ServerConfig
+
+where = sys.argv[2]
+real_truncate = ld.TradeLedger.truncate
+
+def truncate(self, size):
+    if where == "before cutting the ledger":
+        os._exit(9)
+    real_truncate(self, size)
+    if where == "after cutting the ledger":
+        os._exit(9)
+
+ld.TradeLedger.truncate = truncate
+
+async def main():
+    srv = ExchangeServer(ServerConfig(port=0, data_dir=Path(sys.argv[1]), stats_interval=0,
+                                      fsync="off"))
+    await srv.start()
+    await srv.stop()
+    sys.exit(3)  # recovery never reached the point
+
+asyncio.run(main())
+'''
+
+
+@pytest.mark.parametrize("where", ["before cutting the ledger", "after cutting the ledger"])
+async def test_a_kill_while_moving_lost_trades_still_keeps_their_ids(engine: Engine, where: str) -> None:
+    engine.args = ("--fsync", "off")
+    ledger = await power_cut_after_a_trade(engine)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", KILLED_MOVING_LOST_TRADES, str(engine.data), where, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), T)
+    assert proc.returncode == 9, err.decode()
+    await engine.start()
+    fill = await trade_again(engine)
+    assert fill["trade_id"] == 2 and fill["order_id"] > 2
+    assert await engine.stop() == 0
+    assert [side.read_bytes() for side in engine.data.glob("trades.lost-*.jsonl")] == [ledger]
+    assert [t["trade_id"] for t in read_ledger(engine.data / "trades.jsonl")] == [2]
