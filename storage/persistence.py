@@ -282,6 +282,8 @@ class Persistence:
                 "acknowledged after that snapshot would be silently dropped. Restore it; or, to "
                 f"start from the snapshot alone on purpose, create the empty file {first}"
             )
+        if content is None and not list_segments(journal_dir):
+            self._refuse_foreign_ledger()
         replay_after = replay.replay_begin(lsn) if replay is not None else 1 << 62
         try:
             scan = read_journal(journal_dir, lsn, apply)
@@ -456,6 +458,26 @@ class Persistence:
                     "restore it"
                 ) from None
         return trades, orders
+
+    def _refuse_foreign_ledger(self) -> None:
+        """No snapshot and no journal, yet a ledger with trades: an exchange never leaves a
+        directory so (its first start writes both before any trade), but an embedded
+        simulation does (it writes only ``trades.jsonl``). Taking those trades as lost ones
+        of this exchange would be wrong, and so would appending to them."""
+        path = self.ledger.path
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise RecoveryError(f"cannot read the ledger {path}: {exc}") from None
+        if size:
+            raise RecoveryError(
+                f"{self.data_dir} holds a trade ledger ({path.name}) but no snapshot and no journal: "
+                "it is not an exchange's data directory (an embedded simulation's, say, which "
+                "writes only the ledger). Start the exchange with another --data-dir; or move "
+                f"{path.name} aside to start a new exchange here"
+            )
 
     def _ledger_short(self, ledger_last: int, snap_trades: int) -> None:
         """The ledger lacks trades the snapshot counts. It held them, fsynced, before that

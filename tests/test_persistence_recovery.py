@@ -358,3 +358,25 @@ async def test_a_kill_while_moving_lost_trades_still_keeps_their_ids(engine: Eng
     assert await engine.stop() == 0
     assert [side.read_bytes() for side in engine.data.glob("trades.lost-*.jsonl")] == [ledger]
     assert [t["trade_id"] for t in read_ledger(engine.data / "trades.jsonl")] == [2]
+
+
+async def test_a_simulations_data_directory_is_refused_not_taken_for_lost_trades(
+    engine: Engine, tmp_path: Path,
+) -> None:
+    """An embedded simulation leaves only ``trades.jsonl``; an exchange never leaves a ledger
+    without a snapshot or a journal. Started there, it refuses, changing nothing, instead of
+    filing the run's trades as its own lost ones."""
+    import subprocess
+
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "run" / "start_simulation.py"), "--embedded", "--orders", "300",
+         "--data-dir", str(engine.data), "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=T, stdin=subprocess.DEVNULL, check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert read_ledger(engine.data / "trades.jsonl")
+    files = data_files(engine.data)
+    err = await refused(engine)
+    assert "holds a trade ledger (trades.jsonl) but no snapshot and no journal" in err, err
+    assert "another --data-dir" in err
+    assert data_files(engine.data) == files
