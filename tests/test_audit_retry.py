@@ -15,9 +15,8 @@ import os
 import re
 import resource
 import signal
-import sys
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -25,7 +24,7 @@ from client import ExchangeClient
 from exchange.server import ExchangeServer, ServerConfig
 from storage.persistence import FollowerError
 from storage.snapshot import read_snapshot
-from test_persistence_restart import ROOT, SCRIPT, Engine
+from test_persistence_restart import Engine, engine  # noqa: F401  (``engine``: the fixture)
 
 T = 20.0
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z ")
@@ -174,6 +173,16 @@ async def test_a_stop_while_a_log_refuses_keeps_the_journal_and_the_next_start_r
 # ----------------------------------------------------------------- a real engine process
 
 
+def _limit_follower(engine: Engine, size: int) -> tuple[int, tuple[int, int]]:
+    """Hold the follower's files to ``size`` bytes (RLIMIT_FSIZE); its pid and the limits
+    it had."""
+    assert engine.proc is not None
+    follower = _follower_pid(engine.proc.pid)
+    limits = resource.prlimit(follower, resource.RLIMIT_FSIZE)
+    resource.prlimit(follower, resource.RLIMIT_FSIZE, (size, limits[1]))
+    return follower, limits
+
+
 def _follower_pid(engine_pid: int) -> int:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -204,33 +213,6 @@ async def _settled(data: Path, user: str, ids: list[int]) -> None:
     raise AssertionError(f"{user}'s audit log never showed orders {ids}")
 
 
-async def _refused_start(eng: Engine) -> str:
-    """Start expecting a refusal (exit code 2, never listening); its stderr. Killed if it
-    starts after all."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(SCRIPT), "--port", "0", "--data-dir", str(eng.data), cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), T)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise AssertionError("the engine started instead of refusing") from None
-    assert proc.returncode == 2 and b"listening" not in out and b"Traceback" not in err, (out, err)
-    return err.decode()
-
-
-@pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
-    eng = Engine(tmp_path / "data")
-    yield eng
-    await eng._drop_clients()
-    if eng.proc is not None and eng.proc.returncode is None:
-        eng.proc.kill()
-        await asyncio.wait_for(eng.proc.wait(), T)
-
-
 @pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs prlimit (Linux)")
 async def test_a_file_size_limit_on_the_follower_loses_no_line_and_writes_none_twice(
     engine: Engine,
@@ -246,9 +228,7 @@ async def test_a_file_size_limit_on_the_follower_loses_no_line_and_writes_none_t
     await _settled(data, "heavy", ids)
     before = _position(data)
     size = (data / "logs" / "heavy.log").stat().st_size
-    follower = _follower_pid(engine.proc.pid)
-    limits = resource.prlimit(follower, resource.RLIMIT_FSIZE)
-    resource.prlimit(follower, resource.RLIMIT_FSIZE, (size + 10, limits[1]))  # mid-line
+    follower, limits = _limit_follower(engine, size + 10)  # mid-line
     try:
         ids += await _rest(heavy, 10)
         await asyncio.sleep(1.0)  # several of the follower's appends
@@ -282,9 +262,7 @@ async def test_lines_still_unwritten_at_a_stop_are_rebuilt_at_the_next_start(eng
     await _settled(data, "heavy", ids)
     before = _position(data)
     size = (data / "logs" / "heavy.log").stat().st_size
-    follower = _follower_pid(engine.proc.pid)
-    limits = resource.prlimit(follower, resource.RLIMIT_FSIZE)
-    resource.prlimit(follower, resource.RLIMIT_FSIZE, (size, limits[1]))  # not one byte more
+    _limit_follower(engine, size)  # not one byte more
     ids += await _rest(heavy, 10)
     await asyncio.sleep(1.0)
     assert _position(data) == before
@@ -293,7 +271,7 @@ async def test_lines_still_unwritten_at_a_stop_are_rebuilt_at_the_next_start(eng
     assert _position(data) == before
 
     _block(data, "heavy")  # a start that cannot write the rebuilt lines must not go on
-    err = await _refused_start(engine)
+    err = await engine.refuse()
     assert "heavy.log" in err, err
     assert _position(data) == before
     _unblock(data, "heavy")

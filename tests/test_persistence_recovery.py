@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from test_persistence_restart import (  # noqa: F401  (``engine``: the fixture)
-    ROOT, SCRIPT, T, Engine, crash_with_journal, data_files, engine, ledger_holds, next_exec, view,
+    ROOT, T, Engine, crash_with_journal, data_files, engine, ledger_holds, next_exec, view,
 )
 
 from storage import journal as jr
@@ -50,23 +50,6 @@ async def recovers(eng: Engine, before: dict[str, object], trades: int) -> None:
     assert await eng.stop() == 0
     assert b"Traceback" not in eng.stderr and b"ERROR" not in eng.stderr, eng.stderr.decode()
     assert [t["trade_id"] for t in read_ledger(eng.data / "trades.jsonl")] == list(range(1, trades + 1))
-
-
-async def refused(eng: Engine) -> str:
-    """``Engine.refuse``, but an engine that starts instead is killed, not left running."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(SCRIPT), "--port", "0", "--data-dir", str(eng.data), *eng.args,
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), T)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise AssertionError("the engine started instead of refusing") from None
-    assert proc.returncode == 2, (out, err)
-    assert b"listening" not in out and b"Traceback" not in err
-    return err.decode()
 
 
 # --------------------------------------------------------------------------- 1. journal vs snapshot
@@ -247,7 +230,7 @@ async def test_a_ledger_missing_trades_no_journal_can_recreate_refuses_to_start(
     path = engine.data / "trades.jsonl"
     path.write_bytes(ledger[:-40])
     files = data_files(engine.data)
-    err = await refused(engine)
+    err = await engine.refuse()
     assert str(path) in err and "trades 1..1 are missing" in err and "move it aside" in err, err
     assert data_files(engine.data) == files
     path.rename(engine.data / "trades.damaged.jsonl")
@@ -376,7 +359,7 @@ async def test_a_simulations_data_directory_is_refused_not_taken_for_lost_trades
     assert run.returncode == 0, run.stderr
     assert read_ledger(engine.data / "trades.jsonl")
     files = data_files(engine.data)
-    err = await refused(engine)
+    err = await engine.refuse()
     assert "holds a trade ledger (trades.jsonl) but no snapshot and no journal" in err, err
     assert "another --data-dir" in err
     assert data_files(engine.data) == files

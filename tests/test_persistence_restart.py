@@ -109,7 +109,12 @@ class Engine:
             sys.executable, str(SCRIPT), "--port", "0", "--data-dir", str(self.data), *self.args,
             cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
-        out, err = await asyncio.wait_for(proc.communicate(), T)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), T)
+        except asyncio.TimeoutError:  # it started: not left running
+            proc.kill()
+            await proc.wait()
+            raise AssertionError("the engine started instead of refusing") from None
         assert proc.returncode == 2, (out, err)
         assert b"listening" not in out and b"Traceback" not in err
         return err.decode()
