@@ -286,15 +286,17 @@ class TradeLedger:
         self._fd = fd
         return self.last_id
 
-    def lines_from(self, trade_id: int) -> tuple[int, bytes]:
+    def lines_from(self, trade_id: int) -> tuple[int, bytes, bool]:
         """The file's last lines from the first whose trade id is ``trade_id`` or more:
-        (where they start, their bytes). Reads backwards from the end, so the cost grows with
-        what it returns, not with the ledger (start-up, after ``open``)."""
+        (where they start, their bytes, whether the line before them is not a trade record
+        at all, i.e. the file is damaged there). Reads backwards from the end, so the cost
+        grows with what it returns, not with the ledger (start-up, after ``open``)."""
         fd = self._fd
         assert fd is not None
         size = os.fstat(fd).st_size
         buf, pos = b"", size  # buf holds the file's bytes [pos, size)
         start = size  # the lines from here on are returned
+        damaged = False
         while start > 0:
             end = start - 1  # the newline that ends the line before ``start``
             while True:
@@ -306,9 +308,10 @@ class TradeLedger:
             begin = pos + nl + 1  # (nl is -1 when the line is the file's first)
             record = whole_record(buf[begin - pos:end - pos])
             if record is None or record["trade_id"] < trade_id:
+                damaged = record is None
                 break
             start = begin
-        return start, os.pread(fd, size - start, start)
+        return start, os.pread(fd, size - start, start), damaged
 
     def truncate(self, size: int) -> None:
         """Cut the file to its first ``size`` bytes, durably (recovery moved the rest away)."""

@@ -423,13 +423,35 @@ class Persistence:
         and the fresh snapshot recovery writes next carries the counters. Returns the
         records moved."""
         ledger = self.ledger
-        offset, data = ledger.lines_from(engine.next_trade_id)
+        try:
+            offset, data, damaged = ledger.lines_from(engine.next_trade_id)
+        except OSError as exc:
+            raise RecoveryError(f"cannot read the ledger {ledger.path}: {exc}") from None
         if not data:
             return []
         records = [orjson.loads(line) for line in data.splitlines()]
         ids = [r["trade_id"] for r in records]
-        side = write_lost(self.data_dir, data)
-        ledger.truncate(offset)
+        # Checked before anything moves: a move cut short by a bad line would leave the
+        # ledger ending in it, which no start could read.
+        if damaged:
+            raise RecoveryError(
+                f"ledger {ledger.path} holds trades {ids[0]}..{ids[-1]} beyond the recovered state "
+                f"(next trade id {engine.next_trade_id}), and the line before them is not a trade "
+                "record: the file is damaged there. Restore it from a copy; the files are left as "
+                "they are"
+            )
+        for record in records:
+            if not all(type(record.get(key)) is int for key in ("buy_order_id", "sell_order_id")):
+                raise RecoveryError(
+                    f"ledger {ledger.path}: trade {record['trade_id']}, beyond the recovered state, "
+                    "lacks its order ids, so the ids it used cannot be kept from being handed out "
+                    "again. Restore the file from a copy; the files are left as they are"
+                )
+        try:
+            side = write_lost(self.data_dir, data)
+            ledger.truncate(offset)
+        except (OSError, LedgerError) as exc:
+            raise RecoveryError(f"cannot move the ledger's lines the state lacks aside: {exc}") from None
         log.error(
             "ledger %s held trades %d..%d that the recovered state does not have (next trade id "
             "%d): the journal lost the commands that made them, to a power cut or kernel crash "

@@ -363,3 +363,28 @@ async def test_a_simulations_data_directory_is_refused_not_taken_for_lost_trades
     assert "holds a trade ledger (trades.jsonl) but no snapshot and no journal" in err, err
     assert "another --data-dir" in err
     assert data_files(engine.data) == files
+
+
+@pytest.mark.parametrize("damage", ["a line that is no record", "a record without its order ids"])
+async def test_lines_beyond_the_state_are_moved_only_when_all_of_them_can_be(engine: Engine, damage: str) -> None:
+    """Trades beyond the state with a damaged line among them (or a record lacking the order
+    ids the counters must stay above): refused before anything moves, not half moved with
+    a traceback and a ledger no start could read."""
+    import orjson
+
+    await engine.start()
+    ledger = await one_trade(engine)
+    assert await engine.stop() == 0
+    record = orjson.loads(ledger.splitlines()[-1])
+    beyond = [orjson.dumps({**record, "trade_id": n}) for n in (2, 3)]
+    bad = b"garbage-line" if damage.startswith("a line") else orjson.dumps({"trade_id": 3})
+    if bad.startswith(b"{"):
+        beyond[1] = bad
+    else:
+        beyond.insert(1, bad)
+    path = engine.data / "trades.jsonl"
+    path.write_bytes(ledger + b"\n".join(beyond) + b"\n")
+    files = data_files(engine.data)
+    err = await engine.refuse()
+    assert str(path) in err and "the files are left as they are" in err, err
+    assert data_files(engine.data) == files
