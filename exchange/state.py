@@ -480,31 +480,36 @@ def _reserve_for_new_fees(config: MarketConfig, data: dict[str, Any], ex: Exchan
 
     A buy reserves the most fee it can still be charged, at its market's fees; an operator
     who changes them in the markets file changes what every resting buy must hold. Lower
-    fees release the difference; higher ones lock it from the account's available balance,
+    fees release the difference; higher ones lock it from the account's available balance
+    (after every release, so that one market's lower fees pay for another's higher ones),
     and an account that cannot pay stops the start with a message saying what to do (the
     exchange must not let a fill charge more than was reserved).
     """
+    changed: dict[str, str] = {}
     for symbol, saved in data["markets"].items():
         market = config.markets.get(symbol)
         if market is None or not saved["orders"]:
             continue
         spec = market.describe()
         before = [saved["spec"].get(key) for key in _FEE_FIELDS]
-        if before == [spec[key] for key in _FEE_FIELDS]:
-            continue
-        changed = (f"market {symbol}: the fees are maker {spec['maker_fee_bps']} / taker "
-                   f"{spec['taker_fee_bps']} bps in the market configuration but {before[0]} / "
-                   f"{before[1]} in the saved state")
-        for order in list(ex.orders.values()):
-            if order.market != symbol or order.side is not Side.BUY:
-                continue
-            need = ex.reservation_needed(order)
+        if before != [spec[key] for key in _FEE_FIELDS]:
+            changed[symbol] = (f"market {symbol}: the fees are maker {spec['maker_fee_bps']} / taker "
+                               f"{spec['taker_fee_bps']} bps in the market configuration but "
+                               f"{before[0]} / {before[1]} in the saved state")
+    if not changed:
+        return
+    refits = [(order, ex.reservation_needed(order)) for order in ex.orders.values()
+              if order.market in changed and order.side is Side.BUY]
+    for releases in (True, False):
+        for order, need in refits:
             more = need - order.locked
+            if (more < 0) != releases:
+                continue
             bal = order.lock
             if more > bal.available:
-                quote = market.quote
+                quote = config.markets[order.market].quote
                 raise StateError(
-                    f"{changed}, and {order.account}'s buy order {order.id} would need "
+                    f"{changed[order.market]}, and {order.account}'s buy order {order.id} would need "
                     f"{quote.format(more)} {quote.name} more reserved than the account has available "
                     f"({quote.format(bal.available)}); start with the previous markets file and cancel "
                     "the order (or deposit), then change the fees"

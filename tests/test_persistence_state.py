@@ -291,3 +291,28 @@ def test_a_snapshot_whose_finished_orders_cannot_be_read_still_starts_without_th
     table = FinishedOrders()
     load_finished(table, {"state": {}}, default_config(), tmp_path / "snapshot.json", engine)  # from before
     assert len(table) == 0
+
+
+def test_new_fees_are_refitted_releases_first_so_one_market_pays_for_another() -> None:
+    """A resting buy's reservation follows its market's new fees; lower fees on one market
+    free what higher fees on another need, whatever order the markets come in."""
+    from exchange.types import Deposit, PlaceOrder
+
+    ex = Exchange()  # 1 / 2 bps: each buy of 100.00 USD reserves 100.02
+    ex.handle(Deposit(1, "alice", "USD", 200_040_000))
+    for ts, (symbol, qty) in enumerate((("BTC-USD", 10_000), ("ACME-USD", 1)), start=2):
+        events = ex.handle(PlaceOrder(ts, "alice", symbol, Side.BUY, OrderType.LIMIT, qty, 10_000,
+                                      TimeInForce.GTC, False, None, None))
+        assert events[0].exec_type is ExecType.NEW
+    assert ex.accounts.balances["alice"]["USD"].available == 0
+    saved = through_json(export_state(ex))
+    data = copy.deepcopy(DEFAULT_CONFIG)
+    data["markets"][0].update(maker_fee_bps=1, taker_fee_bps=3)  # BTC-USD: 0.01 USD more
+    data["markets"][1].update(maker_fee_bps=0, taker_fee_bps=0)  # ACME-USD: 0.02 USD less
+    restored = import_state(build_config(data), saved)
+    usd = restored.accounts.balances["alice"]["USD"]
+    assert (usd.available, usd.locked) == (10_000, 200_030_000)
+    assert sorted(o.locked for o in restored.orders.values()) == [100_000_000, 100_030_000]
+    data["markets"][1].update(maker_fee_bps=1, taker_fee_bps=2)  # nothing freed: 0.01 short
+    with pytest.raises(StateError, match="alice's buy order 1 would need 0.010000 USD more"):
+        import_state(build_config(data), saved)
