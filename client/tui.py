@@ -203,9 +203,9 @@ TIFS = ("gtc", "ioc", "fok")
 POST_WORDS = ("post", "post_only", "postonly", "po")
 MARKET_WORDS = ("market", "mkt")
 
-# ASCII digits only (``\d`` also matches ``２`` and ``٣``, which the exchange refuses), and
-# at least one digit after a point: what the exchange reads as a plain decimal.
-_NUMBER = re.compile(r"^(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)$")
+# ASCII digits only (``\d`` also matches ``２`` and ``٣``, which the exchange refuses), on
+# either side of a point or both: what the exchange reads as a plain decimal ("5.", ".5").
+_NUMBER = re.compile(r"^(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)$")
 _ORDER_ID = re.compile(r"^#?([0-9]{1,19})$")
 _COUNT = re.compile(r"^[0-9]{1,9}$")
 MAX_NUMBER_LENGTH = 40  # the exchange refuses longer decimal texts (exchange/markets.py)

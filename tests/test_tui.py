@@ -67,6 +67,7 @@ GOOD = [
     ("BUY 2 at 101.5", Place("buy", "2", "101.5", "limit", "gtc")),
     ("buy 2 101.5", Place("buy", "2", "101.5", "limit", "gtc")),
     ("sell 0.5 @ .5 gtc", Place("sell", "0.5", ".5", "limit", "gtc")),
+    ("buy 2. @ 100.", Place("buy", "2.", "100.", "limit", "gtc")),  # as the exchange reads them
     ("sell 1 market", Place("sell", "1", None, "market", "ioc")),
     ("sell 1 mkt", Place("sell", "1", None, "market", "ioc")),
     ("buy 1 MARKET fok", Place("buy", "1", None, "market", "fok")),
@@ -117,6 +118,7 @@ BAD = [
     ("buy 1e3 @ 100", "'1e3' has an exponent; write the quantity in full (e.g. 1000)"),
     ("buy 2 @", "a price must follow '@'"),
     ("buy 2 @ abc", "'abc' is not a positive price"),
+    ("buy 2 @ .", "'.' is not a positive price"),
     ("buy 2 @ 0", "'0' is not a positive price"),
     ("buy 1 @ 1e5", "'1e5' has an exponent; write the price in full (e.g. 100000)"),
     ("buy 1e-3 @ 100", "'1e-3' has an exponent; write the quantity in full (e.g. 0.001)"),
