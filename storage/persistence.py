@@ -181,6 +181,11 @@ class Persistence:
         # Awaited before a snapshot at a journal position is written (the audit log catches
         # up to it): from then on, recovery never replays the records it covers.
         self.before_snapshot: Callable[[int], Awaitable[None]] | None = None
+        # The journal was cut for a snapshot that then failed: the next one needs no new cut
+        # (a segment a snapshot covers only in part is read from where it left off), so a
+        # failure that lasts (an audit file that refuses appends) does not leave a segment
+        # behind at every try.
+        self._cut_unused = False
         # The follower process writing the ledger and the audit logs (storage/follower.py),
         # when the server uses one: set before ``start``; the ledger is then its to write.
         self.writer: FollowerProcess | None = None
@@ -585,7 +590,7 @@ class Persistence:
                 return await self._snapshot_by_writer(lsn, started)
             # Same instant, no await between: the state is exactly records 1..lsn.
             content = self._content(self.engine, lsn, self.last_ts())
-            journal.rotate()
+            self._cut()
             await journal.wait_durable(lsn)
             await self.ledger.sync()
             if self.before_snapshot is not None:
@@ -594,11 +599,19 @@ class Persistence:
             size = await loop.run_in_executor(None, write_snapshot, self.snapshot_path, content)
             self.snapshot_lsn = lsn
             self._last_snapshot = time.monotonic()
+            self._cut_unused = False
             removed = await loop.run_in_executor(None, journal.remove_before, lsn + 1)
             log.info("snapshot at journal record %d: %d open orders, %d bytes, %.2f s; %d old "
                      "journal segments removed", lsn, len(self.engine.orders), size,
                      time.perf_counter() - started, removed)
             return True
+
+    def _cut(self) -> None:
+        """Start a new journal segment for the snapshot about to be written, unless a failed
+        one's cut is still unused."""
+        if not self._cut_unused:
+            self.journal.rotate()
+            self._cut_unused = True
 
     async def _snapshot_by_writer(self, lsn: int, started: float) -> bool:
         """The follower holds the same state (it replays the same journal): it writes the
@@ -609,11 +622,12 @@ class Persistence:
         if not self.writer.alive:  # before cutting the journal: nothing to cut it for
             raise FollowerError("the ledger and audit-log writer is not running")
         journal = self.journal
-        journal.rotate()
+        self._cut()
         await journal.wait_durable(lsn)
         at = await self.writer.snapshot_through(lsn, self.last_ts())
         self.snapshot_lsn = at
         self._last_snapshot = time.monotonic()
+        self._cut_unused = False
         removed = await asyncio.get_running_loop().run_in_executor(None, journal.remove_before, at + 1)
         log.info("snapshot at journal record %d (written by the follower), %.2f s; %d old journal "
                  "segments removed", at, time.perf_counter() - started, removed)
