@@ -50,6 +50,7 @@ from exchange.runtime import install_event_loop_policy  # noqa: E402
 
 ID_RE = re.compile(rb'"id":(\d+)')
 REJECTED = b'"exec_type":"rejected"'
+ERROR = b'"type":"error"'  # rate_limited, bad_request...: refused before the engine
 
 MARKET = "BTC-USD"
 MID = 10_000_00  # ticks of 0.01
@@ -197,7 +198,7 @@ async def run_window(host: str, port: int, conns_n: int, window: int, duration: 
     for i, c in enumerate(conns):
         def on_data(data: bytes, i: int = i, c: LoadConnection = c) -> None:
             c.acked += data.count(b',"id":')
-            c.rejected += data.count(REJECTED)
+            c.rejected += data.count(REJECTED) + data.count(ERROR)
             if not done.is_set():
                 refill(i)
         c.on_data = on_data
@@ -261,7 +262,7 @@ def run_latency(host: str, port: int, rate: int, duration: float, seed: int, tag
                 buf = bufs[s] + data
                 cut = buf.rfind(b"\n") + 1
                 bufs[s] = buf[cut:]
-                refused[0] += buf.count(REJECTED, 0, cut)
+                refused[0] += buf.count(REJECTED, 0, cut) + buf.count(ERROR, 0, cut)
                 for m in ID_RE.finditer(buf, 0, cut):
                     rid = int(m.group(1))
                     if rid <= total and scheduled[rid]:
@@ -399,7 +400,7 @@ def run_cases(args: argparse.Namespace, engine_args: list[str]) -> dict[str, Any
                 print(f"{case:9} {c} connections x window {w}: median {statistics.median(results):,.0f} "
                       f"orders/s acknowledged (runs: {', '.join(f'{r:,.0f}' for r in results)})")
             if any(rejected):
-                print(f"warning: the exchange rejected {sum(rejected):,} of these orders (runs: {rejected}); "
+                print(f"warning: the exchange rejected or refused {sum(rejected):,} of these orders (runs: {rejected}); "
                       "rejections are cheap, so the figures above overstate it: does the engine's "
                       "--demo-balances fund the load? (see start_engine() here)")
             if cpu:

@@ -499,7 +499,7 @@ async def run_tcp(
     config = await exchange_markets(cfg, given, f"the markets file {cfg.markets_file}")
     if cfg.prefix is None:
         # With credentials the accounts are the exchange's listed ones: their names as given.
-        cfg.prefix = "" if cfg.credentials is not None else f"sim{time.time_ns() % 10**8:08d}-"
+        cfg.prefix = "" if cfg.credentials is not None else fresh_prefix()
     profiles = profiles_for(cfg, config)
     try:
         prices = await market_prices(cfg.host, cfg.port, config)
@@ -972,6 +972,11 @@ def parse_seconds(text: str) -> float:
     if seconds <= 0:  # as --orders 0: a run of nothing is a mistake, not a result
         raise argparse.ArgumentTypeError("the duration must be more than zero")
     return seconds
+
+
+def fresh_prefix() -> str:
+    """A TCP run's own account name prefix, so that it inherits no earlier run's balances."""
+    return f"sim{time.time_ns() % 10**8:08d}-"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -872,7 +872,9 @@ def main_schedule(cfg: Any, args: Any) -> int:
             if not cfg.embedded and cfg.prefix is not None:
                 fresh.prefix = cfg.prefix
             elif not cfg.embedded and cfg.credentials is None:  # with credentials: the listed names
-                fresh.prefix = f"sim{time.time_ns() % 10**8:08d}-"
+                from simulation.runner import fresh_prefix
+
+                fresh.prefix = fresh_prefix()
         run_id = args.resume if fresh is None else fresh.id
         lock = store.lock(run_id)
     except ValueError as exc:
@@ -953,9 +955,10 @@ def _main_locked(cfg: Any, args: Any, store: RunStore, config: MarketConfig,
         return 130
     summary = proc.summary()
     print(json.dumps({k: v for k, v in summary.items() if k != "budgets"}))
+    width = max([12] + [len(run.prefix + a) for a in summary["budgets"]])
     for account, assets in summary["budgets"].items():
         for asset, b in assets.items():
-            print(f"  {run.prefix + account:<12} {asset:<5} initial {b['initial']:>18} available {b['available']:>18} "
+            print(f"  {run.prefix + account:<{width}} {asset:<5} initial {b['initial']:>18} available {b['available']:>18} "
                   f"locked {b['locked']:>14} spent {b['spent']:>16}  {b['utilization']}")
     if run.status != "completed":
         print(f"run {run.id} stopped ({run.status}); resume with: {_resume_hint(run, cfg)}")

@@ -125,6 +125,9 @@ def last_trade_id(path: str | Path) -> int:
             return trade_id
 
 
+MAX_RECORD_TAIL = 1 << 16
+
+
 def unterminated_line(path: str | Path) -> bytes:
     """The bytes after a ledger's last newline: b"" when it ends with one (or is missing or
     empty), else its last line, torn or only missing its newline. Reads only the tail."""
@@ -137,7 +140,9 @@ def unterminated_line(path: str | Path) -> bytes:
         if not size or os.pread(fd, 1, size - 1) == b"\n":
             return b""
         start = TradeLedger._complete_prefix(fd, size)
-        return os.pread(fd, size - start, start)
+        # At most this much: a record is far shorter, so a longer tail is torn whatever it
+        # holds (after a power cut, maybe megabytes of zeros), and a cut one reads as torn.
+        return os.pread(fd, min(size - start, MAX_RECORD_TAIL), start)
     finally:
         os.close(fd)
 

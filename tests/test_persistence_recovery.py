@@ -388,3 +388,17 @@ async def test_lines_beyond_the_state_are_moved_only_when_all_of_them_can_be(eng
     err = await engine.refuse()
     assert str(path) in err and "the files are left as they are" in err, err
     assert data_files(engine.data) == files
+
+
+async def test_a_ledger_ending_in_a_megabyte_of_zeros_is_cut_back_to_its_last_record(engine: Engine) -> None:
+    """What a power cut can leave after the last line: read a bounded piece of it (a record
+    is far shorter), cut it off, and go on."""
+    await engine.start()
+    ledger = await one_trade(engine)
+    await engine.kill()
+    path = engine.data / "trades.jsonl"
+    path.write_bytes(ledger + b"\0" * (1 << 20))
+    await engine.start()
+    assert path.read_bytes() == ledger
+    assert (await trade_again(engine))["trade_id"] == 2
+    assert await engine.stop() == 0
