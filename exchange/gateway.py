@@ -57,8 +57,8 @@ from exchange.protocol import (
     funding_command,
     modify_command,
     order_command,
+    order_id_of,
     order_ref,
-    queue_position_ref,
     subscription,
     user_name,
 )
@@ -664,7 +664,7 @@ class Gateway:
         self._reply(session, rid, {"type": "orders", "orders": [self.fmt.order(o) for o in orders]})
 
     def op_queue_position(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
-        oid = queue_position_ref(msg)
+        oid = order_id_of(msg)
         order = self.engine.order(session.user, oid)  # type: ignore[arg-type]
         ahead = self.engine.queue_position(session.user, oid)  # type: ignore[arg-type]
         if order is None or ahead is None:

@@ -330,8 +330,6 @@ _TIFS: Final = {t.value: t for t in TimeInForce}
 _STPS: Final = {s.value: s for s in STPMode}
 
 
-_ORDER_FIELD_LIST: Final = ("market", "side", "type", "price", "qty", "tif", "post_only", "stp", "client_order_id")
-_ORDER_FIELDS: Final = frozenset(("op", "id") + _ORDER_FIELD_LIST)
 
 
 def only_fields(msg: dict[str, Any], allowed: frozenset[str], what: str, listed: tuple[str, ...]) -> None:
@@ -347,10 +345,13 @@ def only_fields(msg: dict[str, Any], allowed: frozenset[str], what: str, listed:
     )
 
 
-# The fields of the ops whose readers do not check them themselves (``order``, ``cancel``,
-# ``modify``, ``order_status`` and ``queue_position`` do): an admin's deposit with a misspelt
-# "usr" must not credit the admin.
+# The fields each op takes besides "op" and "id"; any other is refused before the op's reader
+# sees the request: a misspelt "time_in_force" must not rest as GTC, nor an admin's deposit
+# with a misspelt "usr" credit the admin.
 OP_FIELD_LISTS: Final[dict[str, tuple[str, ...]]] = {
+    "order": ("market", "side", "type", "price", "qty", "tif", "post_only", "stp", "client_order_id"),
+    "cancel": ("order_id", "client_order_id"), "order_status": ("order_id", "client_order_id"),
+    "modify": ("order_id", "price", "qty"), "queue_position": ("order_id",),
     "ping": (), "markets": (), "balances": (), "stats": (),
     "login": ("user", "token"),
     "deposit": ("asset", "amount", "user"), "withdraw": ("asset", "amount", "user"),
@@ -364,7 +365,7 @@ OP_FIELDS: Final[dict[str, frozenset[str]]] = {
 
 
 def check_op_fields(msg: dict[str, Any], op: str) -> None:
-    """Refuse a field the op does not take (for the ops of ``OP_FIELD_LISTS``)."""
+    """Refuse a field the op does not take (``OP_FIELD_LISTS``)."""
     allowed = OP_FIELDS.get(op)
     if allowed is not None and not allowed.issuperset(msg):
         only_fields(msg, allowed, f"'{op}'", OP_FIELD_LISTS[op])
@@ -384,9 +385,9 @@ def order_command(config: MarketConfig, msg: dict[str, Any], account: str, ts: i
     """An ``order`` request as a ``PlaceOrder``.
 
     Shape errors raise ``ProtocolError``; a market the exchange does not list or a price or
-    quantity it cannot take exactly raises ``OrderRejected`` with the engine's reason.
+    quantity it cannot take exactly raises ``OrderRejected`` with the engine's reason. Fields
+    the op does not take were refused before (``check_op_fields``).
     """
-    only_fields(msg, _ORDER_FIELDS, "an order", _ORDER_FIELD_LIST)  # a misspelt "time_in_force" must not rest as GTC
     symbol = msg.get("market")
     if type(symbol) is not str:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'market' is required", "market")
@@ -459,18 +460,11 @@ def order_id_of(msg: dict[str, Any]) -> int:
     return oid
 
 
-_REF_FIELD_LIST: Final = ("order_id", "client_order_id")
-_REF_FIELDS: Final = frozenset(("op", "id") + _REF_FIELD_LIST)
-_ID_FIELD_LIST: Final = ("order_id",)
-_ID_FIELDS: Final = frozenset(("op", "id") + _ID_FIELD_LIST)
-_MODIFY_FIELD_LIST: Final = ("order_id", "price", "qty")
-_MODIFY_FIELDS: Final = frozenset(("op", "id") + _MODIFY_FIELD_LIST)
 
 
 def order_ref(msg: dict[str, Any]) -> tuple[int | None, str | None]:
     """The order a ``cancel`` or ``order_status`` names: ``(order_id, None)`` or
     ``(None, client_order_id)``."""
-    only_fields(msg, _REF_FIELDS, f"'{msg.get('op')}'", _REF_FIELD_LIST)
     coid = msg.get("client_order_id")
     if coid is None:
         if msg.get("order_id") is None:
@@ -480,12 +474,6 @@ def order_ref(msg: dict[str, Any]) -> tuple[int | None, str | None]:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "give 'order_id' or 'client_order_id', not both",
                             "client_order_id")
     return None, client_order_id_of(coid)
-
-
-def queue_position_ref(msg: dict[str, Any]) -> int:
-    """The order a ``queue_position`` names (by ``order_id`` only)."""
-    only_fields(msg, _ID_FIELDS, "'queue_position'", _ID_FIELD_LIST)
-    return order_id_of(msg)
 
 
 def no_such_client_order(coid: str) -> ProtocolError:
@@ -513,7 +501,6 @@ def modify_command(
     config: MarketConfig,
 ) -> ModifyOrder:
     """A ``modify`` request; its price and qty are read with the order's own market."""
-    only_fields(msg, _MODIFY_FIELDS, "'modify'", _MODIFY_FIELD_LIST)
     oid = order_id_of(msg)
     raw_price, raw_qty = msg.get("price"), msg.get("qty")
     for name, value in (("price", raw_price), ("qty", raw_qty)):
