@@ -426,5 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # pragma: no cover - signal handlers normally catch it
-        return 0
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were set: during recovery
+        print("interrupted before the exchange was listening; the next start recovers the data "
+              "directory", file=sys.stderr, flush=True)
+        return 130

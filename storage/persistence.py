@@ -409,8 +409,9 @@ class Persistence:
         trade_id = record["trade_id"]
         if trade_id != expected:
             return False
-        if trade_id >= engine.next_trade_id:
-            return True  # beyond the state: kept, then moved out with the others it lacks
+        if trade_id >= engine.next_trade_id:  # beyond the state: kept, then moved out with the
+            # others it lacks, which needs its order ids (else it is not a whole record)
+            return all(type(record.get(key)) is int for key in ("buy_order_id", "sell_order_id"))
         if trade_id > snap_trades:
             trade = replayed[trade_id - snap_trades - 1]
             assert trade.trade_id == trade_id
@@ -442,15 +443,14 @@ class Persistence:
             raise RecoveryError(
                 f"ledger {ledger.path} holds trades {ids[0]}..{ids[-1]} beyond the recovered state "
                 f"(next trade id {engine.next_trade_id}), and the line before them is not a trade "
-                "record: the file is damaged there. Restore it from a copy; the files are left as "
-                "they are"
+                "record: the file is damaged there. Restore it from a copy"
             )
         for record in records:
             if not all(type(record.get(key)) is int for key in ("buy_order_id", "sell_order_id")):
                 raise RecoveryError(
                     f"ledger {ledger.path}: trade {record['trade_id']}, beyond the recovered state, "
                     "lacks its order ids, so the ids it used cannot be kept from being handed out "
-                    "again. Restore the file from a copy; the files are left as they are"
+                    "again. Restore the file from a copy"
                 )
         try:
             side = write_lost(self.data_dir, data)
@@ -481,8 +481,8 @@ class Persistence:
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise RecoveryError(
                     f"{path} (ledger lines an earlier recovery moved aside) cannot be read as "
-                    f"trade records ({exc}); ids must continue after theirs, so it is needed: "
-                    "restore it"
+                    f"trade records ({exc}); it tells the trades the state lost from a ledger cut "
+                    "short, and ids must continue after theirs: restore it"
                 ) from None
         return trades, orders
 
@@ -524,7 +524,8 @@ class Persistence:
             f"ledger {path} ends at trade {ledger_last} but the snapshot {self.snapshot_path} "
             f"already counts {snap_trades} trades: trades {ledger_last + 1}..{snap_trades} are "
             "missing, and the journal that made them is gone (the snapshot covers it), so they "
-            "cannot be recreated; the ledger was cut short or damaged after it was written. "
+            "cannot be recreated; the ledger was cut short or damaged after it was written (or an "
+            f"earlier recovery moved them to a {LOST_PREFIX}*.jsonl file that is gone: put it back). "
             "Restore it from a copy; or, to go on without those trades on purpose, move it "
             f"aside (a new ledger then starts at trade {snap_trades + 1}). The files are left as "
             "they are"

@@ -386,7 +386,7 @@ async def test_lines_beyond_the_state_are_moved_only_when_all_of_them_can_be(eng
     path.write_bytes(ledger + b"\n".join(beyond) + b"\n")
     files = data_files(engine.data)
     err = await engine.refuse()
-    assert str(path) in err and "the files are left as they are" in err, err
+    assert str(path) in err and "Restore" in err and "from a copy" in err, err
     assert data_files(engine.data) == files
 
 
@@ -401,4 +401,34 @@ async def test_a_ledger_ending_in_a_megabyte_of_zeros_is_cut_back_to_its_last_re
     await engine.start()
     assert path.read_bytes() == ledger
     assert (await trade_again(engine))["trade_id"] == 2
+    assert await engine.stop() == 0
+
+
+async def test_a_last_line_beyond_the_state_lacking_its_order_ids_is_cut_as_torn(engine: Engine) -> None:
+    """Not a whole trade record, so not one to keep and move aside: cut like any torn line
+    (it used to be given its newline, and the start then refused over it for good)."""
+    await engine.start()
+    ledger = await one_trade(engine)
+    assert await engine.stop() == 0
+    path = engine.data / "trades.jsonl"
+    path.write_bytes(ledger + b'{"trade_id":2,"market":"BTC-USD"}')
+    await engine.start()
+    assert path.read_bytes() == ledger
+    assert (await trade_again(engine))["trade_id"] == 2
+    assert await engine.stop() == 0
+
+
+async def test_without_its_side_file_a_moved_ledger_is_refused_saying_where_to_look(engine: Engine) -> None:
+    """The lines moved aside end the ledger's trades: without their side file the ledger
+    looks cut short, and the message names the side file before any damage."""
+    engine.args = ("--fsync", "off")
+    await power_cut_after_a_trade(engine)
+    await engine.start()
+    assert await engine.stop() == 0
+    (side,) = engine.data.glob("trades.lost-*.jsonl")
+    side.rename(engine.data / "elsewhere.jsonl")
+    err = await engine.refuse()
+    assert "trades.lost-*.jsonl file that is gone: put it back" in err, err
+    (engine.data / "elsewhere.jsonl").rename(side)
+    await engine.start()
     assert await engine.stop() == 0
