@@ -37,6 +37,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -928,6 +929,18 @@ def _main_locked(cfg: Any, args: Any, store: RunStore, config: MarketConfig,
         return proc
 
     names = ", ".join(run.prefix + a for a in sched.accounts)
+    # SIGTERM (``kill``, a service manager) stops a run the way Ctrl-C does: saved, with the
+    # options that resume it, not cut off mid-slot without a word.
+    terminated: list[bool] = []
+
+    def on_term(signum: int, frame: Any) -> None:
+        terminated.append(True)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread: left as it is
+        previous = None
     print(f"{'resuming' if args.resume else 'starting'} scheduled run {run.id}: "
           f"{len(run.slots)} slots, strategy {sched.strategy}, accounts {names}", flush=True)
     try:
@@ -952,7 +965,10 @@ def _main_locked(cfg: Any, args: Any, store: RunStore, config: MarketConfig,
     except KeyboardInterrupt:
         store.save(run, full=True)
         print(f"\ninterrupted; resume with: {_resume_hint(run, cfg)}")
-        return 130
+        return 143 if terminated else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     summary = proc.summary()
     print(json.dumps({k: v for k, v in summary.items() if k != "budgets"}))
     width = max([12] + [len(run.prefix + a) for a in summary["budgets"]])

@@ -762,3 +762,34 @@ def test_a_run_starts_and_ends_against_a_one_request_a_second_limit(tmp_path: Pa
     assert run.returncode == 0, run.stderr[-1500:]
     report = json.loads(report_file.read_text())
     assert sum(report["outcomes"].values()) == report["orders_sent"] > 0
+
+
+def test_a_scheduled_run_stopped_by_sigterm_is_saved_and_says_how_to_resume(tmp_path: Path) -> None:
+    """``kill`` (SIGTERM) stops a scheduled run the way Ctrl-C does: saved, the resume
+    options told, exit code 143; it used to die mid-slot without a word."""
+    data = tmp_path / "runs"
+    cfg = tmp_path / "sched.json"
+    cfg.write_text(json.dumps({"schedule": {"trades_per_account": 500}}))
+    base = [sys.executable, SIM, "--embedded", "--data-dir", str(data)]
+    run = subprocess.Popen(base + ["--schedule", "--config", str(cfg)], cwd=ROOT, env=ENV,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert run.stdout is not None
+        run_id = run_id_of(run.stdout.readline())
+        wait_for(lambda: (data / "simulations" / f"{run_id}.json").exists()
+                 and saved(data, run_id)["position"] >= 4)
+        run.send_signal(signal.SIGTERM)
+        out, err = run.communicate(timeout=30)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(10)
+    assert run.returncode == 143, err[-800:]
+    assert f"interrupted; resume with: --resume {run_id}" in out and "Traceback" not in err
+    position = saved(data, run_id)["position"]
+    assert 4 <= position < 2000
+    resumed = subprocess.run(base + ["--resume", run_id], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                             timeout=120, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-800:]
+    final = saved(data, run_id)
+    assert final["status"] == "completed" and final["stats"]["completed"] == 2000
