@@ -305,9 +305,9 @@ async def test_error_messages_do_not_echo_unbounded_input(server, tmp_path: Path
 
 
 
-@pytest.mark.parametrize("line", ["buy 1. @ 100", "buy 1 @ 100.", "buy ２ @ 100", "buy 1 @ １００",
+@pytest.mark.parametrize("line", ["buy 1.. @ 100", "buy 1 @ .", "buy ２ @ 100", "buy 1 @ １００",
                                   "modify 3 qty ٣"])
 def test_numbers_the_exchange_always_refuses_are_refused_locally(line: str) -> None:
-    """The help promises plain decimals: '1.' and non-ASCII digits, which the exchange
-    refuses, are refused locally instead of being stored as REJECTED orders."""
+    """The help promises plain decimals: a lone point and non-ASCII digits, which the
+    exchange refuses, are refused locally instead of being stored as REJECTED orders."""
     assert isinstance(parse_command(line), Invalid)
