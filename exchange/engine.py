@@ -120,6 +120,15 @@ class MarketState:
         return self.spec.band_limits(self.reference) if self.band else None
 
 
+def buy_reservation(notional: int, bps: int, fee_basis: int, fee_paid: int) -> int:
+    """What a buy must hold for ``notional`` more at its limit: the notional plus the most fee
+    it can still be charged at ``bps``. The fee is rounded up once on the order's whole
+    notional (``fee_basis``: its fills' notional times their rates so far; ``fee_paid``: what
+    they were charged), never per fill, so many small fills cost no more than one large one
+    and the reservation always covers the fee."""
+    return notional - (-(fee_basis + notional * bps) // BPS) - fee_paid
+
+
 class Exchange:
     """The whole exchange state and its rules. ``handle`` is the only way to change it."""
 
@@ -235,7 +244,7 @@ class Exchange:
             if otype is _LIMIT:
                 assert price is not None
                 notional = price * qty * ms.qptl
-                reserve = notional - ((-notional * ms.max_bps) // BPS)
+                reserve = buy_reservation(notional, ms.max_bps, 0, 0)
             else:
                 _, notional = self._walk(ms, side, account, stp, lo, hi, qty)
                 reserve = notional - ((-notional * ms.taker_bps) // BPS)
@@ -406,7 +415,7 @@ class Exchange:
                 locked = buyer.locked - paid
                 if buyer.order_type is _LIMIT:
                     rest = buyer.price * buyer.remaining * qptl
-                    need = rest - (-(buyer.fee_basis + rest * max_bps) // BPS) - buyer.fee_paid
+                    need = buy_reservation(rest, max_bps, buyer.fee_basis, buyer.fee_paid)
                     bal.available += locked - need
                     bal.locked -= paid + locked - need
                     locked = need
@@ -470,8 +479,7 @@ class Exchange:
     def _affordable(taker: Order, price: int, qty: int, qptl: int, bps: int) -> int:
         """Largest quantity up to ``qty`` a market buy can still pay for from its reservation."""
         def cost(q: int) -> int:
-            n = price * q * qptl
-            return n - (-(taker.fee_basis + n * bps) // BPS) - taker.fee_paid
+            return buy_reservation(price * q * qptl, bps, taker.fee_basis, taker.fee_paid)
 
         if cost(qty) <= taker.locked:
             return qty
@@ -615,8 +623,7 @@ class Exchange:
                     return self._reject_command(cmd, order.id, RejectReason.WOULD_TAKE_LIQUIDITY)
         remaining = qty - order.filled
         if buy:
-            rest = price * remaining * ms.qptl
-            need = rest - (-(order.fee_basis + rest * ms.max_bps) // BPS) - order.fee_paid
+            need = buy_reservation(price * remaining * ms.qptl, ms.max_bps, order.fee_basis, order.fee_paid)
         else:
             need = remaining * ms.bpl
         extra = need - order.locked
@@ -742,8 +749,8 @@ class Exchange:
         fee it can still be charged at its market's fees, a sell its remaining base."""
         ms = self.markets[order.market]
         if order.side is _BUY:
-            rest = order.price * order.remaining * ms.qptl
-            return rest - (-(order.fee_basis + rest * ms.max_bps) // BPS) - order.fee_paid
+            return buy_reservation(order.price * order.remaining * ms.qptl, ms.max_bps, order.fee_basis,
+                                   order.fee_paid)
         return order.remaining * ms.bpl
 
     def check_invariants(self) -> None:
