@@ -330,8 +330,6 @@ _TIFS: Final = {t.value: t for t in TimeInForce}
 _STPS: Final = {s.value: s for s in STPMode}
 
 
-
-
 def only_fields(msg: dict[str, Any], allowed: frozenset[str], what: str, listed: tuple[str, ...]) -> None:
     """Refuse a request with a field not in ``allowed``, naming the first: a misspelt field
     must not be read as a missing one, and a field another op takes must not seem to do
@@ -458,8 +456,6 @@ def order_id_of(msg: dict[str, Any]) -> int:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'order_id' must be an integer of at most 64 bits "
                             "(a JSON integer or a string of digits)", "order_id")
     return oid
-
-
 
 
 def order_ref(msg: dict[str, Any]) -> tuple[int | None, str | None]:

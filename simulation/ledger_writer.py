@@ -11,7 +11,8 @@ Wire, parent to child, on a pipe: frames of a 4-byte little-endian length and a
 the child to flush the file and answer one byte on a second pipe (``sync``), so whoever
 reads the file, or stops a clock, knows every trade sent so far is in it. End of input
 (the parent closed its end, or died) makes the child write what it holds and exit; it
-ignores SIGINT, so a Ctrl-C in the terminal stops the run and not the ledger's tail.
+ignores SIGINT and SIGTERM, so a Ctrl-C in the terminal, or a SIGTERM to the process group,
+stops the run and not the ledger's tail.
 
 A child that fails (disk full, say) exits non-zero with its error on stderr; the parent
 sees a broken pipe or the exit status and raises ``LedgerWriterError``. Where ``os.fork``
@@ -73,16 +74,16 @@ class LedgerWriter:
             raise LedgerWriterError(f"the trade ledger's writer (pid {self.pid}) has stopped")
         view = memoryview(data)
         # A frame goes whole or not at all: a Ctrl-C while the pipe is full would otherwise
-        # leave half a frame, and the next one would be read as its rest. SIGINT is held
-        # back meanwhile and lands as soon as the frame is in.
-        mask = _hold_sigint()
+        # leave half a frame, and the next one would be read as its rest. SIGINT and SIGTERM
+        # are held back meanwhile and land as soon as the frame is in.
+        mask = _hold_stops()
         try:
             while view:
                 view = view[os.write(self._out, view):]
         except BrokenPipeError:
             self._failed()
         finally:
-            _release_sigint(mask)
+            _release_stops(mask)
 
     def _failed(self) -> None:
         try:
@@ -105,22 +106,25 @@ def start(file: BinaryIO, line: Callable[..., bytes]) -> LedgerWriter | None:
     file.flush()
     sys.stdout.flush()
     sys.stderr.flush()
-    # SIGINT is held back across the fork: a Ctrl-C landing before the child ignores it would
-    # raise KeyboardInterrupt in the child while it still runs the parent's code. The parent
-    # gets a held one as soon as the mask is restored.
-    mask = _hold_sigint()
+    # SIGINT and SIGTERM are held back across the fork: one landing before the child ignores
+    # it would stop the child (or raise KeyboardInterrupt in it) while it still runs the
+    # parent's code. The parent gets a held one as soon as the mask is restored.
+    mask = _hold_stops()
     try:
         pid = os.fork()
     except OSError:  # no process to spare (EAGAIN, ENOMEM): the caller writes inline
-        _release_sigint(mask)
+        _release_stops(mask)
         for fd in (out_r, out_w, ack_r, ack_w):
             os.close(fd)
         return None
     if pid == 0:  # the child: never returns
         code = 1
         try:
+            # The run decides when the ledger ends (it closes the pipe): a Ctrl-C in the
+            # terminal or a SIGTERM to the whole process group must not cut its tail.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            _release_sigint(mask)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            _release_stops(mask)
             # Not the parent's ends of other writers' pipes: an inherited copy would keep
             # such a writer's input open, and its close() waiting, until this child ends.
             for fd in (out_w, ack_r, *_PARENT_FDS):
@@ -134,7 +138,7 @@ def start(file: BinaryIO, line: Callable[..., bytes]) -> LedgerWriter | None:
                 sys.stderr.flush()
             finally:
                 os._exit(code)
-    _release_sigint(mask)
+    _release_stops(mask)
     os.close(out_r)
     os.close(ack_w)
     file.close()
@@ -142,14 +146,15 @@ def start(file: BinaryIO, line: Callable[..., bytes]) -> LedgerWriter | None:
     return LedgerWriter(pid, out_w, ack_r)
 
 
-def _hold_sigint() -> Any:
-    """Block SIGINT for this thread; returns the mask to restore (None where there are no masks)."""
+def _hold_stops() -> Any:
+    """Block SIGINT and SIGTERM for this thread; returns the mask to restore (None where
+    there are no masks)."""
     if not hasattr(signal, "pthread_sigmask"):
         return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
-def _release_sigint(mask: Any) -> None:
+def _release_stops(mask: Any) -> None:
     if mask is not None:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 

@@ -935,6 +935,7 @@ def _main_locked(cfg: Any, args: Any, store: RunStore, config: MarketConfig,
 
     def on_term(signum: int, frame: Any) -> None:
         terminated.append(True)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the first one stops it; more would cut the save
         raise KeyboardInterrupt
 
     try:

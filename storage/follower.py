@@ -26,7 +26,8 @@ The server talks to it over its standard input and output, one short line each w
   (the same rule the in-process writers follow).
 * ``s <lsn>``: write and fsync everything through ``lsn``, then answer ``synced <lsn>``
   (``ExchangeServer.flush_logs``).
-* ``n <lsn> <ts>``: write the snapshot (the server cut the journal after ``lsn``): the
+* ``n <lsn> <ts>``: write the snapshot (the server cut the journal after ``lsn``, or
+  earlier when a failed snapshot's cut is reused): the
   follower holds the same state as the server, so it writes and fsyncs the ledger and the
   audit logs, exports its own engine at its position (``lsn`` or a little later) and
   writes ``snapshot.json``, then answers ``snapshot <position>``; the server then deletes

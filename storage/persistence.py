@@ -31,6 +31,8 @@ durable and the ledger synced, write the snapshot atomically in a worker thread,
 delete the old segments. With the follower process (``storage/follower.py``), the journal
 is cut here and the follower, which replays the same journal, writes the snapshot of its
 own state at that record or a little later, after syncing the ledger and the audit logs.
+After a snapshot that failed, the next one keeps the cut it made rather than cutting again
+(``_cut``): the segment it opened is covered only in part, read from where it left off.
 
 Knows files and their order, not trading rules: the engine and ``exchange/state.py``
 decide what the state means.

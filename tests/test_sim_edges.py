@@ -793,3 +793,31 @@ def test_a_scheduled_run_stopped_by_sigterm_is_saved_and_says_how_to_resume(tmp_
     assert resumed.returncode == 0, resumed.stderr[-800:]
     final = saved(data, run_id)
     assert final["status"] == "completed" and final["stats"]["completed"] == 2000
+
+
+def test_a_sigterm_to_the_whole_group_keeps_the_embedded_ledger(tmp_path: Path) -> None:
+    """A service manager signals the whole process group: the ledger writer (a forked
+    child) must outlive the signal and write every trade the run made, not die with it
+    and leave an empty ledger behind a clean-looking exit."""
+    import orjson
+
+    data = tmp_path / "runs"
+    cfg = tmp_path / "sched.json"
+    cfg.write_text(json.dumps({"schedule": {"trades_per_account": 5000}}))
+    run = subprocess.Popen([sys.executable, SIM, "--embedded", "--data-dir", str(data), "--schedule", "--config",
+                            str(cfg)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        assert run.stdout is not None
+        run_id = run_id_of(run.stdout.readline())
+        wait_for(lambda: (data / "simulations" / f"{run_id}.json").exists()
+                 and saved(data, run_id)["position"] >= 5000)
+        os.killpg(run.pid, signal.SIGTERM)
+        out, err = run.communicate(timeout=30)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait(10)
+    assert run.returncode == 143 and "Traceback" not in err, err[-800:]
+    ids = [orjson.loads(line)["trade_id"] for line in (data / "trades.jsonl").read_bytes().splitlines()]
+    assert len(ids) >= 2000 and ids == list(range(1, len(ids) + 1)), len(ids)
