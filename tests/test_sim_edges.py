@@ -15,6 +15,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,24 @@ def run_id_of(first_line: str) -> str:
     return match.group(1)
 
 
+def scheduled_run_under_way(args: list[str], data: Path, position: int,
+                            **popen: Any) -> tuple[subprocess.Popen, str]:  # type: ignore[type-arg]
+    """A scheduled run started with ``args`` (data in ``data``), once it has saved
+    ``position`` slots: the process and the run's id."""
+    run = subprocess.Popen([sys.executable, SIM, "--data-dir", str(data), "--schedule", *args], cwd=ROOT, env=ENV,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    try:
+        assert run.stdout is not None
+        run_id = run_id_of(run.stdout.readline())
+        wait_for(lambda: (data / "simulations" / f"{run_id}.json").exists()
+                 and saved(data, run_id)["position"] >= position)
+    except BaseException:
+        run.kill()
+        run.wait(10)
+        raise
+    return run, run_id
+
+
 def test_two_concurrent_resumes_of_one_run_are_refused(engine, tmp_path: Path) -> None:
     """Two ``--resume <id>`` of the same run at once would send its orders twice: one runs, the
     other is refused."""
@@ -142,14 +161,8 @@ def test_scheduled_run_that_loses_the_exchange_stops_resumable(tmp_path: Path) -
     cfg.write_text(json.dumps({"schedule": {
         "accounts": ["lost-a", "lost-b"], "trades_per_account": 20,
         "backoff_base": 0.001, "backoff_max": 0.002, "max_retries": 1}}))
-    run = subprocess.Popen([sys.executable, SIM, "--port", str(port), "--data-dir", str(data),
-                            "--schedule", "--config", str(cfg)], cwd=ROOT, env=ENV,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run, run_id = scheduled_run_under_way(["--port", str(port), "--config", str(cfg)], data, 2)
     try:
-        assert run.stdout is not None
-        run_id = run_id_of(run.stdout.readline())
-        wait_for(lambda: (data / "simulations" / f"{run_id}.json").exists()
-                 and saved(data, run_id)["position"] >= 2)
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
         out, err = run.communicate(timeout=90)
@@ -771,13 +784,8 @@ def test_a_scheduled_run_stopped_by_sigterm_is_saved_and_says_how_to_resume(tmp_
     cfg = tmp_path / "sched.json"
     cfg.write_text(json.dumps({"schedule": {"trades_per_account": 500}}))
     base = [sys.executable, SIM, "--embedded", "--data-dir", str(data)]
-    run = subprocess.Popen(base + ["--schedule", "--config", str(cfg)], cwd=ROOT, env=ENV,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run, run_id = scheduled_run_under_way(["--embedded", "--config", str(cfg)], data, 4)
     try:
-        assert run.stdout is not None
-        run_id = run_id_of(run.stdout.readline())
-        wait_for(lambda: (data / "simulations" / f"{run_id}.json").exists()
-                 and saved(data, run_id)["position"] >= 4)
         run.send_signal(signal.SIGTERM)
         out, err = run.communicate(timeout=30)
     finally:
@@ -804,14 +812,9 @@ def test_a_sigterm_to_the_whole_group_keeps_the_embedded_ledger(tmp_path: Path) 
     data = tmp_path / "runs"
     cfg = tmp_path / "sched.json"
     cfg.write_text(json.dumps({"schedule": {"trades_per_account": 5000}}))
-    run = subprocess.Popen([sys.executable, SIM, "--embedded", "--data-dir", str(data), "--schedule", "--config",
-                            str(cfg)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
+    run, run_id = scheduled_run_under_way(["--embedded", "--config", str(cfg)], data, 5000,
+                                          start_new_session=True)
     try:
-        assert run.stdout is not None
-        run_id = run_id_of(run.stdout.readline())
-        wait_for(lambda: (data / "simulations" / f"{run_id}.json").exists()
-                 and saved(data, run_id)["position"] >= 5000)
         os.killpg(run.pid, signal.SIGTERM)
         out, err = run.communicate(timeout=30)
     finally:
