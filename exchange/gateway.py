@@ -629,13 +629,14 @@ class Gateway:
         if msg.get("user") is not None:
             target = user_name(msg)
         if target != session.user and not session.admin:
-            raise ProtocolError(ErrorCode.FORBIDDEN, "only an admin session may deposit to or withdraw from another user's account",
-                                "user")
+            raise ProtocolError(ErrorCode.FORBIDDEN, "only an admin session may deposit to or withdraw "
+                                "from another user's account", "user")
         if self.options.auth == "keys":
             if not withdraw and not session.admin:
                 raise ProtocolError(ErrorCode.FORBIDDEN, "deposits need an admin session in keys mode")
             if target not in self.options.users:  # the money would wait for a login nobody can make
-                raise ProtocolError(ErrorCode.FORBIDDEN, f"no user {str(target)[:40]!r} in the accounts file", "user")
+                raise ProtocolError(ErrorCode.FORBIDDEN, f"no user {str(target)[:40]!r} in the accounts file",
+                                    "user")
         cmd = funding_command(self.config, msg, target, self.now(), withdraw)  # type: ignore[arg-type]
         events = self.execute(cmd)
         for ev in events:
