@@ -761,10 +761,10 @@ def test_a_stalled_seeded_run_stops_at_the_same_point_with_or_without_a_plot(tmp
     assert reports[0]["skipped_for_budget"] == reports[1]["skipped_for_budget"]
 
 
-def test_a_run_starts_and_ends_against_a_one_request_a_second_limit(tmp_path: Path) -> None:
+def test_a_run_starts_and_ends_against_a_two_requests_a_second_limit(tmp_path: Path) -> None:
     """Funding, the books and the mirror's subscriptions wait the limit out instead of
     failing the run's start."""
-    proc, port = start_engine(tmp_path / "engine-data", "--rate-limit", "1")
+    proc, port = start_engine(tmp_path / "engine-data", "--rate-limit", "2")
     report_file = tmp_path / "r.json"
     try:
         run = sim("--port", str(port), "--duration", "2s", "--agents", "random=2,mm=1", "--no-progress",
