@@ -286,9 +286,7 @@ class AuditLog:
         self._rebuilt += added
         self._rebuild_lines += added
         if self._rebuild_lines >= 20_000:  # a long journal: write as it goes, position too
-            self._append_rebuilt(self._rebuild, lsn)
-            self._rebuild = {}
-            self._rebuild_lines = 0
+            self._write_gathered(lsn)
             self._written = lsn
 
     def replay_end(self, lsn: int) -> None:
@@ -296,9 +294,7 @@ class AuditLog:
 
         Raises ``OSError`` if some could not be: the recovery snapshot that follows
         would let the journal go, and those lines with it."""
-        self._append_rebuilt(self._rebuild, lsn)  # the position too, once every line is in
-        self._rebuild = {}
-        self._rebuild_lines = 0
+        self._write_gathered(lsn)
         if self._rebuilt and not self._unwritten:
             log.warning("audit log: rebuilt %d lines of commands acknowledged before a crash",
                         self._rebuilt)
@@ -312,11 +308,16 @@ class AuditLog:
         """The follower's periodic write: the lines gathered by ``replay_record`` so far
         (every command through journal position ``lsn``) after any an earlier append could
         not write, then the position if every line is in."""
+        self._write_gathered(lsn)
+        self._written = lsn
+
+    def _write_gathered(self, lsn: int) -> None:
+        """Append the lines ``replay_record`` gathered (commands through ``lsn``), then the
+        position once every line is in."""
         lines = self._rebuild
         self._rebuild = {}
         self._rebuild_lines = 0
         self._append_rebuilt(lines, lsn)
-        self._written = lsn
 
     # -- background -------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ import orjson
 
 from exchange.markets import MarketConfig
 from exchange.types import Event, Trade
+from storage.snapshot import replace_file
 
 log = logging.getLogger("storage.ledger")
 
@@ -113,16 +114,12 @@ def last_trade_id(path: str | Path) -> int:
                 probe *= 4
                 continue
             line = tail[begin:end]
-            try:
-                record = orjson.loads(line)
-                trade_id = record["trade_id"]
-            except (orjson.JSONDecodeError, KeyError, TypeError):
+            record = whole_record(line)
+            if record is None:
                 raise LedgerError(
                     f"ledger {path}: the last line is not a trade record: {line[:200]!r}"
-                ) from None
-            if type(trade_id) is not int or trade_id <= 0:
-                raise LedgerError(f"ledger {path}: the last line has no valid trade_id")
-            return trade_id
+                )
+            return record["trade_id"]
 
 
 MAX_RECORD_TAIL = 1 << 16
@@ -148,9 +145,8 @@ def unterminated_line(path: str | Path) -> bytes:
 
 
 def whole_record(line: bytes) -> dict[str, Any] | None:
-    """``line`` (without its newline) as a trade record, or None when it is not a whole one
-    (the test ``last_trade_id`` applies to a last line: a JSON object with a valid
-    ``trade_id``; a line cut short is not JSON)."""
+    """``line`` (without its newline) as a trade record, or None when it is not a whole one:
+    a JSON object with a positive integer ``trade_id`` (a line cut short is not JSON)."""
     try:
         record = orjson.loads(line)
     except orjson.JSONDecodeError:
@@ -185,21 +181,7 @@ def write_lost(directory: str | Path, data: bytes) -> Path:
     while path.exists():
         serial += 1
         path = directory / f"{LOST_PREFIX}{stamp}-{serial}.jsonl"
-    tmp = directory / f".{path.name}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    replace_file(path, data)
     return path
 
 

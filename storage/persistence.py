@@ -76,6 +76,12 @@ log = logging.getLogger("storage.persistence")
 SNAPSHOT_RETRY = 30.0
 
 
+def names_its_orders(record: dict[str, Any]) -> bool:
+    """Whether a ledger record carries both order ids: the ids a lost trade used, which
+    must not be handed out again (``Persistence._lost_ids``)."""
+    return all(type(record.get(key)) is int for key in ("buy_order_id", "sell_order_id"))
+
+
 class FollowerError(Exception):
     """The follower process cannot do what was asked (message says why); the journal keeps
     everything, and the next start rebuilds what it did not write."""
@@ -335,9 +341,8 @@ class Persistence:
         if missing:
             ledger.add(missing)
         if ledger_last >= engine.next_trade_id:
-            moved = self._move_lost_trades(engine)
-            lost_trades.update(r["trade_id"] for r in moved)
-            lost_orders = max([lost_orders] + [max(r["buy_order_id"], r["sell_order_id"]) for r in moved])
+            self._move_lost_trades(engine)
+            lost_trades, lost_orders = self._lost_ids()  # with the side file just written
         # Ids continue after every id of a trade the state lost: a trader was told of them.
         bumped = False
         if lost_trades and max(lost_trades) >= engine.next_trade_id:
@@ -413,14 +418,14 @@ class Persistence:
             return False
         if trade_id >= engine.next_trade_id:  # beyond the state: kept, then moved out with the
             # others it lacks, which needs its order ids (else it is not a whole record)
-            return all(type(record.get(key)) is int for key in ("buy_order_id", "sell_order_id"))
+            return names_its_orders(record)
         if trade_id > snap_trades:
             trade = replayed[trade_id - snap_trades - 1]
             assert trade.trade_id == trade_id
             return line + b"\n" == trade_line(trade, self.config)
         return True
 
-    def _move_lost_trades(self, engine: Exchange) -> list[dict[str, Any]]:
+    def _move_lost_trades(self, engine: Exchange) -> None:
         """The ledger holds trades beyond the recovered state: the journal lost (or never
         kept) the commands that made them, yet they were acknowledged and written. Their
         lines move to a side file, so the ledger again matches the state, and
@@ -428,15 +433,14 @@ class Persistence:
 
         The side file is durable before the ledger is cut, and the ids are taken from the
         side files at every start: a crash anywhere in between repeats or finishes the move,
-        and the fresh snapshot recovery writes next carries the counters. Returns the
-        records moved."""
+        and the fresh snapshot recovery writes next carries the counters."""
         ledger = self.ledger
         try:
             offset, data, damaged = ledger.lines_from(engine.next_trade_id)
         except OSError as exc:
             raise RecoveryError(f"cannot read the ledger {ledger.path}: {exc}") from None
         if not data:
-            return []
+            return
         records = [orjson.loads(line) for line in data.splitlines()]
         ids = [r["trade_id"] for r in records]
         # Checked before anything moves: a move cut short by a bad line would leave the
@@ -448,7 +452,7 @@ class Persistence:
                 "record: the file is damaged there. Restore it from a copy"
             )
         for record in records:
-            if not all(type(record.get(key)) is int for key in ("buy_order_id", "sell_order_id")):
+            if not names_its_orders(record):
                 raise RecoveryError(
                     f"ledger {ledger.path}: trade {record['trade_id']}, beyond the recovered state, "
                     "lacks its order ids, so the ids it used cannot be kept from being handed out "
@@ -467,7 +471,6 @@ class Persistence:
             "matches the state, and trade and order ids continue after theirs",
             ledger.path, ids[0], ids[-1], engine.next_trade_id, side,
         )
-        return records
 
     def _lost_ids(self) -> tuple[set[int], int]:
         """The trade ids in the side files of lost ledger lines, and their highest order id

@@ -95,8 +95,15 @@ def write_snapshot(path: str | Path, content: dict[str, Any], durable: bool = Tr
 
     Blocking: call it from a worker thread when the event loop is running.
     """
-    path = Path(path)
     data = encode(content)
+    replace_file(Path(path), data, durable)
+    return len(data)
+
+
+def replace_file(path: Path, data: bytes, durable: bool = True) -> None:
+    """Put ``data`` at ``path`` atomically (a temporary file renamed over it), and durably
+    (file and directory fsynced) unless told otherwise: a reader sees the old file or the
+    new one, never a part."""
     tmp = path.with_name(f"{temp_prefix(path)}{os.getpid()}-{next(_TMP_SERIAL)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -113,7 +120,6 @@ def write_snapshot(path: str | Path, content: dict[str, Any], durable: bool = Tr
     os.replace(tmp, path)
     if durable:
         fsync_dir(path.parent)
-    return len(data)
 
 
 def read_snapshot(path: str | Path) -> dict[str, Any] | None:

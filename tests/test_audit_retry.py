@@ -178,6 +178,18 @@ async def test_a_stop_while_a_log_refuses_keeps_the_journal_and_the_next_start_r
 # ----------------------------------------------------------------- a real engine process
 
 
+async def _twenty_in_the_log(engine: Engine) -> tuple[ExchangeClient, list[int], int, int]:
+    """Start the engine; heavy rests 20 orders whose lines reach heavy.log: heavy's client,
+    the order ids, the audit position and heavy.log's size then."""
+    data = engine.data
+    await engine.start()
+    assert engine.proc is not None
+    heavy = await engine.client("heavy")
+    ids = await _rest(heavy, 20)
+    await _settled(data, "heavy", ids)
+    return heavy, ids, _position(data), (data / "logs" / "heavy.log").stat().st_size
+
+
 def _limit_follower(engine: Engine, size: int) -> tuple[int, tuple[int, int]]:
     """Hold the follower's files to ``size`` bytes (RLIMIT_FSIZE); its pid and the limits
     it had."""
@@ -226,13 +238,7 @@ async def test_a_file_size_limit_on_the_follower_loses_no_line_and_writes_none_t
     short and refuses the next; lifted, the rest of the cut line and the refused lines go
     out, once; a restart finds nothing to add."""
     data = engine.data
-    await engine.start()
-    assert engine.proc is not None
-    heavy = await engine.client("heavy")
-    ids = await _rest(heavy, 20)
-    await _settled(data, "heavy", ids)
-    before = _position(data)
-    size = (data / "logs" / "heavy.log").stat().st_size
+    heavy, ids, before, size = await _twenty_in_the_log(engine)
     follower, limits = _limit_follower(engine, size + 10)  # mid-line
     try:
         ids += await _rest(heavy, 10)
@@ -260,13 +266,7 @@ async def test_lines_still_unwritten_at_a_stop_are_rebuilt_at_the_next_start(eng
     journal behind them go, the position stays before them, and the next start rebuilds
     them, each once. A start that cannot write them either is refused, saying why."""
     data = engine.data
-    await engine.start()
-    assert engine.proc is not None
-    heavy = await engine.client("heavy")
-    ids = await _rest(heavy, 20)
-    await _settled(data, "heavy", ids)
-    before = _position(data)
-    size = (data / "logs" / "heavy.log").stat().st_size
+    heavy, ids, before, size = await _twenty_in_the_log(engine)
     _limit_follower(engine, size)  # not one byte more
     ids += await _rest(heavy, 10)
     await asyncio.sleep(1.0)
