@@ -42,6 +42,9 @@ record is framed::
 
 The header checksum makes the length trustworthy, so a record cut short at the end of the
 last segment (a torn write) is told apart from damage in the middle, which stops recovery.
+A whole last record whose payload fails its checksum is torn only if it holds a zero byte:
+a payload (JSON) never does, and the part of an append that never reached the disk reads
+as zeros. Without one it is damage (it may have been acknowledged) and stops recovery too.
 
 The payload is one tag byte (``o``: orjson-safe, ``j``: contains integers beyond 64 bits,
 decode with the standard library so they stay exact) and a JSON array, see ``encode``.
@@ -280,8 +283,16 @@ def read_journal(
             payload = view[pos + hsize:end]
             if crc32(payload) != crc:
                 if last_segment and end == size:
-                    torn = Torn(path, pos, rest)  # the last record's body never fully landed
-                    break
+                    if b"\x00" in payload.tobytes():
+                        torn = Torn(path, pos, rest)  # the last record's body never fully landed
+                        break
+                    raise JournalError(
+                        f"{_where(path, pos, expected)}: the last record is whole but fails its "
+                        f"checksum, and holds no zero bytes as a write cut short by a power cut "
+                        f"would; it may be an acknowledged command (bit rot, or a write by "
+                        f"another program), so it is not dropped silently. To start without "
+                        f"it, losing that command: `truncate -s {pos} {path}`"
+                    )
                 raise JournalError(f"{_where(path, pos, expected)}: record is damaged (checksum mismatch)")
             if lsn > after:
                 sink(lsn, payload.tobytes())
@@ -499,8 +510,7 @@ class Journal:
         """Close the segment, made durable first whatever ran before (a later fdatasync goes
         to the new file), and open the next. Blocking, but only once per snapshot."""
         assert self._fd is not None
-        if self.policy != "off":
-            os.fsync(self._fd)
+        os.fsync(self._fd)  # under ``off`` too: a newer segment must never follow a torn one
         os.close(self._fd)
         self._fd = None
         self._open_segment(lsn)

@@ -181,6 +181,47 @@ async def test_a_torn_last_record_is_reported_and_everything_before_it_kept(tmp_
     assert result.last_lsn == 6 and result.torn is not None
 
 
+async def test_a_whole_last_record_failing_its_checksum_is_torn_only_with_zeros_in_it(
+    tmp_path: Path,
+) -> None:
+    """The part of an append that never reached the disk reads as zeros, and a payload never
+    holds one; a whole last record with other damage may have been acknowledged, so it stops
+    the read and says how to drop it by hand."""
+    await write_journal(tmp_path, COMMANDS)
+    (_, path), = jr.list_segments(tmp_path)
+    data = path.read_bytes()
+    last = len(data) - len(jr.encode(COMMANDS[-1])) - jr.HEADER.size
+    unlanded = data[:-8] + b"\x00" * 8
+    path.write_bytes(unlanded)
+    result = jr.read_journal(tmp_path, 0, lambda lsn, _p: None)
+    assert result.last_lsn == 5 and result.torn is not None and result.torn.offset == last
+    rotten = bytearray(data)
+    rotten[-3] ^= 0x01
+    path.write_bytes(bytes(rotten))
+    with pytest.raises(jr.JournalError, match="whole but fails its checksum") as info:
+        jr.read_journal(tmp_path, 0, lambda lsn, _p: None)
+    assert f"`truncate -s {last} {path}`" in str(info.value)
+
+
+async def test_a_rotation_makes_the_finished_segment_durable_under_every_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under ``off`` too: after a power cut a newer segment must not follow a torn older one,
+    which recovery could only refuse as damage in the middle."""
+    synced: list[tuple[str, int, list[int]]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        segments = [s for s, _ in jr.list_segments(tmp_path)]
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size, segments))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    await write_journal(tmp_path, COMMANDS, "off", rotate_at=(3,))
+    first = tmp_path / jr.segment_name(1)
+    assert (str(first), first.stat().st_size, [1]) in synced, synced
+
+
 @pytest.mark.parametrize("where", ["payload", "header"])
 async def test_damage_in_the_middle_stops_the_read(tmp_path: Path, where: str) -> None:
     await write_journal(tmp_path, COMMANDS)

@@ -8,6 +8,7 @@ a process still running when a test ends is killed.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import sys
@@ -267,6 +268,28 @@ async def test_a_torn_journal_tail_is_discarded_and_reported(engine: Engine) -> 
     assert carol_usd == Decimal(before["balances"]["carol"]["USD"]["available"]) + 5
     assert await engine.stop() == 0
     assert b"torn" in engine.stderr
+
+
+async def test_a_rotten_last_journal_record_refuses_until_cut_by_the_command_named(engine: Engine) -> None:
+    """Whole but failing its checksum with no zeros in it: not a torn write, and it may have
+    been acknowledged, so the exchange will not drop it by itself; the refusal's command does."""
+    before = await crash_with_journal(engine)
+    (_, path), = jr.list_segments(engine.data / "journal")
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0x01  # inside carol's withdrawal, the last command
+    path.write_bytes(bytes(data))
+    files = data_files(engine.data)
+    err = await engine.refuse()
+    assert "whole but fails its checksum" in err and data_files(engine.data) == files
+    command = re.search(r"`truncate -s (\d+) ([^`]+)`", err)
+    assert command is not None and command.group(2) == str(path)
+    os.truncate(path, int(command.group(1)))
+    await engine.start()
+    after = await view(engine)
+    assert after["books"] == before["books"] and after["orders"] == before["orders"]
+    carol_usd = Decimal(after["balances"]["carol"]["USD"]["available"])
+    assert carol_usd == Decimal(before["balances"]["carol"]["USD"]["available"]) + 5
+    assert await engine.stop() == 0
 
 
 async def test_a_damaged_journal_record_in_the_middle_refuses_to_start(engine: Engine) -> None:

@@ -181,7 +181,7 @@ async def test_the_admin_funds_the_agents_one_deposit_at_a_time_under_a_rate_lim
     """Every agent's deposits go through the one admin connection: sent all at once, they
     used up its allowance together and the run could not start ("funding the agents failed:
     rate_limited"), where agents funding themselves each have their own."""
-    async with keys_engine(tmp_path, "--rate-limit", "2") as (host, port, _):
+    async with keys_engine(tmp_path, "--rate-limit", "4") as (host, port, _):
         creds = Credentials({}, AGENT_TOKEN, ("ops", ADMIN_TOKEN))
         report = await asyncio.wait_for(run_tcp(_config(host, port, creds), stream=None), 90)
         assert not report["agent_failures"]
