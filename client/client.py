@@ -395,6 +395,10 @@ class ExchangeClient:
     async def book(self, market: str, depth: int | None = None, level: int | None = None) -> dict[str, Any]:
         return await self.request("book", market=market, depth=depth, level=level)
 
+    async def recent_trades(self, market: str, limit: int | None = None) -> dict[str, Any]:
+        """The market's last trades, oldest first (at most 100; 50 by default)."""
+        return await self.request("trades", market=market, limit=limit)
+
     async def order_status(self, order_id: int | None = None, *, client_order_id: str | None = None) -> dict[str, Any]:
         """One of this user's orders, open or recently finished (the exchange keeps each
         account's last 1,000 finished orders, across its restarts), named by

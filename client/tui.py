@@ -56,7 +56,7 @@ from prompt_toolkit.styles import Style
 
 from client.client import ExchangeClient, ExchangeConnectionError, ExchangeError, patiently, port_number
 from client.session_manager import SessionError, SessionManager
-from exchange.protocol import DEFAULT_PORT, MAX_DEPTH
+from exchange.protocol import DEFAULT_PORT, MAX_DEPTH, RECENT_TRADES
 from exchange.runtime import CommandLine
 
 log = logging.getLogger("client.tui")
@@ -940,6 +940,25 @@ class TerminalApp:
         self.trades.clear()
         await patiently(lambda: self.client.subscribe("book", market))
         await patiently(lambda: self.client.subscribe("trades", market))
+        # Asked for after subscribing, so that no trade falls between the two; the ones in
+        # both are told apart by their ids.
+        try:
+            recent = await patiently(lambda: self.client.recent_trades(market, RECENT_TRADES))
+        except ExchangeConnectionError:
+            raise
+        except ExchangeError:  # an exchange without the op, or its rate limit: pushes only
+            return
+        if market == self.market:
+            self._merge_trades(market, recent.get("trades") or [])
+
+    def _merge_trades(self, market: str, rows: list[dict[str, Any]]) -> None:
+        known = {t.get("trade_id") for t in self.trades}
+        new = [{**row, "type": "trade", "market": market} for row in rows
+               if isinstance(row, dict) and row.get("trade_id") not in known]
+        if new:
+            merged = sorted([*self.trades, *new], key=lambda t: t.get("trade_id") or 0)
+            self.trades.clear()
+            self.trades.extend(merged)
 
     async def _unwatch(self, market: str) -> None:
         for channel in ("book", "trades"):
@@ -1105,7 +1124,7 @@ class TerminalApp:
     def show_trades(self, limit: int) -> None:
         trades = [t for t in self.trades if t.get("market") == self.market][-limit:]
         if not trades:
-            self.say(f"no trades in {self.market} since you started watching it.")
+            self.say(f"no trades in {self.market} yet.")
             return
         rows = [[clock(t.get("ts")), t.get("trade_id"), t.get("price"), t.get("qty"),
                  f"{t.get('taker_side')} (taker)"] for t in trades]

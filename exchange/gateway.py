@@ -44,6 +44,7 @@ from exchange.engine import Exchange
 from exchange.protocol import (
     MAX_LINE,
     PUBLIC_OPS,
+    RECENT_TRADES,
     ErrorCode,
     Formatter,
     OrderRejected,
@@ -60,6 +61,7 @@ from exchange.protocol import (
     order_id_of,
     order_ref,
     subscription,
+    trades_request,
     user_name,
 )
 from exchange.state import FinishedOrders, is_finished
@@ -298,6 +300,11 @@ class Gateway:
         # What ``order_status`` answers once an order is gone; the server hands in the one
         # recovery rebuilt (exchange/state.py), so it survives restarts.
         self.finished = FinishedOrders()
+        # Each market's last trades for ``trades``: engine events, formatted only when asked
+        # for, and rows from the ledger of before this start (``seed_recent``).
+        self.recent: dict[str, deque[Any]] = {
+            symbol: deque(maxlen=RECENT_TRADES) for symbol in engine.config.markets
+        }
         self._ops: dict[str, Callable[[Session, dict[str, Any], Any], None]] = {
             "login": self.op_login,
             "markets": self.op_markets,
@@ -307,6 +314,7 @@ class Gateway:
             "balances": self.op_balances,
             "orders": self.op_orders,
             "book": self.op_book,
+            "trades": self.op_trades,
             "subscribe": self.op_subscribe,
             "unsubscribe": self.op_unsubscribe,
             "deposit": self.op_funding,
@@ -472,6 +480,7 @@ class Gateway:
                         session.send(data)
             elif cls is Trade:
                 self.stats["trades"] += 1
+                self.recent[ev.market].append(ev)  # type: ignore[attr-defined]
                 subs = self.subscribers.get(("trades", ev.market))  # type: ignore[attr-defined]
                 if subs:
                     data = encode(fmt.trade(ev))  # type: ignore[arg-type]
@@ -713,6 +722,22 @@ class Gateway:
         else:
             seq, bids, asks = self.engine.book_l3(market, depth)
         return self.fmt.book(market, seq, bids, asks, level, self.engine.reference_price(market))
+
+    def op_trades(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
+        market, limit = trades_request(self.config, msg)
+        ring = self.recent[market.symbol]
+        fmt = self.fmt
+        rows = [fmt.recent_trade(row) if row.__class__ is Trade else row
+                for row in list(ring)[-limit:]]
+        self._reply(session, rid, {"type": "trades", "market": market.symbol, "trades": rows})
+
+    def seed_recent(self, trades: dict[str, list[dict[str, Any]]]) -> None:
+        """The last trades from before this start (the ledger's), oldest first, so that
+        ``trades`` has an answer at once after a restart."""
+        for symbol, rows in trades.items():
+            ring = self.recent.get(symbol)
+            if ring is not None:
+                ring.extend(rows)
 
     def op_subscribe(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
         channel, market = subscription(self.config, msg)

@@ -50,15 +50,12 @@ MAX_LINE: Final = 64 * 1024
 DEFAULT_PORT: Final = 7001
 DEFAULT_DEPTH: Final = 20
 MAX_DEPTH: Final = 10_000
+RECENT_TRADES: Final = 100  # the last trades of each market that ``trades`` answers with
+DEFAULT_RECENT: Final = 50
 MAX_USER_LENGTH: Final = 64
 MAX_CLIENT_ORDER_ID: Final = 64
 
-OPS: Final = frozenset({
-    "login", "markets", "order", "cancel", "modify", "balances", "orders", "book",
-    "subscribe", "unsubscribe", "deposit", "withdraw", "ping", "stats", "queue_position",
-    "order_status",
-})
-PUBLIC_OPS: Final = frozenset({"login", "ping", "markets", "book", "subscribe", "unsubscribe", "stats"})
+PUBLIC_OPS: Final = frozenset({"login", "ping", "markets", "book", "trades", "subscribe", "unsubscribe", "stats"})
 CHANNELS: Final = ("trades", "book")
 
 
@@ -355,8 +352,10 @@ OP_FIELD_LISTS: Final[dict[str, tuple[str, ...]]] = {
     "deposit": ("asset", "amount", "user"), "withdraw": ("asset", "amount", "user"),
     "orders": ("market",),
     "book": ("market", "depth", "level"),
+    "trades": ("market", "limit"),
     "subscribe": ("channel", "market"), "unsubscribe": ("channel", "market"),
 }
+OPS: Final = frozenset(OP_FIELD_LISTS)
 OP_FIELDS: Final[dict[str, frozenset[str]]] = {
     op: frozenset(("op", "id") + fields) for op, fields in OP_FIELD_LISTS.items()
 }
@@ -543,6 +542,14 @@ def book_request(config: MarketConfig, msg: dict[str, Any]) -> tuple[Market, int
     return market, depth, level
 
 
+def trades_request(config: MarketConfig, msg: dict[str, Any]) -> tuple[Market, int]:
+    market = market_of(config, msg)
+    limit = msg.get("limit", DEFAULT_RECENT)
+    if type(limit) is not int or not 1 <= limit <= RECENT_TRADES:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'limit' must be an integer from 1 to {RECENT_TRADES}", "limit")
+    return market, limit
+
+
 def subscription(config: MarketConfig, msg: dict[str, Any]) -> tuple[str, Market]:
     channel = msg.get("channel")
     if channel not in CHANNELS:
@@ -661,6 +668,14 @@ class Formatter:
             "type": "trade", "market": market, "trade_id": ev.trade_id,
             "price": self.price(market, ev.price), "qty": self.qty(market, ev.qty),
             "taker_side": ev.taker_side, "ts": ev.ts,
+        }
+
+    def recent_trade(self, ev: Trade) -> dict[str, Any]:
+        """A row of a ``trades`` reply: the pushed ``trade`` without its type and market."""
+        market = ev.market
+        return {
+            "trade_id": ev.trade_id, "price": self.price(market, ev.price),
+            "qty": self.qty(market, ev.qty), "taker_side": ev.taker_side, "ts": ev.ts,
         }
 
     def book_update(self, ev: BookDelta) -> dict[str, Any]:

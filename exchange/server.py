@@ -32,12 +32,13 @@ from exchange.gateway import (
     hash_token,
 )
 from exchange.markets import ConfigError, InvalidValue, MarketConfig, default_config, load_config
-from exchange.protocol import DEFAULT_PORT
+from exchange.protocol import DEFAULT_PORT, RECENT_TRADES
 from exchange.runtime import CommandLine, install_event_loop_policy, tune_gc, tune_malloc
 from exchange.types import STPMode
 from storage.audit import AuditLog
 from storage.follower import FollowerProcess, wait_for_old_follower
 from storage.journal import POLICIES as FSYNC_POLICIES
+from storage.ledger import recent_trades
 from storage.lock import DataDirBusy
 from storage.persistence import FollowerError, Persistence, RecoveryError
 
@@ -240,6 +241,10 @@ class ExchangeServer:
             raise StartupError(f"cannot use the data directory {self.config.data_dir}: {exc}") from None
         self.engine = self.gateway.engine = engine
         self.gateway.last_ts = max(self.gateway.last_ts, self.persistence.recovered_ts)
+        try:
+            self.gateway.seed_recent(recent_trades(self.ledger.path, RECENT_TRADES))
+        except OSError as exc:  # only the ``trades`` answers lack them; nothing else depends on it
+            log.warning("cannot read the last trades from the ledger: %s", exc)
         self.gateway.journal = self.journal
         self.journal.on_durable.append(self.gateway.release)
         self.journal.on_failure.append(self._journal_failed)

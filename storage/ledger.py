@@ -157,6 +157,39 @@ def whole_record(line: bytes) -> dict[str, Any] | None:
     return record if type(trade_id) is int and trade_id > 0 else None
 
 
+RECENT_TAIL = 1 << 20  # bytes of the ledger read back for the recent trades (~3,000 lines)
+PUBLIC_FIELDS = ("trade_id", "price", "qty", "taker_side", "ts")
+
+
+def recent_trades(path: str | Path, per_market: int, tail: int = RECENT_TAIL) -> dict[str, list[dict[str, Any]]]:
+    """Each market's last ``per_market`` trades in the ledger's last ``tail`` bytes, oldest
+    first, as the public rows of a ``trades`` reply (who traded and the fees left out).
+    Bounded so that start-up does not grow with the ledger: a market that has not traded in
+    that stretch starts with none. A line that is not a whole record is skipped."""
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            start = max(0, size - tail)
+            fh.seek(start)
+            data = fh.read(size - start)
+    except FileNotFoundError:
+        return {}
+    lines = data.split(b"\n")
+    if start > 0:
+        lines = lines[1:]  # begins inside a line
+    out: dict[str, list[dict[str, Any]]] = {}
+    for line in reversed(lines):
+        record = whole_record(line) if line else None
+        if record is None:
+            continue
+        rows = out.setdefault(str(record.get("market")), [])
+        if len(rows) < per_market:
+            rows.append({name: record.get(name) for name in PUBLIC_FIELDS})
+    for rows in out.values():
+        rows.reverse()
+    return out
+
+
 LOST_PREFIX = "trades.lost-"  # + a UTC timestamp + ".jsonl": ledger lines the state lost
 
 

@@ -331,6 +331,7 @@ async def test_every_op_refuses_a_field_it_does_not_take(server, raws) -> None:
         ({"op": "withdraw", "asset": "USD", "amount": "5", "amt": "1"}, "amt"),
         ({"op": "orders", "markt": BTC}, "markt"),
         ({"op": "book", "market": BTC, "levels": 3}, "levels"),
+        ({"op": "trades", "market": BTC, "depth": 3}, "depth"),
         ({"op": "subscribe", "channel": "book", "market": BTC, "depth": 5}, "depth"),
         ({"op": "unsubscribe", "chanel": "book", "market": BTC}, "chanel"),
         ({"op": "ping", "ts": 1}, "ts"),
@@ -1490,3 +1491,59 @@ async def test_audit_log_records_each_order_event(server, connect) -> None:
     assert len(body) == 7
     bob_lines = (logs / "bob.log").read_text(encoding="utf-8").splitlines()
     assert [stamp.sub("", line).split()[0] for line in bob_lines] == ["PLACED", "FILL"]
+
+
+async def test_recent_trades_answer_without_login_per_market_and_survive_a_restart(tmp_path: Path) -> None:
+    """``trades``: each market's last 100 trades, oldest first, public fields only; after a
+    restart the same rows come back from the ledger, formatted as before."""
+    config = ServerConfig(port=0, data_dir=tmp_path / "data", stats_interval=0)
+    srv = ExchangeServer(config)
+    await w(srv.start())
+    assert srv.address is not None
+    alice, bob, anon = (ExchangeClient(*srv.address, timeout=T) for _ in range(3))
+    try:
+        for client, user in ((alice, "alice"), (bob, "bob"), (anon, None)):
+            await w(client.connect())
+            if user:
+                await w(client.login(user))
+        await w(anon.subscribe("trades", BTC))
+        await w(alice.sell(BTC, "1.05", "100.00"))
+        buys = [bob.send("order", market=BTC, side="buy", type="limit", qty="0.01",
+                         price=f"{100 + i % 3}.00", tif="ioc") for i in range(105)]
+        for fut in buys:
+            assert (await w(fut))["exec_type"] == "new"
+        await w(alice.sell(ACME, "2", "100.00"))
+        await w(bob.buy(ACME, "2", "100.00"))
+        pushed = [e for e in await settle(anon) if e.get("type") == "trade"]
+        assert len(pushed) == 105
+        public = [{k: e[k] for k in ("trade_id", "price", "qty", "taker_side", "ts")} for e in pushed]
+
+        reply = await w(anon.recent_trades(BTC))  # no login needed
+        assert reply["type"] == "trades" and reply["market"] == BTC
+        assert reply["trades"] == public[-50:]  # 50 by default, oldest first
+        assert (await w(anon.recent_trades(BTC, 100)))["trades"] == public[-100:]
+        acme = (await w(anon.recent_trades(ACME, 100)))["trades"]
+        assert [(t["price"], t["qty"], t["taker_side"]) for t in acme] == [("100.00", "2", "buy")]
+        for bad in (0, 101, "5", True):
+            with pytest.raises(ExchangeError) as info:
+                await w(anon.request("trades", market=BTC, limit=bad))
+            assert info.value.code == "bad_request" and "'limit' must be an integer from 1 to 100" in str(info.value)
+        with pytest.raises(ExchangeError) as info:
+            await w(anon.request("trades", market="NOPE-USD"))
+        assert info.value.code == "unknown_market"
+    finally:
+        for client in (alice, bob, anon):
+            await w(client.close())
+        await w(srv.stop(), 10)
+
+    srv = ExchangeServer(config)
+    await w(srv.start())
+    assert srv.address is not None
+    anon = ExchangeClient(*srv.address, timeout=T)
+    try:
+        await w(anon.connect())
+        assert (await w(anon.recent_trades(BTC, 100)))["trades"] == public[-100:]
+        assert (await w(anon.recent_trades(ACME, 100)))["trades"] == acme
+    finally:
+        await w(anon.close())
+        await w(srv.stop(), 10)

@@ -436,3 +436,26 @@ async def test_a_login_refused_by_a_keys_mode_exchange_says_what_it_wants(
             in capsys.readouterr().err
     finally:
         await srv.stop()
+
+
+async def test_trades_shows_the_markets_last_trades_from_before_the_client_started(
+    server, connect, tmp_path: Path,
+) -> None:
+    """Asked for when the client starts watching a market: a trader sees where it traded
+    without waiting for the next trade, and a trade pushed meanwhile is listed once."""
+    alice, bob = await connect("alice"), await connect("bob")
+    await alice.sell("ACME-USD", "3", "101.00")
+    first = await bob.buy("ACME-USD", "2", "101.00")
+    async with Terminal(server, "dave", tmp_path / "client", market="ACME-USD") as term:
+        await term.type("trades", r"recent trades in ACME-USD \(oldest first\)(.*\n)+.*aggressor")
+        shown = term.screen.text[term.mark:]
+        assert re.search(r"\s1\s+101\.00\s+2\s+buy \(taker\)", shown), shown
+        await bob.buy("ACME-USD", "1", "101.00")
+        await asyncio.sleep(0.3)  # the push reaches the client
+        await term.type("trades", r"recent trades in ACME-USD")
+        await term.screen.wait_for(r"\s2\s+101\.00\s+1\s+buy \(taker\)", after=term.mark)
+        shown = term.screen.text[term.mark:]
+        assert len(re.findall(r"\s1\s+101\.00\s+2\s+buy", shown)) == 1, shown
+        await term.type("market BTC-USD", r"now trading BTC-USD")
+        await term.type("trades", r"no trades in BTC-USD yet\.")
+    assert first["exec_type"] == "new"
