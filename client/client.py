@@ -395,6 +395,11 @@ class ExchangeClient:
     async def book(self, market: str, depth: int | None = None, level: int | None = None) -> dict[str, Any]:
         return await self.request("book", market=market, depth=depth, level=level)
 
+    async def cancel_all(self, market: str | None = None) -> dict[str, Any]:
+        """Cancel every open order of this user (in ``market`` only, if given); the answer's
+        ``order_ids`` lists them, after each one's ``canceled`` report."""
+        return await self.request("cancel_all", market=market)
+
     async def recent_trades(self, market: str, limit: int | None = None) -> dict[str, Any]:
         """The market's last trades, oldest first (at most 100; 50 by default)."""
         return await self.request("trades", market=market, limit=limit)

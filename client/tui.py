@@ -85,6 +85,11 @@ class Cancel:
 
 
 @dataclass(frozen=True)
+class CancelAll:
+    market: str | None = None  # None: every market
+
+
+@dataclass(frozen=True)
 class Modify:
     order_id: int
     price: str | None = None
@@ -163,7 +168,7 @@ class Invalid:
 
 
 Action = Union[
-    Place, Cancel, Modify, ShowOrders, ShowStatus, ShowBalance, ShowBook, ShowTrades, ShowMarkets,
+    Place, Cancel, CancelAll, Modify, ShowOrders, ShowStatus, ShowBalance, ShowBook, ShowTrades, ShowMarkets,
     SwitchMarket, ShowHistory, Deposit, GuidedOrder, Help, Quit, Nothing, Invalid,
 ]
 
@@ -174,7 +179,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sell": ("sell QTY @ PRICE [ioc|fok|post]  |  sell QTY market",
              "sell at a limit price or at market ('mkt' works too)"),
     "order": ("order", "place an order step by step: side, type, price, quantity"),
-    "cancel": ("cancel ORDER_ID", "cancel one of your open orders"),
+    "cancel": ("cancel ORDER_ID  |  cancel all [MARKET]",
+               "cancel one of your open orders, or all of them (in every market unless one is named)"),
     "modify": ("modify ORDER_ID [qty QTY] [price PRICE]",
                "change an open order's total quantity and/or price"),
     "orders": ("orders", "your open orders, all markets"),
@@ -292,9 +298,11 @@ def parse_command(line: str) -> Action:
     if name in ("buy", "sell"):
         return _parse_place(name, args)
     if name == "cancel":
+        if args and args[0].lower() == "all" and len(args) <= 2:
+            return CancelAll(args[1].upper() if len(args) == 2 else None)
         oid = _order_id(args[0]) if len(args) == 1 else None
         if oid is None:
-            return Invalid(f"{usage('cancel')}   (e.g. cancel 17)")
+            return Invalid(f"{usage('cancel')}   (e.g. cancel 17, cancel all)")
         return Cancel(oid)
     if name == "modify":
         return _parse_modify(args)
@@ -640,8 +648,12 @@ class CommandCompleter(Completer):
             return [(c, "") for c in COMMANDS]
         if name == "deposit" and n == 1:
             return [(a, "") for a in app.assets]
-        if name in ("cancel", "modify") and n == 1:
+        if name == "cancel" and n == 1:
+            return [("all", "every open order of yours"), *_order_choices(app.open_records())]
+        if name == "modify" and n == 1:
             return _order_choices(app.open_records())
+        if name == "cancel" and n == 2 and before[1].lower() == "all":
+            return [(m, "") for m in app.markets]
         if name == "status" and n == 1:
             return _order_choices(reversed(app.history.recent(20)))
         if name == "modify" and n >= 2 and n % 2 == 0:
@@ -986,6 +998,8 @@ class TerminalApp:
                 raise
             except ExchangeError as exc:
                 self.error(f"cannot cancel order {action.order_id}: {exc.message}")
+        elif isinstance(action, CancelAll):
+            await self.cancel_all(action.market)
         elif isinstance(action, Modify):
             try:
                 await self.client.modify(action.order_id, price=action.price, qty=action.qty)
@@ -1120,6 +1134,22 @@ class TerminalApp:
         if out[-1][1].endswith("\n"):
             out[-1] = (out[-1][0], out[-1][1][:-1])
         self.say(out)
+
+    async def cancel_all(self, market: str | None) -> None:
+        where = f" in {market}" if market else ""
+        try:
+            reply = await self.client.cancel_all(market)
+        except ExchangeConnectionError:
+            raise
+        except ExchangeError as exc:
+            self.error(f"cannot cancel your orders{where}: {exc.message}")
+            return
+        ids = reply.get("order_ids") or []
+        if ids:
+            self.say(f"canceled {len(ids)} order{'s' if len(ids) != 1 else ''}{where}: "
+                     f"{', '.join(str(i) for i in ids)}")
+        else:
+            self.say(f"no open orders to cancel{where}.")
 
     def show_trades(self, limit: int) -> None:
         trades = [t for t in self.trades if t.get("market") == self.market][-limit:]

@@ -59,6 +59,7 @@ from exchange.protocol import (
     modify_command,
     order_command,
     order_id_of,
+    optional_market,
     order_ref,
     subscription,
     trades_request,
@@ -68,6 +69,7 @@ from exchange.state import FinishedOrders, is_finished
 from exchange.types import (
     BalanceChanged,
     BookDelta,
+    CancelOrder,
     Command,
     CommandRejected,
     Deposit,
@@ -101,6 +103,7 @@ class CommandJournal(Protocol):
 
 
 _REJECTED: Final = ExecType.REJECTED
+_CANCELED: Final = ExecType.CANCELED
 
 
 @dataclass
@@ -310,6 +313,7 @@ class Gateway:
             "markets": self.op_markets,
             "order": self.op_order,
             "cancel": self.op_cancel,
+            "cancel_all": self.op_cancel_all,
             "modify": self.op_modify,
             "balances": self.op_balances,
             "orders": self.op_orders,
@@ -628,6 +632,20 @@ class Gateway:
         cmd = cancel_command(msg, session.user, self.now(), self.engine.order_by_client_id)  # type: ignore[arg-type]
         self.route(self.execute(cmd), session, rid)
 
+    def op_cancel_all(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
+        """Each of the user's open orders (in one market, if named) canceled as its own
+        journaled ``cancel``, so replay and the audit logs need nothing new; each one's
+        ``canceled`` report goes out as usual, then the list answers the request."""
+        market = optional_market(self.config, msg)
+        user: str = session.user  # type: ignore[assignment]
+        canceled: list[int] = []
+        for order in self.engine.open_orders(user, market):
+            events = self.execute(CancelOrder(self.now(), user, order.id))
+            self.route(events, session, None)
+            if any(ev.__class__ is ExecReport and ev.exec_type is _CANCELED for ev in events):  # type: ignore[attr-defined]
+                canceled.append(order.id)
+        self._reply(session, rid, {"type": "canceled_all", "market": market, "order_ids": canceled})
+
     def op_modify(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
         cmd = modify_command(msg, session.user, self.now(), self.engine.order, self.config)  # type: ignore[arg-type]
         self.route(self.execute(cmd), session, rid)
@@ -665,11 +683,7 @@ class Gateway:
         })
 
     def op_orders(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
-        market = msg.get("market")
-        if market is not None and type(market) is not str:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "'market' must be a string", "market")
-        if market is not None and market not in self.config.markets:
-            raise ProtocolError(ErrorCode.UNKNOWN_MARKET, f"no market {str(market)[:40]!r}", "market")
+        market = optional_market(self.config, msg)
         orders = self.engine.open_orders(session.user, market)  # type: ignore[arg-type]
         self._reply(session, rid, {"type": "orders", "orders": [self.fmt.order(o) for o in orders]})
 

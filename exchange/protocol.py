@@ -350,7 +350,7 @@ OP_FIELD_LISTS: Final[dict[str, tuple[str, ...]]] = {
     "ping": (), "markets": (), "balances": (), "stats": (),
     "login": ("user", "token"),
     "deposit": ("asset", "amount", "user"), "withdraw": ("asset", "amount", "user"),
-    "orders": ("market",),
+    "orders": ("market",), "cancel_all": ("market",),
     "book": ("market", "depth", "level"),
     "trades": ("market", "limit"),
     "subscribe": ("channel", "market"), "unsubscribe": ("channel", "market"),
@@ -540,6 +540,18 @@ def book_request(config: MarketConfig, msg: dict[str, Any]) -> tuple[Market, int
     if level not in (2, 3) or type(level) is not int:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'level' must be 2 or 3", "level")
     return market, depth, level
+
+
+def optional_market(config: MarketConfig, msg: dict[str, Any]) -> str | None:
+    """``market`` where it narrows a request to one market (``orders``, ``cancel_all``)."""
+    market = msg.get("market")
+    if market is None:
+        return None
+    if type(market) is not str:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'market' must be a string", "market")
+    if market not in config.markets:
+        raise ProtocolError(ErrorCode.UNKNOWN_MARKET, f"no market {market[:40]!r}", "market")
+    return market
 
 
 def trades_request(config: MarketConfig, msg: dict[str, Any]) -> tuple[Market, int]:

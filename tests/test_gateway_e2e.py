@@ -1165,6 +1165,44 @@ async def test_orders_op_lists_own_open_orders(connect) -> None:
     assert len(await w(bob.orders())) == 1
 
 
+async def test_cancel_all_cancels_only_the_users_open_orders_each_reported_before_the_answer(connect) -> None:
+    alice, alice2, bob = await w(connect("alice")), await w(connect("alice")), await w(connect("bob"))
+    before = await w(alice.balances())
+    b1 = await w(alice.buy(BTC, "1", "90.00"))
+    b2 = await w(alice.sell(BTC, "2", "110.00"))
+    a1 = await w(alice.buy(ACME, "4", "95.00"))
+    theirs = await w(bob.buy(BTC, "1", "91.00"))
+    await w(bob.buy(BTC, "0.5", "110.00"))  # b2 partly filled: its rest is canceled
+    await settle(alice)
+    await settle(alice2)
+
+    reply = await w(alice.request("cancel_all", market=BTC))
+    assert reply == {"type": "canceled_all", "market": BTC, "order_ids": [b1["order_id"], b2["order_id"]],
+                     "id": reply["id"]}
+    for session in (alice, alice2):  # every session hears each cancel, before the answer
+        canceled = execs(await settle(session), "canceled")
+        assert [(e["order_id"], e["remaining_qty"]) for e in canceled] == [
+            (b1["order_id"], "1.0000"), (b2["order_id"], "1.5000")]
+        assert all("id" not in e for e in canceled)
+    assert [o["order_id"] for o in await w(alice.orders())] == [a1["order_id"]]
+    assert [o["order_id"] for o in await w(bob.orders())] == [theirs["order_id"]]
+
+    assert (await w(alice.cancel_all()))["order_ids"] == [a1["order_id"]]
+    assert await w(alice.orders()) == []
+    assert (await w(alice.cancel_all()))["order_ids"] == []
+    after = await w(alice.balances())
+    assert after.keys() == before.keys() and all(D(bal["locked"]) == 0 for bal in after.values())
+    for bad, code in (({"market": "NOPE-USD"}, "unknown_market"), ({"market": 5}, "bad_request"),
+                      ({"markets": BTC}, "bad_request")):
+        with pytest.raises(ExchangeError) as info:
+            await w(alice.request("cancel_all", **bad))
+        assert info.value.code == code
+    anon = await w(connect())
+    with pytest.raises(ExchangeError) as info:
+        await w(anon.request("cancel_all"))
+    assert info.value.code == "not_logged_in"
+
+
 async def test_client_order_ids_are_unique_among_open_orders_and_cancel_by_them(connect) -> None:
     """A client order id names one open order of its account: a second order with it is
     refused until the first leaves the book, and ``cancel`` takes it instead of the id."""

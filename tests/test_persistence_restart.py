@@ -252,6 +252,20 @@ async def test_kill_9_recovers_everything_from_the_journal(engine: Engine) -> No
     assert await view(engine) == before
 
 
+async def test_a_cancel_all_answered_before_a_kill_9_stays_done(engine: Engine) -> None:
+    """Each of its cancels is journaled; the answer leaves once they are durable."""
+    await engine.start()
+    clients = await place_resting_orders(engine)
+    reply = await clients["alice"].cancel_all()
+    assert len(reply["order_ids"]) == 4
+    before = await view(engine)
+    assert before["orders"]["alice"] == []
+    await engine.kill()
+    await engine.start()
+    assert await view(engine) == before
+    assert await engine.stop() == 0
+
+
 async def test_a_torn_journal_tail_is_discarded_and_reported(engine: Engine) -> None:
     before = await crash_with_journal(engine)
     (_, path), = jr.list_segments(engine.data / "journal")

@@ -29,6 +29,7 @@ from client.tui import (
     EXIT_OK,
     EXIT_USAGE,
     Cancel,
+    CancelAll,
     ClientOptions,
     CommandCompleter,
     Deposit,
@@ -78,6 +79,8 @@ GOOD = [
     ("  s 3 @ 100.25  ", Place("sell", "3", "100.25", "limit", "gtc")),
     ("cancel 17", Cancel(17)),
     ("cancel #17", Cancel(17)),
+    ("cancel all", CancelAll()),
+    ("Cancel ALL acme-usd", CancelAll("ACME-USD")),
     ("modify 17 qty 1", Modify(17, None, "1")),
     ("modify 17 price 100.5", Modify(17, "100.5", None)),
     ("modify 17 price 100.5 qty 2", Modify(17, "100.5", "2")),
@@ -132,6 +135,7 @@ BAD = [
     ("cancel", "usage: cancel ORDER_ID"),
     ("cancel abc", "usage: cancel ORDER_ID"),
     ("cancel 1 2", "usage: cancel ORDER_ID"),
+    ("cancel all BTC-USD now", "usage: cancel ORDER_ID  |  cancel all [MARKET]"),
     ("status", "usage: status ORDER_ID"),
     ("status last", "usage: status ORDER_ID"),
     ("status 9223372036854775808", "usage: status ORDER_ID"),
@@ -255,7 +259,8 @@ def test_completion_of_commands_markets_and_options() -> None:
     assert _complete("market ac") == ["ACME-USD"]
     assert _complete("market ") == ["BTC-USD", "ACME-USD"]
     assert _complete("deposit u") == ["USD"]
-    assert _complete("cancel ") == ["17"]
+    assert _complete("cancel ") == ["all", "17"]
+    assert _complete("cancel all ") == ["BTC-USD", "ACME-USD"]
     assert _complete("buy 2 ") == ["@", "market"]
     assert _complete("buy 2 m") == ["market"]
     assert _complete("buy 2 @ 100 ") == ["ioc", "fok", "post"]
@@ -459,3 +464,19 @@ async def test_trades_shows_the_markets_last_trades_from_before_the_client_start
         await term.type("market BTC-USD", r"now trading BTC-USD")
         await term.type("trades", r"no trades in BTC-USD yet\.")
     assert first["exec_type"] == "new"
+
+
+async def test_cancel_all_from_the_terminal_in_one_market_then_everywhere(server, tmp_path: Path) -> None:
+    async with Terminal(server, "erin", tmp_path / "client") as term:
+        ids = []
+        for line in ("buy 0.1 @ 90", "buy 0.2 @ 91"):
+            ids.append(int((await term.type(line, r"NEW order (\d+) accepted")).group(1)))
+        await term.type("market ACME-USD", r"now trading ACME-USD")
+        other = int((await term.type("sell 1 @ 105", r"NEW order (\d+) accepted")).group(1))
+        await term.type("cancel all btc-usd", rf"canceled 2 orders in BTC-USD: {ids[0]}, {ids[1]}")
+        shown = term.screen.text[term.mark:]
+        assert f"CANCELED order {ids[0]}" in shown and f"CANCELED order {ids[1]}" in shown
+        await term.type("cancel all", rf"canceled 1 order: {other}")
+        await term.type("cancel all", r"no open orders to cancel\.")
+        await term.type("cancel all DOGE-USD", r"error: cannot cancel your orders in DOGE-USD: no market 'DOGE-USD'")
+        await term.type("orders", r"no open orders")
