@@ -921,7 +921,9 @@ class TerminalApp:
                 self._post_only.discard(coid)  # answered: the set holds only orders on their way
             self.say(describe_report(event, post_only))
         elif kind == "trade":
-            if event.get("market") == self.market:
+            # Trades pushed before ``_watch`` merged the ``trades`` answer may be in it too.
+            if event.get("market") == self.market and not (
+                    self.trades and (event.get("trade_id") or 0) <= (self.trades[-1].get("trade_id") or 0)):
                 self.trades.append(event)
         elif kind == "book":
             if event.get("market") == self.market:
@@ -1154,7 +1156,7 @@ class TerminalApp:
     def show_trades(self, limit: int) -> None:
         trades = [t for t in self.trades if t.get("market") == self.market][-limit:]
         if not trades:
-            self.say(f"no trades in {self.market} yet.")
+            self.say(f"no recent trades in {self.market}.")
             return
         rows = [[clock(t.get("ts")), t.get("trade_id"), t.get("price"), t.get("qty"),
                  f"{t.get('taker_side')} (taker)"] for t in trades]

@@ -42,9 +42,11 @@ record is framed::
 
 The header checksum makes the length trustworthy, so a record cut short at the end of the
 last segment (a torn write) is told apart from damage in the middle, which stops recovery.
-A whole last record whose payload fails its checksum is torn only if it holds a zero byte:
-a payload (JSON) never does, and the part of an append that never reached the disk reads
-as zeros. Without one it is damage (it may have been acknowledged) and stops recovery too.
+One write carries a whole group of records, and the part of it that never reached the disk
+reads as zeros: a record failing its checksum is torn only if zeros run from inside it (its
+header, or its payload, which as JSON never holds a zero byte) to the end of the last
+segment. A whole last record failing its checksum with no zero in it may have been
+acknowledged (bit rot): it stops recovery too, with the command that drops it.
 
 The payload is one tag byte (``o``: orjson-safe, ``j``: contains integers beyond 64 bits,
 decode with the standard library so they stay exact) and a JSON array, see ``encode``.
@@ -60,6 +62,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -266,8 +269,8 @@ def read_journal(
                 raise JournalError(f"{_where(path, pos, expected)}: segment ends inside a record header")
             length, lsn, crc, hcrc = HEADER.unpack_from(data, pos)
             if crc32(view[pos:pos + 16]) != hcrc:
-                if last_segment and not data[pos:].strip(b"\x00"):
-                    torn = Torn(path, pos, rest)  # zeros past the end of what was written
+                if last_segment and len(data[pos:].rstrip(b"\x00")) < hsize:
+                    torn = Torn(path, pos, rest)  # zeros from inside the header to the end
                     break
                 raise JournalError(f"{_where(path, pos, expected)}: record header is damaged (checksum mismatch)")
             if lsn != expected:
@@ -282,16 +285,16 @@ def read_journal(
                 raise JournalError(f"{_where(path, pos, expected)}: segment ends inside a record")
             payload = view[pos + hsize:end]
             if crc32(payload) != crc:
+                if last_segment and b"\x00" in payload.tobytes() and not data[end:].strip(b"\x00"):
+                    torn = Torn(path, pos, rest)  # the body never fully landed, nor anything after
+                    break
                 if last_segment and end == size:
-                    if b"\x00" in payload.tobytes():
-                        torn = Torn(path, pos, rest)  # the last record's body never fully landed
-                        break
                     raise JournalError(
                         f"{_where(path, pos, expected)}: the last record is whole but fails its "
                         f"checksum, and holds no zero bytes as a write cut short by a power cut "
                         f"would; it may be an acknowledged command (bit rot, or a write by "
                         f"another program), so it is not dropped silently. To start without "
-                        f"it, losing that command: `truncate -s {pos} {path}`"
+                        f"it, losing that command: `truncate -s {pos} {shlex.quote(os.path.abspath(path))}`"
                     )
                 raise JournalError(f"{_where(path, pos, expected)}: record is damaged (checksum mismatch)")
             if lsn > after:
@@ -384,7 +387,7 @@ class Journal:
         it next, and a snapshot must never be left with no segment after it."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self.last_lsn = self.durable_lsn = self._written_lsn = next_lsn - 1
-        self._open_segment(next_lsn, durable=True)
+        self._open_segment(next_lsn)
         if self.policy == "batch" and self._want_aio is not False and self._aio is None:
             aio = AsyncFsync.create()
             if aio is not None and not aio.probe(self._fd):  # type: ignore[arg-type]
@@ -397,12 +400,11 @@ class Journal:
             self._aio = aio
             self._direct = aio is not None
 
-    def _open_segment(self, first_lsn: int, durable: bool = False) -> None:
+    def _open_segment(self, first_lsn: int) -> None:
         path = self.directory / segment_name(first_lsn)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         os.write(fd, MAGIC)
-        if durable or self.policy != "off":
-            os.fsync(fd)
+        os.fsync(fd)  # under ``off`` too (once per snapshot): records must never follow a lost header
         from storage.snapshot import fsync_dir
 
         fsync_dir(self.directory)

@@ -204,6 +204,44 @@ async def test_a_whole_last_record_failing_its_checksum_is_torn_only_with_zeros_
     assert f"`truncate -s {last} {path}`" in str(info.value)
 
 
+@pytest.mark.parametrize("start", ["inside an earlier record's payload", "inside a header"])
+async def test_zeros_from_inside_an_earlier_record_to_the_end_are_a_torn_group_write(
+    tmp_path: Path, start: str,
+) -> None:
+    """One write carries a whole group of records: a power cut can leave its tail as zeros
+    from inside any record of it, header or payload; everything from that record on goes."""
+    await write_journal(tmp_path, COMMANDS)  # records 4, 5 and 6 went out in one write
+    (_, path), = jr.list_segments(tmp_path)
+    data = path.read_bytes()
+    sixth = len(data) - len(jr.encode(COMMANDS[-1])) - jr.HEADER.size
+    fifth = sixth - len(jr.encode(COMMANDS[-2])) - jr.HEADER.size
+    cut = sixth - 5 if start.startswith("inside an earlier") else fifth + 6
+    path.write_bytes(data[:cut] + b"\x00" * (len(data) - cut))
+    seen: list[int] = []
+    result = jr.read_journal(tmp_path, 0, lambda lsn, _p: seen.append(lsn))
+    assert seen == [1, 2, 3, 4] and result.torn is not None and result.torn.offset == fifth
+    rotten = bytearray(data)
+    rotten[sixth - 5] ^= 0x01  # the same record damaged, with a whole record after it
+    path.write_bytes(bytes(rotten))
+    with pytest.raises(jr.JournalError, match="record is damaged"):
+        jr.read_journal(tmp_path, 0, lambda lsn, _p: None)
+
+
+async def test_a_new_segments_header_is_durable_before_any_record_under_every_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    synced: list[tuple[str, int]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    await write_journal(tmp_path, COMMANDS, "off", rotate_at=(3,))
+    assert (str(tmp_path / jr.segment_name(4)), len(jr.MAGIC)) in synced, synced
+
+
 async def test_a_rotation_makes_the_finished_segment_durable_under_every_policy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -24,6 +24,7 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
+from client.session_manager import SessionManager
 from client.tui import (
     EXIT_CONNECTION,
     EXIT_OK,
@@ -31,6 +32,7 @@ from client.tui import (
     Cancel,
     CancelAll,
     ClientOptions,
+    TerminalApp,
     CommandCompleter,
     Deposit,
     GuidedOrder,
@@ -462,7 +464,7 @@ async def test_trades_shows_the_markets_last_trades_from_before_the_client_start
         shown = term.screen.text[term.mark:]
         assert len(re.findall(r"\s1\s+101\.00\s+2\s+buy", shown)) == 1, shown
         await term.type("market BTC-USD", r"now trading BTC-USD")
-        await term.type("trades", r"no trades in BTC-USD yet\.")
+        await term.type("trades", r"no recent trades in BTC-USD\.")
     assert first["exec_type"] == "new"
 
 
@@ -480,3 +482,26 @@ async def test_cancel_all_from_the_terminal_in_one_market_then_everywhere(server
         await term.type("cancel all", r"no open orders to cancel\.")
         await term.type("cancel all DOGE-USD", r"error: cannot cancel your orders in DOGE-USD: no market 'DOGE-USD'")
         await term.type("orders", r"no open orders")
+
+
+async def test_trades_both_pushed_and_in_the_recent_answer_are_listed_once(server, connect, tmp_path: Path) -> None:
+    """At start-up the client subscribes, then asks for the recent trades, before it reads
+    its pushes: a trade made between the two is in both, and must be listed once."""
+    alice, bob, watcher = await connect("alice"), await connect("bob"), await connect()
+    await alice.sell("BTC-USD", "1", "101.00")
+    await bob.buy("BTC-USD", "0.1", "101.00")  # before the subscription: in the answer only
+    await watcher.subscribe("trades", "BTC-USD")
+    for _ in range(3):  # after it: pushed, and in the answer too
+        await bob.buy("BTC-USD", "0.1", "101.00")
+    recent = (await watcher.recent_trades("BTC-USD"))["trades"]
+    pushed = [e for e in watcher.pending_events() if e.get("type") == "trade"]
+    assert [t["trade_id"] for t in recent] == [1, 2, 3, 4] and [e["trade_id"] for e in pushed] == [2, 3, 4]
+    await bob.buy("BTC-USD", "0.1", "101.00")
+    await watcher.ping()
+    pushed += [e for e in watcher.pending_events() if e.get("type") == "trade"]
+
+    app = TerminalApp(watcher, "watcher", "BTC-USD", [], SessionManager("watcher", tmp_path))
+    app._merge_trades("BTC-USD", recent)
+    for event in pushed:
+        app.on_event(event)
+    assert [t["trade_id"] for t in app.trades] == [1, 2, 3, 4, 5]
