@@ -533,10 +533,14 @@ def funding_command(
 
 def book_request(config: MarketConfig, msg: dict[str, Any]) -> tuple[Market, int, int]:
     market = market_of(config, msg)
-    depth = msg.get("depth", DEFAULT_DEPTH)
+    depth = msg.get("depth")
+    if depth is None:  # null is the same as leaving it out, as everywhere
+        depth = DEFAULT_DEPTH
     if type(depth) is not int or not 1 <= depth <= MAX_DEPTH:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"'depth' must be an integer from 1 to {MAX_DEPTH}", "depth")
-    level = msg.get("level", 2)
+    level = msg.get("level")
+    if level is None:
+        level = 2
     if level not in (2, 3) or type(level) is not int:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'level' must be 2 or 3", "level")
     return market, depth, level
@@ -556,7 +560,9 @@ def optional_market(config: MarketConfig, msg: dict[str, Any]) -> str | None:
 
 def trades_request(config: MarketConfig, msg: dict[str, Any]) -> tuple[Market, int]:
     market = market_of(config, msg)
-    limit = msg.get("limit", DEFAULT_RECENT)
+    limit = msg.get("limit")
+    if limit is None:
+        limit = DEFAULT_RECENT
     if type(limit) is not int or not 1 <= limit <= RECENT_TRADES:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"'limit' must be an integer from 1 to {RECENT_TRADES}", "limit")
     return market, limit

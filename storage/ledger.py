@@ -169,14 +169,14 @@ def recent_trades(path: str | Path, per_market: int, tail: int = RECENT_TAIL) ->
     try:
         with open(path, "rb") as fh:
             size = fh.seek(0, os.SEEK_END)
-            start = max(0, size - tail)
+            start = max(0, size - tail - 1)  # and the byte before: does a line begin there?
             fh.seek(start)
             data = fh.read(size - start)
     except FileNotFoundError:
         return {}
     lines = data.split(b"\n")
     if start > 0:
-        lines = lines[1:]  # begins inside a line
+        lines = lines[1:]  # up to the first newline: the end of a line begun before
     out: dict[str, list[dict[str, Any]]] = {}
     for line in reversed(lines):
         record = whole_record(line) if line else None

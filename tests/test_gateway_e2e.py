@@ -1184,6 +1184,7 @@ async def test_cancel_all_cancels_only_the_users_open_orders_each_reported_befor
         assert [(e["order_id"], e["remaining_qty"]) for e in canceled] == [
             (b1["order_id"], "1.0000"), (b2["order_id"], "1.5000")]
         assert all("id" not in e for e in canceled)
+        assert len({e["ts"] for e in canceled}) == 1  # one request, one ts
     assert [o["order_id"] for o in await w(alice.orders())] == [a1["order_id"]]
     assert [o["order_id"] for o in await w(bob.orders())] == [theirs["order_id"]]
 
@@ -1585,3 +1586,14 @@ async def test_recent_trades_answer_without_login_per_market_and_survive_a_resta
     finally:
         await w(anon.close())
         await w(srv.stop(), 10)
+
+
+async def test_null_optional_fields_of_book_and_trades_mean_their_defaults(server, raws, connect) -> None:
+    alice, bob = await w(connect("alice")), await w(connect("bob"))
+    await w(alice.sell(BTC, "1", "100.00"))
+    await w(bob.buy(BTC, "1", "100.00"))
+    raw = await raws(server)
+    trades = await raw.request({"op": "trades", "market": BTC, "limit": None})
+    assert trades["type"] == "trades" and [t["qty"] for t in trades["trades"]] == ["1.0000"]
+    book = await raw.request({"op": "book", "market": BTC, "depth": None, "level": None})
+    assert (book["type"], book["level"]) == ("book", 2)

@@ -458,3 +458,50 @@ async def test_the_stats_line_is_logged_only_while_something_happens(tmp_path, c
         await client.close()
     finally:
         await srv.stop()
+
+
+class _UnreadPipe(asyncio.Transport):
+    """A transport whose peer never reads: everything written stays in its buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buffered = 0
+        self.aborted = False
+
+    def write(self, data: Any) -> None:
+        self.buffered += len(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+
+def test_one_burst_past_the_buffer_limit_passes_but_a_buffer_that_keeps_growing_does_not() -> None:
+    """The reports of a large cancel_all may exceed the limit in one write to a client that
+    reads; a client that does not read is dropped once its buffer grows past the limit again."""
+    from exchange.engine import Exchange
+    from exchange.gateway import Gateway, GatewayOptions, Session
+    from exchange.markets import default_config
+
+    gateway = Gateway(Exchange(default_config()), GatewayOptions(max_buffer=1000))
+    burst, steady = Session(gateway), Session(gateway)
+    burst.connection_made(_UnreadPipe())
+    steady.connection_made(_UnreadPipe())
+    gateway._write(burst, [b"x" * 5000])
+    assert not burst.transport.aborted and not burst.closed  # type: ignore[union-attr]
+    gateway._write(burst, [b"y"])  # still unread
+    assert burst.transport.aborted and burst.closed  # type: ignore[union-attr]
+    sizes = []
+    while not steady.closed:
+        gateway._write(steady, [b"z" * 100])
+        sizes.append(steady.transport.buffered)  # type: ignore[union-attr]
+    assert sizes[-2] <= 1000 < sizes[-1]
+    assert gateway.stats["slow_consumers"] == 2

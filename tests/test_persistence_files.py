@@ -456,3 +456,5 @@ def test_recent_trades_read_only_the_ledgers_tail_and_keep_whole_public_records(
     tail = len(lines[-1]) * 2 + 10  # starts inside line 38: that line is not taken for a record
     short = recent_trades(path, 5, tail=tail + len(b'{"trade_id":41,"market":"BTC'))
     assert {m: [r["trade_id"] for r in rows] for m, rows in short.items()} == {"BTC-USD": [39], "ACME-USD": [40]}
+    exact = sum(map(len, lines[-3:])) + len(b'{"trade_id":41,"market":"BTC')  # begins where line 38 does
+    assert [r["trade_id"] for r in recent_trades(path, 5, tail=exact)["BTC-USD"]] == [38, 39]
