@@ -215,34 +215,21 @@ class Agent:
         """Cancel everything still resting (the run is over); returns how many orders could
         not be cancelled (the exchange stopped answering, or kept refusing for its rate limit).
 
-        The exchange is asked which orders are open, after the last reports have arrived: an
-        order whose acknowledgement had not come when the run stopped (a latency model, a
-        request on its way) is not among the agent's own, and would be left resting.
+        Once the last reports have arrived, every open order of the account goes, not only
+        the agent's own: an order whose acknowledgement had not come when the run stopped (a
+        latency model, a request on its way) is not among them, and would be left resting
+        (``Gateway.final_cancel_all``; over TCP one ``cancel_all``).
         """
         gw = self.gw
         try:
             await gw.settled()
-            self.sync()
-            ids = set(self.wallet.orders)
-            ids.update(o.order_id for o in await gw.open_orders())
         except GatewayConnectionError:
             self.sync()
             return len(self.wallet.orders)
         except GatewayError:
-            self.sync()
-            ids = set(self.wallet.orders)
-        todo = sorted(ids)
-        left = 0
-        for i, oid in enumerate(todo):
-            try:
-                await gw.final_cancel(oid)
-            except GatewayConnectionError:
-                self.sync()
-                return left + len(todo) - i
-            except GatewayError as exc:
-                if exc.code == "rate_limited":
-                    left += 1
-                # else: filled or cancelled meanwhile
+            pass
+        self.sync()
+        left = await gw.final_cancel_all(list(self.wallet.orders))
         self.sync()
         return left
 

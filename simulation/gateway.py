@@ -31,6 +31,7 @@ raises ``GatewayConnectionError``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -164,6 +165,31 @@ class Gateway(ABC):
         """``cancel`` of a run's clean-up: one that waits out the exchange's rate limit
         (over TCP; in process there is none). Queries already do."""
         return await self.cancel(order_id)
+
+    async def final_cancel_all(self, known: Iterable[int]) -> int:
+        """A run's clean-up: cancel every open order of the account, those the agent knows
+        (``known``) and any the exchange lists (one whose acknowledgement never came);
+        returns how many may be left open (the exchange stopped answering, or kept
+        refusing for its rate limit). Their reports come as events."""
+        ids = set(known)
+        try:
+            ids.update(o.order_id for o in await self.open_orders())
+        except GatewayConnectionError:
+            return len(ids)
+        except GatewayError:
+            pass
+        todo = sorted(ids)
+        left = 0
+        for i, oid in enumerate(todo):
+            try:
+                await self.final_cancel(oid)
+            except GatewayConnectionError:
+                return left + len(todo) - i
+            except GatewayError as exc:
+                if exc.code == "rate_limited":
+                    left += 1
+                # else: filled or canceled meanwhile
+        return left
 
     @abstractmethod
     async def modify(

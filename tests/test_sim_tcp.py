@@ -669,3 +669,31 @@ async def test_the_final_cancels_outlast_the_rate_limit_and_find_orders_the_agen
             assert await asyncio.wait_for(gw.open_orders(), T) == []
         finally:
             await gw.close()
+
+
+async def test_an_agents_clean_up_over_tcp_is_one_cancel_all_whatever_it_has_resting(tmp_path: Path) -> None:
+    """Not a query and a cancel per order: under a rate limit those took a second per two
+    orders, and a run with many resting quotes ended slowly."""
+    from client import ExchangeClient
+    from simulation.agents import RandomTrader, RunControl
+    from simulation.runner import profiles_for
+    from simulation.tcp import TcpGateway, fetch_config
+
+    async with _engine(tmp_path) as (host, port, _, _):
+        config = await asyncio.wait_for(fetch_config(host, port), T)
+        control = RunControl(profiles_for(SimConfig(), config))
+        gw = await asyncio.wait_for(TcpGateway.connect(host, port, "cu-random01", config), T)
+        watcher = ExchangeClient(host, port, timeout=T)
+        await asyncio.wait_for(watcher.connect(), T)
+        try:
+            agent = RandomTrader("cu-random01", gw, control, ["ACME-USD"])
+            for i in range(12):
+                await asyncio.wait_for(gw.place("ACME-USD", "buy", "1", f"{90 + i % 5}.00"), T)
+            before = (await asyncio.wait_for(watcher.stats(), T))["messages_in"]
+            assert await asyncio.wait_for(agent.shutdown(), T) == 0
+            after = (await asyncio.wait_for(watcher.stats(), T))["messages_in"]
+            assert after - before <= 3, after - before  # the cancel_all and the stats calls
+            assert await asyncio.wait_for(gw.open_orders(), T) == []
+        finally:
+            await watcher.close()
+            await gw.close()
