@@ -345,8 +345,11 @@ class ExchangeClient:
 
     # -- the operations -----------------------------------------------------------------
 
-    async def login(self, user: str, token: str | None = None) -> dict[str, Any]:
-        reply = await self.request("login", user=user, token=token)
+    async def login(self, user: str, token: str | None = None, *, cancel_on_disconnect: bool = False) -> dict[str, Any]:
+        """``cancel_on_disconnect``: when this connection ends (but not when the exchange
+        stops), the exchange cancels the orders placed through it that are still open."""
+        reply = await self.request("login", user=user, token=token,
+                                   cancel_on_disconnect=True if cancel_on_disconnect else None)
         self.user = user
         return reply
 

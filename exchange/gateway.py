@@ -105,6 +105,7 @@ class CommandJournal(Protocol):
 
 _REJECTED: Final = ExecType.REJECTED
 _CANCELED: Final = ExecType.CANCELED
+_NEW: Final = ExecType.NEW
 
 
 @dataclass
@@ -129,7 +130,8 @@ class Session(asyncio.Protocol):
 
     __slots__ = (
         "gateway", "transport", "peer", "user", "admin", "buf", "out", "queued", "paused",
-        "closed", "closing", "subscriptions", "reading_paused", "tokens", "refilled",
+        "closed", "closing", "subscriptions", "reading_paused", "tokens", "refilled", "owned",
+        "owned_limit",
     )
 
     def __init__(self, gateway: Gateway) -> None:
@@ -148,6 +150,9 @@ class Session(asyncio.Protocol):
         self.subscriptions: set[tuple[str, str]] = set()
         self.tokens = float(gateway.options.rate_limit)  # requests it may still send now
         self.refilled = time.monotonic()
+        # With cancel_on_disconnect: the ids of the orders it placed (some may have ended).
+        self.owned: set[int] | None = None
+        self.owned_limit = 1024  # past this many, the ended ones are dropped (then twice what stays)
 
     # -- asyncio callbacks ----------------------------------------------------------
 
@@ -340,6 +345,9 @@ class Gateway:
 
     def disconnected(self, session: Session) -> None:
         self.sessions.discard(session)
+        owned = session.owned
+        if owned and self.accepting and session.user is not None:
+            self._cancel_owned(session.user, owned)
         if session.user is not None:
             others = self.by_user.get(session.user)
             if others and session in others:
@@ -351,6 +359,17 @@ class Gateway:
             if subs and session in subs:
                 subs.remove(session)
         session.subscriptions.clear()
+
+    def _cancel_owned(self, user: str, owned: set[int]) -> None:
+        """cancel_on_disconnect: the orders this session placed that are still open, each as
+        its own journaled ``cancel`` with one ts, reported to the user's other sessions. Not
+        when the exchange stops: resting orders survive a restart."""
+        ts = self.now()
+        for oid in sorted(owned):
+            if self.engine.order(user, oid) is not None:
+                self.route(self.execute(CancelOrder(ts, user, oid)), None, None)
+        owned.clear()
+        self.flush()
 
     def flush(self) -> None:
         """Write everything queued, one write per session; drop sessions that fell too far behind.
@@ -555,11 +574,20 @@ class Gateway:
 
     def op_login(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
         user = user_name(msg)
+        cancel_on_disconnect = msg.get("cancel_on_disconnect")
+        if cancel_on_disconnect is not None and type(cancel_on_disconnect) is not bool:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "'cancel_on_disconnect' must be true or false",
+                                "cancel_on_disconnect")
         if session.user is not None:
             if session.user == user:
-                self._reply(session, rid, {
-                    "type": "logged_in", "user": user, "funded": False, "admin": session.admin,
-                })
+                if cancel_on_disconnect is not None and cancel_on_disconnect != (session.owned is not None):
+                    raise ProtocolError(ErrorCode.BAD_REQUEST, "cancel_on_disconnect is chosen at a "
+                                        "session's first login; log in on a new connection to change it",
+                                        "cancel_on_disconnect")
+                reply = {"type": "logged_in", "user": user, "funded": False, "admin": session.admin}
+                if session.owned is not None:
+                    reply["cancel_on_disconnect"] = True
+                self._reply(session, rid, reply)
                 return
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"this session is already logged in as {session.user}",
                                 "user")
@@ -578,7 +606,11 @@ class Gateway:
         session.user = user
         session.admin = admin
         self.by_user.setdefault(user, []).append(session)
-        self._reply(session, rid, {"type": "logged_in", "user": user, "funded": funded, "admin": admin})
+        reply = {"type": "logged_in", "user": user, "funded": funded, "admin": admin}
+        if cancel_on_disconnect:
+            session.owned = set()
+            reply["cancel_on_disconnect"] = True
+        self._reply(session, rid, reply)
 
     def _fund_new_user(self, user: str) -> bool:
         """Open mode: a user's first login credits the demo balances, once."""
@@ -613,7 +645,23 @@ class Gateway:
             session.send_msg(reply)
             return
         self.stats["orders"] += 1
-        self.route(self.execute(cmd), session, rid)
+        events = self.execute(cmd)
+        owned = session.owned
+        if owned is not None:
+            self._own(session, owned, events)
+        self.route(events, session, rid)
+
+    def _own(self, session: Session, owned: set[int], events: list[Event]) -> None:
+        for ev in events:
+            if ev.__class__ is ExecReport and ev.exec_type is _NEW:  # type: ignore[attr-defined]
+                oid: int | None = ev.order_id  # type: ignore[attr-defined]
+                if oid is not None:
+                    owned.add(oid)
+        if len(owned) > session.owned_limit:
+            user: str = session.user  # type: ignore[assignment]
+            kept = {oid for oid in owned if self.engine.order(user, oid) is not None}
+            session.owned = kept
+            session.owned_limit = max(1024, 2 * len(kept))
 
     def _tell_listeners_rejected(
         self, user: str, reply: dict[str, Any], reason: RejectReason, ts: int,

@@ -348,7 +348,7 @@ OP_FIELD_LISTS: Final[dict[str, tuple[str, ...]]] = {
     "cancel": ("order_id", "client_order_id"), "order_status": ("order_id", "client_order_id"),
     "modify": ("order_id", "price", "qty"), "queue_position": ("order_id",),
     "ping": (), "markets": (), "balances": (), "stats": (),
-    "login": ("user", "token"),
+    "login": ("user", "token", "cancel_on_disconnect"),
     "deposit": ("asset", "amount", "user"), "withdraw": ("asset", "amount", "user"),
     "orders": ("market",), "cancel_all": ("market",),
     "book": ("market", "depth", "level"),

@@ -1597,3 +1597,73 @@ async def test_null_optional_fields_of_book_and_trades_mean_their_defaults(serve
     assert trades["type"] == "trades" and [t["qty"] for t in trades["trades"]] == ["1.0000"]
     book = await raw.request({"op": "book", "market": BTC, "depth": None, "level": None})
     assert (book["type"], book["level"]) == ("book", 2)
+
+
+async def test_cancel_on_disconnect_cancels_what_that_connection_placed_and_nothing_else(make_server, dial) -> None:
+    """A bot's dead man's switch: its connection drops, its orders go; the same user's other
+    sessions are told, and their own orders stay, as do everyone else's."""
+    srv = await make_server()
+    bot = await dial(srv)
+    reply = await w(bot.login("alice", cancel_on_disconnect=True))
+    assert reply["cancel_on_disconnect"] is True
+    assert (await w(bot.request("login", user="alice")))["cancel_on_disconnect"] is True
+    with pytest.raises(ExchangeError, match="chosen at a session's first login"):
+        await w(bot.request("login", user="alice", cancel_on_disconnect=False))
+    other, bob = await dial(srv, "alice"), await dial(srv, "bob")
+    quotes = [await w(bot.buy(BTC, "1", "90.00")), await w(bot.sell(BTC, "1", "110.00"))]
+    gone = await w(bot.buy(BTC, "0.5", "80.00"))
+    await w(bot.cancel(gone["order_id"]))  # ended already: nothing to do for it
+    mine = await w(other.buy(BTC, "1", "91.00"))
+    theirs = await w(bob.sell(BTC, "1", "111.00"))
+    await settle(other)
+    bot.abort()
+    canceled = [await next_exec(other, "canceled") for _ in quotes]
+    assert [e["order_id"] for e in canceled] == [q["order_id"] for q in quotes]
+    assert len({e["ts"] for e in canceled}) == 1
+    assert [o["order_id"] for o in await w(other.orders())] == [mine["order_id"]]
+    assert [o["order_id"] for o in await w(bob.orders())] == [theirs["order_id"]]
+    anon = await dial(srv)
+    with pytest.raises(ExchangeError) as info:
+        await w(anon.request("login", user="carol", cancel_on_disconnect="yes"))
+    assert info.value.code == "bad_request" and info.value.field == "cancel_on_disconnect"
+
+
+async def test_cancel_on_disconnect_leaves_the_orders_when_the_exchange_stops(tmp_path: Path) -> None:
+    config = ServerConfig(port=0, data_dir=tmp_path / "data", stats_interval=0)
+    srv = ExchangeServer(config)
+    await w(srv.start())
+    assert srv.address is not None
+    bot = ExchangeClient(*srv.address, timeout=T)
+    await w(bot.connect())
+    await w(bot.login("alice", cancel_on_disconnect=True))
+    placed = await w(bot.buy(BTC, "1", "90.00"))
+    await w(srv.stop(), 10)
+    await w(bot.close())
+    srv = ExchangeServer(config)
+    await w(srv.start())
+    assert srv.address is not None
+    again = ExchangeClient(*srv.address, timeout=T)
+    try:
+        await w(again.connect())
+        await w(again.login("alice"))
+        assert [o["order_id"] for o in await w(again.orders())] == [placed["order_id"]]
+    finally:
+        await w(again.close())
+        await w(srv.stop(), 10)
+
+
+async def test_cancel_on_disconnect_forgets_the_orders_that_ended(make_server, dial) -> None:
+    """A session that places orders all day keeps only a bounded list of them."""
+    srv = await make_server()
+    bot = await dial(srv)
+    await w(bot.login("alice", cancel_on_disconnect=True))
+    resting = await w(bot.buy(BTC, "1", "90.00"))
+    futures = [bot.send("order", market=BTC, side="buy", type="limit", qty="0.01", price="95.00", tif="ioc")
+               for _ in range(2500)]  # nothing to trade with: each expires at once
+    for fut in futures:
+        assert (await w(fut))["exec_type"] == "new"
+    session = next(s for s in srv.gateway.sessions if s.user == "alice")
+    assert session.owned is not None and resting["order_id"] in session.owned and len(session.owned) <= 1025
+    other = await dial(srv, "alice")
+    bot.abort()
+    assert (await next_exec(other, "canceled"))["order_id"] == resting["order_id"]
