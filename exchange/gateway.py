@@ -345,9 +345,6 @@ class Gateway:
 
     def disconnected(self, session: Session) -> None:
         self.sessions.discard(session)
-        owned = session.owned
-        if owned and self.accepting and session.user is not None:
-            self._cancel_owned(session.user, owned)
         if session.user is not None:
             others = self.by_user.get(session.user)
             if others and session in others:
@@ -359,6 +356,12 @@ class Gateway:
             if subs and session in subs:
                 subs.remove(session)
         session.subscriptions.clear()
+        owned = session.owned
+        if owned and self.accepting and session.user is not None:
+            try:
+                self._cancel_owned(session.user, owned)
+            except Exception:  # a bug must not leave the session half-forgotten, nor stop the loop
+                log.exception("cancel_on_disconnect failed for %s (user %s)", session.peer, session.user)
 
     def _cancel_owned(self, user: str, owned: set[int]) -> None:
         """cancel_on_disconnect: the orders this session placed that are still open, each as

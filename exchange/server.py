@@ -391,9 +391,16 @@ async def serve(config: ServerConfig, ready: Any = None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     server.on_failure = stop.set
+
+    def stopping() -> None:
+        # At once, not when stop() runs a loop pass later: a client that dies with us (one
+        # Ctrl-C to the whole process group) must not have its orders canceled on disconnect.
+        server.gateway.accepting = False
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stopping)
         except (NotImplementedError, RuntimeError):  # pragma: no cover - not on this platform
             pass
     log.info("exchange listening on %s:%d (auth %s, data in %s)", host, port, config.auth, config.data_dir)

@@ -231,7 +231,7 @@ class Agent:
         self.sync()
         left = await gw.final_cancel_all(list(self.wallet.orders))
         self.sync()
-        return left
+        return min(left, len(self.wallet.orders))  # reports that came meanwhile say more
 
     def sync(self) -> None:
         """Follow every report received since the last look."""
