@@ -1532,6 +1532,16 @@ async def test_audit_log_records_each_order_event(server, connect) -> None:
     assert [stamp.sub("", line).split()[0] for line in bob_lines] == ["PLACED", "FILL"]
 
 
+async def started(config: ServerConfig) -> tuple[ExchangeServer, ExchangeClient]:
+    """A server on ``config`` (its own data directory, kept across restarts) and a client of it."""
+    srv = ExchangeServer(config)
+    await w(srv.start())
+    assert srv.address is not None
+    client = ExchangeClient(*srv.address, timeout=T)
+    await w(client.connect())
+    return srv, client
+
+
 async def test_recent_trades_answer_without_login_per_market_and_survive_a_restart(tmp_path: Path) -> None:
     """``trades``: each market's last 100 trades, oldest first, public fields only; after a
     restart the same rows come back from the ledger, formatted as before."""
@@ -1575,12 +1585,8 @@ async def test_recent_trades_answer_without_login_per_market_and_survive_a_resta
             await w(client.close())
         await w(srv.stop(), 10)
 
-    srv = ExchangeServer(config)
-    await w(srv.start())
-    assert srv.address is not None
-    anon = ExchangeClient(*srv.address, timeout=T)
+    srv, anon = await started(config)
     try:
-        await w(anon.connect())
         assert (await w(anon.recent_trades(BTC, 100)))["trades"] == public[-100:]
         assert (await w(anon.recent_trades(ACME, 100)))["trades"] == acme
     finally:
@@ -1630,21 +1636,13 @@ async def test_cancel_on_disconnect_cancels_what_that_connection_placed_and_noth
 
 async def test_cancel_on_disconnect_leaves_the_orders_when_the_exchange_stops(tmp_path: Path) -> None:
     config = ServerConfig(port=0, data_dir=tmp_path / "data", stats_interval=0)
-    srv = ExchangeServer(config)
-    await w(srv.start())
-    assert srv.address is not None
-    bot = ExchangeClient(*srv.address, timeout=T)
-    await w(bot.connect())
+    srv, bot = await started(config)
     await w(bot.login("alice", cancel_on_disconnect=True))
     placed = await w(bot.buy(BTC, "1", "90.00"))
     await w(srv.stop(), 10)
     await w(bot.close())
-    srv = ExchangeServer(config)
-    await w(srv.start())
-    assert srv.address is not None
-    again = ExchangeClient(*srv.address, timeout=T)
+    srv, again = await started(config)
     try:
-        await w(again.connect())
         await w(again.login("alice"))
         assert [o["order_id"] for o in await w(again.orders())] == [placed["order_id"]]
     finally:
