@@ -7,11 +7,13 @@
 #
 # Each checkout runs its own SCRIPT with its own .venv. A compiled worktree of an older commit:
 #   git worktree add /tmp/base <commit> && ln -s "$PWD/.venv" /tmp/base/.venv
-#   (cd /tmp/base && make setup); .venv/bin/pip install -q -e .   # re-point the install here
-# and `git worktree remove --force /tmp/base` afterwards.
+#   touch -d 2000-01-01 /tmp/base/pyproject.toml && (cd /tmp/base && make setup)
+# (without the touch, its make re-installs the shared .venv from /tmp/base; then run
+# `.venv/bin/pip install -q -e .` here to point it back) and `git worktree remove --force
+# /tmp/base` afterwards.
 # The figure taken from a run is the last "median <number>" it prints.
 set -eu
-[ $# -ge 4 ] || { sed -n '2,11p' "$0"; exit 2; }
+[ $# -ge 4 ] || { sed -n '2,13p' "$0"; exit 2; }
 a=$1; b=$2; n=$3; shift 3
 out=$(mktemp)
 i=0
