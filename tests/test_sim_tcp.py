@@ -450,7 +450,9 @@ async def test_a_tcp_run_keeps_its_rate_and_its_duration(
     assert not report["agent_failures"]
     assert report["elapsed_s"] < 2.6, report["elapsed_s"]
     random_orders = sum(a["orders"] for a in report["agents"].values() if a["kind"] == "random")
-    assert 680 <= random_orders <= 920, random_orders
+    # 800 on a quiet machine; 657 seen once at the end of a full run on 2 busy cores. The
+    # pacing this guards gave about 70 % of the rate before it was fixed (560 here).
+    assert 620 <= random_orders <= 920, random_orders
     (twap,) = [a["twap"] for a in report["agents"].values() if a["kind"] == "twap"]
     assert twap["took_s"] is None and twap["filled"] != twap["target"]  # stopped early: not finished
 
