@@ -367,12 +367,22 @@ class Gateway:
         """cancel_on_disconnect: the orders this session placed that are still open, each as
         its own journaled ``cancel`` with one ts, reported to the user's other sessions. Not
         when the exchange stops: resting orders survive a restart."""
-        ts = self.now()
-        for oid in sorted(owned):
-            if self.engine.order(user, oid) is not None:
-                self.route(self.execute(CancelOrder(ts, user, oid)), None, None)
+        still_open = [oid for oid in sorted(owned) if self.engine.order(user, oid) is not None]
+        self._cancel_each(user, still_open, None)
         owned.clear()
         self.flush()
+
+    def _cancel_each(self, user: str, order_ids: list[int], requester: Session | None) -> list[int]:
+        """Each order canceled as its own journaled ``cancel`` (so replay and the audit logs
+        need nothing new), all with one ts; returns the ids it canceled."""
+        ts = self.now()
+        canceled: list[int] = []
+        for oid in order_ids:
+            events = self.execute(CancelOrder(ts, user, oid))
+            self.route(events, requester, None)
+            if any(ev.__class__ is ExecReport and ev.exec_type is _CANCELED for ev in events):  # type: ignore[attr-defined]
+                canceled.append(oid)
+        return canceled
 
     def flush(self) -> None:
         """Write everything queued, one write per session; drop sessions that fell too far behind.
@@ -689,18 +699,11 @@ class Gateway:
         self.route(self.execute(cmd), session, rid)
 
     def op_cancel_all(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
-        """Each of the user's open orders (in one market, if named) canceled as its own
-        journaled ``cancel``, so replay and the audit logs need nothing new; each one's
-        ``canceled`` report goes out as usual, then the list answers the request."""
+        """The user's open orders (in one market, if named), each one's ``canceled`` report
+        going out as usual, then the list answers the request."""
         market = optional_market(self.config, msg)
         user: str = session.user  # type: ignore[assignment]
-        ts = self.now()  # one request, one ts: on all its reports
-        canceled: list[int] = []
-        for order in self.engine.open_orders(user, market):
-            events = self.execute(CancelOrder(ts, user, order.id))
-            self.route(events, session, None)
-            if any(ev.__class__ is ExecReport and ev.exec_type is _CANCELED for ev in events):  # type: ignore[attr-defined]
-                canceled.append(order.id)
+        canceled = self._cancel_each(user, [o.id for o in self.engine.open_orders(user, market)], session)
         self._reply(session, rid, {"type": "canceled_all", "market": market, "order_ids": canceled})
 
     def op_modify(self, session: Session, msg: dict[str, Any], rid: Any) -> None:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from process_helpers import signal_group
+
 ROOT = Path(__file__).resolve().parents[1]
 SIM = str(ROOT / "run" / "start_simulation.py")
 ENGINE = str(ROOT / "run" / "start_engine.py")
@@ -814,13 +816,7 @@ def test_a_sigterm_to_the_whole_group_keeps_the_embedded_ledger(tmp_path: Path) 
     cfg.write_text(json.dumps({"schedule": {"trades_per_account": 5000}}))
     run, run_id = scheduled_run_under_way(["--embedded", "--config", str(cfg)], data, 5000,
                                           start_new_session=True)
-    try:
-        os.killpg(run.pid, signal.SIGTERM)
-        out, err = run.communicate(timeout=30)
-    finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-            run.wait(10)
+    out, err = signal_group(run, signal.SIGTERM, 30)
     assert run.returncode == 143 and "Traceback" not in err, err[-800:]
     ids = [orjson.loads(line)["trade_id"] for line in (data / "trades.jsonl").read_bytes().splitlines()]
     assert len(ids) >= 2000 and ids == list(range(1, len(ids) + 1)), len(ids)

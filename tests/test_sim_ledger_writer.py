@@ -17,6 +17,7 @@ from exchange.types import OrderType, PlaceOrder, Side, TimeInForce
 from simulation.embedded import LEDGER_BATCH, EmbeddedExchange
 from simulation.ledger_writer import LedgerWriterError
 from simulation.runner import SimConfig, SimulationError, run_embedded
+from process_helpers import signal_group
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKET = "BTC-USD"
@@ -154,17 +155,11 @@ def test_ctrl_c_stops_an_embedded_run_with_its_report_and_whole_ledger(tmp_path:
          "--duration", "3600s", "--rate", "200000", "--data-dir", str(data), "--report", str(report)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
-    try:
-        deadline = time.monotonic() + 30
-        ledger = data / "trades.jsonl"
-        while time.monotonic() < deadline and (not ledger.exists() or ledger.stat().st_size < 2_000_000):
-            time.sleep(0.05)  # several batches handed over already
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+    deadline = time.monotonic() + 30
+    ledger = data / "trades.jsonl"
+    while time.monotonic() < deadline and (not ledger.exists() or ledger.stat().st_size < 2_000_000):
+        time.sleep(0.05)  # several batches handed over already
+    out, err = signal_group(proc, signal.SIGINT, 60)
     assert proc.returncode == 130, (out + err)[-2000:]
     assert "Traceback" not in err, err[-2000:]
     import json
