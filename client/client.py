@@ -407,6 +407,14 @@ class ExchangeClient:
         """The market's last trades, oldest first (at most 100; 50 by default)."""
         return await self.request("trades", market=market, limit=limit)
 
+    async def fills(self, market: str | None = None, limit: int | None = None, after: int | None = None) -> dict[str, Any]:
+        """This user's last fills (of one market, or all), oldest first: the last ``limit``
+        (100 by default, at most 1,000), or with ``after`` the first ``limit`` whose trade id
+        is above it, to page forward from a fill already seen. The exchange keeps each
+        user's last 1,000 (100,000 of all users) and reads the ledger's tail back at a
+        restart; the ledger holds them all."""
+        return await self.request("fills", market=market, limit=limit, after=after)
+
     async def order_status(self, order_id: int | None = None, *, client_order_id: str | None = None) -> dict[str, Any]:
         """One of this user's orders, open or recently finished (the exchange keeps each
         account's last 1,000 finished orders, across its restarts), named by

@@ -56,7 +56,7 @@ from prompt_toolkit.styles import Style
 
 from client.client import ExchangeClient, ExchangeConnectionError, ExchangeError, patiently, port_number
 from client.session_manager import SessionError, SessionManager
-from exchange.protocol import DEFAULT_PORT, MAX_DEPTH, RECENT_TRADES
+from exchange.protocol import DEFAULT_PORT, FILLS_PER_USER as MAX_FILLS, MAX_DEPTH, RECENT_TRADES
 from exchange.runtime import CommandLine
 
 log = logging.getLogger("client.tui")
@@ -122,6 +122,11 @@ class ShowTrades:
 
 
 @dataclass(frozen=True)
+class ShowFills:
+    limit: int = 20
+
+
+@dataclass(frozen=True)
 class ShowMarkets:
     pass
 
@@ -168,7 +173,8 @@ class Invalid:
 
 
 Action = Union[
-    Place, Cancel, CancelAll, Modify, ShowOrders, ShowStatus, ShowBalance, ShowBook, ShowTrades, ShowMarkets,
+    Place, Cancel, CancelAll, Modify, ShowOrders, ShowStatus, ShowBalance, ShowBook, ShowTrades, ShowFills,
+    ShowMarkets,
     SwitchMarket, ShowHistory, Deposit, GuidedOrder, Help, Quit, Nothing, Invalid,
 ]
 
@@ -188,6 +194,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "balance": ("balance", "your balances: available and locked"),
     "book": ("book [DEPTH]", "the order book of the current market (asks above bids; between them the spread and the last trade, or the band's reference price)"),
     "trades": ("trades [N]", "recent trades in the current market"),
+    "fills": ("fills [N]", "your last N fills at the exchange, all markets: price, fee, maker or taker"),
     "market": ("market SYMBOL", "switch the current market"),
     "markets": ("markets", "list the markets"),
     "history": ("history [N]", "your last N orders from this computer's order history"),
@@ -322,7 +329,7 @@ def parse_command(line: str) -> Action:
         if len(args) > 1:
             return Invalid(usage("market"))
         return SwitchMarket(args[0].upper() if args else None)
-    if name in ("book", "trades", "history"):
+    if name in ("book", "trades", "fills", "history"):
         if len(args) > 1 or (args and (not _COUNT.match(args[0]) or int(args[0]) < 1)):
             return Invalid(f"{usage(name)}   (N a whole number, at least 1)")
         n = int(args[0]) if args else None
@@ -330,6 +337,8 @@ def parse_command(line: str) -> Action:
             return ShowBook(min(n, MAX_DEPTH)) if n else ShowBook()
         if name == "trades":
             return ShowTrades(n) if n else ShowTrades()
+        if name == "fills":
+            return ShowFills(min(n, MAX_FILLS)) if n else ShowFills()
         return ShowHistory(n) if n else ShowHistory()
     if name == "help":
         if len(args) > 1:
@@ -1019,6 +1028,8 @@ class TerminalApp:
             await self.show_book(action.depth)
         elif isinstance(action, ShowTrades):
             self.show_trades(action.limit)
+        elif isinstance(action, ShowFills):
+            await self.show_fills(action.limit)
         elif isinstance(action, ShowMarkets):
             await self.show_markets()
         elif isinstance(action, SwitchMarket):
@@ -1164,6 +1175,18 @@ class TerminalApp:
                  table(["time", "trade", "price", "qty", "aggressor"], rows,
                        [_side_style(t.get("taker_side")) for t in trades],
                        [False, True, True, True, False]))
+
+    async def show_fills(self, limit: int) -> None:
+        fills = (await self.client.fills(limit=limit)).get("fills") or []
+        if not fills:
+            self.say("no fills of yours at the exchange yet.")
+            return
+        rows = [[clock(f.get("ts")), f.get("market"), f.get("order_id"), f.get("side"), f.get("qty"),
+                 f.get("price"), f.get("liquidity"), f"{f.get('fee')} {f.get('fee_asset')}"] for f in fills]
+        self.say(("class:head", "your fills (oldest first)"), "\n",
+                 table(["time", "market", "order", "side", "qty", "price", "as", "fee"], rows,
+                       [_side_style(f.get("side")) for f in fills],
+                       [False, False, True, False, True, True, False, True]))
 
     async def _band_now(self, symbol: str) -> str | None:
         """The prices the market's band allows now, around its reference (the last trade, or

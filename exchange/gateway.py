@@ -45,6 +45,8 @@ from exchange.engine import Exchange
 from exchange.protocol import (
     MAX_LINE,
     PUBLIC_OPS,
+    FILLS_KEPT,
+    FILLS_PER_USER,
     RECENT_TRADES,
     ErrorCode,
     Formatter,
@@ -56,6 +58,7 @@ from exchange.protocol import (
     decode_request,
     encode,
     error_message,
+    fills_request,
     funding_command,
     modify_command,
     order_command,
@@ -270,6 +273,70 @@ class Session(asyncio.Protocol):
                 self.transport.close()
 
 
+class RecentFills:
+    """Each user's last fills, for ``fills``: the engine's trade reports, formatted only when
+    asked for, and ledger rows of before this start (``seed``), oldest first.
+
+    Bounded per user and in all (the oldest of all go first), so that an exchange open to
+    any user name holds a fixed amount however many trade. Not part of the state: the ledger
+    holds every fill for good, and a restart reads its tail back.
+    """
+
+    def __init__(self, per_user: int = FILLS_PER_USER, kept: int = FILLS_KEPT) -> None:
+        self.per_user = per_user
+        self.kept = kept
+        self.by_user: dict[str, deque[Any]] = {}
+        self.size = 0
+        # The owner of every kept row, oldest first, and of rows a user's own bound dropped
+        # since (``_stale`` counts those per user, so that the oldest of all is found exactly).
+        self._owners: deque[str] = deque()
+        self._stale: dict[str, int] = {}
+
+    def add(self, account: str, row: Any) -> None:
+        mine = self.by_user.get(account)
+        if mine is None:
+            mine = self.by_user[account] = deque()
+        mine.append(row)
+        self._owners.append(account)
+        if len(mine) > self.per_user:
+            mine.popleft()
+            self._stale[account] = self._stale.get(account, 0) + 1
+        else:
+            self.size += 1
+        owners = self._owners
+        while self.size > self.kept:
+            owner = owners.popleft()
+            stale = self._stale.get(owner, 0)
+            if stale:
+                if stale == 1:
+                    del self._stale[owner]
+                else:
+                    self._stale[owner] = stale - 1
+                continue
+            theirs = self.by_user[owner]
+            theirs.popleft()
+            self.size -= 1
+            if not theirs:
+                del self.by_user[owner]
+        if len(owners) > 2 * self.size + 1024:  # owners of rows a user's own bound dropped
+            self._compact()
+
+    def _compact(self) -> None:
+        stale = self._stale
+        kept: deque[str] = deque()
+        for owner in self._owners:
+            skip = stale.get(owner, 0)
+            if skip:
+                stale[owner] = skip - 1
+            else:
+                kept.append(owner)
+        self._owners = kept
+        self._stale = {}
+
+    def rows(self, account: str | None) -> deque[Any]:
+        return self.by_user.get(account or "") or deque()
+
+
 class Gateway:
     """Routes between sessions and the engine. Owns no trading state."""
 
@@ -314,6 +381,8 @@ class Gateway:
         self.recent: dict[str, deque[Any]] = {
             symbol: deque(maxlen=RECENT_TRADES) for symbol in engine.config.markets
         }
+        # Each user's last fills for ``fills`` (``seed_fills`` adds the ledger's).
+        self.fills = RecentFills()
         self._ops: dict[str, Callable[[Session, dict[str, Any], Any], None]] = {
             "login": self.op_login,
             "markets": self.op_markets,
@@ -325,6 +394,7 @@ class Gateway:
             "orders": self.op_orders,
             "book": self.op_book,
             "trades": self.op_trades,
+            "fills": self.op_fills,
             "subscribe": self.op_subscribe,
             "unsubscribe": self.op_unsubscribe,
             "deposit": self.op_funding,
@@ -498,6 +568,8 @@ class Gateway:
             if cls is ExecReport:
                 if is_finished(ev.status):  # type: ignore[attr-defined]
                     self.finished.add(ev)  # type: ignore[arg-type]
+                if ev.trade_id is not None:  # type: ignore[attr-defined]
+                    self.fills.add(ev.account, ev)  # type: ignore[attr-defined]
                 sessions = self.by_user.get(ev.account)  # type: ignore[attr-defined]
                 if not sessions:
                     continue
@@ -812,6 +884,34 @@ class Gateway:
             ring = self.recent.get(symbol)
             if ring is not None:
                 ring.extend(rows)
+
+    def op_fills(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
+        market, limit, after = fills_request(self.config, msg)
+        picked: list[Any] = []
+        symbol: Any
+        trade_id: Any
+        for row in self.fills.rows(session.user):
+            if row.__class__ is ExecReport:  # a fill of this start, else a ledger row
+                symbol, trade_id = row.market, row.trade_id
+            else:
+                symbol, trade_id = row["market"], row["trade_id"]
+            if (market is None or symbol == market) and (after is None or trade_id > after):
+                picked.append(row)
+        # After a trade id: the first ``limit`` (page forward with the last one's id);
+        # otherwise the last ``limit``.
+        picked = picked[:limit] if after is not None else picked[-limit:]
+        fmt = self.fmt
+        rows = [fmt.fill(row) if row.__class__ is ExecReport else row for row in picked]
+        self._reply(session, rid, {"type": "fills", "market": market, "fills": rows})
+
+    def seed_fills(self, fills: dict[str, list[dict[str, Any]]]) -> None:
+        """Each user's last fills from before this start (the ledger's), oldest first; rows
+        of a market the exchange no longer lists are left out."""
+        markets = self.config.markets
+        for account, rows in fills.items():
+            for row in rows:
+                if row.get("market") in markets:
+                    self.fills.add(account, row)
 
     def op_subscribe(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
         channel, market = subscription(self.config, msg)

@@ -52,6 +52,9 @@ DEFAULT_DEPTH: Final = 20
 MAX_DEPTH: Final = 10_000
 RECENT_TRADES: Final = 100  # the last trades of each market that ``trades`` answers with
 DEFAULT_RECENT: Final = 50
+FILLS_PER_USER: Final = 1_000  # each user's last fills that ``fills`` answers with
+FILLS_KEPT: Final = 100_000  # and of all users together, so that memory stays bounded
+DEFAULT_FILLS: Final = 100
 MAX_USER_LENGTH: Final = 64
 MAX_CLIENT_ORDER_ID: Final = 64
 
@@ -353,6 +356,7 @@ OP_FIELD_LISTS: Final[dict[str, tuple[str, ...]]] = {
     "orders": ("market",), "cancel_all": ("market",),
     "book": ("market", "depth", "level"),
     "trades": ("market", "limit"),
+    "fills": ("market", "limit", "after"),
     "subscribe": ("channel", "market"), "unsubscribe": ("channel", "market"),
 }
 OPS: Final = frozenset(OP_FIELD_LISTS)
@@ -568,6 +572,20 @@ def trades_request(config: MarketConfig, msg: dict[str, Any]) -> tuple[Market, i
     return market, limit
 
 
+def fills_request(config: MarketConfig, msg: dict[str, Any]) -> tuple[str | None, int, int | None]:
+    """(market or None for all, limit, after: a trade id or None) of a ``fills`` request."""
+    market = optional_market(config, msg)
+    limit = msg.get("limit")
+    if limit is None:
+        limit = DEFAULT_FILLS
+    if type(limit) is not int or not 1 <= limit <= FILLS_PER_USER:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'limit' must be an integer from 1 to {FILLS_PER_USER:,}", "limit")
+    after = msg.get("after")
+    if after is not None and (type(after) is not int or after < 0):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'after' must be a trade id (an integer >= 0)", "after")
+    return market, limit, after
+
+
 def subscription(config: MarketConfig, msg: dict[str, Any]) -> tuple[str, Market]:
     channel = msg.get("channel")
     if channel not in CHANNELS:
@@ -695,6 +713,21 @@ class Formatter:
             "trade_id": ev.trade_id, "price": self.price(market, ev.price),
             "qty": self.qty(market, ev.qty), "taker_side": ev.taker_side, "ts": ev.ts,
         }
+
+    def fill(self, ev: ExecReport) -> dict[str, Any]:
+        """A row of a ``fills`` reply: one side of a trade as its owner saw it."""
+        market = ev.market
+        spec = self.markets[market]
+        row: dict[str, Any] = {
+            "trade_id": ev.trade_id, "order_id": ev.order_id, "market": market, "side": ev.side,
+            "price": self.price(market, ev.last_price),  # type: ignore[arg-type]
+            "qty": self.qty(market, ev.last_qty),  # type: ignore[arg-type]
+            "liquidity": ev.liquidity, "fee": spec.quote.format(ev.fee),  # type: ignore[arg-type]
+            "fee_asset": spec.quote.name, "ts": ev.ts,
+        }
+        if ev.client_order_id is not None:
+            row["client_order_id"] = ev.client_order_id
+        return row
 
     def book_update(self, ev: BookDelta) -> dict[str, Any]:
         market = ev.market

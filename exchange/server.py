@@ -32,13 +32,13 @@ from exchange.gateway import (
     hash_token,
 )
 from exchange.markets import ConfigError, InvalidValue, MarketConfig, default_config, load_config
-from exchange.protocol import DEFAULT_PORT, RECENT_TRADES
+from exchange.protocol import DEFAULT_PORT, FILLS_PER_USER, RECENT_TRADES
 from exchange.runtime import CommandLine, install_event_loop_policy, tune_gc, tune_malloc
 from exchange.types import STPMode
 from storage.audit import AuditLog
 from storage.follower import FollowerProcess, wait_for_old_follower
 from storage.journal import POLICIES as FSYNC_POLICIES
-from storage.ledger import recent_trades
+from storage.ledger import recent_fills, recent_trades, tail_records
 from storage.lock import DataDirBusy
 from storage.persistence import FollowerError, Persistence, RecoveryError
 
@@ -242,9 +242,12 @@ class ExchangeServer:
         self.engine = self.gateway.engine = engine
         self.gateway.last_ts = max(self.gateway.last_ts, self.persistence.recovered_ts)
         try:
-            self.gateway.seed_recent(recent_trades(self.ledger.path, RECENT_TRADES))
-        except OSError as exc:  # only the ``trades`` answers lack them; nothing else depends on it
+            records = tail_records(self.ledger.path)
+        except OSError as exc:  # only ``trades`` and ``fills`` lack them; nothing else depends on it
             log.warning("cannot read the last trades from the ledger: %s", exc)
+        else:
+            self.gateway.seed_recent(recent_trades(records, RECENT_TRADES))
+            self.gateway.seed_fills(recent_fills(records, FILLS_PER_USER))
         self.gateway.journal = self.journal
         self.journal.on_durable.append(self.gateway.release)
         self.journal.on_failure.append(self._journal_failed)

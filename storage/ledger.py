@@ -157,15 +157,14 @@ def whole_record(line: bytes) -> dict[str, Any] | None:
     return record if type(trade_id) is int and trade_id > 0 else None
 
 
-RECENT_TAIL = 1 << 20  # bytes of the ledger read back for the recent trades (~3,000 lines)
+RECENT_TAIL = 4 << 20  # bytes of the ledger read back at start-up (~13,000 lines)
 PUBLIC_FIELDS = ("trade_id", "price", "qty", "taker_side", "ts")
 
 
-def recent_trades(path: str | Path, per_market: int, tail: int = RECENT_TAIL) -> dict[str, list[dict[str, Any]]]:
-    """Each market's last ``per_market`` trades in the ledger's last ``tail`` bytes, oldest
-    first, as the public rows of a ``trades`` reply (who traded and the fees left out).
-    Bounded so that start-up does not grow with the ledger: a market that has not traded in
-    that stretch starts with none. A line that is not a whole record is skipped."""
+def tail_records(path: str | Path, tail: int = RECENT_TAIL) -> list[dict[str, Any]]:
+    """The whole trade records in the ledger's last ``tail`` bytes, oldest first: what a
+    start-up reads back for ``trades`` and ``fills``. Bounded so that start-up does not grow
+    with the ledger. A line that is not a whole record is skipped."""
     try:
         with open(path, "rb") as fh:
             size = fh.seek(0, os.SEEK_END)
@@ -173,18 +172,54 @@ def recent_trades(path: str | Path, per_market: int, tail: int = RECENT_TAIL) ->
             fh.seek(start)
             data = fh.read(size - start)
     except FileNotFoundError:
-        return {}
+        return []
     lines = data.split(b"\n")
     if start > 0:
         lines = lines[1:]  # up to the first newline: the end of a line begun before
-    out: dict[str, list[dict[str, Any]]] = {}
-    for line in reversed(lines):
+    records = []
+    for line in lines:
         record = whole_record(line) if line else None
-        if record is None:
-            continue
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def recent_trades(records: list[dict[str, Any]], per_market: int) -> dict[str, list[dict[str, Any]]]:
+    """Each market's last ``per_market`` of ``records``, oldest first, as the public rows of
+    a ``trades`` reply (who traded and the fees left out)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for record in reversed(records):
         rows = out.setdefault(str(record.get("market")), [])
         if len(rows) < per_market:
             rows.append({name: record.get(name) for name in PUBLIC_FIELDS})
+    for rows in out.values():
+        rows.reverse()
+    return out
+
+
+def recent_fills(records: list[dict[str, Any]], per_user: int) -> dict[str, list[dict[str, Any]]]:
+    """Each user's last ``per_user`` fills in ``records``, oldest first, as the rows of a
+    ``fills`` reply: a trade is a fill of its buyer and one of its seller (two of one user
+    who traded with itself, the taker's first, as the exchange reports them). The ledger
+    does not keep client order ids, so these rows have none."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for record in reversed(records):
+        sides = [("buy", record.get("buyer"), "buy_order_id"), ("sell", record.get("seller"), "sell_order_id")]
+        if record.get("taker_side") == "sell":
+            sides.reverse()
+        for side, account, order_key in reversed(sides):  # rows are reversed at the end
+            if type(account) is not str:
+                continue
+            rows = out.setdefault(account, [])
+            if len(rows) < per_user:
+                taker_here = record.get("taker_side") == side
+                rows.append({
+                    "trade_id": record.get("trade_id"), "order_id": record.get(order_key),
+                    "market": record.get("market"), "side": side, "price": record.get("price"),
+                    "qty": record.get("qty"), "liquidity": "taker" if taker_here else "maker",
+                    "fee": record.get("taker_fee" if taker_here else "maker_fee"),
+                    "fee_asset": record.get("fee_asset"), "ts": record.get("ts"),
+                })
     for rows in out.values():
         rows.reverse()
     return out

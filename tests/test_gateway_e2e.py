@@ -1594,6 +1594,102 @@ async def test_recent_trades_answer_without_login_per_market_and_survive_a_resta
         await w(srv.stop(), 10)
 
 
+FILL_FIELDS = ("trade_id", "order_id", "market", "side", "price", "qty", "liquidity", "fee", "fee_asset", "ts")
+
+
+def fill_of(report: dict[str, Any]) -> dict[str, Any]:
+    """The ``fills`` row a ``trade`` report stands for."""
+    row = {"trade_id": report["trade_id"], "order_id": report["order_id"], "market": report["market"],
+           "side": report["side"], "price": report["last_price"], "qty": report["last_qty"],
+           "liquidity": report["liquidity"], "fee": report["fee"], "fee_asset": report["fee_asset"],
+           "ts": report["ts"]}
+    if "client_order_id" in report:
+        row["client_order_id"] = report["client_order_id"]
+    return row
+
+
+async def test_fills_answer_each_user_its_own_fills_page_forward_and_survive_a_restart(tmp_path: Path) -> None:
+    """``fills``: the user's own fills, oldest first, as its trade reports told them (maker
+    and taker, fee, client order id); by market, the last N, or the first N after a trade
+    id; never another user's. After a restart the same fills come back from the ledger,
+    without the client order ids the ledger does not keep."""
+    config = ServerConfig(port=0, data_dir=tmp_path / "data", stats_interval=0)
+    srv = ExchangeServer(config)
+    await w(srv.start())
+    assert srv.address is not None
+    alice, bob, carol, anon = (ExchangeClient(*srv.address, timeout=T) for _ in range(4))
+    try:
+        for client, user in ((alice, "alice"), (bob, "bob"), (carol, "carol"), (anon, None)):
+            await w(client.connect())
+            if user:
+                await w(client.login(user))
+        resting = await w(alice.sell(BTC, "1.05", "100.00", client_order_id="a-1"))
+        buys = [bob.send("order", market=BTC, side="buy", type="limit", qty="0.01",
+                         price="100.00", tif="ioc", client_order_id=f"b-{i}") for i in range(7)]
+        for fut in buys:
+            assert (await w(fut))["exec_type"] == "new"
+        await w(bob.sell(ACME, "2", "100.00"))
+        await w(alice.buy(ACME, "2", "100.00"))
+        mine = {name: [fill_of(e) for e in execs(await settle(c), "trade")]
+                for name, c in (("alice", alice), ("bob", bob))}
+        assert len(mine["alice"]) == len(mine["bob"]) == 8
+        assert {f["liquidity"] for f in mine["bob"][:7]} == {"taker"}
+        assert [f["client_order_id"] for f in mine["bob"][:7]] == [f"b-{i}" for i in range(7)]
+        assert {(f["order_id"], f["liquidity"], f["client_order_id"]) for f in mine["alice"][:7]} == {
+            (resting["order_id"], "maker", "a-1")}
+        assert mine["alice"][-1]["market"] == ACME and mine["alice"][-1]["liquidity"] == "taker"
+
+        for name, client in (("alice", alice), ("bob", bob)):
+            reply = await w(client.fills())
+            assert reply["type"] == "fills" and reply["market"] is None
+            assert reply["fills"] == mine[name]  # all of them: fewer than the default 100
+        assert (await w(alice.fills(market=BTC)))["fills"] == mine["alice"][:7]
+        assert (await w(alice.fills(market=ACME, limit=5)))["fills"] == mine["alice"][7:]
+        assert (await w(bob.fills(limit=3)))["fills"] == mine["bob"][-3:]
+        first = mine["bob"][1]["trade_id"]
+        assert (await w(bob.fills(after=first, limit=3)))["fills"] == mine["bob"][2:5]
+        assert (await w(bob.fills(BTC, after=mine["bob"][6]["trade_id"])))["fills"] == []
+        assert (await w(carol.fills()))["fills"] == []  # nobody else's
+        assert (await w(bob.fills(limit=None, after=None)))["fills"] == mine["bob"]  # null: the default
+
+        for field, bad, text in (("limit", 0, "'limit' must be an integer from 1 to 1,000"),
+                                 ("limit", 1001, "from 1 to 1,000"), ("limit", "5", "from 1 to 1,000"),
+                                 ("limit", True, "from 1 to 1,000"), ("after", -1, "'after' must be a trade id"),
+                                 ("after", "7", "'after' must be a trade id"), ("user", "alice", "user")):
+            with pytest.raises(ExchangeError) as info:
+                await w(bob.request("fills", **{field: bad}))
+            assert info.value.code == "bad_request" and text in str(info.value), (field, bad)
+        with pytest.raises(ExchangeError) as info:
+            await w(bob.request("fills", market="NOPE-USD"))
+        assert info.value.code == "unknown_market"
+        with pytest.raises(ExchangeError) as info:
+            await w(anon.request("fills"))
+        assert info.value.code == "not_logged_in"
+    finally:
+        for client in (alice, bob, carol, anon):
+            await w(client.close())
+        await w(srv.stop(), 10)
+
+    srv, anon = await started(config)
+    try:
+        await w(anon.login("alice"))
+        assert (await w(anon.fills()))["fills"] == [
+            {k: f[k] for k in FILL_FIELDS} for f in mine["alice"]]
+        bob = ExchangeClient(*srv.address, timeout=T)  # type: ignore[misc]
+        await w(bob.connect())
+        await w(bob.login("bob"))
+        assert (await w(bob.fills(after=first, limit=3)))["fills"] == [
+            {k: f[k] for k in FILL_FIELDS} for f in mine["bob"][2:5]]
+        await w(bob.buy(BTC, "0.01", "100.00", tif="ioc", client_order_id="b-late"))
+        late = (await w(bob.fills(limit=2)))["fills"]
+        assert late[0] == {k: mine["bob"][-1][k] for k in FILL_FIELDS}
+        assert late[1]["client_order_id"] == "b-late" and late[1]["trade_id"] > mine["bob"][-1]["trade_id"]
+        await w(bob.close())
+    finally:
+        await w(anon.close())
+        await w(srv.stop(), 10)
+
+
 async def test_null_optional_fields_of_book_and_trades_mean_their_defaults(server, raws, connect) -> None:
     alice, bob = await w(connect("alice")), await w(connect("bob"))
     await w(alice.sell(BTC, "1", "100.00"))

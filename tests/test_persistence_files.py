@@ -11,6 +11,7 @@ import errno
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -440,21 +441,24 @@ def test_an_aio_fdatasync_goes_to_the_descriptor_it_is_given_each_time(tmp_path:
 
 
 def test_recent_trades_read_only_the_ledgers_tail_and_keep_whole_public_records(tmp_path: Path) -> None:
-    from storage.ledger import recent_trades
+    from storage.ledger import recent_trades, tail_records
+
+    def recent(path: Path, per_market: int, **kw: Any) -> dict[str, list[dict[str, Any]]]:
+        return recent_trades(tail_records(path, **kw), per_market)
 
     path = tmp_path / "trades.jsonl"
-    assert recent_trades(path, 3) == {}
+    assert recent(path, 3) == {}
     lines = [orjson.dumps({"trade_id": i, "market": "ACME-USD" if i % 4 == 0 else "BTC-USD",
                            "price": f"{100 + i}.00", "qty": "1", "buyer": "alice", "seller": "bob",
                            "taker_side": "buy", "maker_fee": "0.01", "ts": 1000 + i}) + b"\n"
              for i in range(1, 41)]
     path.write_bytes(b"".join(lines) + b'{"trade_id":41,"market":"BTC')  # a torn last line
-    got = recent_trades(path, 3)
+    got = recent(path, 3)
     assert [r["trade_id"] for r in got["BTC-USD"]] == [37, 38, 39]
     assert [r["trade_id"] for r in got["ACME-USD"]] == [32, 36, 40]
     assert got["ACME-USD"][-1] == {"trade_id": 40, "price": "140.00", "qty": "1", "taker_side": "buy", "ts": 1040}
     tail = len(lines[-1]) * 2 + 10  # starts inside line 38: that line is not taken for a record
-    short = recent_trades(path, 5, tail=tail + len(b'{"trade_id":41,"market":"BTC'))
+    short = recent(path, 5, tail=tail + len(b'{"trade_id":41,"market":"BTC'))
     assert {m: [r["trade_id"] for r in rows] for m, rows in short.items()} == {"BTC-USD": [39], "ACME-USD": [40]}
     exact = sum(map(len, lines[-3:])) + len(b'{"trade_id":41,"market":"BTC')  # begins where line 38 does
-    assert [r["trade_id"] for r in recent_trades(path, 5, tail=exact)["BTC-USD"]] == [38, 39]
+    assert [r["trade_id"] for r in recent(path, 5, tail=exact)["BTC-USD"]] == [38, 39]

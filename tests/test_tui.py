@@ -50,6 +50,7 @@ from client.tui import (
     ShowMarkets,
     ShowOrders,
     ShowStatus,
+    ShowFills,
     ShowTrades,
     SwitchMarket,
     describe_report,
@@ -97,6 +98,9 @@ GOOD = [
     ("book 5", ShowBook(5)),
     ("trades", ShowTrades()),
     ("trades 3", ShowTrades(3)),
+    ("fills", ShowFills()),
+    ("fills 5", ShowFills(5)),
+    ("fills 99999", ShowFills(1000)),
     ("market acme-usd", SwitchMarket("ACME-USD")),
     ("market", SwitchMarket(None)),
     ("markets", ShowMarkets()),
@@ -322,6 +326,7 @@ async def test_trade_from_the_terminal_see_the_fill_cancel_and_quit(server, conn
         await term.type("balance", r"asset\s+available\s+locked[\s\S]*\nBTC\s+9\.00000000\s+0\.00000000")
         await term.type("book", r"BTC-USD order book \(seq \d+\)[\s\S]*\(no asks\)[\s\S]*bid\s+95\.00\s+0\.2500\s+1\s+<- yours")
         await term.type("trades", r"\d+\s+100\.00\s+1\.0000\s+buy \(taker\)")
+        await term.type("fills", rf"your fills \(oldest first\)(.*\n)+.*BTC-USD\s+{sell_id}\s+sell\s+1\.0000\s+100\.00\s+maker\s+[0-9.]+ USD")
         await term.type("history", r"your last 3 orders")
         await term.type("buy two", r"error: 'two' is not a positive quantity; usage: buy QTY @ PRICE")
 
