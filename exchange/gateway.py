@@ -273,6 +273,15 @@ class Session(asyncio.Protocol):
                 self.transport.close()
 
 
+def _trade_id(fill: Any) -> Any:
+    """A ``RecentFills`` row's trade id: a fill of this start, else a ledger row."""
+    return fill.trade_id if fill.__class__ is ExecReport else fill["trade_id"]
+
+
+def _market(fill: Any) -> Any:
+    return fill.market if fill.__class__ is ExecReport else fill["market"]
+
+
 class RecentFills:
     """Each user's last fills, for ``fills``: the engine's trade reports, formatted only when
     asked for, and ledger rows of before this start (``seed``), oldest first.
@@ -888,18 +897,16 @@ class Gateway:
     def op_fills(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
         market, limit, after = fills_request(self.config, msg)
         picked: list[Any] = []
-        symbol: Any
-        trade_id: Any
         for row in self.fills.rows(session.user):
-            if row.__class__ is ExecReport:  # a fill of this start, else a ledger row
-                symbol, trade_id = row.market, row.trade_id
-            else:
-                symbol, trade_id = row["market"], row["trade_id"]
-            if (market is None or symbol == market) and (after is None or trade_id > after):
+            if (market is None or _market(row) == market) and (after is None or _trade_id(row) > after):
                 picked.append(row)
-        # After a trade id: the first ``limit`` (page forward with the last one's id);
+        # After a trade id: the first ``limit`` (page forward with the last one's id), and
+        # the other side of a trade with itself, which the next page's ``after`` would skip;
         # otherwise the last ``limit``.
-        picked = picked[:limit] if after is not None else picked[-limit:]
+        if after is None:
+            picked = picked[-limit:]
+        elif len(picked) > limit:
+            picked = picked[:limit + 1] if _trade_id(picked[limit]) == _trade_id(picked[limit - 1]) else picked[:limit]
         fmt = self.fmt
         rows = [fmt.fill(row) if row.__class__ is ExecReport else row for row in picked]
         self._reply(session, rid, {"type": "fills", "market": market, "fills": rows})

@@ -1690,6 +1690,25 @@ async def test_fills_answer_each_user_its_own_fills_page_forward_and_survive_a_r
         await w(srv.stop(), 10)
 
 
+async def test_a_trade_with_oneself_is_two_fills_that_a_page_never_splits(server, connect) -> None:
+    carl = await w(connect("carl"))
+    sells = [await w(carl.sell(BTC, "0.01", f"{100 + i}.00")) for i in range(3)]
+    buy = await w(carl.request("order", market=BTC, side="buy", type="limit", qty="0.03",
+                                price="102.00", tif="ioc", stp="none"))
+    everything = (await w(carl.fills()))["fills"]
+    assert [(f["order_id"], f["liquidity"]) for f in everything] == [
+        pair for sell in sells for pair in ((buy["order_id"], "taker"), (sell["order_id"], "maker"))]
+    pages, after = [], 0
+    while True:
+        page = (await w(carl.fills(limit=1, after=after)))["fills"]
+        if not page:
+            break
+        pages.append(page)
+        after = page[-1]["trade_id"]
+    assert pages == [everything[0:2], everything[2:4], everything[4:6]]  # limit 1: both sides
+    assert (await w(carl.fills(limit=3)))["fills"] == everything[-3:]
+
+
 async def test_null_optional_fields_of_book_and_trades_mean_their_defaults(server, raws, connect) -> None:
     alice, bob = await w(connect("alice")), await w(connect("bob"))
     await w(alice.sell(BTC, "1", "100.00"))

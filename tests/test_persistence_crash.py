@@ -112,6 +112,12 @@ def conserved(state: dict[str, Any]) -> None:
         assert totals[asset] == net, asset
 
 
+def taker_first(trade: dict[str, Any]) -> list[tuple[int, str]]:
+    """A ledger line's (order id, user) of each side, the taker's first (as reports come)."""
+    buy, sell = (trade["buy_order_id"], trade["buyer"]), (trade["sell_order_id"], trade["seller"])
+    return [buy, sell] if trade["taker_side"] == "buy" else [sell, buy]
+
+
 @pytest.mark.parametrize(("seed", "fsync"), [(1, "batch"), (2, "batch"), (3, "off")])
 async def test_kill_9_under_load_loses_no_acknowledged_order_or_trade(
     tmp_path: Path, seed: int, fsync: str,
@@ -168,6 +174,16 @@ async def test_kill_9_under_load_loses_no_acknowledged_order_or_trade(
                     assert r["order_id"] in (trade["buy_order_id"], trade["sell_order_id"])
                     assert Decimal(trade["qty"]) == Decimal(r["last_qty"])
                     seen_filled[r["order_id"]] = max(seen_filled[r["order_id"]], Decimal(r["filled_qty"]))
+            # ``fills`` after the restart: exactly the user's sides of the ledger's trades,
+            # read back from it (paging forward; the ledger is far below the 4 MiB read).
+            fills: list[dict[str, Any]] = []
+            while True:
+                page = (await c.fills(limit=100, after=fills[-1]["trade_id"] if fills else 0))["fills"]
+                fills += page
+                if len(page) < 100:
+                    break
+            assert [(f["trade_id"], f["order_id"]) for f in fills] == [
+                (x["trade_id"], oid) for x in ledger for oid, who in taker_first(x) if who == t.user]
             for oid, ack in t.acked.items():
                 max_order_id = max(max_order_id, oid)
                 if oid in open_now:
