@@ -525,6 +525,37 @@ class SessionManager:
             self.save()
         return True
 
+    def add_fills(self, fills: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Record the fills of the exchange's ``fills`` reply that the history lacks (those
+        of orders that traded while this client was away); returns the records that gained
+        one. A fill goes to the record of its order id only if the record is that order:
+        same market and side, not older than the fill, and the same client order id when the
+        fill has one (an exchange restarted without its snapshot hands out ids again)."""
+        changed: list[dict[str, Any]] = []
+        for fill in fills:
+            record = self._by_id.get(fill.get("order_id"))  # type: ignore[arg-type]
+            if record is None or self._has_fill(record, fill.get("trade_id")):
+                continue
+            if (fill.get("market"), fill.get("side")) != (record.get("market"), record.get("side")):
+                continue
+            coid = fill.get("client_order_id")
+            if coid is not None and coid != record.get("client_order_id"):
+                continue
+            ts, created = fill.get("ts"), record.get("created_ts")
+            if type(ts) is not int or type(created) is not int or ts < created:
+                continue
+            record.setdefault("fills", []).append({
+                "trade_id": fill.get("trade_id"), "price": fill.get("price"), "qty": fill.get("qty"),
+                "liquidity": fill.get("liquidity"), "fee": fill.get("fee"),
+                "fee_asset": fill.get("fee_asset"), "ts": ts,
+            })
+            record["fills"].sort(key=lambda f: f.get("trade_id") or 0)
+            if not any(r is record for r in changed):
+                changed.append(record)
+        if changed and self.autosave:
+            self.save()
+        return changed
+
     def mark_gone(self, records: list[dict[str, Any]]) -> None:
         """These orders are no longer at the exchange, which cannot say how they ended:
         final as ``GONE``, so that they stop counting as open (their times are kept: a

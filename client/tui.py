@@ -56,7 +56,7 @@ from prompt_toolkit.styles import Style
 
 from client.client import ExchangeClient, ExchangeConnectionError, ExchangeError, patiently, port_number
 from client.session_manager import SessionError, SessionManager
-from exchange.protocol import DEFAULT_PORT, FILLS_PER_USER as MAX_FILLS, MAX_DEPTH, RECENT_TRADES
+from exchange.protocol import DEFAULT_PORT, FILLS_PER_USER, MAX_DEPTH, RECENT_TRADES
 from exchange.runtime import CommandLine
 
 log = logging.getLogger("client.tui")
@@ -338,7 +338,7 @@ def parse_command(line: str) -> Action:
         if name == "trades":
             return ShowTrades(n) if n else ShowTrades()
         if name == "fills":
-            return ShowFills(min(n, MAX_FILLS)) if n else ShowFills()
+            return ShowFills(min(n, FILLS_PER_USER)) if n else ShowFills()
         return ShowHistory(n) if n else ShowHistory()
     if name == "help":
         if len(args) > 1:
@@ -704,6 +704,7 @@ class TerminalApp:
         stale: list[dict[str, Any]] | None = None,
         settled: list[dict[str, Any]] | None = None,
         gone: list[dict[str, Any]] | None = None,
+        traded: list[dict[str, Any]] | None = None,
         refresh_interval: float = 0.5,
     ) -> None:
         self.client = client
@@ -723,6 +724,7 @@ class TerminalApp:
         self._stale = stale or []
         self._settled = settled or []
         self._gone = gone or []
+        self._traded = traded or []
         self._refresh_interval = refresh_interval
         self._coids = itertools.count(1)
         # Unique per client run (two terminals of a user share the history file, which
@@ -865,6 +867,10 @@ class TerminalApp:
         if self._settled:
             ended = _first_ten(self._settled, lambda r: f"{r.get('order_id')} {_how_it_ended(r)}")
             self.say(f"While this client was away: order {ended}")
+        if self._traded:
+            ids = _first_ten(self._traded, lambda r: str(r.get("order_id")))
+            self.say(f"While this client was away: order{'s' if len(self._traded) > 1 else ''} {ids} traded; "
+                     "their fills are now in your history")
         if self._gone:
             ids = _first_ten(self._gone, lambda r: str(r.get("order_id")))
             self.warn(f"orders {ids} ended while this client was away, and how could not be "
@@ -1452,6 +1458,21 @@ async def _ask_how_they_ended(
     return unanswered + rest, settled, unknown
 
 
+async def _record_missed_fills(client: ExchangeClient, history: SessionManager) -> list[dict[str, Any]]:
+    """Add to the history the fills its orders had while this client was away (the
+    exchange's last 1,000 of this user); returns the records that gained one. An exchange
+    without ``fills``, or one refusing it for the rate limit, adds nothing."""
+    try:
+        fills = (await client.fills(limit=FILLS_PER_USER)).get("fills") or []
+    except ExchangeConnectionError:
+        raise
+    except ExchangeError as exc:
+        if exc.code == "rate_limited":
+            await asyncio.sleep(RATE_LIMIT_PAUSE)
+        return []
+    return history.add_fills(fills)
+
+
 def _fail(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -1486,6 +1507,7 @@ async def run_client(options: ClientOptions, input: Input | None = None, output:
                 return EXIT_CONNECTION
             stale, settled, gone = await _ask_how_they_ended(
                 client, history, history.sync_open_orders(await patiently(client.orders)))
+            traded = await _record_missed_fills(client, history)
         except ExchangeConnectionError as exc:
             _fail(f"lost the connection to the exchange at {where} while starting: {exc.message}")
             return EXIT_CONNECTION
@@ -1505,7 +1527,7 @@ async def run_client(options: ClientOptions, input: Input | None = None, output:
         app = TerminalApp(
             client, options.user, options.market, markets, history, options.data_dir,
             input=input, output=output, funded=bool(reply.get("funded")), stale=stale, settled=settled, gone=gone,
-            refresh_interval=refresh_interval,
+            traded=traded, refresh_interval=refresh_interval,
         )
         return await app.run()
     finally:

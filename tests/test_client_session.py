@@ -460,3 +460,32 @@ def test_a_reused_id_without_client_ids_keeps_the_live_order(tmp_path: Path) -> 
     later = SessionManager("alice", tmp_path)
     later.apply(_report(1, None, "new", 1000))
     assert sorted(r["status"] for r in later.orders) == ["CANCELED", "NEW"]
+
+
+def test_fills_from_the_exchange_go_only_to_the_order_they_belong_to(tmp_path: Path) -> None:
+    """``add_fills`` (the start-up's fills of orders that traded while the client was away):
+    each once, sorted by trade id, and never to a record whose order id a restarted exchange
+    handed out again (another market or side, another client order id, or older)."""
+    history = SessionManager("alice", tmp_path)
+    history.apply(_report(1, "tui-a-1", "new", 100))
+    history.apply(_report(2, None, "new", 100))
+    history.apply(_report(1, "tui-a-1", "partially_filled", 150, "trade") | {"trade_id": 5, "last_qty": "0.5"})
+
+    def fill(oid: int, trade_id: int, ts: int, **extra: Any) -> dict[str, Any]:
+        return {"trade_id": trade_id, "order_id": oid, "market": "BTC-USD", "side": "buy", "price": "1",
+                "qty": "0.25", "liquidity": "maker", "fee": "0.01", "fee_asset": "USD", "ts": ts, **extra}
+
+    changed = history.add_fills([
+        fill(1, 5, 150, client_order_id="tui-a-1"),  # seen live already
+        fill(1, 7, 170, client_order_id="tui-a-1"),
+        fill(1, 6, 160),  # read back from the ledger: no client order id
+        fill(2, 8, 90),  # older than the order: another order with that id
+        fill(2, 9, 190, side="sell"),
+        fill(2, 10, 190, market="ACME-USD"),
+        fill(2, 11, 190, client_order_id="tui-x-9"),
+        fill(3, 12, 190),  # no such order here
+    ])
+    assert [r["order_id"] for r in changed] == [1]
+    stored_fills = [r["fills"] for r in SessionManager("alice", tmp_path).orders]  # saved
+    assert [[f["trade_id"] for f in fills] for fills in stored_fills] == [[5, 6, 7], []]
+    assert history.add_fills([fill(1, 7, 170)]) == []

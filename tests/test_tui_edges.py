@@ -132,15 +132,21 @@ async def test_orders_that_ended_while_away_are_settled_from_the_exchange(server
                                    r"\(0\.2500 of 1\.0000 filled\)")
         await term.screen.wait_for(rf"orders {forgotten} ended while this client was away, and how could not "
                                    r"be told for sure")
+        await term.screen.wait_for(rf"While this client was away: orders {filled}, {canceled} traded; their "
+                                   r"fills are now in your history")
         await term.type("orders", r"no open orders")
     records = {r["order_id"]: r for r in _records(data_dir, "alice")}
     assert (records[filled]["status"], records[filled]["filled"]) == ("FILLED", "1.0000")
     assert records[canceled]["status"] == "CANCELED"
     assert records[forgotten]["status"] == "GONE"
+    assert [(f["price"], f["qty"], f["liquidity"]) for f in records[filled]["fills"]] == [("90.00", "1.0000", "maker")]
+    assert [(f["price"], f["qty"]) for f in records[canceled]["fills"]] == [("80.00", "0.2500")]
+    assert records[forgotten]["fills"] == []
     async with Terminal(server, "alice", data_dir) as term:  # said once: nothing open is left to ask about
         await term.screen.wait_for(r"Order history: .*\(3 orders, 0 open\)")
         await term.type("history", rf"{forgotten}\s.*GONE")
-        assert "while this client was away" not in term.screen.text
+        assert "while this client was away" not in term.screen.text and "traded; their fills" not in term.screen.text
+    assert [len(r["fills"]) for r in _records(data_dir, "alice")] == [1, 1, 0]  # recorded once
 
 
 async def test_settling_at_start_up_stops_at_the_rate_limit_and_keeps_live_prices(server, connect, tmp_path: Path) -> None:
