@@ -410,9 +410,10 @@ class ExchangeClient:
     async def fills(self, market: str | None = None, limit: int | None = None, after: int | None = None) -> dict[str, Any]:
         """This user's last fills (of one market, or all), oldest first: the last ``limit``
         (100 by default, at most 1,000), or with ``after`` the first ``limit`` whose trade id
-        is above it, to page forward from a fill already seen. The exchange keeps each
-        user's last 1,000 (100,000 of all users) and reads the ledger's tail back at a
-        restart; the ledger holds them all."""
+        is above it, to page forward from a fill already seen. The answer's
+        ``complete_after`` is the trade id above which every fill of the user is there (the
+        exchange keeps at most 1,000 a user, among its last 100,000, and reads the ledger's
+        tail back at a restart; the ledger holds them all)."""
         return await self.request("fills", market=market, limit=limit, after=after)
 
     async def order_status(self, order_id: int | None = None, *, client_order_id: str | None = None) -> dict[str, Any]:

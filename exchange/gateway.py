@@ -283,67 +283,60 @@ def _market(fill: Any) -> Any:
 
 
 class RecentFills:
-    """Each user's last fills, for ``fills``: the engine's trade reports, formatted only when
-    asked for, and ledger rows of before this start (``seed``), oldest first.
+    """Each user's fills among the exchange's last ``kept`` (two a trade), at most
+    ``per_user`` of them, oldest first, for ``fills``: the engine's trade reports, formatted
+    only when asked for, and ledger rows of before this start (``seed``).
 
-    Bounded per user and in all (the oldest of all go first), so that an exchange open to
-    any user name holds a fixed amount however many trade. Not part of the state: the ledger
-    holds every fill for good, and a restart reads its tail back.
+    Bounded per user and in all, in constant time a fill, so that an exchange open to any
+    user name holds a fixed amount however many trade. Not part of the state: the ledger
+    holds every fill for good, and a restart reads its tail back. ``complete_after`` says
+    from where a user's rows are whole, so that a client can tell a gap from an end.
     """
 
     def __init__(self, per_user: int = FILLS_PER_USER, kept: int = FILLS_KEPT) -> None:
+        if per_user < 1 or kept < 1:
+            raise ValueError("RecentFills keeps at least one fill")
         self.per_user = per_user
         self.kept = kept
         self.by_user: dict[str, deque[Any]] = {}
-        self.size = 0
-        # The owner of every kept row, oldest first, and of rows a user's own bound dropped
-        # since (``_stale`` counts those per user, so that the oldest of all is found exactly).
+        # Every fill above this trade id is kept, unless its user's own rows say otherwise
+        # (``_dropped``): raised by the start-up's read of the ledger and by users forgotten.
+        self.floor = 0
+        self._dropped: dict[str, int] = {}
+        # The last ``kept`` fills of all users, oldest first (rows a user's own bound has
+        # dropped since included), with their owners.
         self._owners: deque[str] = deque()
-        self._stale: dict[str, int] = {}
+        self._rows: deque[Any] = deque()
 
     def add(self, account: str, row: Any) -> None:
         mine = self.by_user.get(account)
         if mine is None:
             mine = self.by_user[account] = deque()
         mine.append(row)
-        self._owners.append(account)
         if len(mine) > self.per_user:
-            mine.popleft()
-            self._stale[account] = self._stale.get(account, 0) + 1
-        else:
-            self.size += 1
-        owners = self._owners
-        while self.size > self.kept:
-            owner = owners.popleft()
-            stale = self._stale.get(owner, 0)
-            if stale:
-                if stale == 1:
-                    del self._stale[owner]
+            self._dropped[account] = _trade_id(mine.popleft())
+        rows = self._rows
+        self._owners.append(account)
+        rows.append(row)
+        if len(rows) > self.kept:
+            owner = self._owners.popleft()
+            old = rows.popleft()
+            theirs = self.by_user.get(owner)
+            if theirs and theirs[0] is old:  # else the user's own bound dropped it already
+                theirs.popleft()
+                if theirs:
+                    self._dropped[owner] = _trade_id(old)
                 else:
-                    self._stale[owner] = stale - 1
-                continue
-            theirs = self.by_user[owner]
-            theirs.popleft()
-            self.size -= 1
-            if not theirs:
-                del self.by_user[owner]
-        if len(owners) > 2 * self.size + 1024:  # owners of rows a user's own bound dropped
-            self._compact()
-
-    def _compact(self) -> None:
-        stale = self._stale
-        kept: deque[str] = deque()
-        for owner in self._owners:
-            skip = stale.get(owner, 0)
-            if skip:
-                stale[owner] = skip - 1
-            else:
-                kept.append(owner)
-        self._owners = kept
-        self._stale = {}
+                    del self.by_user[owner]
+                    self._dropped.pop(owner, None)
+                    self.floor = max(self.floor, _trade_id(old))
 
     def rows(self, account: str | None) -> deque[Any]:
         return self.by_user.get(account or "") or deque()
+
+    def complete_after(self, account: str | None) -> int:
+        """The trade id above which every fill of ``account`` is kept."""
+        return max(self.floor, self._dropped.get(account or "", 0))
 
 
 class Gateway:
@@ -909,16 +902,19 @@ class Gateway:
             picked = picked[:limit + 1] if _trade_id(picked[limit]) == _trade_id(picked[limit - 1]) else picked[:limit]
         fmt = self.fmt
         rows = [fmt.fill(row) if row.__class__ is ExecReport else row for row in picked]
-        self._reply(session, rid, {"type": "fills", "market": market, "fills": rows})
+        self._reply(session, rid, {"type": "fills", "market": market, "fills": rows,
+                                   "complete_after": self.fills.complete_after(session.user)})
 
-    def seed_fills(self, fills: dict[str, list[dict[str, Any]]]) -> None:
-        """Each user's last fills from before this start (the ledger's), oldest first; rows
-        of a market the exchange no longer lists are left out."""
+    def seed_fills(self, fills: list[tuple[str, dict[str, Any]]], floor: int) -> None:
+        """The fills from before this start that the ledger's tail holds (user, row), in
+        trade order; ``floor``: the trade id at or below which the read found none (where
+        the tail begins). Fills of a market the exchange no longer lists are left out."""
+        table = self.fills
+        table.floor = max(table.floor, floor)
         markets = self.config.markets
-        for account, rows in fills.items():
-            for row in rows:
-                if row.get("market") in markets:
-                    self.fills.add(account, row)
+        for account, row in fills:
+            if row.get("market") in markets:
+                table.add(account, row)
 
     def op_subscribe(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
         channel, market = subscription(self.config, msg)

@@ -32,7 +32,7 @@ from exchange.gateway import (
     hash_token,
 )
 from exchange.markets import ConfigError, InvalidValue, MarketConfig, default_config, load_config
-from exchange.protocol import DEFAULT_PORT, FILLS_PER_USER, RECENT_TRADES
+from exchange.protocol import DEFAULT_PORT, RECENT_TRADES
 from exchange.runtime import CommandLine, install_event_loop_policy, tune_gc, tune_malloc
 from exchange.types import STPMode
 from storage.audit import AuditLog
@@ -245,9 +245,11 @@ class ExchangeServer:
             records = tail_records(self.ledger.path)
         except OSError as exc:  # only ``trades`` and ``fills`` lack them; nothing else depends on it
             log.warning("cannot read the last trades from the ledger: %s", exc)
-        else:
-            self.gateway.seed_recent(recent_trades(records, RECENT_TRADES))
-            self.gateway.seed_fills(recent_fills(records, FILLS_PER_USER))
+            records = []
+        self.gateway.seed_recent(recent_trades(records, RECENT_TRADES))
+        # Fills at or below the first trade read back are not known here: not whole.
+        floor = records[0]["trade_id"] - 1 if records else engine.next_trade_id - 1
+        self.gateway.seed_fills(recent_fills(records), floor)
         self.gateway.journal = self.journal
         self.journal.on_durable.append(self.gateway.release)
         self.journal.on_failure.append(self._journal_failed)

@@ -197,31 +197,27 @@ def recent_trades(records: list[dict[str, Any]], per_market: int) -> dict[str, l
     return out
 
 
-def recent_fills(records: list[dict[str, Any]], per_user: int) -> dict[str, list[dict[str, Any]]]:
-    """Each user's last ``per_user`` fills in ``records``, oldest first, as the rows of a
-    ``fills`` reply: a trade is a fill of its buyer and one of its seller (two of one user
-    who traded with itself, the taker's first, as the exchange reports them). The ledger
-    does not keep client order ids, so these rows have none."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    for record in reversed(records):
-        sides = [("buy", record.get("buyer"), "buy_order_id"), ("sell", record.get("seller"), "sell_order_id")]
-        if record.get("taker_side") == "sell":
-            sides.reverse()
-        for side, account, order_key in reversed(sides):  # rows are reversed at the end
+def recent_fills(records: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """The fills in ``records`` as (user, row of a ``fills`` reply), in trade order: a trade
+    is a fill of its buyer and one of its seller, the taker's first, as the exchange reports
+    them (two of one user who traded with itself). The ledger does not keep client order
+    ids, so these rows have none."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for record in records:
+        taker = record.get("taker_side")
+        sides = (("buy", "buyer", "buy_order_id"), ("sell", "seller", "sell_order_id"))
+        for side, who, order_key in (sides if taker == "buy" else sides[::-1]):
+            account = record.get(who)
             if type(account) is not str:
                 continue
-            rows = out.setdefault(account, [])
-            if len(rows) < per_user:
-                taker_here = record.get("taker_side") == side
-                rows.append({
-                    "trade_id": record.get("trade_id"), "order_id": record.get(order_key),
-                    "market": record.get("market"), "side": side, "price": record.get("price"),
-                    "qty": record.get("qty"), "liquidity": "taker" if taker_here else "maker",
-                    "fee": record.get("taker_fee" if taker_here else "maker_fee"),
-                    "fee_asset": record.get("fee_asset"), "ts": record.get("ts"),
-                })
-    for rows in out.values():
-        rows.reverse()
+            is_taker = taker == side
+            out.append((account, {
+                "trade_id": record.get("trade_id"), "order_id": record.get(order_key),
+                "market": record.get("market"), "side": side, "price": record.get("price"),
+                "qty": record.get("qty"), "liquidity": "taker" if is_taker else "maker",
+                "fee": record.get("taker_fee" if is_taker else "maker_fee"),
+                "fee_asset": record.get("fee_asset"), "ts": record.get("ts"),
+            }))
     return out
 
 

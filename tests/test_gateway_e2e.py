@@ -1643,6 +1643,7 @@ async def test_fills_answer_each_user_its_own_fills_page_forward_and_survive_a_r
             reply = await w(client.fills())
             assert reply["type"] == "fills" and reply["market"] is None
             assert reply["fills"] == mine[name]  # all of them: fewer than the default 100
+            assert reply["complete_after"] == 0  # and nothing was ever dropped
         assert (await w(alice.fills(market=BTC)))["fills"] == mine["alice"][:7]
         assert (await w(alice.fills(market=ACME, limit=5)))["fills"] == mine["alice"][7:]
         assert (await w(bob.fills(limit=3)))["fills"] == mine["bob"][-3:]
@@ -1687,6 +1688,56 @@ async def test_fills_answer_each_user_its_own_fills_page_forward_and_survive_a_r
         await w(bob.close())
     finally:
         await w(anon.close())
+        await w(srv.stop(), 10)
+
+
+async def test_fills_say_from_where_they_are_whole_when_the_exchange_kept_fewer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client paging forward from a fill the exchange no longer holds can tell the gap
+    from the end: ``complete_after`` is the trade id above which every fill is there, after
+    the table's bounds dropped some, and after a restart read back only the ledger's tail."""
+    from exchange import server as server_module
+    from exchange.gateway import RecentFills
+    from storage.ledger import tail_records
+
+    config = ServerConfig(port=0, data_dir=tmp_path / "data", stats_interval=0)
+    srv, alice = await started(config)
+    srv.gateway.fills = RecentFills(per_user=3, kept=100)
+    try:
+        await w(alice.login("alice"))
+        await w(alice.sell(BTC, "1", "100.00"))
+        bob = ExchangeClient(*srv.address, timeout=T)  # type: ignore[misc]
+        await w(bob.connect())
+        await w(bob.login("bob"))
+        trades = []
+        for _ in range(5):
+            await w(bob.buy(BTC, "0.01", "100.00"))
+            trades.append(await w(next_exec(bob, "trade")))
+        ids = [t["trade_id"] for t in trades]
+        reply = await w(bob.fills(after=ids[0]))
+        assert [f["trade_id"] for f in reply["fills"]] == ids[2:]  # ids[1] is gone: a gap
+        assert reply["complete_after"] == ids[1]
+        await w(bob.close())
+    finally:
+        await w(alice.close())
+        await w(srv.stop(), 10)
+
+    # The restart reads back only the last lines of the ledger (a tail of 700 bytes here).
+    monkeypatch.setattr(server_module, "tail_records", lambda path: tail_records(path, tail=700))
+    srv, bob = await started(config)
+    try:
+        await w(bob.login("bob"))
+        reply = await w(bob.fills())
+        kept = [f["trade_id"] for f in reply["fills"]]
+        assert kept and kept == ids[-len(kept):] and len(kept) < len(ids)
+        assert reply["complete_after"] == kept[0] - 1
+        carol = ExchangeClient(*srv.address, timeout=T)  # type: ignore[misc]
+        await w(carol.connect())
+        await w(carol.login("carol"))  # never traded, but the exchange cannot vouch for before
+        assert (await w(carol.fills()))["complete_after"] == kept[0] - 1
+        await w(carol.close())
+    finally:
+        await w(bob.close())
         await w(srv.stop(), 10)
 
 

@@ -15,31 +15,39 @@ from storage.ledger import recent_fills, tail_records
 @settings(max_examples=300, deadline=None)
 @given(owners=st.lists(st.sampled_from("abcdefg"), max_size=400), kept=st.integers(1, 25),
        per_user=st.integers(1, 10))
-def test_the_table_is_each_users_last_fills_then_the_newest_of_those(owners: list[str], kept: int,
-                                                                      per_user: int) -> None:
-    """Of each user's last ``per_user`` fills, the newest ``kept`` of all, oldest first; no
-    queue outlives its user's last kept fill."""
+def test_the_table_is_each_users_fills_among_the_last_of_all_and_says_where_it_is_whole(
+        owners: list[str], kept: int, per_user: int) -> None:
+    """Of the last ``kept`` fills of all, each user's last ``per_user``, oldest first; no
+    queue outlives its user's last kept fill; and ``complete_after`` never claims a fill
+    that is not kept."""
     table = RecentFills(per_user, kept)
-    for n, owner in enumerate(owners):
-        table.add(owner, n)
-        last = {a: [i for i, x in enumerate(owners[:n + 1]) if x == a][-per_user:] for a in set(owners[:n + 1])}
-        expected = sorted(i for rows in last.values() for i in rows)[-kept:]
-        assert sorted(i for rows in table.by_user.values() for i in rows) == expected
-        for a, rows in table.by_user.items():
-            assert list(rows) == [i for i in expected if owners[i] == a] and rows
-        assert table.size == len(expected)
-        assert len(table._owners) <= 2 * table.size + 1024 + 1
+    for n, owner in enumerate(owners, 1):
+        table.add(owner, {"trade_id": n})
+        window = list(enumerate(owners[:n], 1))[-kept:]
+        for a in "abcdefg":
+            expected = [i for i, x in window if x == a][-per_user:]
+            assert [row["trade_id"] for row in table.rows(a)] == expected
+            assert (a in table.by_user) == bool(expected)
+            after = table.complete_after(a)
+            missing = [i for i, x in enumerate(owners[:n], 1) if x == a and i not in expected]
+            assert all(i <= after for i in missing), (a, after, missing)
+            assert after <= n
+        assert len(table._rows) == len(table._owners) == min(n, kept)
+    for a in "abcdefg":  # whole from the start while nothing was dropped
+        if len(owners) <= kept and owners.count(a) <= per_user:
+            assert table.complete_after(a) == 0
 
 
 def test_one_user_trading_for_ever_holds_a_fixed_amount() -> None:
     table = RecentFills(per_user=10, kept=1_000)
-    for n in range(20_000):
-        table.add("alice", n)
-    assert list(table.by_user["alice"]) == list(range(19_990, 20_000))
-    assert len(table._owners) <= 2 * 10 + 1024 + 1
-    for n in range(5_000):  # and every fill a new user's, as open mode allows
-        table.add(f"user{n}", n)
-    assert table.size == len(table.by_user) == 1_000 and "alice" not in table.by_user
+    for n in range(1, 20_001):
+        table.add("alice", {"trade_id": n})
+    assert [r["trade_id"] for r in table.rows("alice")] == list(range(19_991, 20_001))
+    assert table.complete_after("alice") == 19_990 and len(table._rows) == 1_000
+    for n in range(20_001, 25_001):  # and every fill a new user's, as open mode allows
+        table.add(f"user{n}", {"trade_id": n})
+    assert len(table.by_user) == 1_000 and "alice" not in table.by_user
+    assert table.complete_after("alice") == table.complete_after("nobody") == 24_000
 
 
 def test_a_ledger_line_is_a_fill_of_its_buyer_and_of_its_seller(tmp_path) -> None:
@@ -54,7 +62,9 @@ def test_a_ledger_line_is_a_fill_of_its_buyer_and_of_its_seller(tmp_path) -> Non
          "taker_side": "sell", "maker_fee": "0.05", "taker_fee": "0.06"},
     ]
     path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records) + b'{"trade_id":4,"mar')
-    fills = recent_fills(tail_records(path), per_user=5)
+    fills: dict[str, list[dict]] = {}  # type: ignore[type-arg]
+    for account, fill in recent_fills(tail_records(path)):
+        fills.setdefault(account, []).append(fill)
     row = {"market": "BTC-USD", "price": "100.00", "qty": "0.5", "fee_asset": "USD", "ts": 7}
     assert fills["alice"] == [
         {"trade_id": 1, "order_id": 11, "side": "sell", "liquidity": "maker", "fee": "0.01", **row},
@@ -64,4 +74,6 @@ def test_a_ledger_line_is_a_fill_of_its_buyer_and_of_its_seller(tmp_path) -> Non
         (1, "buy", "taker", "0.02"), (3, "sell", "taker", "0.06")]
     assert [(f["order_id"], f["side"], f["liquidity"]) for f in fills["carl"]] == [
         (13, "sell", "taker"), (12, "buy", "maker")]  # a trade with itself: two, the taker's first
-    assert [f["trade_id"] for f in recent_fills(tail_records(path), per_user=1)["alice"]] == [3]
+    assert [(a, f["trade_id"], f["liquidity"]) for a, f in recent_fills(tail_records(path))] == [
+        ("bob", 1, "taker"), ("alice", 1, "maker"), ("carl", 2, "taker"), ("carl", 2, "maker"),
+        ("bob", 3, "taker"), ("alice", 3, "maker")]  # in trade order, as the exchange reported them
