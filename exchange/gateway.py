@@ -282,6 +282,40 @@ def _market(fill: Any) -> Any:
     return fill.market if fill.__class__ is ExecReport else fill["market"]
 
 
+class _Fifo:
+    """A first-in first-out queue on a list: appending and dropping the first are a few
+    native operations (a ``deque`` method is a generic call from compiled code); the list
+    sheds its dropped head now and then, which costs a move of the pointers kept."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self.start = 0
+
+    def size(self) -> int:
+        return len(self.items) - self.start
+
+    def push(self, item: Any) -> None:
+        self.items.append(item)
+
+    def first(self) -> Any:
+        return self.items[self.start]
+
+    def pop_first(self) -> Any:
+        items = self.items
+        start = self.start
+        item = items[start]
+        items[start] = None
+        start += 1
+        if start >= 64 and start * 2 >= len(items):
+            del items[:start]
+            start = 0
+        self.start = start
+        return item
+
+    def values(self) -> list[Any]:
+        return self.items[self.start:]
+
+
 class RecentFills:
     """Each user's fills among the exchange's last ``kept`` (two a trade), at most
     ``per_user`` of them, oldest first, for ``fills``: the engine's trade reports, formatted
@@ -298,41 +332,42 @@ class RecentFills:
             raise ValueError("RecentFills keeps at least one fill")
         self.per_user = per_user
         self.kept = kept
-        self.by_user: dict[str, deque[Any]] = {}
+        self.by_user: dict[str, _Fifo] = {}
         # Every fill above this trade id is kept, unless its user's own rows say otherwise
         # (``_dropped``): raised by the start-up's read of the ledger and by users forgotten.
         self.floor = 0
         self._dropped: dict[str, int] = {}
         # The last ``kept`` fills of all users, oldest first (rows a user's own bound has
         # dropped since included), with their owners.
-        self._owners: deque[str] = deque()
-        self._rows: deque[Any] = deque()
+        self._owners = _Fifo()
+        self._rows = _Fifo()
 
     def add(self, account: str, row: Any) -> None:
         mine = self.by_user.get(account)
         if mine is None:
-            mine = self.by_user[account] = deque()
-        mine.append(row)
-        if len(mine) > self.per_user:
-            self._dropped[account] = _trade_id(mine.popleft())
+            mine = self.by_user[account] = _Fifo()
+        mine.push(row)
+        if mine.size() > self.per_user:
+            self._dropped[account] = _trade_id(mine.pop_first())
         rows = self._rows
-        self._owners.append(account)
-        rows.append(row)
-        if len(rows) > self.kept:
-            owner = self._owners.popleft()
-            old = rows.popleft()
+        self._owners.push(account)
+        rows.push(row)
+        if rows.size() > self.kept:
+            owner: str = self._owners.pop_first()
+            old = rows.pop_first()
             theirs = self.by_user.get(owner)
-            if theirs and theirs[0] is old:  # else the user's own bound dropped it already
-                theirs.popleft()
-                if theirs:
+            if theirs is not None and theirs.first() is old:  # else the user's own bound dropped it
+                theirs.pop_first()
+                if theirs.size():
                     self._dropped[owner] = _trade_id(old)
                 else:
                     del self.by_user[owner]
                     self._dropped.pop(owner, None)
                     self.floor = max(self.floor, _trade_id(old))
 
-    def rows(self, account: str | None) -> deque[Any]:
-        return self.by_user.get(account or "") or deque()
+    def rows(self, account: str | None) -> list[Any]:
+        mine = self.by_user.get(account or "")
+        return mine.values() if mine is not None else []
 
     def complete_after(self, account: str | None) -> int:
         """The trade id above which every fill of ``account`` is kept."""

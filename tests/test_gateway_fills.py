@@ -32,7 +32,7 @@ def test_the_table_is_each_users_fills_among_the_last_of_all_and_says_where_it_i
             missing = [i for i, x in enumerate(owners[:n], 1) if x == a and i not in expected]
             assert all(i <= after for i in missing), (a, after, missing)
             assert after <= n
-        assert len(table._rows) == len(table._owners) == min(n, kept)
+        assert table._rows.size() == table._owners.size() == min(n, kept)
     for a in "abcdefg":  # whole from the start while nothing was dropped
         if len(owners) <= kept and owners.count(a) <= per_user:
             assert table.complete_after(a) == 0
@@ -43,7 +43,8 @@ def test_one_user_trading_for_ever_holds_a_fixed_amount() -> None:
     for n in range(1, 20_001):
         table.add("alice", {"trade_id": n})
     assert [r["trade_id"] for r in table.rows("alice")] == list(range(19_991, 20_001))
-    assert table.complete_after("alice") == 19_990 and len(table._rows) == 1_000
+    assert table.complete_after("alice") == 19_990 and table._rows.size() == 1_000
+    assert len(table._rows.items) <= 2 * 1_000 + 64 and len(table.by_user["alice"].items) <= 2 * 10 + 64
     for n in range(20_001, 25_001):  # and every fill a new user's, as open mode allows
         table.add(f"user{n}", {"trade_id": n})
     assert len(table.by_user) == 1_000 and "alice" not in table.by_user
