@@ -362,14 +362,17 @@ class ExchangeClient:
     async def place(
         self, market: str, side: str, qty: Any, price: Any = None, type: str | None = None,
         tif: str | None = None, post_only: bool | None = None, stp: str | None = None,
-        client_order_id: str | None = None, raise_on_reject: bool = True,
+        client_order_id: str | None = None, raise_on_reject: bool = True, quote_qty: Any = None,
     ) -> dict[str, Any]:
-        """Place an order; returns its first report (``new``). Rejections raise by default."""
+        """Place an order; returns its first report (``new``). Rejections raise by default.
+        A market order may be sized by ``quote_qty`` instead of ``qty`` (None): the most a
+        buy spends, fee included, or a sell sells for; its ``new`` report says the size."""
         if type is None:
             type = "limit" if price is not None else "market"
         report = await self.request(
             "order", market=market, side=side, type=type, qty=_text(qty), price=_text(price),
             tif=tif, post_only=post_only, stp=stp, client_order_id=client_order_id,
+            quote_qty=_text(quote_qty),
         )
         if raise_on_reject and report.get("exec_type") == "rejected":
             raise OrderRejectedError(report)

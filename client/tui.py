@@ -72,11 +72,12 @@ EXIT_INTERNAL = 3
 @dataclass(frozen=True)
 class Place:
     side: str  # buy | sell
-    qty: str
+    qty: str | None  # None for a market order sized by ``quote_qty``
     price: str | None  # None for a market order
     order_type: str  # limit | market
     tif: str  # gtc | ioc | fok
     post_only: bool = False
+    quote_qty: str | None = None  # "buy for 100": the most to spend (fee included) or sell for
 
 
 @dataclass(frozen=True)
@@ -180,10 +181,12 @@ Action = Union[
 
 # name -> (usage, one-line description); the order is the help's order.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "buy": ("buy QTY @ PRICE [ioc|fok|post]  |  buy QTY market",
-            "buy at a limit price (good till canceled unless ioc/fok/post) or at market"),
-    "sell": ("sell QTY @ PRICE [ioc|fok|post]  |  sell QTY market",
-             "sell at a limit price or at market ('mkt' works too)"),
+    "buy": ("buy QTY @ PRICE [ioc|fok|post]  |  buy QTY market  |  buy for AMOUNT [fok]",
+            "buy at a limit price (good till canceled unless ioc/fok/post) or at market; "
+            "'buy for 100': at market, spending at most 100 of the quote asset, fee included"),
+    "sell": ("sell QTY @ PRICE [ioc|fok|post]  |  sell QTY market  |  sell for AMOUNT [fok]",
+             "sell at a limit price or at market ('mkt' works too); 'sell for 100': at market, "
+             "for at most 100 of the quote asset"),
     "order": ("order", "place an order step by step: side, type, price, quantity"),
     "cancel": ("cancel ORDER_ID  |  cancel all [MARKET]",
                "cancel one of your open orders, or all of them (in every market unless one is named)"),
@@ -357,9 +360,17 @@ def parse_command(line: str) -> Action:
 
 
 def _parse_place(side: str, args: list[str]) -> Action:
-    hint = f"{usage(side)}   (e.g. {side} 2 @ 101.5, {side} 1 market)"
+    hint = f"{usage(side)}   (e.g. {side} 2 @ 101.5, {side} 1 market, {side} for 250)"
     if not args:
         return Invalid(hint)
+    if args[0].lower() == "for":
+        amount = args[1] if len(args) > 1 else ""
+        if not _positive(amount):
+            return Invalid(f"{_not_positive(amount, 'amount') if amount else 'an amount must follow for'}; {hint}")
+        options = [word.lower() for word in args[2:]]
+        if len(options) > 1 or (options and options[0] not in ("ioc", "fok")):
+            return Invalid(f"'{side} for' takes at most one option, ioc or fok; {hint}")
+        return Place(side, None, None, "market", options[0] if options else "ioc", False, amount)
     qty = args[0]
     if not _positive(qty):
         return Invalid(f"{_not_positive(qty, 'quantity')}; {hint}")
@@ -426,6 +437,8 @@ def _parse_modify(args: list[str]) -> Action:
 
 def place_text(action: Place) -> str:
     """The one-line command for a ``Place`` (what the guided order shows it as)."""
+    if action.quote_qty is not None:
+        return f"{action.side} for {action.quote_qty}" + (" fok" if action.tif == "fok" else "")
     if action.price is None:
         text = f"{action.side} {action.qty} market"
         return text + (" fok" if action.tif == "fok" else "")
@@ -1057,6 +1070,7 @@ class TerminalApp:
         try:
             report = await self.client.place(
                 self.market, action.side, action.qty, action.price, type=action.order_type,
+                quote_qty=action.quote_qty,
                 tif=action.tif, post_only=True if action.post_only else None,
                 client_order_id=coid, raise_on_reject=False,
             )

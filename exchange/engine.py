@@ -196,10 +196,16 @@ class Exchange:
         side, otype, tif, qty, price = cmd.side, cmd.order_type, cmd.tif, cmd.qty, cmd.price
         if side is not _BUY and side is not _SELL:
             return self._reject_order(cmd, RejectReason.INVALID_ORDER)
-        if type(qty) is not int or qty <= 0 or qty > MAX_UNITS:
+        quote_qty = cmd.quote_qty
+        if quote_qty is None:
+            if type(qty) is not int or qty <= 0 or qty > MAX_UNITS:
+                return self._reject_order(cmd, RejectReason.INVALID_QUANTITY)
+            if qty < ms.min_qty:
+                return self._reject_order(cmd, RejectReason.BELOW_MIN_QUANTITY)
+        elif otype is not _MARKET or qty is not None:  # sized by the quote: market orders only
+            return self._reject_order(cmd, RejectReason.INVALID_ORDER)
+        elif type(quote_qty) is not int or quote_qty <= 0 or quote_qty > MAX_UNITS:
             return self._reject_order(cmd, RejectReason.INVALID_QUANTITY)
-        if qty < ms.min_qty:
-            return self._reject_order(cmd, RejectReason.BELOW_MIN_QUANTITY)
         if tif is not _GTC and tif is not _IOC and tif is not _FOK:
             return self._reject_order(cmd, RejectReason.INVALID_ORDER)
         stp = cmd.stp or self.default_stp
@@ -233,6 +239,14 @@ class Exchange:
                 tif = _IOC  # a market order never rests
             # A market order never trades outside the band set at its arrival.
             lo, hi = band if band is not None else (0, NO_LIMIT)
+            if quote_qty is not None:
+                qty = self._quote_sized(ms, side, cmd.account, stp, lo, hi, quote_qty)
+                if not qty:
+                    reachable, _ = self._walk(ms, side, cmd.account, stp, lo, hi, 1)
+                    return self._reject_order(cmd, RejectReason.BELOW_MIN_QUANTITY if reachable
+                                              else RejectReason.NO_LIQUIDITY)
+                if qty < ms.min_qty:
+                    return self._reject_order(cmd, RejectReason.BELOW_MIN_QUANTITY)
         else:
             return self._reject_order(cmd, RejectReason.INVALID_ORDER)
 
@@ -332,6 +346,44 @@ class Exchange:
                     return qty, notional_ticks * ms.qptl
                 maker = maker.next
         return qty - need, notional_ticks * ms.qptl
+
+    def _quote_sized(
+        self, ms: MarketState, side: Side, account: str, stp: STPMode, lo: int, hi: int, quote_qty: int,
+    ) -> int:
+        """The quantity a market order sized by ``quote_qty`` takes: the most that the book
+        within [lo, hi] fills for at most that much quote, on a buy its taker fee included
+        (the fee is rounded up once on the whole notional, so the bound is exact). Walks the
+        path ``_walk`` (and so ``_match``) takes, touching nothing."""
+        if side is _BUY:
+            levels = ms.book.asks
+            # notional + ceil(notional * bps / BPS) <= quote_qty  <=>  notional * (BPS + bps) <= quote_qty * BPS
+            most = quote_qty * BPS // (BPS + ms.taker_bps)
+        else:
+            levels = ms.book.bids
+            most = quote_qty
+        if not levels:
+            return 0
+        budget = most // ms.qptl  # in price ticks x lots
+        prices = iter(levels) if side is _BUY else reversed(levels)
+        qty = 0
+        for price in prices:
+            if price > hi or price < lo:
+                break
+            level: Level = levels[price]
+            maker = level.head
+            while maker is not None:
+                if maker.account == account and stp is not _STP_NONE:
+                    if stp is _STP_RESTING:
+                        maker = maker.next
+                        continue
+                    return qty
+                can = budget // price
+                if can < maker.remaining:
+                    return qty + can
+                qty += maker.remaining
+                budget -= maker.remaining * price
+                maker = maker.next
+        return qty
 
     # ------------------------------------------------------------------ matching
 

@@ -347,7 +347,7 @@ def only_fields(msg: dict[str, Any], allowed: frozenset[str], what: str, listed:
 # sees the request: a misspelt "time_in_force" must not rest as GTC, nor an admin's deposit
 # with a misspelt "usr" credit the admin.
 OP_FIELD_LISTS: Final[dict[str, tuple[str, ...]]] = {
-    "order": ("market", "side", "type", "price", "qty", "tif", "post_only", "stp", "client_order_id"),
+    "order": ("market", "side", "type", "price", "qty", "quote_qty", "tif", "post_only", "stp", "client_order_id"),
     "cancel": ("order_id", "client_order_id"), "order_status": ("order_id", "client_order_id"),
     "modify": ("order_id", "price", "qty"), "queue_position": ("order_id",),
     "ping": (), "markets": (), "balances": (), "stats": (),
@@ -428,7 +428,15 @@ def order_command(config: MarketConfig, msg: dict[str, Any], account: str, ts: i
     if coid is not None:
         client_order_id_of(coid)
     raw_qty = msg.get("qty")
-    if raw_qty is None or type(raw_qty) not in _NUMBER_TYPES:
+    raw_quote = msg.get("quote_qty")
+    if raw_quote is not None:
+        if otype is not _MARKET:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "'quote_qty' sizes market orders only", "quote_qty")
+        if raw_qty is not None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "give 'qty' or 'quote_qty', not both", "quote_qty")
+        if type(raw_quote) not in _NUMBER_TYPES:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "'quote_qty' must be a decimal string", "quote_qty")
+    elif raw_qty is None or type(raw_qty) not in _NUMBER_TYPES:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'qty' is required (a decimal string)", "qty")
     raw_price = msg.get("price")
     if raw_price is not None and type(raw_price) not in _NUMBER_TYPES:
@@ -440,6 +448,12 @@ def order_command(config: MarketConfig, msg: dict[str, Any], account: str, ts: i
     market = config.markets.get(symbol)
     if market is None:
         raise OrderRejected(RejectReason.UNKNOWN_MARKET, f"no market {symbol[:40]!r}")
+    if raw_quote is not None:
+        try:
+            quote_qty = market.quote.to_units(raw_quote)
+        except InvalidValue as exc:
+            raise OrderRejected(RejectReason.INVALID_QUANTITY, f"quote_qty: {exc.message}") from None
+        return PlaceOrder(ts, account, symbol, side, otype, None, None, tif, post_only, stp, coid, quote_qty)
     try:
         qty = market.qty_lots(raw_qty)
         price = market.price_ticks(raw_price) if raw_price is not None else None

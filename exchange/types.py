@@ -125,11 +125,11 @@ class Command:
 class PlaceOrder(Command):
     __slots__ = (
         "market", "side", "order_type", "tif", "price", "qty",
-        "post_only", "stp", "client_order_id",
+        "post_only", "stp", "client_order_id", "quote_qty",
     )
     FIELDS: ClassVar[tuple[str, ...]] = (
         'ts', 'account', 'market', 'side', 'order_type', 'tif', 'price', 'qty', 'post_only', 'stp',
-        'client_order_id',
+        'client_order_id', 'quote_qty',
     )
 
     def __init__(
@@ -145,6 +145,9 @@ class PlaceOrder(Command):
         post_only: Unchecked = False,  # bool
         stp: Unchecked = None,  # STPMode, None for the exchange default
         client_order_id: Unchecked = None,  # str or None
+        # int, minor units of the quote asset: a market order sized by what it may spend
+        # (buy, fee included) or sell for; ``qty`` is then None and the engine sizes it.
+        quote_qty: Unchecked = None,
     ) -> None:
         self.ts = ts
         self.account = account
@@ -157,6 +160,7 @@ class PlaceOrder(Command):
         self.post_only = post_only
         self.stp = stp
         self.client_order_id = client_order_id
+        self.quote_qty = quote_qty
 
 
 class CancelOrder(Command):

@@ -118,6 +118,8 @@ def encode(command: Command) -> bytes:
         c: Any = command
         row: list[Any] = ["P", c.ts, c.account, c.market, c.side, c.order_type, c.qty, c.price,
                           c.tif, c.post_only, c.stp, c.client_order_id]
+        if c.quote_qty is not None:  # only then: records of other orders stay as they were
+            row.append(c.quote_qty)
     elif cls is CancelOrder:
         c = command
         row = ["C", c.ts, c.account, c.order_id]
@@ -158,9 +160,11 @@ def decode(payload: bytes) -> Command:
         raise ValueError(f"unknown payload tag {tag!r}")
     kind = row[0]
     if kind == "P":
-        _, ts, account, market, side, otype, qty, price, tif, post_only, stp, coid = row
+        _, ts, account, market, side, otype, qty, price, tif, post_only, stp, coid, *quote = row
+        if len(quote) > 1:
+            raise ValueError(f"an order record has {len(row)} fields")
         return PlaceOrder(ts, account, market, _SIDES[side], _TYPES[otype], qty, price,
-                          _TIFS[tif], post_only, _STPS[stp], coid)
+                          _TIFS[tif], post_only, _STPS[stp], coid, quote[0] if quote else None)
     if kind == "C":
         _, ts, account, order_id = row
         return CancelOrder(ts, account, order_id)

@@ -106,6 +106,14 @@ class Desk:
             self.next_ts(), account, market, side, OrderType.MARKET, self.lots(qty, market), **kw,
         ))
 
+    def market_for(self, account: str, side: Side, amount: str, market: str = BTC, **kw: Any) -> list[Event]:
+        """A market order sized by the quote: spend (buy, fee included) or sell for ``amount``."""
+        quote = self.ex.config.markets[market].quote.name
+        return self.do(PlaceOrder(
+            self.next_ts(), account, market, side, OrderType.MARKET, None,
+            quote_qty=self.units(quote, amount), **kw,
+        ))
+
     def rest(self, account: str, side: Side, qty: str, price: str, market: str = BTC, **kw: Any) -> int:
         """Place a GTC limit that must rest untouched; return its order id."""
         events = self.limit(account, side, qty, price, market, **kw)

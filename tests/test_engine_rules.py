@@ -711,6 +711,79 @@ def test_market_fok_is_all_or_nothing() -> None:
     assert sum(t.qty for t in trades(events)) == 3_000
 
 
+def test_a_market_buy_for_an_amount_spends_at_most_it_fee_included() -> None:
+    # asks: 0.5 @ 100.00 and 0.5 @ 101.00. 75 USD: 0.5 BTC (50.00) + fee leaves 24.99
+    # for 0.2474 BTC at 101.00 (24.9874; the whole 74.9874 + 2 bp = 75.002... too much, so
+    # the engine takes the most whose cost with the fee stays within 75).
+    desk = funded("seller")
+    desk.rest("seller", SELL, "0.5", "100.00")
+    desk.rest("seller", SELL, "0.5", "101.00")
+    desk.fund("buyer", "USD", "75")
+    events = desk.market_for("buyer", BUY, "75")
+    new = reports(events, ExecType.NEW)[0]
+    bought = sum(t.qty for t in trades(events))
+    assert new.qty == bought and new.order_type is OrderType.MARKET
+    spent = 75 * USD - desk.available("buyer", "USD")
+    assert spent <= 75 * USD and desk.locked("buyer", "USD") == 0
+    # The most: one lot more would cost more than 75 with its fee.
+    notional = 50 * USD + (bought - 5_000) * 10_100  # ticks x lots = micro-dollars here
+    assert notional + -(-notional * 2 // 10_000) == spent
+    more = notional + 10_100
+    assert more + -(-more * 2 // 10_000) > 75 * USD
+    assert [r.status for r in reports(events) if r.account == "buyer"][-1] is OrderStatus.FILLED
+
+
+def test_a_market_sell_for_an_amount_sells_for_at_most_it() -> None:
+    desk = funded("alice", "bob")
+    desk.rest("alice", BUY, "0.3", "100.00")
+    desk.rest("alice", BUY, "0.3", "90.00")
+    events = desk.market_for("bob", SELL, "40")  # 30.00 at 100.00, then 0.1111 at 90.00 (9.999)
+    assert [(t.price, t.qty) for t in trades(events)] == [(10_000, 3_000), (9_000, 1_111)]
+    assert reports(events, ExecType.NEW)[0].qty == 4_111
+
+
+def test_a_market_order_for_an_amount_stays_in_the_band_and_respects_stp() -> None:
+    desk = funded("alice", "bob")
+    desk.rest("alice", SELL, "0.1", "100.00")
+    desk.rest("bob", SELL, "0.1", "100.00")  # bob's own, behind alice's
+    desk.rest("alice", SELL, "0.1", "101.00")
+    # cancel_incoming: the sweep stops at bob's own order, and so does the sizing.
+    events = desk.market_for("bob", BUY, "1000", stp=STPMode.CANCEL_INCOMING)
+    assert reports(events, ExecType.NEW)[0].qty == 1_000 and sum(t.qty for t in trades(events)) == 1_000
+    # cancel_resting: bob's order is skipped (and canceled by the sweep).
+    events = desk.market_for("bob", BUY, "1000", stp=STPMode.CANCEL_RESTING)
+    assert reports(events, ExecType.NEW)[0].qty == 1_000 and [t.price for t in trades(events)] == [10_100]
+
+
+def test_a_market_order_for_an_amount_that_buys_nothing_is_rejected_and_changes_nothing() -> None:
+    desk = funded("alice", "bob")
+    desk.fund("carol", "USD", "5")
+    assert only_reject_reason(desk.market_for("bob", BUY, "10")) is RejectReason.NO_LIQUIDITY
+    desk.rest("alice", SELL, "0.1", "100.00")
+    before = fingerprint(desk.ex)
+    assert only_reject_reason(desk.market_for("bob", BUY, "0.01")) is RejectReason.BELOW_MIN_QUANTITY
+    assert only_reject_reason(desk.market_for("bob", SELL, "10")) is RejectReason.NO_LIQUIDITY
+    assert only_reject_reason(desk.market_for("carol", BUY, "6")) is RejectReason.INSUFFICIENT_FUNDS
+    assert fingerprint(desk.ex) == before
+
+
+@pytest.mark.parametrize(("fields", "reason"), [
+    ({"qty": 5}, RejectReason.INVALID_ORDER),  # a size and an amount
+    ({"order_type": OrderType.LIMIT, "price": 10_000}, RejectReason.INVALID_ORDER),
+    ({"quote_qty": 0}, RejectReason.INVALID_QUANTITY),
+    ({"quote_qty": 1.5}, RejectReason.INVALID_QUANTITY),
+    ({"quote_qty": "10"}, RejectReason.INVALID_QUANTITY),
+])
+def test_a_bad_order_for_an_amount_is_rejected(fields: dict[str, Any], reason: RejectReason) -> None:
+    desk = funded("alice", "bob")
+    desk.rest("alice", SELL, "0.1", "100.00")
+    values: dict[str, Any] = {"order_type": OrderType.MARKET, "qty": None, "price": None, "quote_qty": 10 * USD}
+    values.update(fields)
+    cmd = PlaceOrder(desk.next_ts(), "bob", BTC, BUY, values["order_type"], values["qty"], values["price"],
+                     quote_qty=values["quote_qty"])
+    assert only_reject_reason(desk.do(cmd)) is reason
+
+
 def test_book_is_never_crossed_after_a_sweep() -> None:
     desk = funded("alice", "bob")
     for price in ("100.00", "100.01", "100.02"):

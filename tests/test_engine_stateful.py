@@ -108,6 +108,11 @@ DOMAINS: dict[str, dict[str, tuple[Any, ...]]] = {
         # the index of open orders by client order id is exercised with shared ids too.
         "client_order_id": (None, None, "a", "b"),
     },
+    "spend": {  # a market order sized by the quote: amounts in cents, 0.01 to 10,000 USD
+        "account": ACCOUNTS, "market": MARKETS, "side": (Side.BUY, Side.SELL),
+        "cents": (1, 37, 500, 5_000, 12_345, 49_999, 250_000, 1_000_000),
+        "fok": (False, False, True), "stp": STP_CHOICES,
+    },
     "cancel": {
         "account": ACCOUNTS, "whose": ("own", "own", "own", "any", "gone"),
         "pick": tuple(range(64)),
@@ -303,7 +308,16 @@ class ExchangeMachine(RuleBasedStateMachine):
             oid = new[0].order_id
             mine = [t for t in trades if oid in (t.buy_order_id, t.sell_order_id)]
             assert all(t.taker_side == cmd.side for t in mine)
-            assert sum(t.qty for t in mine) <= cmd.qty
+            size = cmd.qty if cmd.quote_qty is None else new[0].qty
+            assert sum(t.qty for t in mine) <= size
+            if cmd.quote_qty is not None:
+                # Sized by the quote: a buy spends at most it, fee included; a sell sells for
+                # at most it; and it takes no less than what the book then offered for it.
+                spec = self.specs[cmd.market]
+                notional = sum(t.price * t.qty for t in mine) * spec.quote_per_tick_lot
+                fee = sum(t.taker_fee for t in mine)
+                assert (notional + fee if cmd.side is Side.BUY else notional) <= cmd.quote_qty
+                self._note("sized by the quote, " + ("filled" if sum(t.qty for t in mine) == size else "short"))
             if cmd.order_type is OrderType.LIMIT:
                 buy = cmd.side is Side.BUY
                 for t in mine:
@@ -324,7 +338,7 @@ class ExchangeMachine(RuleBasedStateMachine):
                     assert self.ex.book_l3(cmd.market) == books_before[cmd.market]
                     self._note("FOK expired")
                 else:
-                    assert final.status == "filled" and final.filled == cmd.qty
+                    assert final.status == "filled" and final.filled == size
                     self._note("FOK filled")
             if cmd.order_type is OrderType.MARKET:
                 assert oid not in self.ex.orders, "a market order rested"
@@ -454,6 +468,13 @@ class ExchangeMachine(RuleBasedStateMachine):
         offset = best - CENTER + (slack if side is Side.BUY else -slack)
         self.place(account, market, side, kind, offset, units, stp)
 
+    @rule(**strategies("spend"))
+    def spend(self, account: str, market: str, side: Side, cents: int, fok: bool, stp: STPMode | None) -> None:
+        self._run(PlaceOrder(
+            0, account, market, side, OrderType.MARKET, None, None,
+            TimeInForce.FOK if fok else TimeInForce.IOC, stp=stp, quote_qty=cents * 10_000,
+        ))
+
     @rule(**strategies("rest"))
     def rest(
         self, account: str, market: str, side: Side, away: int, units: int, post_only: bool,
@@ -508,7 +529,7 @@ TestExchangeStateful = ExchangeMachine.TestCase
 
 WALK_WEIGHTS = {
     "deposit": 8, "withdraw": 5, "bad_funding": 2, "place": 20, "take": 20, "rest": 20,
-    "cancel": 13, "modify": 12,
+    "cancel": 13, "modify": 12, "spend": 6,
 }
 
 

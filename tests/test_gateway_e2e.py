@@ -1760,6 +1760,27 @@ async def test_a_trade_with_oneself_is_two_fills_that_a_page_never_splits(server
     assert (await w(carl.fills(limit=3)))["fills"] == everything[-3:]
 
 
+async def test_a_market_order_sized_by_the_quote_over_the_wire(server, connect) -> None:
+    alice, bob = await w(connect("alice")), await w(connect("bob"))
+    await w(alice.sell(BTC, "0.5", "100.00"))
+    report = await w(bob.place(BTC, "buy", None, quote_qty="25.005"))  # 0.25 BTC and its 2 bp fee
+    assert (report["exec_type"], report["order_type"], report["qty"], report["tif"]) == ("new", "market", "0.2500", "ioc")
+    fill = await w(next_exec(bob, "trade", report["order_id"]))
+    assert (fill["last_qty"], fill["fee"], fill["status"]) == ("0.2500", "0.005000", "filled")
+    for fields, text in (({"type": "limit", "price": "100.00", "quote_qty": "10"}, "'quote_qty' sizes market orders only"),
+                         ({"type": "market", "qty": "0.1", "quote_qty": "10"}, "give 'qty' or 'quote_qty', not both"),
+                         ({"type": "market", "quote_qty": True}, "'quote_qty' must be a decimal string")):
+        with pytest.raises(ExchangeError) as info:
+            await w(bob.request("order", market=BTC, side="buy", **fields))
+        assert info.value.code == "bad_request" and text in str(info.value) and info.value.field == "quote_qty"
+    for amount, reason in (("0.0000001", "invalid_quantity"), ("-5", "invalid_quantity"),
+                           ("0.000001", "below_min_quantity")):
+        rejected = await w(bob.place(BTC, "buy", None, quote_qty=amount, raise_on_reject=False))
+        assert (rejected["exec_type"], rejected["reason"]) == ("rejected", reason), amount
+    rejected = await w(bob.place(ACME, "buy", None, quote_qty="10", raise_on_reject=False))
+    assert rejected["reason"] == "no_liquidity"
+
+
 async def test_null_optional_fields_of_book_and_trades_mean_their_defaults(server, raws, connect) -> None:
     alice, bob = await w(connect("alice")), await w(connect("bob"))
     await w(alice.sell(BTC, "1", "100.00"))

@@ -252,6 +252,27 @@ async def test_kill_9_recovers_everything_from_the_journal(engine: Engine) -> No
     assert await view(engine) == before
 
 
+async def test_orders_sized_by_the_quote_come_back_the_same_after_kill_9(engine: Engine) -> None:
+    """A market order sized by ``quote_qty`` is journaled as sent and sized by the engine:
+    recovery (and the follower, which writes the snapshots) size it again the same way."""
+    await engine.start()
+    clients = await place_resting_orders(engine)
+    alice, carol = clients["alice"], clients["carol"]
+    bought = await alice.place("BTC-USD", "buy", None, quote_qty="60")
+    await alice.ping()  # every report of the order has arrived before the answer
+    fills = [e for e in alice.pending_events()
+             if e.get("exec_type") == "trade" and e.get("order_id") == bought["order_id"]]
+    assert bought["order_type"] == "market" and Decimal(bought["qty"]) == sum(Decimal(f["last_qty"]) for f in fills)
+    spent = sum(Decimal(f["last_qty"]) * Decimal(f["last_price"]) + Decimal(f["fee"]) for f in fills)
+    assert Decimal("59.9") < spent <= Decimal("60")
+    sold = await carol.place("ACME-USD", "sell", None, quote_qty="200.00")
+    assert sold["qty"] == "2"  # bob's bid at 99.00: two shares for 198.00, three would be 297
+    before = await view(engine)
+    await engine.kill()
+    await engine.start()
+    assert await view(engine) == before
+
+
 async def test_a_cancel_all_answered_before_a_kill_9_stays_done(engine: Engine) -> None:
     """Each of its cancels is journaled; the answer leaves once they are durable."""
     await engine.start()

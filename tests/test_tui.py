@@ -75,6 +75,8 @@ GOOD = [
     ("sell 1 market", Place("sell", "1", None, "market", "ioc")),
     ("sell 1 mkt", Place("sell", "1", None, "market", "ioc")),
     ("buy 1 MARKET fok", Place("buy", "1", None, "market", "fok")),
+    ("buy for 250", Place("buy", None, None, "market", "ioc", False, "250")),
+    ("sell FOR 10.5 fok", Place("sell", None, None, "market", "fok", False, "10.5")),
     ("buy 5 @ 100 ioc", Place("buy", "5", "100", "limit", "ioc")),
     ("buy 1 @ 99 fok", Place("buy", "1", "99", "limit", "fok")),
     ("buy 1 @ 99 post", Place("buy", "1", "99", "limit", "gtc", True)),
@@ -138,6 +140,9 @@ BAD = [
     ("buy 2 @ 100 post ioc", "post-only order rests on the book"),
     ("sell 1 market post", "market order cannot be post-only"),
     ("sell 1 market gtc", "never rests on the book"),
+    ("buy for", "an amount must follow for"),
+    ("buy for ten", "'ten' is not a positive amount"),
+    ("buy for 10 post", "'buy for' takes at most one option, ioc or fok"),
     ("cancel", "usage: cancel ORDER_ID"),
     ("cancel abc", "usage: cancel ORDER_ID"),
     ("cancel 1 2", "usage: cancel ORDER_ID"),
@@ -328,6 +333,10 @@ async def test_trade_from_the_terminal_see_the_fill_cancel_and_quit(server, conn
         await term.type("trades", r"\d+\s+100\.00\s+1\.0000\s+buy \(taker\)")
         await term.type("fills", rf"your fills \(oldest first\)(.*\n)+.*BTC-USD\s+{sell_id}\s+sell\s+1\.0000\s+100\.00\s+maker\s+[0-9.]+ USD")
         await term.type("history", r"your last 3 orders")
+        await bob.sell("BTC-USD", "0.25", "100.00")
+        await term.type("buy for 25.005", r"NEW order \d+ accepted: BUY 0\.2500 BTC-USD at market")
+        await term.screen.wait_for(r"FILL order \d+: BOUGHT 0\.2500 BTC-USD @ 100\.00 \(taker, fee 0\.005000 USD\)",
+                                   after=term.mark)
         await term.type("buy two", r"error: 'two' is not a positive quantity; usage: buy QTY @ PRICE")
 
         term.keys.send_text("quit\r")
