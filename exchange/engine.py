@@ -313,12 +313,14 @@ class Exchange:
 
     def _walk(
         self, ms: MarketState, side: Side, account: str, stp: STPMode, lo: int, hi: int, qty: int,
+        budget: int = -1,
     ) -> tuple[int, int]:
         """Dry-run a sweep: (quantity that would fill, its notional), touching nothing.
 
         Follows exactly the path ``_match`` will take: own orders are skipped where STP
         would cancel them (cancel_resting) and end the sweep where it would stop the
-        incoming order (cancel_incoming, cancel_both).
+        incoming order (cancel_incoming, cancel_both). With a ``budget`` (price ticks x
+        lots) the sweep also ends where its notional would pass it.
         """
         levels = ms.book.asks if side is _BUY else ms.book.bids
         if not levels:
@@ -340,6 +342,10 @@ class Exchange:
                         continue
                     return qty - need, notional_ticks * ms.qptl
                 take = maker.remaining if maker.remaining < need else need
+                if budget >= 0:
+                    can = (budget - notional_ticks) // price
+                    if can < take:
+                        return qty - need + can, (notional_ticks + can * price) * ms.qptl
                 need -= take
                 notional_ticks += take * price
                 if not need:
@@ -352,38 +358,14 @@ class Exchange:
     ) -> int:
         """The quantity a market order sized by ``quote_qty`` takes: the most that the book
         within [lo, hi] fills for at most that much quote, on a buy its taker fee included
-        (the fee is rounded up once on the whole notional, so the bound is exact). Walks the
-        path ``_walk`` (and so ``_match``) takes, touching nothing."""
+        (the fee is rounded up once on the whole notional, so the bound is exact)."""
         if side is _BUY:
-            levels = ms.book.asks
             # notional + ceil(notional * bps / BPS) <= quote_qty  <=>  notional * (BPS + bps) <= quote_qty * BPS
             most = quote_qty * BPS // (BPS + ms.taker_bps)
         else:
-            levels = ms.book.bids
             most = quote_qty
-        if not levels:
-            return 0
-        budget = most // ms.qptl  # in price ticks x lots
-        prices = iter(levels) if side is _BUY else reversed(levels)
-        qty = 0
-        for price in prices:
-            if price > hi or price < lo:
-                break
-            level: Level = levels[price]
-            maker = level.head
-            while maker is not None:
-                if maker.account == account and stp is not _STP_NONE:
-                    if stp is _STP_RESTING:
-                        maker = maker.next
-                        continue
-                    return qty
-                can = budget // price
-                if can < maker.remaining:
-                    return qty + can
-                qty += maker.remaining
-                budget -= maker.remaining * price
-                maker = maker.next
-        return qty
+        filled, _ = self._walk(ms, side, account, stp, lo, hi, MAX_UNITS, most // ms.qptl)
+        return filled
 
     # ------------------------------------------------------------------ matching
 

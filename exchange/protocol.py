@@ -576,24 +576,24 @@ def optional_market(config: MarketConfig, msg: dict[str, Any]) -> str | None:
     return market
 
 
-def trades_request(config: MarketConfig, msg: dict[str, Any]) -> tuple[Market, int]:
-    market = market_of(config, msg)
+def _limit(msg: dict[str, Any], default: int, most: int) -> int:
+    """A request's ``limit``: rows wanted, from 1 to ``most`` (null: ``default``)."""
     limit = msg.get("limit")
     if limit is None:
-        limit = DEFAULT_RECENT
-    if type(limit) is not int or not 1 <= limit <= RECENT_TRADES:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'limit' must be an integer from 1 to {RECENT_TRADES}", "limit")
-    return market, limit
+        return default
+    if type(limit) is not int or not 1 <= limit <= most:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'limit' must be an integer from 1 to {most:,}", "limit")
+    return limit
+
+
+def trades_request(config: MarketConfig, msg: dict[str, Any]) -> tuple[Market, int]:
+    return market_of(config, msg), _limit(msg, DEFAULT_RECENT, RECENT_TRADES)
 
 
 def fills_request(config: MarketConfig, msg: dict[str, Any]) -> tuple[str | None, int, int | None]:
     """(market or None for all, limit, after: a trade id or None) of a ``fills`` request."""
     market = optional_market(config, msg)
-    limit = msg.get("limit")
-    if limit is None:
-        limit = DEFAULT_FILLS
-    if type(limit) is not int or not 1 <= limit <= FILLS_PER_USER:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'limit' must be an integer from 1 to {FILLS_PER_USER:,}", "limit")
+    limit = _limit(msg, DEFAULT_FILLS, FILLS_PER_USER)
     after = msg.get("after")
     if after is not None and (type(after) is not int or after < 0):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'after' must be a trade id (an integer >= 0)", "after")
