@@ -181,10 +181,10 @@ Action = Union[
 
 # name -> (usage, one-line description); the order is the help's order.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "buy": ("buy QTY @ PRICE [ioc|fok|post]  |  buy QTY market  |  buy for AMOUNT [fok]",
+    "buy": ("buy QTY @ PRICE [ioc|fok|post]  |  buy QTY market  |  buy for AMOUNT",
             "buy at a limit price (good till canceled unless ioc/fok/post) or at market; "
             "'buy for 100': at market, spending at most 100 of the quote asset, fee included"),
-    "sell": ("sell QTY @ PRICE [ioc|fok|post]  |  sell QTY market  |  sell for AMOUNT [fok]",
+    "sell": ("sell QTY @ PRICE [ioc|fok|post]  |  sell QTY market  |  sell for AMOUNT",
              "sell at a limit price or at market ('mkt' works too); 'sell for 100': at market, "
              "for at most 100 of the quote asset"),
     "order": ("order", "place an order step by step: side, type, price, quantity"),
@@ -367,10 +367,10 @@ def _parse_place(side: str, args: list[str]) -> Action:
         amount = args[1] if len(args) > 1 else ""
         if not _positive(amount):
             return Invalid(f"{_not_positive(amount, 'amount') if amount else 'an amount must follow for'}; {hint}")
-        options = [word.lower() for word in args[2:]]
-        if len(options) > 1 or (options and options[0] not in ("ioc", "fok")):
-            return Invalid(f"'{side} for' takes at most one option, ioc or fok; {hint}")
-        return Place(side, None, None, "market", options[0] if options else "ioc", False, amount)
+        if len(args) > 2:
+            return Invalid(f"'{side} for' takes no options: it trades what the book gives for the "
+                           f"amount now; {hint}")
+        return Place(side, None, None, "market", "ioc", False, amount)
     qty = args[0]
     if not _positive(qty):
         return Invalid(f"{_not_positive(qty, 'quantity')}; {hint}")
@@ -438,7 +438,7 @@ def _parse_modify(args: list[str]) -> Action:
 def place_text(action: Place) -> str:
     """The one-line command for a ``Place`` (what the guided order shows it as)."""
     if action.quote_qty is not None:
-        return f"{action.side} for {action.quote_qty}" + (" fok" if action.tif == "fok" else "")
+        return f"{action.side} for {action.quote_qty}"
     if action.price is None:
         text = f"{action.side} {action.qty} market"
         return text + (" fok" if action.tif == "fok" else "")
@@ -487,7 +487,7 @@ def clock(ts: Any) -> str:
 
 def _order_words(report: dict[str, Any]) -> str:
     side = str(report.get("side") or "?").upper()
-    qty = report.get("qty") or "?"
+    qty = report.get("qty") or (f"for {report['quote_qty']}" if report.get("quote_qty") else "?")
     market = report.get("market") or "?"
     if report.get("order_type") == "market" or (report.get("price") is None and report.get("order_type") != "limit"):
         return f"{side} {qty} {market} at market"

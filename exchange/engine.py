@@ -202,7 +202,9 @@ class Exchange:
                 return self._reject_order(cmd, RejectReason.INVALID_QUANTITY)
             if qty < ms.min_qty:
                 return self._reject_order(cmd, RejectReason.BELOW_MIN_QUANTITY)
-        elif otype is not _MARKET or qty is not None:  # sized by the quote: market orders only
+        elif otype is not _MARKET or qty is not None or tif is _FOK:
+            # Sized by the quote: market orders only, and sized to what the book fills now,
+            # so that FOK would change nothing.
             return self._reject_order(cmd, RejectReason.INVALID_ORDER)
         elif type(quote_qty) is not int or quote_qty <= 0 or quote_qty > MAX_UNITS:
             return self._reject_order(cmd, RejectReason.INVALID_QUANTITY)

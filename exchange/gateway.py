@@ -792,10 +792,13 @@ class Gateway:
 
         The report echoes the request's raw values; it changes no state and is not journaled.
         """
+        qty = reply.get("qty")
+        if qty is None and reply.get("quote_qty") is not None:
+            qty = f"for {reply['quote_qty']}"  # sized by the quote: the amount asked
         report = ExecReport(
             ExecType.REJECTED, None, user, reply.get("market"), reply.get("side"),
             reply.get("order_type"), reply.get("tif"), reply.get("client_order_id"),
-            reply.get("price"), reply.get("qty"), 0, 0, 0, OrderStatus.REJECTED, ts,
+            reply.get("price"), qty, 0, 0, 0, OrderStatus.REJECTED, ts,
             reason=reason,
         )
         for listener in self.listeners:

@@ -142,12 +142,12 @@ def decode_request(line: bytes) -> dict[str, Any]:
     if op not in OPS:
         raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {op[:40]!r}", "op", rid)
     if (msg.get("qty").__class__ is float or msg.get("price").__class__ is float
-            or msg.get("amount").__class__ is float):
+            or msg.get("amount").__class__ is float or msg.get("quote_qty").__class__ is float):
         _exact_numbers(line, msg, rid)
     return msg
 
 
-_VALUE_FIELDS: Final = ("price", "qty", "amount")
+_VALUE_FIELDS: Final = ("price", "qty", "quote_qty", "amount")
 
 
 class _Number:
@@ -322,6 +322,7 @@ _BUY: Final = Side.BUY
 _SELL: Final = Side.SELL
 _LIMIT: Final = OrderType.LIMIT
 _MARKET: Final = OrderType.MARKET
+_FOK: Final = TimeInForce.FOK
 _GTC: Final = TimeInForce.GTC
 _IOC: Final = TimeInForce.IOC
 _SIDES: Final = {"buy": _BUY, "sell": _SELL}
@@ -436,6 +437,9 @@ def order_command(config: MarketConfig, msg: dict[str, Any], account: str, ts: i
             raise ProtocolError(ErrorCode.BAD_REQUEST, "give 'qty' or 'quote_qty', not both", "quote_qty")
         if type(raw_quote) not in _NUMBER_TYPES:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "'quote_qty' must be a decimal string", "quote_qty")
+        if tif is _FOK:  # sized to what the book fills, it always would: say so, not ignore it
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "an order sized by 'quote_qty' is sized to what "
+                                "the book fills now, so 'fok' would change nothing: use ioc", "tif")
     elif raw_qty is None or type(raw_qty) not in _NUMBER_TYPES:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'qty' is required (a decimal string)", "qty")
     raw_price = msg.get("price")
@@ -706,7 +710,7 @@ class Formatter:
             "avg_price": None, "status": "rejected", "ts": ts, "reason": reason.value,
             "message": text,
         }
-        for name in ("price", "qty", "client_order_id"):
+        for name in ("price", "qty", "quote_qty", "client_order_id"):
             value = msg.get(name)
             if isinstance(value, (str, int, float)) and not isinstance(value, bool):
                 out[name] = str(value)[:64]

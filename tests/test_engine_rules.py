@@ -770,6 +770,7 @@ def test_a_market_order_for_an_amount_that_buys_nothing_is_rejected_and_changes_
 @pytest.mark.parametrize(("fields", "reason"), [
     ({"qty": 5}, RejectReason.INVALID_ORDER),  # a size and an amount
     ({"order_type": OrderType.LIMIT, "price": 10_000}, RejectReason.INVALID_ORDER),
+    ({"tif": TimeInForce.FOK}, RejectReason.INVALID_ORDER),  # sized to what fills: FOK is moot
     ({"quote_qty": 0}, RejectReason.INVALID_QUANTITY),
     ({"quote_qty": 1.5}, RejectReason.INVALID_QUANTITY),
     ({"quote_qty": "10"}, RejectReason.INVALID_QUANTITY),
@@ -777,10 +778,11 @@ def test_a_market_order_for_an_amount_that_buys_nothing_is_rejected_and_changes_
 def test_a_bad_order_for_an_amount_is_rejected(fields: dict[str, Any], reason: RejectReason) -> None:
     desk = funded("alice", "bob")
     desk.rest("alice", SELL, "0.1", "100.00")
-    values: dict[str, Any] = {"order_type": OrderType.MARKET, "qty": None, "price": None, "quote_qty": 10 * USD}
+    values: dict[str, Any] = {"order_type": OrderType.MARKET, "qty": None, "price": None, "quote_qty": 10 * USD,
+                              "tif": TimeInForce.IOC}
     values.update(fields)
     cmd = PlaceOrder(desk.next_ts(), "bob", BTC, BUY, values["order_type"], values["qty"], values["price"],
-                     quote_qty=values["quote_qty"])
+                     values["tif"], quote_qty=values["quote_qty"])
     assert only_reject_reason(desk.do(cmd)) is reason
 
 

@@ -111,7 +111,7 @@ DOMAINS: dict[str, dict[str, tuple[Any, ...]]] = {
     "spend": {  # a market order sized by the quote: amounts in cents, 0.01 to 10,000 USD
         "account": ACCOUNTS, "market": MARKETS, "side": (Side.BUY, Side.SELL),
         "cents": (1, 37, 500, 5_000, 12_345, 49_999, 250_000, 1_000_000),
-        "fok": (False, False, True), "stp": STP_CHOICES,
+        "fok": (False, False, False, True), "stp": STP_CHOICES,  # FOK: refused, sized to what fills
     },
     "cancel": {
         "account": ACCOUNTS, "whose": ("own", "own", "own", "any", "gone"),

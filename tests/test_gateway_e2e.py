@@ -1779,6 +1779,25 @@ async def test_a_market_order_sized_by_the_quote_over_the_wire(server, connect) 
         assert (rejected["exec_type"], rejected["reason"]) == ("rejected", reason), amount
     rejected = await w(bob.place(ACME, "buy", None, quote_qty="10", raise_on_reject=False))
     assert rejected["reason"] == "no_liquidity"
+    with pytest.raises(ExchangeError) as info:
+        await w(bob.place(BTC, "buy", None, quote_qty="10", tif="fok"))
+    assert info.value.code == "bad_request" and info.value.field == "tif" and "use ioc" in str(info.value)
+
+
+async def test_a_quote_qty_written_as_a_json_number_is_read_exactly(server, raws, connect) -> None:
+    """Never through a binary double: 50.0000000000000001 is off the USD grid (a double
+    would read 50.0), and a number on the grid is taken as written."""
+    alice = await w(connect("alice"))
+    await w(alice.sell(BTC, "0.5", "100.00"))
+    raw = await w(raws(server))
+    await w(raw.request({"op": "login", "user": "bob"}))
+    await w(raw.send(b'{"op":"order","id":1,"market":"BTC-USD","side":"buy","type":"market",'
+                     b'"quote_qty":50.0000000000000001}\n'))
+    rejected = await w(raw.reply_to(1))
+    assert (rejected["exec_type"], rejected["reason"], rejected["quote_qty"]) == (
+        "rejected", "invalid_quantity", "50.0000000000000001")
+    await w(raw.send(b'{"op":"order","id":2,"market":"BTC-USD","side":"buy","type":"market","quote_qty":25.005}\n'))
+    assert (await w(raw.reply_to(2)))["qty"] == "0.2500"
 
 
 async def test_null_optional_fields_of_book_and_trades_mean_their_defaults(server, raws, connect) -> None:
