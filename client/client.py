@@ -360,7 +360,7 @@ class ExchangeClient:
         return (await self.request("markets"))["markets"]
 
     async def place(
-        self, market: str, side: str, qty: Any, price: Any = None, type: str | None = None,
+        self, market: str, side: str, qty: Any = None, price: Any = None, type: str | None = None,
         tif: str | None = None, post_only: bool | None = None, stp: str | None = None,
         client_order_id: str | None = None, raise_on_reject: bool = True, quote_qty: Any = None,
     ) -> dict[str, Any]:
@@ -378,10 +378,10 @@ class ExchangeClient:
             raise OrderRejectedError(report)
         return report
 
-    async def buy(self, market: str, qty: Any, price: Any = None, **kw: Any) -> dict[str, Any]:
+    async def buy(self, market: str, qty: Any = None, price: Any = None, **kw: Any) -> dict[str, Any]:
         return await self.place(market, "buy", qty, price, **kw)
 
-    async def sell(self, market: str, qty: Any, price: Any = None, **kw: Any) -> dict[str, Any]:
+    async def sell(self, market: str, qty: Any = None, price: Any = None, **kw: Any) -> dict[str, Any]:
         return await self.place(market, "sell", qty, price, **kw)
 
     async def cancel(self, order_id: int | None = None, *, client_order_id: str | None = None) -> dict[str, Any]:

@@ -718,6 +718,7 @@ class TerminalApp:
         settled: list[dict[str, Any]] | None = None,
         gone: list[dict[str, Any]] | None = None,
         traded: list[dict[str, Any]] | None = None,
+        unlisted: list[dict[str, Any]] | None = None,
         refresh_interval: float = 0.5,
     ) -> None:
         self.client = client
@@ -738,6 +739,7 @@ class TerminalApp:
         self._settled = settled or []
         self._gone = gone or []
         self._traded = traded or []
+        self._unlisted = unlisted or []
         self._refresh_interval = refresh_interval
         self._coids = itertools.count(1)
         # Unique per client run (two terminals of a user share the history file, which
@@ -884,6 +886,11 @@ class TerminalApp:
             ids = _first_ten(self._traded, lambda r: str(r.get("order_id")))
             self.say(f"While this client was away: order{'s' if len(self._traded) > 1 else ''} {ids} traded; "
                      "their fills are now in your history")
+        if self._unlisted:
+            ids = _first_ten(self._unlisted, lambda r: str(r.get("order_id")))
+            self.warn(f"orders {ids} traded while this client was away, but the exchange no longer keeps "
+                      "those fills: your history has how much filled, not each fill (the exchange's "
+                      "ledger, trades.jsonl, has them)")
         if self._gone:
             ids = _first_ten(self._gone, lambda r: str(r.get("order_id")))
             self.warn(f"orders {ids} ended while this client was away, and how could not be "
@@ -1197,9 +1204,13 @@ class TerminalApp:
                        [False, True, True, True, False]))
 
     async def show_fills(self, limit: int) -> None:
-        fills = (await self.client.fills(limit=limit)).get("fills") or []
+        reply = await self.client.fills(limit=limit)
+        fills = reply.get("fills") or []
+        whole_after = reply.get("complete_after") or 0
         if not fills:
-            self.say("no fills of yours at the exchange yet.")
+            self.say(f"no fills of yours since trade {whole_after}: the exchange keeps none older "
+                     "(its ledger, trades.jsonl, has them all)." if whole_after else
+                     "no fills of yours at the exchange yet.")
             return
         rows = [[clock(f.get("ts")), f.get("market"), f.get("order_id"), f.get("side"), f.get("qty"),
                  f.get("price"), f.get("liquidity"), f"{f.get('fee')} {f.get('fee_asset')}"] for f in fills]
@@ -1207,6 +1218,9 @@ class TerminalApp:
                  table(["time", "market", "order", "side", "qty", "price", "as", "fee"], rows,
                        [_side_style(f.get("side")) for f in fills],
                        [False, False, True, False, True, True, False, True]))
+        if whole_after and len(fills) < limit:
+            self.say(("class:dim", f"the exchange keeps none of your fills before trade {whole_after + 1} "
+                                   "(its ledger, trades.jsonl, has them all)"))
 
     async def _band_now(self, symbol: str) -> str | None:
         """The prices the market's band allows now, around its reference (the last trade, or
@@ -1472,6 +1486,14 @@ async def _ask_how_they_ended(
     return unanswered + rest, settled, unknown
 
 
+def _some(quantity: Any) -> bool:
+    """Whether a quantity the exchange reported (a decimal string) is above zero."""
+    try:
+        return Decimal(str(quantity)) > 0
+    except (InvalidOperation, ValueError):
+        return False
+
+
 async def _record_missed_fills(client: ExchangeClient, history: SessionManager) -> list[dict[str, Any]]:
     """Add to the history the fills its orders had while this client was away (the
     exchange's last 1,000 of this user); returns the records that gained one. An exchange
@@ -1522,6 +1544,8 @@ async def run_client(options: ClientOptions, input: Input | None = None, output:
             stale, settled, gone = await _ask_how_they_ended(
                 client, history, history.sync_open_orders(await patiently(client.orders)))
             traded = await _record_missed_fills(client, history)
+            # Settled as (partly) filled, and still without a fill: the exchange no longer has them.
+            unlisted = [r for r in settled if _some(r.get("filled")) and not r.get("fills")]
         except ExchangeConnectionError as exc:
             _fail(f"lost the connection to the exchange at {where} while starting: {exc.message}")
             return EXIT_CONNECTION
@@ -1541,7 +1565,7 @@ async def run_client(options: ClientOptions, input: Input | None = None, output:
         app = TerminalApp(
             client, options.user, options.market, markets, history, options.data_dir,
             input=input, output=output, funded=bool(reply.get("funded")), stale=stale, settled=settled, gone=gone,
-            traded=traded, refresh_interval=refresh_interval,
+            traded=traded, unlisted=unlisted, refresh_interval=refresh_interval,
         )
         return await app.run()
     finally:

@@ -935,6 +935,8 @@ class Gateway:
         # the other side of a trade with itself, which the next page's ``after`` would skip;
         # otherwise the last ``limit``.
         if after is None:
+            if len(picked) > limit and _trade_id(picked[-limit]) == _trade_id(picked[-limit - 1]):
+                limit += 1  # nor begins between the two sides of a trade with itself
             picked = picked[-limit:]
         elif len(picked) > limit:
             picked = picked[:limit + 1] if _trade_id(picked[limit]) == _trade_id(picked[limit - 1]) else picked[:limit]
@@ -952,7 +954,20 @@ class Gateway:
         markets = self.config.markets
         for account, row in fills:
             if row.get("market") in markets:
+                coid = self._client_order_id(account, row.get("order_id"))
+                if coid is not None:  # the ledger does not keep it; the order may still say
+                    row["client_order_id"] = coid
                 table.add(account, row)
+
+    def _client_order_id(self, account: str, order_id: Any) -> str | None:
+        """The client order id of one of ``account``'s orders, open or finished and kept."""
+        if type(order_id) is not int:
+            return None
+        order = self.engine.order(account, order_id)
+        if order is not None:
+            return order.client_order_id
+        done = self.finished.get(order_id)
+        return done.client_order_id if done is not None and done.account == account else None
 
     def op_subscribe(self, session: Session, msg: dict[str, Any], rid: Any) -> None:
         channel, market = subscription(self.config, msg)

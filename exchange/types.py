@@ -95,7 +95,7 @@ REJECT_MESSAGES: dict[RejectReason, str] = {
     RejectReason.INSUFFICIENT_FUNDS: "not enough available balance",
     RejectReason.WOULD_TAKE_LIQUIDITY: "post-only order would have traded immediately",
     RejectReason.UNKNOWN_ORDER: "no such open order for this account",
-    RejectReason.NO_LIQUIDITY: "no liquidity to price a market order",
+    RejectReason.NO_LIQUIDITY: "nothing on the other side of the book to size a market order against (the account's own orders do not count)",
     RejectReason.DUPLICATE_CLIENT_ORDER_ID: "an open order of this account already has this client_order_id",
 }
 

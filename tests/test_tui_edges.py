@@ -149,6 +149,36 @@ async def test_orders_that_ended_while_away_are_settled_from_the_exchange(server
     assert [len(r["fills"]) for r in _records(data_dir, "alice")] == [1, 1, 0]  # recorded once
 
 
+async def test_fills_the_exchange_no_longer_keeps_are_said_to_be_missing(server, connect, tmp_path: Path) -> None:
+    """An order that filled while the client was away, whose fills the exchange has
+    dropped since: the history gets how much filled, and the client says the fills are
+    missing rather than that there were none."""
+    from exchange.gateway import RecentFills
+
+    data_dir = tmp_path / "client"
+    server.gateway.fills = RecentFills(per_user=1, kept=2)  # one fill a user, two in all
+    async with Terminal(server, "alice", data_dir) as term:
+        first = int((await term.type("buy 1 @ 90", r"NEW order (\d+) accepted")).group(1))
+        second = int((await term.type("buy 1 @ 89", r"NEW order (\d+) accepted")).group(1))
+        await term.type("quit", r"bye\.")
+    bob = await connect("bob")
+    await bob.sell("BTC-USD", "2", "89.00")  # fills both: the exchange keeps alice's second fill only
+    async with Terminal(server, "alice", data_dir) as term:
+        await term.screen.wait_for(rf"orders {first} traded while this client was away, but the exchange no "
+                                   r"longer keeps those fills")
+        await term.type("fills", r"the exchange keeps none of your fills before trade \d+ \(its ledger")
+        assert re.search(rf"BTC-USD\s+{second}\s+buy\s+1\.0000\s+89\.00\s+maker", term.screen.text)
+    records = {r["order_id"]: r for r in _records(data_dir, "alice")}
+    assert records[first]["status"] == "FILLED" and records[first]["fills"] == []
+    assert [f["price"] for f in records[second]["fills"]] == ["89.00"]
+    # Then someone else's two fills push hers out.
+    carol = await connect("carol")
+    await carol.sell("BTC-USD", "0.5", "100.00")
+    await bob.buy("BTC-USD", "0.5", "100.00")
+    async with Terminal(server, "alice", data_dir) as term:
+        await term.type("fills", r"no fills of yours since trade \d+: the exchange keeps none older")
+
+
 async def test_settling_at_start_up_stops_at_the_rate_limit_and_keeps_live_prices(server, connect, tmp_path: Path) -> None:
     """Against --rate-limit 10, thirty orders cancelled while away: the client asks until it
     is refused, waits for its allowance, and still subscribes to the market's prices; the
