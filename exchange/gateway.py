@@ -39,7 +39,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Final, Protocol
+from typing import Any, Callable, Final, Protocol, cast
 
 from exchange.engine import Exchange
 from exchange.protocol import (
@@ -603,14 +603,17 @@ class Gateway:
         for ev in events:
             cls = ev.__class__
             if cls is ExecReport:
-                if is_finished(ev.status):  # type: ignore[attr-defined]
-                    self.finished.add(ev)  # type: ignore[arg-type]
-                if ev.trade_id is not None:  # type: ignore[attr-defined]
-                    self.fills.add(ev.account, ev)  # type: ignore[attr-defined]
-                sessions = self.by_user.get(ev.account)  # type: ignore[attr-defined]
+                # A typed name: compiled, its fields are read directly (on ``ev``, an Event,
+                # each would be a generic attribute lookup).
+                rep = cast(ExecReport, ev)
+                if is_finished(rep.status):
+                    self.finished.add(rep)
+                if rep.trade_id is not None:
+                    self.fills.add(rep.account, rep)
+                sessions = self.by_user.get(rep.account)
                 if not sessions:
                     continue
-                msg = fmt.exec_report(ev)  # type: ignore[arg-type]
+                msg = fmt.exec_report(rep)
                 plain = None
                 for session in sessions:
                     if first and session is requester:
@@ -623,17 +626,19 @@ class Gateway:
                             plain = encode(msg)
                         session.send(plain)
             elif cls is BookDelta:
-                subs = self.subscribers.get(("book", ev.market))  # type: ignore[attr-defined]
+                delta = cast(BookDelta, ev)
+                subs = self.subscribers.get(("book", delta.market))
                 if subs:
-                    data = encode(fmt.book_update(ev))  # type: ignore[arg-type]
+                    data = encode(fmt.book_update(delta))
                     for session in subs:
                         session.send(data)
             elif cls is Trade:
+                trade = cast(Trade, ev)
                 self.stats["trades"] += 1
-                self.recent[ev.market].append(ev)  # type: ignore[attr-defined]
-                subs = self.subscribers.get(("trades", ev.market))  # type: ignore[attr-defined]
+                self.recent[trade.market].append(trade)
+                subs = self.subscribers.get(("trades", trade.market))
                 if subs:
-                    data = encode(fmt.trade(ev))  # type: ignore[arg-type]
+                    data = encode(fmt.trade(trade))
                     for session in subs:
                         session.send(data)
             elif cls is CommandRejected and requester is not None:

@@ -134,7 +134,8 @@ SIZED_BY_QUOTE = PlaceOrder(2, "bob", "BTC-USD", Side.BUY, OrderType.MARKET, Non
 
 
 def test_every_command_survives_encode_decode() -> None:
-    for cmd in [*COMMANDS, SIZED_BY_QUOTE]:
+    for lsn, cmd in enumerate([*COMMANDS, SIZED_BY_QUOTE], 1):
+        assert jr.record(lsn, cmd) == jr.frame(lsn, jr.encode(cmd))  # what the journal appends
         back = jr.decode(jr.encode(cmd))
         assert type(back) is type(cmd) and back.to_dict() == cmd.to_dict()
         for name in ("side", "order_type", "tif", "stp"):
