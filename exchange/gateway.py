@@ -80,9 +80,11 @@ from exchange.types import (
     Event,
     ExecReport,
     ExecType,
+    Liquidity,
     OrderStatus,
     REJECT_MESSAGES,
     RejectReason,
+    Side,
     Trade,
 )
 
@@ -109,6 +111,8 @@ class CommandJournal(Protocol):
 _REJECTED: Final = ExecType.REJECTED
 _CANCELED: Final = ExecType.CANCELED
 _NEW: Final = ExecType.NEW
+_BUY: Final = Side.BUY
+_MAKER: Final = Liquidity.MAKER
 
 
 @dataclass
@@ -273,15 +277,6 @@ class Session(asyncio.Protocol):
                 self.transport.close()
 
 
-def _trade_id(fill: Any) -> Any:
-    """A ``RecentFills`` row's trade id: a fill of this start, else a ledger row."""
-    return fill.trade_id if fill.__class__ is ExecReport else fill["trade_id"]
-
-
-def _market(fill: Any) -> Any:
-    return fill.market if fill.__class__ is ExecReport else fill["market"]
-
-
 class _Fifo:
     """A first-in first-out queue on a list: appending and dropping the first are a few
     native operations (a ``deque`` method is a generic call from compiled code); the list
@@ -318,8 +313,11 @@ class _Fifo:
 
 class RecentFills:
     """Each user's fills among the exchange's last ``kept`` (two a trade), at most
-    ``per_user`` of them, oldest first, for ``fills``: the engine's trade reports, formatted
-    only when asked for, and ledger rows of before this start (``seed``).
+    ``per_user`` of them, oldest first, for ``fills``: rows of (trade id, order id, market,
+    side, price, qty, liquidity, fee, ts, client order id), formatted only when asked for
+    (``Formatter.fill``), from the engine's trade reports and the ledger's lines of before
+    this start. Tuples of numbers and strings only: the collector stops tracking them, where
+    100,000 kept reports would be visited by each of its older-generation passes.
 
     Bounded per user and in all, in constant time a fill, so that an exchange open to any
     user name holds a fixed amount however many trade. Not part of the state: the ledger
@@ -348,7 +346,7 @@ class RecentFills:
             mine = self.by_user[account] = _Fifo()
         mine.push(row)
         if mine.size() > self.per_user:
-            self._dropped[account] = _trade_id(mine.pop_first())
+            self._dropped[account] = mine.pop_first()[0]
         rows = self._rows
         self._owners.push(account)
         rows.push(row)
@@ -359,11 +357,11 @@ class RecentFills:
             if theirs is not None and theirs.first() is old:  # else the user's own bound dropped it
                 theirs.pop_first()
                 if theirs.size():
-                    self._dropped[owner] = _trade_id(old)
+                    self._dropped[owner] = old[0]
                 else:
                     del self.by_user[owner]
                     self._dropped.pop(owner, None)
-                    self.floor = max(self.floor, _trade_id(old))
+                    self.floor = max(self.floor, old[0])
 
     def rows(self, account: str | None) -> list[Any]:
         mine = self.by_user.get(account or "")
@@ -609,7 +607,11 @@ class Gateway:
                 if is_finished(rep.status):
                     self.finished.add(rep)
                 if rep.trade_id is not None:
-                    self.fills.add(rep.account, rep)
+                    self.fills.add(rep.account, (
+                        rep.trade_id, rep.order_id, rep.market, "buy" if rep.side is _BUY else "sell",
+                        rep.last_price, rep.last_qty, "maker" if rep.liquidity is _MAKER else "taker",
+                        rep.fee, rep.ts, rep.client_order_id,
+                    ))
                 sessions = self.by_user.get(rep.account)
                 if not sessions:
                     continue
@@ -934,19 +936,19 @@ class Gateway:
         market, limit, after = fills_request(self.config, msg)
         picked: list[Any] = []
         for row in self.fills.rows(session.user):
-            if (market is None or _market(row) == market) and (after is None or _trade_id(row) > after):
+            if (market is None or row[2] == market) and (after is None or row[0] > after):
                 picked.append(row)
         # After a trade id: the first ``limit`` (page forward with the last one's id), and
         # the other side of a trade with itself, which the next page's ``after`` would skip;
         # otherwise the last ``limit``.
         if after is None:
-            if len(picked) > limit and _trade_id(picked[-limit]) == _trade_id(picked[-limit - 1]):
+            if len(picked) > limit and picked[-limit][0] == picked[-limit - 1][0]:
                 limit += 1  # nor begins between the two sides of a trade with itself
             picked = picked[-limit:]
         elif len(picked) > limit:
-            picked = picked[:limit + 1] if _trade_id(picked[limit]) == _trade_id(picked[limit - 1]) else picked[:limit]
+            picked = picked[:limit + 1] if picked[limit][0] == picked[limit - 1][0] else picked[:limit]
         fmt = self.fmt
-        rows = [fmt.fill(row) if row.__class__ is ExecReport else row for row in picked]
+        rows = [fmt.fill(row) for row in picked]
         self._reply(session, rid, {"type": "fills", "market": market, "fills": rows,
                                    "complete_after": self.fills.complete_after(session.user)})
 
@@ -959,10 +961,13 @@ class Gateway:
         markets = self.config.markets
         for account, row in fills:
             if row.get("market") in markets:
-                coid = self._client_order_id(account, row.get("order_id"))
-                if coid is not None:  # the ledger does not keep it; the order may still say
-                    row["client_order_id"] = coid
-                table.add(account, row)
+                order_id = row.get("order_id")
+                table.add(account, (
+                    row.get("trade_id"), order_id, row.get("market"), row.get("side"), row.get("price"),
+                    row.get("qty"), row.get("liquidity"), row.get("fee"), row.get("ts"),
+                    # The ledger does not keep it; the order may still say.
+                    self._client_order_id(account, order_id),
+                ))
 
     def _client_order_id(self, account: str, order_id: Any) -> str | None:
         """The client order id of one of ``account``'s orders, open or finished and kept."""

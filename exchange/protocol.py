@@ -732,20 +732,22 @@ class Formatter:
             "qty": self.qty(market, ev.qty), "taker_side": ev.taker_side, "ts": ev.ts,
         }
 
-    def fill(self, ev: ExecReport) -> dict[str, Any]:
-        """A row of a ``fills`` reply: one side of a trade as its owner saw it."""
-        market = ev.market
-        spec = self.markets[market]
-        row: dict[str, Any] = {
-            "trade_id": ev.trade_id, "order_id": ev.order_id, "market": market, "side": ev.side,
-            "price": self.price(market, ev.last_price),  # type: ignore[arg-type]
-            "qty": self.qty(market, ev.last_qty),  # type: ignore[arg-type]
-            "liquidity": ev.liquidity, "fee": spec.quote.format(ev.fee),  # type: ignore[arg-type]
-            "fee_asset": spec.quote.name, "ts": ev.ts,
+    def fill(self, row: tuple[Any, ...]) -> dict[str, Any]:
+        """A row of a ``fills`` reply from a kept fill (``gateway.RecentFills``): price,
+        quantity and fee as integers (a fill of this start) or decimal strings (one read
+        back from the ledger)."""
+        trade_id, order_id, market, side, price, qty, liquidity, fee, ts, coid = row
+        quote = self.markets[market].quote
+        out: dict[str, Any] = {
+            "trade_id": trade_id, "order_id": order_id, "market": market, "side": side,
+            "price": self.price(market, price) if type(price) is int else price,
+            "qty": self.qty(market, qty) if type(qty) is int else qty,
+            "liquidity": liquidity, "fee": quote.format(fee) if type(fee) is int else fee,
+            "fee_asset": quote.name, "ts": ts,
         }
-        if ev.client_order_id is not None:
-            row["client_order_id"] = ev.client_order_id
-        return row
+        if coid is not None:
+            out["client_order_id"] = coid
+        return out
 
     def book_update(self, ev: BookDelta) -> dict[str, Any]:
         market = ev.market

@@ -13,6 +13,7 @@ handled; ``settle(client)`` returns them.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import random
@@ -1641,6 +1642,9 @@ async def test_fills_answer_each_user_its_own_fills_page_forward_and_survive_a_r
             assert reply["type"] == "fills" and reply["market"] is None
             assert reply["fills"] == mine[name]  # all of them: fewer than the default 100
             assert reply["complete_after"] == 0  # and nothing was ever dropped
+        kept = srv.gateway.fills.rows("bob")
+        gc.collect()  # rows of plain numbers and strings: the collector stops tracking them
+        assert kept and not any(gc.is_tracked(row) for row in kept)
         assert (await w(alice.fills(market=BTC)))["fills"] == mine["alice"][:7]
         assert (await w(alice.fills(market=ACME, limit=5)))["fills"] == mine["alice"][7:]
         assert (await w(bob.fills(limit=3)))["fills"] == mine["bob"][-3:]

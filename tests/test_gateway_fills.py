@@ -22,11 +22,11 @@ def test_the_table_is_each_users_fills_among_the_last_of_all_and_says_where_it_i
     that is not kept."""
     table = RecentFills(per_user, kept)
     for n, owner in enumerate(owners, 1):
-        table.add(owner, {"trade_id": n})
+        table.add(owner, (n,))
         window = list(enumerate(owners[:n], 1))[-kept:]
         for a in "abcdefg":
             expected = [i for i, x in window if x == a][-per_user:]
-            assert [row["trade_id"] for row in table.rows(a)] == expected
+            assert [row[0] for row in table.rows(a)] == expected
             assert (a in table.by_user) == bool(expected)
             after = table.complete_after(a)
             missing = [i for i, x in enumerate(owners[:n], 1) if x == a and i not in expected]
@@ -41,12 +41,12 @@ def test_the_table_is_each_users_fills_among_the_last_of_all_and_says_where_it_i
 def test_one_user_trading_for_ever_holds_a_fixed_amount() -> None:
     table = RecentFills(per_user=10, kept=1_000)
     for n in range(1, 20_001):
-        table.add("alice", {"trade_id": n})
-    assert [r["trade_id"] for r in table.rows("alice")] == list(range(19_991, 20_001))
+        table.add("alice", (n,))
+    assert [r[0] for r in table.rows("alice")] == list(range(19_991, 20_001))
     assert table.complete_after("alice") == 19_990 and table._rows.size() == 1_000
     assert len(table._rows.items) <= 2 * 1_000 + 64 and len(table.by_user["alice"].items) <= 2 * 10 + 64
     for n in range(20_001, 25_001):  # and every fill a new user's, as open mode allows
-        table.add(f"user{n}", {"trade_id": n})
+        table.add(f"user{n}", (n,))
     assert len(table.by_user) == 1_000 and "alice" not in table.by_user
     assert table.complete_after("alice") == table.complete_after("nobody") == 24_000
 
