@@ -599,8 +599,11 @@ def fills_request(config: MarketConfig, msg: dict[str, Any]) -> tuple[str | None
     market = optional_market(config, msg)
     limit = _limit(msg, DEFAULT_FILLS, FILLS_PER_USER)
     after = msg.get("after")
-    if after is not None and (type(after) is not int or after < 0):
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "'after' must be a trade id (an integer >= 0)", "after")
+    if type(after) is str and after.isascii() and after.isdigit() and len(after) <= 20:
+        after = int(after)  # as ``order_id`` may be: a client whose numbers are doubles
+    if after is not None and (type(after) is not int or after < 0 or _too_wide(after)):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'after' must be a trade id (an integer of at most "
+                            "64 bits, or a string of its digits)", "after")
     return market, limit, after
 
 

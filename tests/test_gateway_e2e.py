@@ -1650,6 +1650,7 @@ async def test_fills_answer_each_user_its_own_fills_page_forward_and_survive_a_r
         assert (await w(bob.fills(limit=3)))["fills"] == mine["bob"][-3:]
         first = mine["bob"][1]["trade_id"]
         assert (await w(bob.fills(after=first, limit=3)))["fills"] == mine["bob"][2:5]
+        assert (await w(bob.request("fills", after=str(first), limit=3)))["fills"] == mine["bob"][2:5]
         assert (await w(bob.fills(BTC, after=mine["bob"][6]["trade_id"])))["fills"] == []
         assert (await w(carol.fills()))["fills"] == []  # nobody else's
         assert (await w(bob.fills(limit=None, after=None)))["fills"] == mine["bob"]  # null: the default
@@ -1657,7 +1658,8 @@ async def test_fills_answer_each_user_its_own_fills_page_forward_and_survive_a_r
         for field, bad, text in (("limit", 0, "'limit' must be an integer from 1 to 1,000"),
                                  ("limit", 1001, "from 1 to 1,000"), ("limit", "5", "from 1 to 1,000"),
                                  ("limit", True, "from 1 to 1,000"), ("after", -1, "'after' must be a trade id"),
-                                 ("after", "7", "'after' must be a trade id"), ("user", "alice", "user")):
+                                 ("after", "7x", "'after' must be a trade id"), ("after", str(2**64), "64 bits"),
+                                 ("user", "alice", "user")):
             with pytest.raises(ExchangeError) as info:
                 await w(bob.request("fills", **{field: bad}))
             assert info.value.code == "bad_request" and text in str(info.value), (field, bad)
