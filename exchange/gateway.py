@@ -69,7 +69,7 @@ from exchange.protocol import (
     trades_request,
     user_name,
 )
-from exchange.state import Fifo, FinishedOrders, is_finished
+from exchange.state import FinishedOrders, is_finished
 from exchange.types import (
     BalanceChanged,
     BookDelta,
@@ -277,6 +277,40 @@ class Session(asyncio.Protocol):
                 self.transport.close()
 
 
+class _Fifo:
+    """A first-in first-out queue on a list: appending and dropping the first are a few
+    native operations (a ``deque`` method is a generic call from compiled code); the list
+    sheds its dropped head now and then, which costs a move of the pointers kept."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self.start = 0
+
+    def size(self) -> int:
+        return len(self.items) - self.start
+
+    def push(self, item: Any) -> None:
+        self.items.append(item)
+
+    def first(self) -> Any:
+        return self.items[self.start]
+
+    def pop_first(self) -> Any:
+        items = self.items
+        start = self.start
+        item = items[start]
+        items[start] = None
+        start += 1
+        if start >= 64 and start * 2 >= len(items):
+            del items[:start]
+            start = 0
+        self.start = start
+        return item
+
+    def values(self) -> list[Any]:
+        return self.items[self.start:]
+
+
 class RecentFills:
     """Each user's fills among the exchange's last ``kept`` (two a trade), at most
     ``per_user`` of them, oldest first, for ``fills``: rows of (trade id, order id, market,
@@ -296,20 +330,20 @@ class RecentFills:
             raise ValueError("RecentFills keeps at least one fill")
         self.per_user = per_user
         self.kept = kept
-        self.by_user: dict[str, Fifo] = {}
+        self.by_user: dict[str, _Fifo] = {}
         # Every fill above this trade id is kept, unless its user's own rows say otherwise
         # (``_dropped``): raised by the start-up's read of the ledger and by users forgotten.
         self.floor = 0
         self._dropped: dict[str, int] = {}
         # The last ``kept`` fills of all users, oldest first (rows a user's own bound has
         # dropped since included), with their owners.
-        self._owners = Fifo()
-        self._rows = Fifo()
+        self._owners = _Fifo()
+        self._rows = _Fifo()
 
     def add(self, account: str, row: Any) -> None:
         mine = self.by_user.get(account)
         if mine is None:
-            mine = self.by_user[account] = Fifo()
+            mine = self.by_user[account] = _Fifo()
         mine.push(row)
         if mine.size() > self.per_user:
             self._dropped[account] = mine.pop_first()[0]

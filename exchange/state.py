@@ -34,6 +34,7 @@ wrong raises ``StateError`` with a message saying what, never a half-built engin
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Final
 
 from exchange.accounts import FEE_ACCOUNT, Balance
@@ -150,48 +151,6 @@ def is_finished(status: OrderStatus) -> bool:
     return status is _FILLED or status is _CANCELED or status is _EXPIRED
 
 
-class Fifo:
-    """A first-in first-out queue on a list: appending and dropping the first are a few
-    native operations (a ``deque`` method is a generic call from compiled code); the list
-    sheds its dropped head now and then, which costs a move of the pointers kept."""
-
-    def __init__(self, items: list[Any] | None = None) -> None:
-        self.items: list[Any] = items if items is not None else []
-        self.start = 0
-
-    def size(self) -> int:
-        return len(self.items) - self.start
-
-    def push(self, item: Any) -> None:
-        self.items.append(item)
-
-    def first(self) -> Any:
-        return self.items[self.start]
-
-    def pop_first(self) -> Any:
-        items = self.items
-        start = self.start
-        item = items[start]
-        items[start] = None
-        start += 1
-        if start >= 64 and start * 2 >= len(items):
-            del items[:start]
-            start = 0
-        self.start = start
-        return item
-
-    def remove(self, item: Any) -> bool:
-        """Drop the first ``item`` (equal to it) after the head, if any: a slow, rare path."""
-        try:
-            del self.items[self.items.index(item, self.start)]
-        except ValueError:
-            return False
-        return True
-
-    def values(self) -> list[Any]:
-        return self.items[self.start:]
-
-
 class FinishedOrders:
     """The last report of each recently finished order: what ``order_status`` answers once
     the order has left the book.
@@ -208,8 +167,8 @@ class FinishedOrders:
         self.kept = kept
         self.per_user = per_user
         self.by_id: dict[int, ExecReport] = {}
-        self._ids = Fifo()  # all users, oldest first (may hold forgotten ids)
-        self._per_user: dict[str, Fifo] = {}
+        self._ids: deque[int] = deque()  # all users, oldest first (may hold forgotten ids)
+        self._per_user: dict[str, deque[int]] = {}
         self._by_client_id: dict[tuple[str, str], ExecReport] = {}
 
     def __len__(self) -> int:
@@ -234,37 +193,36 @@ class FinishedOrders:
         if oid is None:
             return
         self.by_id[oid] = ev
-        self._ids.push(oid)
+        self._ids.append(oid)
         mine = self._per_user.get(ev.account)
         if mine is None:
-            mine = self._per_user[ev.account] = Fifo()
-        mine.push(oid)
+            mine = self._per_user[ev.account] = deque()
+        mine.append(oid)
         coid = ev.client_order_id
         if coid is not None:
             self._by_client_id[(ev.account, coid)] = ev
-        if mine.size() > self.per_user:
-            self._forget(mine.pop_first())
-            if not mine.size():  # ``per_user`` 0: nothing kept
+        if len(mine) > self.per_user:
+            self._forget(mine.popleft())
+            if not mine:  # ``per_user`` 0: nothing kept
                 del self._per_user[ev.account]
         everyone = self._ids
-        while len(self.by_id) > self.kept and everyone.size():
-            gone: int = everyone.pop_first()
+        while len(self.by_id) > self.kept and everyone:
+            gone = everyone.popleft()
             old = self._forget(gone)
             if old is not None:
                 # The oldest kept order of all is its user's oldest kept too: each user's
-                # queue holds exactly its kept orders, and goes with the last of them (an
+                # deque holds exactly its kept orders, and goes with the last of them (an
                 # account that finished one order once must not hold memory for ever).
                 theirs = self._per_user.get(old.account)
-                if theirs is not None and theirs.size():
-                    if theirs.first() == gone:
-                        theirs.pop_first()
-                    else:  # never, short of an id finishing twice
+                if theirs:
+                    if theirs[0] == gone:
+                        theirs.popleft()
+                    elif gone in theirs:  # never, short of an id finishing twice
                         theirs.remove(gone)
-                    if not theirs.size():
+                    if not theirs:
                         del self._per_user[old.account]
-        if everyone.size() > 2 * len(self.by_id) + 1024:  # ids a user's own limit forgot
-            by_id = self.by_id
-            self._ids = Fifo([i for i in everyone.values() if i in by_id])
+        if len(everyone) > 2 * len(self.by_id) + 1024:  # ids a user's own limit forgot
+            self._ids = deque(i for i in everyone if i in self.by_id)
 
     def _forget(self, oid: int) -> ExecReport | None:
         old = self.by_id.pop(oid, None)

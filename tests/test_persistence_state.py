@@ -232,7 +232,7 @@ def test_an_account_that_finished_one_order_long_ago_holds_no_memory() -> None:
     table = FinishedOrders(kept=100, per_user=10)
     for oid in range(1, 10_001):
         table.add(canceled(oid, f"user{oid}"))  # every order a new account, as open mode allows
-    assert len(table) == 100 and len(table._per_user) == 100 and table._ids.size() <= 2 * 100 + 1024
+    assert len(table) == 100 and len(table._per_user) == 100 and len(table._ids) <= 2 * 100 + 1024
 
 
 def test_loading_finished_orders_is_all_or_nothing_and_leaves_out_other_markets() -> None:
