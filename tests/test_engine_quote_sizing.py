@@ -59,7 +59,7 @@ def _iter(level):
     while o is not None:
         yield o; o = o.next
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
 @given(setups())
 def test_quote_sized(s):
     cfg, side, makers, stp, tif, amount, short_funds, mover = s
