@@ -147,6 +147,16 @@ def _iso(ts: Any) -> str | None:
     return datetime.fromtimestamp(ts / 1e9, tz=timezone.utc).isoformat(timespec="milliseconds")
 
 
+def _fill_entry(source: dict[str, Any], price: str, qty: str) -> dict[str, Any]:
+    """A fill as the history keeps it, from a ``trade`` report (its ``last_price`` and
+    ``last_qty``) or a row of ``fills`` (``price``, ``qty``)."""
+    return {
+        "trade_id": source.get("trade_id"), "price": source.get(price), "qty": source.get(qty),
+        "liquidity": source.get("liquidity"), "fee": source.get("fee"),
+        "fee_asset": source.get("fee_asset"), "ts": source.get("ts"),
+    }
+
+
 class SessionManager:
     """One user's order history, loaded on construction and saved after every change.
 
@@ -424,15 +434,7 @@ class SessionManager:
     @staticmethod
     def _note_extras(record: dict[str, Any], report: dict[str, Any]) -> None:
         if report.get("exec_type") == "trade" and report.get("trade_id") is not None:
-            record.setdefault("fills", []).append({
-                "trade_id": report.get("trade_id"),
-                "price": report.get("last_price"),
-                "qty": report.get("last_qty"),
-                "liquidity": report.get("liquidity"),
-                "fee": report.get("fee"),
-                "fee_asset": report.get("fee_asset"),
-                "ts": report.get("ts"),
-            })
+            record.setdefault("fills", []).append(_fill_entry(report, "last_price", "last_qty"))
         if report.get("reason") is not None:
             record["reason"] = report.get("reason")
             record["message"] = report.get("message")
@@ -544,11 +546,7 @@ class SessionManager:
             ts, created = fill.get("ts"), record.get("created_ts")
             if type(ts) is not int or type(created) is not int or ts < created:
                 continue
-            record.setdefault("fills", []).append({
-                "trade_id": fill.get("trade_id"), "price": fill.get("price"), "qty": fill.get("qty"),
-                "liquidity": fill.get("liquidity"), "fee": fill.get("fee"),
-                "fee_asset": fill.get("fee_asset"), "ts": ts,
-            })
+            record.setdefault("fills", []).append(_fill_entry(fill, "price", "qty"))
             record["fills"].sort(key=lambda f: f.get("trade_id") or 0)
             if not any(r is record for r in changed):
                 changed.append(record)

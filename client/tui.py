@@ -1486,14 +1486,6 @@ async def _ask_how_they_ended(
     return unanswered + rest, settled, unknown
 
 
-def _some(quantity: Any) -> bool:
-    """Whether a quantity the exchange reported (a decimal string) is above zero."""
-    try:
-        return Decimal(str(quantity)) > 0
-    except (InvalidOperation, ValueError):
-        return False
-
-
 async def _record_missed_fills(client: ExchangeClient, history: SessionManager) -> list[dict[str, Any]]:
     """Add to the history the fills its orders had while this client was away (the
     exchange's last 1,000 of this user); returns the records that gained one. An exchange
@@ -1545,7 +1537,7 @@ async def run_client(options: ClientOptions, input: Input | None = None, output:
                 client, history, history.sync_open_orders(await patiently(client.orders)))
             traded = await _record_missed_fills(client, history)
             # Settled as (partly) filled, and still without a fill: the exchange no longer has them.
-            unlisted = [r for r in settled if _some(r.get("filled")) and not r.get("fills")]
+            unlisted = [r for r in settled if _positive(str(r.get("filled") or "")) and not r.get("fills")]
         except ExchangeConnectionError as exc:
             _fail(f"lost the connection to the exchange at {where} while starting: {exc.message}")
             return EXIT_CONNECTION

@@ -93,7 +93,6 @@ JOURNAL_DIR: Final = "journal"
 MAGIC: Final = b"LXJRNL1\n"
 HEADER: Final = struct.Struct("<IQII")  # length, lsn, payload crc, header crc
 _HEAD16: Final = struct.Struct("<IQI")
-_HCRC: Final = struct.Struct("<I")
 _crc32: Final = zlib.crc32  # bound once: compiled, ``zlib.crc32`` is a lookup per call
 _O_CRC: Final = zlib.crc32(b"o")
 MAX_RECORD: Final = 1 << 20
@@ -156,8 +155,7 @@ def record(lsn: int, command: Command) -> bytes:
         body = orjson.dumps(row)
     except TypeError:
         return frame(lsn, encode(command))
-    head = _HEAD16.pack(len(body) + 1, lsn, _crc32(body, _O_CRC))
-    return b"".join((head, _HCRC.pack(_crc32(head)), b"o", body))
+    return b"".join((_header(len(body) + 1, lsn, _crc32(body, _O_CRC)), b"o", body))
 
 
 # Enum members by value: a dict lookup costs ~50 ns, ``Side(value)`` ~800 ns, and replay
@@ -200,9 +198,13 @@ def decode(payload: bytes) -> Command:
     raise ValueError(f"unknown command kind {kind!r}")
 
 
+def _header(size: int, lsn: int, crc: int) -> bytes:
+    """A record's header: payload length, lsn, payload crc, then the crc of those 16 bytes."""
+    return HEADER.pack(size, lsn, crc, _crc32(_HEAD16.pack(size, lsn, crc)))
+
+
 def frame(lsn: int, payload: bytes) -> bytes:
-    head = _HEAD16.pack(len(payload), lsn, _crc32(payload))
-    return b"".join((head, _HCRC.pack(_crc32(head)), payload))
+    return _header(len(payload), lsn, _crc32(payload)) + payload
 
 
 def segment_name(first_lsn: int) -> str:
